@@ -1,0 +1,55 @@
+"""Frame geometry for the model: LiveCC's resize rules (qwen-vl-utils' smart_resize + bicubic)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+FACTOR = 28  # patch 14 x spatial merge 2
+MIN_PIXELS = 100 * FACTOR * FACTOR
+MAX_PIXELS = 384 * FACTOR * FACTOR  # LiveCC's default per frame
+MAX_RATIO = 200
+
+
+def smart_resize(height: int, width: int, factor: int = FACTOR, min_pixels: int = MIN_PIXELS,
+                 max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
+    """The size qwen-vl-utils gives a frame: multiples of ``factor``, area within the limits."""
+    if max(height, width) / min(height, width) > MAX_RATIO:
+        raise ValueError(f"frame aspect ratio {max(height, width) / min(height, width):.0f} is over {MAX_RATIO}")
+    h = max(factor, round(height / factor) * factor)
+    w = max(factor, round(width / factor) * factor)
+    if h * w > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h = math.floor(height / beta / factor) * factor
+        w = math.floor(width / beta / factor) * factor
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def resize_frames(frames: np.ndarray, max_pixels: int = MAX_PIXELS, min_pixels: int = MIN_PIXELS) -> np.ndarray:
+    """T x H x W x 3 uint8 RGB -> T x H' x W' x 3 uint8, exactly as the reference resizes.
+
+    The reference calls torchvision's tensor resize (bicubic, antialias) on uint8 TCHW; that is
+    interpolate on float32, then clamp and round back to uint8, which is what this does.
+    """
+    t, h, w, _ = frames.shape
+    nh, nw = smart_resize(h, w, min_pixels=min_pixels, max_pixels=max_pixels)
+    if (nh, nw) == (h, w):
+        return np.ascontiguousarray(frames)
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
+    y = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)
+    y = y.clamp_(0, 255).round_().to(torch.uint8)
+    return y.permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def even_frames(frames: np.ndarray) -> np.ndarray:
+    """Qwen2-VL's temporal patch is 2: pad an odd count by repeating the last frame."""
+    if len(frames) % 2:
+        frames = np.concatenate([frames, frames[-1:]], axis=0)
+    return frames

@@ -1,0 +1,85 @@
+"""The dataclasses that travel between the stages: capture -> sampler -> engine -> sinks."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One decoded video frame. ``image`` is HxWx3 uint8 RGB at the source's resolution."""
+
+    image: np.ndarray
+    pts: float  # stream time in seconds, 0 at the first frame of the stream
+    arrival: float = field(default_factory=time.monotonic)  # monotonic wall clock at decode
+    index: int = 0
+
+
+@dataclass(frozen=True)
+class Clip:
+    """Frames for one engine turn, already resized for the model.
+
+    ``frames`` is T x H x W x 3 uint8 RGB with T even (6 for the opener, 2 after).
+    ``timestamps`` are the 2 fps grid times (stream seconds) the frames stand for.
+    """
+
+    frames: np.ndarray
+    timestamps: tuple[float, ...]
+    ready_at: float = field(default_factory=time.monotonic)  # when the clip was complete
+
+    @property
+    def start(self) -> float:
+        return self.timestamps[0]
+
+    @property
+    def stop(self) -> float:
+        # the reference labels a clip up to its last frame time + one frame interval
+        return self.timestamps[-1] + 0.5
+
+
+@dataclass(frozen=True)
+class Caption:
+    """What the engine says about one turn (or the answer to a viewer's question)."""
+
+    start: float
+    stop: float
+    text: str
+    token_ids: tuple[int, ...] = ()
+    kind: str = "caption"  # "caption" | "answer"
+    query: str | None = None  # the question, for kind == "answer"
+    turn: int = 0
+    latency_s: float = 0.0  # clip ready -> text out
+    created_at: float = field(default_factory=time.time)  # unix time
+
+    SILENCE = "..."
+
+    @property
+    def is_silence(self) -> bool:
+        """True when the model said nothing new (empty text or its streaming-EOS ' ...')."""
+        return self.text.strip() in ("", self.SILENCE)
+
+    def to_json(self) -> dict:
+        return {
+            "start": round(self.start, 3),
+            "stop": round(self.stop, 3),
+            "text": self.text,
+            "token_ids": list(self.token_ids),
+            "kind": self.kind,
+            "query": self.query,
+            "turn": self.turn,
+            "latency_s": round(self.latency_s, 4),
+            "created_at": self.created_at,
+        }
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """Something that happened to the stream: source_lost, source_back, rollover, ..."""
+
+    kind: str
+    stream_time: float
+    detail: str = ""
+    created_at: float = field(default_factory=time.time)
