@@ -1,0 +1,38 @@
+"""Settings of the streaming engine (one dataclass; the YAML `engine:` block maps onto it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_MODEL = "chenjoya/LiveCC-7B-Instruct"
+DEFAULT_QUERY = "Please describe the video."
+
+
+@dataclass
+class EngineConfig:
+    model: str = DEFAULT_MODEL
+    device: str | None = None  # cuda / mps / cpu; None = best available
+    dtype: str = "auto"  # auto = bfloat16 on cuda, float32 elsewhere
+    query: str = DEFAULT_QUERY
+    max_new_tokens: int = 16  # per 1-second turn, as LiveCC's live demo
+    answer_max_new_tokens: int = 128  # for viewer questions
+    repetition_penalty: float = 1.05
+    greedy: bool = False  # False = sample with the checkpoint's generation_config (the demo's default)
+    temperature: float | None = None  # None = from generation_config.json
+    top_k: int | None = None
+    top_p: float | None = None
+    streaming_eos_base: float = 0.0  # ThresholdLogitsProcessor(base, step) of the reference
+    streaming_eos_step: float = 0.0
+    positions: str = "seed"  # seed = the reference's 1-D continuation; exact = true 3-D mRoPE per chunk
+    max_pixels: int = 384 * 28 * 28
+    max_context: int = 32768  # KV cache capacity in tokens (LiveCC's trained window)
+    fast: bool | None = None  # CUDA-graph decode; None = on when running on CUDA
+    seed: int | None = None  # sampling seed
+
+    def __post_init__(self):
+        if self.positions not in ("seed", "exact"):
+            raise ValueError(f"positions must be 'seed' or 'exact', not {self.positions!r}")
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be at least 1")
+        if self.repetition_penalty <= 0:
+            raise ValueError("repetition_penalty must be > 0")

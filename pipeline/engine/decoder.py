@@ -1,0 +1,121 @@
+"""The language model half of Qwen2-VL as a small decoder over a preallocated KV cache.
+
+It borrows the checkpoint's own modules (embeddings, norms, projections, MLPs, head: whatever
+transformers loaded, with the Liger kernel when applied) and owns only what a streaming session
+needs to own: the cache, the mRoPE rotation and the attention call. The same ``forward`` serves
+prefill (many tokens) and decode (one token); ``graph.py`` captures the decode step on CUDA.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def language_parts(hf_model):
+    """(text model with embed_tokens/layers/norm, lm_head) across transformers 4.4x-5.x layouts."""
+    inner = hf_model.model
+    text = getattr(inner, "language_model", None) or inner
+    return text, hf_model.lm_head
+
+
+def text_config(hf_model):
+    cfg = hf_model.config
+    return getattr(cfg, "text_config", None) or cfg
+
+
+def _rope_settings(tc) -> tuple[float, list[int]]:
+    params = getattr(tc, "rope_parameters", None) or {}
+    scaling = getattr(tc, "rope_scaling", None) or {}
+    theta = params.get("rope_theta", getattr(tc, "rope_theta", 1_000_000.0))
+    section = params.get("mrope_section") or scaling.get("mrope_section") or [16, 24, 24]
+    return float(theta), list(section)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class KVCache(nn.Module):
+    """Keys (rotated) and values of every layer, preallocated: (layers, kv_heads, capacity, head_dim)."""
+
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, capacity: int, dtype, device):
+        super().__init__()
+        shape = (layers, 1, kv_heads, capacity, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.capacity = capacity
+        self.length = 0  # tokens in use
+
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+
+class TextDecoder(nn.Module):
+    def __init__(self, hf_model, capacity: int):
+        super().__init__()
+        text, self.lm_head = language_parts(hf_model)
+        tc = text_config(hf_model)
+        self.embed = text.embed_tokens
+        self.layers = text.layers
+        self.norm = text.norm
+        self.n_heads = tc.num_attention_heads
+        self.n_kv = tc.num_key_value_heads
+        self.head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+        theta, self.mrope_section = _rope_settings(tc)
+        p = next(self.lm_head.parameters())
+        self.dtype, self.device = p.dtype, p.device
+        inv = 1.0 / (theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float) / self.head_dim))
+        self.register_buffer("inv_freq", inv.to(self.device), persistent=False)
+        self.cache = KVCache(len(self.layers), self.n_kv, self.head_dim, capacity, self.dtype, self.device)
+
+    # -- rotary ---------------------------------------------------------------------------------
+    def rotary(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape (T, head_dim) for positions (3, T): section i takes component i % 3."""
+        freqs = pos.to(self.inv_freq.device)[..., None].float() * self.inv_freq  # 3, T, hd/2
+        parts = freqs.split(self.mrope_section, dim=-1)
+        f = torch.cat([part[i % 3] for i, part in enumerate(parts)], dim=-1)
+        f = torch.cat((f, f), dim=-1)
+        return f.cos().to(self.dtype), f.sin().to(self.dtype)
+
+    # -- forward ---------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, start: int, all_logits: bool = False) -> torch.Tensor:
+        """Run (1, T, hidden) embeddings at cache slots start..start+T; returns float32 logits.
+
+        Only the last position's logits unless ``all_logits``.
+        """
+        T = x.shape[1]
+        end = start + T
+        if end > self.cache.capacity:
+            raise RuntimeError(f"context full: {end} tokens > capacity {self.cache.capacity}")
+        cos, sin = self.rotary(pos)
+        mask = None
+        if T > 1:
+            q_idx = torch.arange(start, end, device=x.device)[:, None]
+            mask = torch.arange(end, device=x.device)[None, :] <= q_idx
+        for i, layer in enumerate(self.layers):
+            x = self._layer(layer, i, x, cos, sin, start, end, mask)
+        self.cache.length = end
+        x = self.norm(x if all_logits else x[:, -1:])
+        return self.lm_head(x).float()
+
+    def _layer(self, layer, i, x, cos, sin, start, end, mask):
+        attn = layer.self_attn
+        h = layer.input_layernorm(x)
+        T = x.shape[1]
+        q = attn.q_proj(h).view(1, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = attn.k_proj(h).view(1, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = attn.v_proj(h).view(1, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        self.cache.k[i, :, :, start:end] = k
+        self.cache.v[i, :, :, start:end] = v
+        keys, values = self.cache.k[i, :, :, :end], self.cache.v[i, :, :, :end]
+        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+        x = x + attn.o_proj(o.transpose(1, 2).reshape(1, T, -1))
+        return x + layer.mlp(layer.post_attention_layernorm(x))
+
+    def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embed(ids.to(self.device))

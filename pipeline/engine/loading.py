@@ -1,0 +1,134 @@
+"""Loading LiveCC (or any Qwen2-VL checkpoint) from the Hugging Face Hub or a local folder."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .vision import PatchSpec
+
+log = logging.getLogger(__name__)
+
+STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
+SILENCE_TEXT = " ..."  # LiveCC's streaming EOS: "nothing new to say"
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message says why and what to do."""
+
+
+@dataclass
+class LoadedModel:
+    hf: torch.nn.Module
+    tokenizer: object
+    patches: PatchSpec
+    stop_ids: tuple[int, ...]
+    silence_id: int
+    sampling: dict = field(default_factory=dict)  # temperature / top_k / top_p from generation_config
+    name: str = ""
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32
+    attention: str = "sdpa"
+    liger: bool = False
+
+    @property
+    def visual(self):
+        inner = self.hf.model
+        return getattr(inner, "visual", None) or self.hf.visual
+
+    @property
+    def video_token_id(self) -> int:
+        return self.tokenizer.convert_tokens_to_ids("<|video_pad|>")
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+                "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}[dtype]
+    except KeyError:
+        raise ModelLoadError(f"unknown dtype {dtype!r} (use auto, bfloat16, float16 or float32)") from None
+
+
+def _check_local_folder(path: Path) -> None:
+    if not path.is_dir():
+        raise ModelLoadError(f"model path {path} is not a folder")
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        raise ModelLoadError(f"{path} is not a Qwen2-VL checkpoint folder: it has no config.json")
+    try:
+        model_type = json.loads(cfg.read_text()).get("model_type")
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{cfg} is not readable JSON: {e}") from None
+    if model_type != "qwen2_vl":
+        raise ModelLoadError(f"{path} holds a {model_type!r} checkpoint; LiveCC needs a qwen2_vl one")
+
+
+def _offline_message(name: str, err: Exception) -> str:
+    folder = name.rsplit("/", 1)[-1]
+    return (f"could not load model {name!r} from the Hugging Face Hub ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else 'no detail'}). If this machine is offline, download it "
+            f"where there is internet (`hf download {name} --local-dir {folder}`), copy the folder here and "
+            f"pass --model ./{folder}")
+
+
+def load_model(name: str, device: str | None = None, dtype: str = "auto", attention: str | None = None,
+               liger: bool | None = None) -> LoadedModel:
+    """``from_pretrained`` on a hub id or a local folder, with the fastest kernels available."""
+    from transformers import AutoImageProcessor, AutoTokenizer, Qwen2VLForConditionalGeneration
+
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    local = Path(name).expanduser()
+    is_local = local.exists() or name.startswith((".", "/", "~"))
+    if is_local:
+        _check_local_folder(local)
+        name = str(local)
+    if attention is None:
+        attention = "flash_attention_2" if dev.type == "cuda" and importlib.util.find_spec("flash_attn") else "sdpa"
+    use_liger = dev.type == "cuda" and importlib.util.find_spec("liger_kernel") is not None if liger is None else liger
+    if use_liger:
+        from liger_kernel.transformers import apply_liger_kernel_to_qwen2_vl
+
+        apply_liger_kernel_to_qwen2_vl()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        image_proc = AutoImageProcessor.from_pretrained(name)
+        hf = Qwen2VLForConditionalGeneration.from_pretrained(name, dtype=torch_dtype, attn_implementation=attention)
+    except ModelLoadError:
+        raise
+    except Exception as e:  # noqa: BLE001 - turned into one clear line
+        if is_local:
+            raise ModelLoadError(f"could not load the checkpoint in {name}: {type(e).__name__}: {e}") from None
+        raise ModelLoadError(_offline_message(name, e)) from None
+    hf.to(dev).eval().requires_grad_(False)
+    gen = hf.generation_config
+    stop = set(tokenizer.convert_tokens_to_ids(t) for t in STOP_TOKENS)
+    eos = gen.eos_token_id
+    stop.update(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+    patches = PatchSpec(patch=image_proc.patch_size, merge=image_proc.merge_size,
+                        temporal=image_proc.temporal_patch_size, mean=tuple(image_proc.image_mean),
+                        std=tuple(image_proc.image_std))
+    silence = tokenizer(SILENCE_TEXT, add_special_tokens=False).input_ids[-1]
+    sampling = {k: getattr(gen, k, None) for k in ("temperature", "top_k", "top_p")}
+    log.info("loaded %s on %s (%s, attention=%s, liger=%s)", name, dev, torch_dtype, attention, use_liger)
+    return LoadedModel(hf=hf, tokenizer=tokenizer, patches=patches, stop_ids=tuple(sorted(stop)), silence_id=silence,
+                       sampling=sampling, name=name, device=dev, dtype=torch_dtype, attention=attention,
+                       liger=use_liger)
+

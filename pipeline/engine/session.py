@@ -1,0 +1,152 @@
+"""A streaming session: one stream's conversation with LiveCC on its own KV cache.
+
+Each ``step(clip)`` appends one turn (``Time=a-b s`` + the clip's video tokens [+ the query when it
+changed]) and decodes a caption; nothing before it is recomputed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..types import Caption, Clip
+from .config import EngineConfig
+from .decoder import TextDecoder
+from .loading import LoadedModel
+from .positions import linear_positions, segment_positions
+from .prompt import PromptBuilder
+from .sampling import TokenChooser
+from .vision import encode_video, patchify
+
+
+class ContextFullError(RuntimeError):
+    """The turn does not fit in what is left of the context window."""
+
+
+@dataclass
+class TurnStats:
+    vision_s: float = 0.0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    context: int = 0
+
+
+class StreamingSession:
+    def __init__(self, model: LoadedModel, config: EngineConfig | None = None):
+        self.model = model
+        self.cfg = config or EngineConfig()
+        self.decoder = TextDecoder(model.hf, capacity=self.cfg.max_context)
+        self.prompt = PromptBuilder(model.tokenizer)
+        s = model.sampling
+        self.chooser = TokenChooser(
+            self.decoder.lm_head.weight.shape[0], model.device,
+            repetition_penalty=self.cfg.repetition_penalty, greedy=self.cfg.greedy,
+            temperature=self.cfg.temperature if self.cfg.temperature is not None else s.get("temperature"),
+            top_k=self.cfg.top_k if self.cfg.top_k is not None else s.get("top_k"),
+            top_p=self.cfg.top_p if self.cfg.top_p is not None else s.get("top_p"),
+            silence_id=model.silence_id, eos_base=self.cfg.streaming_eos_base, eos_step=self.cfg.streaming_eos_step,
+            seed=self.cfg.seed)
+        self.stop_ids = set(model.stop_ids)
+        self.query = self.cfg.query
+        self.last_stats = TurnStats()
+        self.reset()
+
+    # -- state -------------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget the conversation (the next clip starts a fresh context)."""
+        self.decoder.cache.length = 0
+        self.chooser.reset()
+        self.turns = 0
+        self.next_pos = 0  # next free (1-D) position
+        self.sent_query: str | None = None
+
+    @property
+    def context_length(self) -> int:
+        return self.decoder.cache.length
+
+    def set_query(self, query: str) -> None:
+        """The new commentary instruction goes out with the next turn."""
+        self.query = query
+
+    # -- turns -------------------------------------------------------------------------------------
+    def step(self, clip: Clip) -> Caption:
+        """Append one clip (6 frames for the first turn, 2 after) and decode its caption."""
+        t0 = time.perf_counter()
+        pixels, (gt, gh, gw) = patchify(clip.frames, self.model.patches, self.model.device)
+        vision = encode_video(self.model.visual, pixels, (gt, gh, gw))
+        m = self.model.patches.merge
+        query = self.query if self.query != self.sent_query else None
+        text = self.prompt.video_turn(clip.start, clip.stop, query, first=self.turns == 0)
+        ids = self.prompt.encode(text, [vision.shape[0]]).ids
+        stats = TurnStats(vision_s=self._elapsed(t0))
+        out = self._turn(ids, [(gt, gh // m, gw // m)], vision, self.cfg.max_new_tokens, stats)
+        if query is not None:
+            self.sent_query = query
+        return self._caption(clip.start, clip.stop, out, "caption", None, clip.ready_at, stats)
+
+    def ask(self, question: str, at: float = 0.0) -> Caption:
+        """Answer a viewer's question about what has been seen so far, from the same cache."""
+        t0 = time.perf_counter()
+        ids = self.prompt.encode(self.prompt.question_turn(question, first=self.turns == 0), []).ids
+        out = self._turn(ids, [], None, self.cfg.answer_max_new_tokens, TurnStats())
+        self.sent_query = None  # commentary resumes with its instruction restated
+        return self._caption(at, at, out, "answer", question, None, self.last_stats, t0=t0)
+
+    def _turn(self, ids: list[int], grids, vision, max_new: int, stats: TurnStats) -> list[int]:
+        dec = self.decoder
+        start = dec.cache.length
+        if start + len(ids) + max_new > dec.cache.capacity:
+            raise ContextFullError(f"turn of {len(ids)} tokens does not fit: {start} of {dec.cache.capacity} "
+                                   "context tokens in use")
+        t1 = time.perf_counter()
+        ids_t = torch.tensor(ids, dtype=torch.long, device=dec.device)
+        x = dec.embed_ids(ids_t)[None]
+        if vision is not None:
+            x[0, ids_t == self.model.video_token_id] = vision.to(x.dtype)
+        if self.turns == 0 or self.cfg.positions == "exact":
+            pos, self.next_pos = segment_positions(ids, self.model.video_token_id, grids, self.next_pos)
+        else:
+            pos, self.next_pos = linear_positions(len(ids), self.next_pos)
+        logits = dec(x, pos.to(dec.device), start)[0, -1]
+        self.chooser.add(ids_t)
+        stats.prompt_tokens = len(ids)
+        stats.prefill_s = self._elapsed(t1)
+        t2 = time.perf_counter()
+        out = self._decode(logits, max_new)
+        stats.decode_s = self._elapsed(t2)
+        stats.new_tokens = len(out)
+        stats.context = dec.cache.length
+        self.turns += 1
+        self.last_stats = stats
+        return out
+
+    def _decode(self, logits: torch.Tensor, max_new: int) -> list[int]:
+        """The decode loop. The last token (EOS or the capped one) is never fed: it stays out of the context."""
+        dec = self.decoder
+        out: list[int] = []
+        for k in range(max_new):
+            tok = self.chooser.choose(logits, k)
+            out.append(tok)
+            if tok in self.stop_ids or k == max_new - 1:
+                break
+            tok_t = torch.tensor([tok], device=dec.device)
+            self.chooser.add(tok_t)
+            pos, self.next_pos = linear_positions(1, self.next_pos)
+            logits = dec(dec.embed_ids(tok_t)[None], pos.to(dec.device), dec.cache.length)[0, -1]
+        return out
+
+    def _caption(self, start, stop, out, kind, question, ready_at, stats, t0=None) -> Caption:
+        text = self.model.tokenizer.decode(out, skip_special_tokens=True)
+        now = time.monotonic()
+        latency = now - ready_at if ready_at is not None else time.perf_counter() - (t0 or time.perf_counter())
+        return Caption(start=start, stop=stop, text=text, token_ids=tuple(out), kind=kind, query=question,
+                       turn=self.turns, latency_s=latency)
+
+    def _elapsed(self, t0: float) -> float:
+        if self.model.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
