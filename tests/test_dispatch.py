@@ -1,0 +1,188 @@
+"""The dispatcher: a raising sink and a hanging sink never stop the others."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+
+from pipeline.dispatch import Dispatcher, RetryPolicy
+from pipeline.sink import DeliveryError, Sink
+from pipeline.types import Caption, Frame, StreamEvent
+
+
+class Recorder(Sink):
+    name = "rec"
+
+    def __init__(self):
+        super().__init__()
+        self.captions, self.events, self.stopped = [], [], False
+
+    def on_caption(self, c):
+        self.captions.append(c.text)
+
+    def on_event(self, e):
+        self.events.append(e.kind)
+
+    def stop(self):
+        self.stopped = True
+
+
+class Flaky(Recorder):
+    name = "flaky"
+
+    def __init__(self, fail_times):
+        super().__init__()
+        self.fail_times = fail_times
+        self.calls = 0
+
+    def on_caption(self, c):
+        self.calls += 1
+        if self.calls <= self.fail_times:
+            raise RuntimeError("boom rtmp://h/live/SECRET")
+        super().on_caption(c)
+
+
+class Hanger(Recorder):
+    name = "hanger"
+
+    def __init__(self):
+        super().__init__()
+        self.release = threading.Event()
+
+    def on_caption(self, c):
+        if c.text == "hang":
+            self.release.wait(30)
+        super().on_caption(c)
+
+
+class SlowFrames(Sink):
+    name = "frames"
+    wants_frames = True
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def on_frame(self, f):
+        self.seen.append(f.index)
+        time.sleep(0.05)
+
+
+def cap(text, i=0):
+    return Caption(start=i, stop=i + 1, text=text, turn=i)
+
+
+def wait_for(pred, timeout=5.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(0.01)
+    return pred()
+
+
+def test_raising_and_hanging_sinks_do_not_stop_others():
+    good, flaky, hanger = Recorder(), Flaky(fail_times=2), Hanger()
+    d = Dispatcher([good, flaky, hanger], call_timeout=0.5, retry=RetryPolicy(retries=3, initial_s=0.05), watch_interval=0.1)
+    d.start()
+    t0 = time.monotonic()
+    d.caption(cap("hang"))
+    for i in range(1, 51):
+        d.caption(cap(f"c{i}", i))
+    d.event(StreamEvent("source_lost", 3.0))
+    assert time.monotonic() - t0 < 0.1  # the producer never waits
+    assert wait_for(lambda: len(good.captions) == 51 and good.events == ["source_lost"])
+    assert wait_for(lambda: len(flaky.captions) == 51)  # retried: nothing lost
+    assert wait_for(lambda: d.status()["hanger"]["state"] == "hung", 3)
+    st = d.status()
+    assert st["rec"]["state"] == "ok" and st["rec"]["captions"] == 51
+    assert st["flaky"]["state"] == "ok" and st["flaky"]["retries"] == 2 and st["flaky"]["errors"] == 2
+    assert "SECRET" not in st["flaky"]["last_error"]
+    assert st["hanger"]["hangs"] == 1 and st["hanger"]["busy_s"] >= 0.5
+    # stop: the hung sink is abandoned within the timeout, the others are flushed and closed
+    t1 = time.monotonic()
+    final = d.stop(timeout=1.0)
+    assert time.monotonic() - t1 < 1.5
+    assert good.stopped and flaky.stopped and not hanger.stopped
+    assert final["hanger"]["state"] == "hung" and final["rec"]["state"] == "stopped"
+    hanger.release.set()
+
+
+def test_hung_sink_recovers_when_call_returns():
+    h = Hanger()
+    d = Dispatcher([h], call_timeout=0.2, watch_interval=0.05)
+    d.start()
+    d.caption(cap("hang"))
+    d.caption(cap("after"))
+    assert wait_for(lambda: d.status()["hanger"]["state"] == "hung", 2)
+    h.release.set()
+    assert wait_for(lambda: h.captions == ["hang", "after"])
+    assert d.status()["hanger"]["state"] == "ok"
+    d.stop(2)
+
+
+def test_always_failing_sink_is_reported_failed():
+    bad = Flaky(fail_times=10**9)
+    good = Recorder()
+    d = Dispatcher([bad, good], retry=RetryPolicy(retries=1, initial_s=0.01))
+    d.start()
+    for i in range(5):
+        d.caption(cap(f"x{i}", i))
+    assert wait_for(lambda: d.status()["flaky"]["failed"] == 5)
+    st = d.status()
+    assert st["flaky"]["state"] == "failed" and st["rec"]["captions"] == 5
+    d.stop(2)
+
+
+def test_delivery_error_is_not_retried_and_start_is_retried():
+    class Once(Recorder):
+        name = "once"
+        starts = 0
+
+        def start(self):
+            Once.starts += 1
+            if Once.starts < 3:
+                raise ConnectionError("server not up yet")
+
+        def on_caption(self, c):
+            if c.text == "bad":
+                raise DeliveryError("gave up after my own retries")
+            super().on_caption(c)
+
+    s = Once()
+    d = Dispatcher([s], retry=RetryPolicy(retries=5, initial_s=0.02))
+    d.start()
+    d.caption(cap("bad"))
+    d.caption(cap("good"))
+    assert wait_for(lambda: s.captions == ["good"])
+    st = d.status()["once"]
+    assert Once.starts == 3 and st["failed"] == 1 and st["retries"] == 0 and st["state"] == "ok"
+    d.stop(2)
+
+
+def test_bounded_queue_drops_oldest_and_frames_latest_wins():
+    h = Hanger()
+    slow = SlowFrames()
+    d = Dispatcher([h, slow], queue_size=10, call_timeout=5)
+    d.start()
+    d.caption(cap("hang"))
+    time.sleep(0.05)
+    for i in range(30):
+        d.caption(cap(f"c{i}", i))
+    img = np.zeros((4, 4, 3), np.uint8)
+    for i in range(100):
+        d.frame(Frame(img, i / 100, index=i))
+        time.sleep(0.002)
+    st = d.status()
+    assert st["hanger"]["dropped"] == 20 and st["hanger"]["queued"] == 10
+    h.release.set()
+    assert wait_for(lambda: len(h.captions) == 11)
+    assert h.captions[1:] == [f"c{i}" for i in range(20, 30)]
+    assert wait_for(lambda: slow.seen and slow.seen[-1] == 99)
+    assert wait_for(lambda: d.status()["frames"]["frames"] == len(slow.seen))
+    st = d.status()["frames"]
+    assert st["frames_dropped"] > 50 and st["frames"] + st["frames_dropped"] == 100
+    assert d.status()["hanger"]["frames"] == 0  # only sinks that want frames get them
+    d.stop(2)
