@@ -1,0 +1,116 @@
+"""Open a :class:`Source` with PyAV (directly or through a relay) and pick its video stream.
+
+Every failure becomes a :class:`CaptureError` with a one-line, redacted message, marked
+``transient`` when a retry may cure it.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from dataclasses import dataclass
+
+import av
+
+from pipeline.capture.errors import CaptureError
+from pipeline.capture.relay import Relay
+from pipeline.capture.sources import LOW_LATENCY_OPTIONS, Source
+from pipeline.redact import redact
+
+log = logging.getLogger(__name__)
+
+# errors no retry will cure
+_PERMANENT = (av.error.FileNotFoundError, av.error.InvalidDataError, av.error.DecoderNotFoundError,
+              av.error.ProtocolNotFoundError, av.error.DemuxerNotFoundError, av.error.PermissionError,
+              av.error.PatchWelcomeError, av.error.OptionNotFoundError, av.error.HTTPNotFoundError)
+
+
+@dataclass
+class Input:
+    """An open container with its video stream; ``close()`` frees the container and any relay."""
+
+    container: av.container.InputContainer
+    stream: av.video.stream.VideoStream
+    relay: Relay | None = None
+
+    def close(self) -> None:
+        try:
+            self.container.close()
+        finally:
+            if self.relay is not None:
+                self.relay.close()
+
+
+def describe(source: Source, err: BaseException) -> str:
+    """One line: what failed, on which (redacted) source."""
+    if isinstance(err, av.error.FFmpegError):
+        msg = err.strerror or str(err)
+        if getattr(err, "errno", None) in (errno.ETIMEDOUT,) or "Immediate exit" in str(msg):
+            msg = "timed out"
+    else:
+        msg = str(err) or type(err).__name__
+    return redact(f"{source.display}: {msg}")
+
+
+def open_input(source: Source, *, relay: bool | None = None) -> Input:
+    """Open ``source`` and find its video stream; raise :class:`CaptureError` on any failure."""
+    use_relay = source.relay if relay is None else relay
+    rel = Relay(source) if use_relay else None
+    try:
+        if rel is not None:
+            opts = {k: v for k, v in LOW_LATENCY_OPTIONS.items() if k != "fflags"}
+            container = av.open(rel.stdout, format=source.relay_format, options=opts,
+                                timeout=(source.open_timeout, source.read_timeout))
+        else:
+            container = av.open(source.url, format=source.format, options=dict(source.options),
+                                timeout=(source.open_timeout, source.read_timeout))
+    except av.error.ProtocolNotFoundError as e:
+        if rel is None and relay is None:
+            log.info("%s: PyAV lacks the protocol, relaying through the system ffmpeg", source.display)
+            return open_input(source, relay=True)
+        raise CaptureError(describe(source, e)) from None
+    except _PERMANENT as e:
+        if rel is not None:
+            tail = rel.error_tail()
+            rel.close()
+            if tail:  # the relay saw why (refused, timed out, no such device, ...)
+                raise CaptureError(f"{source.display}: {tail}", transient=True) from None
+            raise CaptureError(f"{source.display}: the relay produced no stream", transient=True) from None
+        msg = describe(source, e)
+        if isinstance(e, av.error.InvalidDataError):
+            msg += " (not a media stream FFmpeg can read)"
+        raise CaptureError(msg) from None
+    except (av.error.FFmpegError, OSError, EOFError) as e:
+        tail = rel.error_tail() if rel is not None else ""
+        if rel is not None:
+            rel.close()
+        raise CaptureError(describe(source, e) + (f" ({tail})" if tail else ""), transient=True) from None
+    except BaseException:
+        if rel is not None:
+            rel.close()
+        raise
+    try:
+        stream = _video_stream(source, container)
+    except BaseException:
+        container.close()
+        if rel is not None:
+            rel.close()
+        raise
+    return Input(container, stream, rel)
+
+
+def _video_stream(source: Source, container) -> av.video.stream.VideoStream:
+    if not container.streams.video:
+        kinds = ", ".join(sorted({s.type for s in container.streams})) or "no streams"
+        raise CaptureError(f"{source.display}: no video stream (has {kinds})")
+    stream = container.streams.video[0]
+    ctx = stream.codec_context
+    if ctx is None or stream.codec_context.codec is None:
+        raise CaptureError(f"{source.display}: unsupported video codec")
+    name = ctx.codec.name
+    if name not in av.codecs_available:
+        raise CaptureError(f"{source.display}: unsupported video codec {name!r}")
+    stream.thread_type = source.thread_type
+    if source.decoder_threads:
+        ctx.thread_count = source.decoder_threads
+    return stream

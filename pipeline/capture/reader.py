@@ -1,0 +1,261 @@
+"""The capture thread: PyAV decodes one source in its own named daemon thread into a RingBuffer.
+
+- Stream time (``Frame.pts``) starts at 0 at the first frame and keeps counting across
+  reconnects: after a gap the next session continues at the last pts + the wall-clock gap,
+  so a 10 s outage shows as 10 s of stream time, as a viewer experienced it.
+- Live sources reconnect with backoff (forever by default); files and lavfi end at EOF.
+- Events (``StreamEvent``) go to ``on_event`` from the capture thread: ``source_lost``,
+  ``source_back``, ``source_error`` (fatal: the thread ends, ``error`` holds a CaptureError),
+  ``source_ended`` (EOF of a finite source), ``format_changed`` (resolution / pixel format).
+- ``stop()`` sets a stop event, kills a relay, and joins; a blocked FFmpeg read returns within
+  the source's read timeout (3 s live) or open timeout (5 s), which bounds ``stop()``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import av
+
+from pipeline.capture.errors import CaptureError
+from pipeline.capture.inputs import Input, describe, open_input
+from pipeline.capture.ringbuffer import RingBuffer
+from pipeline.capture.sources import Source, resolve
+from pipeline.types import Frame, StreamEvent
+
+log = logging.getLogger(__name__)
+
+JUMP_S = 10.0  # a pts jump larger than this inside one session is a discontinuity, not a gap
+_ids = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Reconnect schedule: the first retry at once, then initial, initial*factor, ... capped."""
+
+    initial: float = 0.5
+    factor: float = 2.0
+    max_delay: float = 5.0
+    max_attempts: int | None = None  # None: forever
+
+    def delay(self, attempt: int) -> float:
+        if attempt <= 1:
+            return 0.0
+        return min(self.max_delay, self.initial * self.factor ** (attempt - 2))
+
+
+class _Stopped(Exception):
+    pass
+
+
+class CaptureThread:
+    """Decode ``source`` into ``ring`` until EOF (finite sources), a fatal error, or ``stop()``."""
+
+    def __init__(self, source: Source | str, ring: RingBuffer | None = None, *,
+                 on_event: Callable[[StreamEvent], None] | None = None,
+                 backoff: Backoff = Backoff(), wait_for_source: bool = False, name: str | None = None):
+        self.source = resolve(source) if isinstance(source, str) else source
+        self.ring = ring if ring is not None else RingBuffer()
+        self.on_event = on_event
+        self.backoff = backoff
+        self.wait_for_source = wait_for_source  # False: a first open that fails is an error
+        self.error: CaptureError | None = None
+        self.ready = threading.Event()  # set at the first frame (or when the thread ends)
+        self.done = threading.Event()
+        self._stop = threading.Event()
+        self._input: Input | None = None
+        self._index = 0
+        self._last_pts: float | None = None
+        self._last_arrival = 0.0
+        self._last_format: tuple | None = None
+        self.stats = {"frames": 0, "sessions": 0, "attempts": 0, "lost": 0, "decode_errors": 0,
+                      "format_changes": 0}
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name=name or f"livecc-capture-{self.source.kind}-{next(_ids)}")
+
+    # -- control -------------------------------------------------------------------------
+    def start(self) -> "CaptureThread":
+        self._thread.start()
+        return self
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """True once a frame is decoded; raise the CaptureError if the capture failed first."""
+        self.ready.wait(timeout)
+        if self.error is not None and self.stats["frames"] == 0:
+            raise self.error
+        return self.stats["frames"] > 0
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Stop and join; True if the thread ended within ``timeout`` (default: the bound)."""
+        self._stop.set()
+        inp = self._input
+        if inp is not None and inp.relay is not None:
+            inp.relay.proc.kill()  # unblocks a pipe read at once; the thread reaps it
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(self.stop_bound if timeout is None else timeout)
+        return not self._thread.is_alive()
+
+    @property
+    def stop_bound(self) -> float:
+        """How long stop() may take: FFmpeg's blocking calls return within these timeouts."""
+        return max(self.source.open_timeout, self.source.read_timeout) + 2.0
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
+    def stream_time(self) -> float:
+        return self._last_pts or 0.0
+
+    def __enter__(self) -> "CaptureThread":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- the thread ----------------------------------------------------------------------
+    def _emit(self, kind: str, detail: str = "") -> None:
+        ev = StreamEvent(kind, round(self.stream_time, 3), detail)
+        (log.warning if kind in ("source_lost", "source_error") else log.info)(
+            "%s %s at %.2fs: %s", self.source.display, kind, ev.stream_time, detail)
+        if self.on_event is not None:
+            try:
+                self.on_event(ev)
+            except Exception:  # a listener's bug must not kill the capture
+                log.exception("stream event listener failed on %s", kind)
+
+    def _run(self) -> None:
+        src = self.source
+        attempt = 0
+        connected_once = False
+        try:
+            while not self._stop.is_set():
+                try:
+                    inp = open_input(src)
+                except CaptureError as e:
+                    if self._stop.is_set():
+                        break
+                    listen_wait = src.listen and e.transient and "timed out" in str(e)
+                    if listen_wait:  # nobody pushed to us within the listen window: listen again
+                        log.debug("%s: waiting for a publisher", src.display)
+                        continue
+                    retry = src.live and (connected_once or self.wait_for_source) and \
+                        (e.transient or connected_once)
+                    if not retry:
+                        self._fail(e)
+                        return
+                    attempt += 1
+                    self.stats["attempts"] += 1
+                    if self.backoff.max_attempts is not None and attempt >= self.backoff.max_attempts:
+                        self._fail(CaptureError(f"gave up after {attempt} attempts: {e}"))
+                        return
+                    delay = self.backoff.delay(attempt)
+                    log.warning("%s: attempt %d failed (%s); retrying in %.1fs", src.display, attempt, e, delay)
+                    if self._stop.wait(delay):
+                        break
+                    continue
+                if connected_once:
+                    self._emit("source_back", f"after {attempt} attempt(s)")
+                attempt = 0
+                connected_once = True
+                self.stats["sessions"] += 1
+                self._input = inp
+                try:
+                    reason = self._session(inp)
+                except _Stopped:
+                    break
+                finally:
+                    self._input = None
+                    inp.close()
+                if self._stop.is_set():
+                    break
+                if not src.live:
+                    self._emit("source_ended", reason)
+                    return
+                self.stats["lost"] += 1
+                self._emit("source_lost", reason)
+        except Exception as e:  # a bug or an unexpected PyAV error: report, don't hang readers
+            log.exception("capture of %s failed", src.display)
+            self._fail(CaptureError(describe(src, e)))
+        finally:
+            self.ring.close()
+            self.ready.set()
+            self.done.set()
+
+    def _fail(self, err: CaptureError) -> None:
+        self.error = err
+        self._emit("source_error", str(err))
+
+    def _session(self, inp: Input) -> str:
+        """Decode until EOF or a read error; return why it ended. Raises _Stopped."""
+        vs = inp.stream
+        interval = 1.0 / float(vs.average_rate) if vs.average_rate else 1.0 / 30
+        raw0 = base = None
+        pace0: tuple[float, float] | None = None
+        stop = self._stop
+        try:
+            for packet in inp.container.demux(vs):
+                if stop.is_set():
+                    raise _Stopped
+                try:
+                    frames = packet.decode()
+                except (av.error.InvalidDataError, av.error.PatchWelcomeError) as e:
+                    self.stats["decode_errors"] += 1  # a damaged packet: skip it, keep the session
+                    log.debug("%s: decode error %s", self.source.display, e)
+                    continue
+                for frame in frames:
+                    now = time.monotonic()
+                    raw = frame.time
+                    if raw is None:  # no timestamps: use the wall clock
+                        raw = now
+                    if raw0 is None or (self._last_pts is not None and not
+                                        (self._last_pts < base + (raw - raw0) <= self._last_pts + JUMP_S)):
+                        raw0, base = raw, self._continue_at(now, interval)
+                    pts = base + (raw - raw0)
+                    if self.source.pace:
+                        if pace0 is None:
+                            pace0 = (now, pts)
+                        wait = pace0[0] + (pts - pace0[1]) - time.monotonic()
+                        if wait > 0 and stop.wait(wait):
+                            raise _Stopped
+                        if wait < -1.0:  # fell behind by over a second: don't burst to catch up
+                            pace0 = (time.monotonic(), pts)
+                    self._put(frame, pts)
+        except _Stopped:
+            raise
+        except (av.error.FFmpegError, OSError, EOFError) as e:
+            if stop.is_set():
+                raise _Stopped
+            return describe(self.source, e)
+        return "end of stream"
+
+    def _continue_at(self, now: float, interval: float) -> float:
+        """Stream time for the first frame of a session (or after a discontinuity)."""
+        if self._last_pts is None:
+            return 0.0
+        gap = now - self._last_arrival if self.source.live else 0.0
+        return self._last_pts + max(interval, gap)
+
+    def _put(self, frame: av.VideoFrame, pts: float) -> None:
+        fmt = (frame.width, frame.height, frame.format.name)
+        if fmt != self._last_format:
+            if self._last_format is not None:
+                self.stats["format_changes"] += 1
+                old = self._last_format
+                self._last_pts = pts
+                self._emit("format_changed", f"{old[0]}x{old[1]} {old[2]} -> {fmt[0]}x{fmt[1]} {fmt[2]}")
+            self._last_format = fmt
+        image = frame.to_ndarray(format="rgb24")
+        arrival = time.monotonic()
+        self.ring.put(Frame(image, pts, arrival, self._index))
+        self._index += 1
+        self._last_pts, self._last_arrival = pts, arrival
+        self.stats["frames"] += 1
+        if not self.ready.is_set():
+            self.ready.set()
