@@ -82,6 +82,7 @@ class StreamingSession:
         query = self.query if self.query != self.sent_query else None
         text = self.prompt.video_turn(clip.start, clip.stop, query, first=self.turns == 0)
         ids = self.prompt.encode(text, [vision.shape[0]]).ids
+        self.last_prompt_text = text
         stats = TurnStats(vision_s=self._elapsed(t0))
         out = self._turn(ids, [(gt, gh // m, gw // m)], vision, self.cfg.max_new_tokens, stats)
         if query is not None:
@@ -91,7 +92,9 @@ class StreamingSession:
     def ask(self, question: str, at: float = 0.0) -> Caption:
         """Answer a viewer's question about what has been seen so far, from the same cache."""
         t0 = time.perf_counter()
-        ids = self.prompt.encode(self.prompt.question_turn(question, first=self.turns == 0), []).ids
+        text = self.prompt.question_turn(question, first=self.turns == 0)
+        ids = self.prompt.encode(text, []).ids
+        self.last_prompt_text = text
         out = self._turn(ids, [], None, self.cfg.answer_max_new_tokens, TurnStats())
         self.sent_query = None  # commentary resumes with its instruction restated
         return self._caption(at, at, out, "answer", question, None, self.last_stats, t0=t0)
@@ -102,6 +105,7 @@ class StreamingSession:
         if start + len(ids) + max_new > dec.cache.capacity:
             raise ContextFullError(f"turn of {len(ids)} tokens does not fit: {start} of {dec.cache.capacity} "
                                    "context tokens in use")
+        self.last_prompt_ids = ids
         t1 = time.perf_counter()
         ids_t = torch.tensor(ids, dtype=torch.long, device=dec.device)
         x = dec.embed_ids(ids_t)[None]

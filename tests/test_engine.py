@@ -1,0 +1,138 @@
+"""The streaming engine against transformers' own Qwen2-VL forward over the whole conversation.
+
+Incremental decoding on our KV cache must pick, at every generated token, what a from-scratch
+full-sequence forward of the conversation so far picks (teacher forcing over the final sequence is
+the same test token for token, because greedy choice is deterministic).
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.engine import ContextFullError, EngineConfig, StreamingSession, load_model
+from pipeline.engine.sampling import TokenChooser
+from pipeline.tiny import tiny_checkpoint
+from pipeline.types import Clip
+
+QUERY2 = "Describe the colours and the moving shapes."
+
+
+@pytest.fixture(scope="module", params=["small", "qwen"])
+def model(request):
+    return load_model(str(tiny_checkpoint(request.param)), device="cpu")
+
+
+def synthetic_clips(n_turns, h=112, w=168, seed=0):
+    rng = np.random.default_rng(seed)
+    yield Clip(rng.integers(0, 256, (6, h, w, 3), dtype=np.uint8), tuple(np.arange(6) * 0.5))
+    for k in range(1, n_turns):
+        t0 = 2.0 + k
+        yield Clip(rng.integers(0, 256, (2, h, w, 3), dtype=np.uint8), (t0, t0 + 0.5))
+
+
+def run_conversation(model, positions, n_turns=22):
+    """Run turns (query change at turn 8, a question at turn 14); record what the reference forward needs."""
+    session = StreamingSession(model, EngineConfig(greedy=True, positions=positions, max_context=8192))
+    record = []  # (prompt ids, generated ids, clip or None)
+    for k, clip in enumerate(synthetic_clips(n_turns)):
+        if k == 8:
+            session.set_query(QUERY2)
+        if k == 14:
+            before = session.context_length
+            ans = session.ask("What colour dominates so far?")
+            record.append((session.last_prompt_ids, list(ans.token_ids), None))
+            assert session.context_length == before + len(session.last_prompt_ids) + len(ans.token_ids) - 1
+        before = session.context_length
+        cap = session.step(clip)
+        record.append((session.last_prompt_ids, list(cap.token_ids), clip))
+        # the last generated token (EOS or the capped one) is not part of the context
+        assert session.context_length == before + len(session.last_prompt_ids) + len(cap.token_ids) - 1
+    return session, record
+
+
+def reference_positions(model, ids, grids, positions, first_len):
+    """Positions from transformers' own get_rope_index (exact), or turn 1's then 1-D (seed)."""
+    inner = model.hf.model
+    vid = model.video_token_id
+    ids_t = torch.tensor([ids])
+    grid_t = torch.tensor(grids) if grids else None
+    if positions == "exact":
+        types = (ids_t == vid).int() * 2
+        pos, _ = inner.get_rope_index(ids_t, mm_token_type_ids=types, video_grid_thw=grid_t)
+        return pos
+    first = ids_t[:, :first_len]
+    pos1, delta = inner.get_rope_index(first, mm_token_type_ids=(first == vid).int() * 2, video_grid_thw=grid_t[:1])
+    rest = torch.arange(first_len, len(ids)).view(1, 1, -1).expand(3, 1, -1) + delta
+    return torch.cat([pos1, rest], dim=-1)
+
+
+def check_against_full_forward(model, record, positions):
+    from pipeline.engine.vision import patchify
+
+    ids, pixels, grids, targets = [], [], [], []
+    first_len = len(record[0][0])
+    for prompt, out, clip in record:
+        if clip is not None:
+            pv, g = patchify(clip.frames, model.patches)
+            pixels.append(pv)
+            grids.append(list(g))
+        ids.extend(prompt)
+        for k, tok in enumerate(out):
+            targets.append((len(ids) - 1 + k, tok))
+        ids.extend(out[:-1])
+    pos = reference_positions(model, ids, grids, positions, first_len)
+    with torch.no_grad():
+        logits = model.hf(input_ids=torch.tensor([ids]), pixel_values_videos=torch.cat(pixels),
+                          video_grid_thw=torch.tensor(grids), position_ids=pos).logits[0].float()
+    ids_t = torch.tensor(ids)
+    chooser = TokenChooser(logits.shape[-1], "cpu", repetition_penalty=1.05, greedy=True, temperature=None,
+                           top_k=None, top_p=None, silence_id=model.silence_id, eos_base=0.0, eos_step=0.0)
+    step_in_turn = {}
+    for i, (at, tok) in enumerate(targets):
+        chooser.reset()
+        chooser.add(ids_t[:at + 1])
+        step = 0 if i == 0 or targets[i - 1][0] != at - 1 else step_in_turn[at - 1] + 1
+        step_in_turn[at] = step
+        assert chooser.choose(logits[at], step) == tok, f"token {i} (sequence index {at}) differs"
+    return len(targets)
+
+
+@pytest.mark.parametrize("positions", ["exact", "seed"])
+def test_incremental_equals_full_forward(model, positions):
+    session, record = run_conversation(model, positions)
+    n = check_against_full_forward(model, record, positions)
+    outs = [out for _, out, clip in record if clip is not None]
+    assert len(outs) == 22 and n > 100
+    # both ends of a turn occur: the EOS and the 16-token cap
+    assert any(o[-1] in model.stop_ids for o in outs)
+    assert any(len(o) == 16 and o[-1] not in model.stop_ids for o in outs)
+
+
+def test_query_sent_only_when_changed(model):
+    session = StreamingSession(model, EngineConfig(greedy=True))
+    texts = []
+    for k, clip in enumerate(synthetic_clips(5)):
+        if k == 3:
+            session.set_query(QUERY2)
+        session.step(clip)
+        texts.append(session.last_prompt_text)
+    assert texts[0].startswith("<|im_start|>system") and "Please describe the video." in texts[0]
+    assert "Time=0.0-3.0s" in texts[0]
+    assert texts[1].startswith("<|im_end|>\n<|im_start|>user\nTime=3.0-4.0s")
+    assert "Please describe" not in texts[1] and "Please describe" not in texts[2]
+    assert QUERY2 in texts[3] and QUERY2 not in texts[4]
+
+
+def test_positions_modes_differ_after_first_turn(model):
+    a, ra = run_conversation(model, "seed", n_turns=4)
+    b, rb = run_conversation(model, "exact", n_turns=4)
+    assert ra[0][1] == rb[0][1]  # turn 1 is the same in both modes
+    assert a.next_pos != b.next_pos  # later video chunks are placed differently
+
+
+def test_context_full_is_a_clear_error(model):
+    session = StreamingSession(model, EngineConfig(greedy=True, max_context=200))
+    clips = synthetic_clips(30)
+    with pytest.raises(ContextFullError, match="does not fit"):
+        for clip in clips:
+            session.step(clip)
