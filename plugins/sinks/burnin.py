@@ -1,0 +1,552 @@
+"""Burn-in sink: the live video re-encoded with the current caption drawn on it.
+
+Output: ``rtmp://`` / ``rtmps://`` (FLV), ``srt://`` (MPEG-TS through a system ``ffmpeg``
+relay, since the PyAV wheels lack libsrt), ``udp://`` / ``tcp://`` (MPEG-TS), HLS (a path ending
+in ``.m3u8`` or ``/``, or an existing folder) or a file (``.mp4``, ``.mkv``, ``.flv``, ``.ts``;
+finalised on stop, the MP4's moov written).
+
+Timing: an encoder thread runs a monotonic clock at ``fps``. On every tick it takes the newest
+input frame (or, with ``delay_s``, the newest one that arrived at least ``delay_s`` ago) and
+encodes it; when the input stops, the last frame repeats, so viewers keep the stream (before
+the first frame, black frames are sent when ``width``/``height`` are set). If encoding falls
+behind by more than a second, ticks are skipped (counted) so the output stays in real time.
+
+Captions: a caption shows from when it is produced (with ``delay_s``: from when the frames it
+describes are shown) until a newer one replaces it or ``ttl_s`` passes. Silence (empty text or
+the model's ' ...') changes nothing: the previous caption stays until it expires.
+
+Audio is not passed through: frames reach sinks as decoded images only.
+
+Network outputs reconnect with backoff when the server goes away; the clock keeps running.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import subprocess
+import threading
+import time
+from fractions import Fraction
+from typing import Literal
+
+import numpy as np
+from PIL import Image, ImageColor, ImageDraw, ImageFont
+from pydantic import field_validator
+
+from pipeline.sink import Sink, SinkSettings, redact
+
+log = logging.getLogger(__name__)
+
+FONT_DIRS = ("/usr/share/fonts/truetype/dejavu", "/usr/share/fonts/dejavu", "/usr/local/share/fonts")
+DEFAULT_FONT = "DejaVuSans.ttf"
+
+
+def find_font(path: str | None) -> str | None:
+    """The configured font file, or DejaVu Sans from fonts-dejavu-core; None: Pillow's default."""
+    if path:
+        if os.path.isfile(path):
+            return path
+        for d in FONT_DIRS:
+            p = os.path.join(d, path)
+            if os.path.isfile(p):
+                return p
+        raise FileNotFoundError(f"font not found: {path}")
+    for d in FONT_DIRS:
+        p = os.path.join(d, DEFAULT_FONT)
+        if os.path.isfile(p):
+            return p
+    return None
+
+
+class BurninSettings(SinkSettings):
+    output: str = "burnin.mp4"
+    format: str | None = None  # muxer override (flv, mpegts, mp4, matroska, hls)
+    fps: float = 30.0
+    width: int | None = None  # None: the first input frame's size
+    height: int | None = None
+    codec: Literal["auto", "libx264", "h264_nvenc"] = "auto"  # auto: NVENC when it opens, else x264
+    preset: str = "veryfast"
+    bitrate: str | None = "2500k"  # None: constant quality (crf)
+    crf: int = 23
+    gop_s: float = 2.0
+    fragmented_mp4: bool = False  # MP4 playable even without a clean stop
+    hls_time: float = 2.0
+    hls_list_size: int = 6
+    # caption look
+    font: str | None = None  # TTF/OTF path or a file name in the system font folders
+    font_size: int | None = None  # px; None: frame height / 18
+    text_color: str = "#FFFFFF"
+    box_color: str = "#000000B4"  # RGBA: the last byte is the box opacity
+    outline_color: str = "#000000"
+    outline: int = 0  # text outline width in px
+    box_padding: int | None = None  # px; None: font size / 2
+    position: Literal["bottom", "top", "middle"] = "bottom"
+    align: Literal["center", "left", "right"] = "center"
+    margin: float = 0.05  # fraction of the frame height from the edge
+    max_width: float = 0.9  # fraction of the frame width
+    max_lines: int = 3  # longer captions keep their last lines
+    answer_prefix: str = "A: "
+    # timing
+    ttl_s: float = 5.0  # a caption disappears this long after it appeared, unless replaced
+    delay_s: float = 0.0  # fixed output delay, to line captions up with their frames
+    reconnect_initial_s: float = 1.0
+    reconnect_max_s: float = 10.0
+    stop_timeout_s: float = 10.0
+
+    @field_validator("text_color", "box_color", "outline_color")
+    @classmethod
+    def _colour(cls, v: str) -> str:
+        try:
+            ImageColor.getcolor(v, "RGBA")
+        except ValueError:
+            raise ValueError(f"not a colour: {v!r} (use a name, #RRGGBB or #RRGGBBAA)") from None
+        return v
+
+    @field_validator("fps")
+    @classmethod
+    def _fps(cls, v: float) -> float:
+        if not 1 <= v <= 120:
+            raise ValueError("fps must be between 1 and 120")
+        return v
+
+    @field_validator("width", "height")
+    @classmethod
+    def _even(cls, v: int | None) -> int | None:
+        if v is not None and (v < 16 or v % 2):
+            raise ValueError("must be an even number of pixels >= 16")
+        return v
+
+
+class CaptionRenderer:
+    """Draws caption text into a semi-transparent box; returns what to blend onto a frame."""
+
+    def __init__(self, s: BurninSettings) -> None:
+        self.s = s
+        self.font_path = find_font(s.font)
+        self._cache: dict = {}
+
+    def _font(self, size: int):
+        if self.font_path is None:
+            return ImageFont.load_default(size)
+        return ImageFont.truetype(self.font_path, size)
+
+    @staticmethod
+    def wrap(text: str, font, max_w: float) -> list[str]:
+        lines: list[str] = []
+        cur = ""
+        for word in text.split():
+            while font.getlength(word) > max_w and len(word) > 1:  # break very long words
+                cut = len(word)
+                while cut > 1 and font.getlength(word[:cut]) > max_w:
+                    cut -= 1
+                if cur:
+                    lines.append(cur)
+                    cur = ""
+                lines.append(word[:cut])
+                word = word[cut:]
+            trial = f"{cur} {word}" if cur else word
+            if font.getlength(trial) <= max_w:
+                cur = trial
+            else:
+                lines.append(cur)
+                cur = word
+        if cur:
+            lines.append(cur)
+        return lines
+
+    def render(self, text: str, width: int, height: int):
+        """(y0, x0, premultiplied rgb float32, 1 - alpha float32) or None for no caption."""
+        key = (text, width, height)
+        if key in self._cache:
+            return self._cache[key]
+        s = self.s
+        size = s.font_size or max(12, round(height / 18))
+        font = self._font(size)
+        pad = s.box_padding if s.box_padding is not None else max(2, size // 2)
+        max_w = max(size, width * s.max_width - 2 * pad)
+        lines = self.wrap(" ".join(text.split()), font, max_w)[-s.max_lines :]
+        if not lines:
+            return None
+        ascent, descent = font.getmetrics()
+        line_h = ascent + descent + max(1, size // 6)
+        text_w = int(max(font.getlength(line) for line in lines)) + 2 * s.outline
+        text_h = line_h * len(lines) - max(1, size // 6) + 2 * s.outline
+        box_w = min(width, text_w + 2 * pad)
+        box_h = min(height, text_h + 2 * pad)
+        img = Image.new("RGBA", (box_w, box_h), (0, 0, 0, 0))
+        draw = ImageDraw.Draw(img)
+        draw.rounded_rectangle((0, 0, box_w - 1, box_h - 1), radius=max(2, pad // 2), fill=ImageColor.getcolor(s.box_color, "RGBA"))
+        colour = ImageColor.getcolor(s.text_color, "RGBA")
+        stroke = ImageColor.getcolor(s.outline_color, "RGBA")
+        for i, line in enumerate(lines):
+            lw = font.getlength(line)
+            x = {"center": (box_w - lw) / 2, "left": pad, "right": box_w - pad - lw}[s.align]
+            # text drawn on its own layer and composited, so a translucent box stays translucent
+            layer = Image.new("RGBA", img.size, (0, 0, 0, 0))
+            ImageDraw.Draw(layer).text(
+                (x, pad + s.outline + i * line_h), line, font=font, fill=colour,
+                stroke_width=s.outline, stroke_fill=stroke,
+            )
+            img = Image.alpha_composite(img, layer)
+        rgba = np.asarray(img, dtype=np.float32) / 255.0
+        alpha = rgba[..., 3:4]
+        premul = rgba[..., :3] * alpha * 255.0
+        margin = round(s.margin * height)
+        y0 = {"bottom": height - margin - box_h, "top": margin, "middle": (height - box_h) // 2}[s.position]
+        x0 = {"center": (width - box_w) // 2, "left": round((1 - s.max_width) / 2 * width), "right": width - box_w - round((1 - s.max_width) / 2 * width)}[s.align]
+        out = (max(0, y0), max(0, x0), premul, 1.0 - alpha)
+        if len(self._cache) > 64:
+            self._cache.clear()
+        self._cache[key] = out
+        return out
+
+    @staticmethod
+    def blend(image: np.ndarray, overlay) -> np.ndarray:
+        y0, x0, premul, inv = overlay
+        h = min(premul.shape[0], image.shape[0] - y0)
+        w = min(premul.shape[1], image.shape[1] - x0)
+        out = image.copy()
+        region = out[y0 : y0 + h, x0 : x0 + w].astype(np.float32)
+        out[y0 : y0 + h, x0 : x0 + w] = (region * inv[:h, :w] + premul[:h, :w] + 0.5).astype(np.uint8)
+        return out
+
+
+_NVENC_OK: bool | None = None
+
+
+def nvenc_available() -> bool:
+    """Whether an h264_nvenc encoder actually opens here (needs an NVIDIA GPU and driver)."""
+    global _NVENC_OK
+    if _NVENC_OK is None:
+        try:
+            import av
+
+            ctx = av.CodecContext.create("h264_nvenc", "w")
+            ctx.width, ctx.height, ctx.pix_fmt = 256, 144, "yuv420p"
+            ctx.time_base = Fraction(1, 30)
+            ctx.open()
+            _NVENC_OK = True
+        except Exception:
+            _NVENC_OK = False
+    return _NVENC_OK
+
+
+class _Output:
+    """One open output: a PyAV container with one H.264 stream (and maybe an ffmpeg relay)."""
+
+    def __init__(self, s: BurninSettings, width: int, height: int, codec: str) -> None:
+        import av
+
+        self.s = s
+        self.relay: subprocess.Popen | None = None
+        target, fmt, options = self.resolve(s)
+        self.kind = fmt
+        if target.startswith("srt://"):
+            # PyAV's FFmpeg has no libsrt: hand MPEG-TS to the system ffmpeg, which has it
+            self.relay = subprocess.Popen(
+                ["ffmpeg", "-hide_banner", "-loglevel", "error", "-f", "mpegts", "-i", "pipe:0",
+                 "-c", "copy", "-f", "mpegts", target],
+                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+            )
+            self.container = av.open(self.relay.stdin, "w", format="mpegts")
+        else:
+            self.container = av.open(target, "w", format=fmt, options=options)
+        rate = Fraction(s.fps).limit_denominator(1001)
+        self.time_base = 1 / rate
+        st = self.container.add_stream(codec, rate=rate)
+        st.width, st.height, st.pix_fmt = width, height, "yuv420p"
+        st.codec_context.time_base = self.time_base
+        st.codec_context.gop_size = max(1, round(s.gop_s * s.fps))
+        copts = {}
+        if codec == "libx264":
+            copts = {"preset": s.preset, "tune": "zerolatency"}
+            if s.bitrate is None:
+                copts["crf"] = str(s.crf)
+        elif codec == "h264_nvenc":
+            copts = {"preset": "p4", "tune": "ll", "zerolatency": "1"}
+        if s.bitrate is not None:
+            st.codec_context.bit_rate = _parse_rate(s.bitrate)
+        st.codec_context.options = copts
+        st.codec_context.max_b_frames = 0
+        self.stream = st
+
+    @staticmethod
+    def resolve(s: BurninSettings) -> tuple[str, str | None, dict]:
+        out = s.output
+        low = out.lower()
+        if low.startswith(("rtmp://", "rtmps://")):
+            return out, s.format or "flv", {}
+        if low.startswith(("srt://", "udp://", "tcp://")):
+            return out, s.format or "mpegts", {}
+        if low.endswith(".m3u8") or out.endswith("/") or os.path.isdir(out) or s.format == "hls":
+            path = out if low.endswith(".m3u8") else os.path.join(out, "index.m3u8")
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            opts = {"hls_time": str(s.hls_time), "hls_list_size": str(s.hls_list_size),
+                    "hls_flags": "delete_segments+independent_segments"}
+            return path, "hls", opts
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        opts = {}
+        if low.endswith((".mp4", ".mov")) and s.fragmented_mp4:
+            opts["movflags"] = "frag_keyframe+empty_moov+default_base_moof"
+        fmt = s.format or {".mkv": "matroska", ".ts": "mpegts", ".flv": "flv"}.get(os.path.splitext(low)[1])
+        return out, fmt, opts
+
+    @property
+    def is_network(self) -> bool:
+        return self.s.output.lower().startswith(("rtmp://", "rtmps://", "srt://", "udp://", "tcp://"))
+
+    def write(self, vframe, pts: int) -> None:
+        vframe.pts = pts
+        vframe.time_base = self.time_base
+        for packet in self.stream.encode(vframe):
+            self.container.mux(packet)
+        if self.relay is not None and self.relay.poll() is not None:
+            raise ConnectionError(f"ffmpeg relay exited with {self.relay.returncode}")
+
+    def close(self, flush: bool = True) -> None:
+        try:
+            if flush:
+                for packet in self.stream.encode(None):
+                    self.container.mux(packet)
+        finally:
+            try:
+                self.container.close()
+            finally:
+                if self.relay is not None:
+                    try:
+                        self.relay.stdin.close()
+                    except Exception:
+                        pass
+                    try:
+                        self.relay.wait(5)
+                    except subprocess.TimeoutExpired:
+                        self.relay.kill()
+                        self.relay.wait(5)
+
+
+def _parse_rate(v: str) -> int:
+    v = v.strip().lower()
+    mult = {"k": 1_000, "m": 1_000_000}.get(v[-1:], 1)
+    return int(float(v[:-1] if mult != 1 else v) * mult)
+
+
+class BurninSink(Sink):
+    name = "burnin"
+    wants_frames = True
+    target_field = "output"
+    Settings = BurninSettings
+
+    def __init__(self, *a, **kw) -> None:
+        super().__init__(*a, **kw)
+        self._lock = threading.Lock()
+        self._latest = None
+        self._delayed: collections.deque = collections.deque(maxlen=4096)
+        self._pending: list = []  # (caption text, caption start, produced monotonic)
+        self._active: tuple[str, float] | None = None  # (text, shown since)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+        self.stats = collections.Counter()
+        self.codec: str | None = None
+        self.size: tuple[int, int] | None = None
+        self.t0: float | None = None  # monotonic time of output pts 0
+        self.renderer = CaptionRenderer(self.settings)
+
+    # --- sink API (called from the dispatcher's worker thread) -------------------------
+    def start(self) -> None:
+        self.renderer.font_path  # fail fast on a missing font (raised in __init__ already)
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="burnin-encoder", daemon=True)
+        self._thread.start()
+
+    def _check(self) -> None:
+        if self.error is not None:
+            err, self.error = self.error, None
+            raise RuntimeError(redact(f"burn-in encoder failed: {err}")) from err
+
+    def on_frame(self, frame) -> None:
+        with self._lock:
+            self._latest = frame
+            if self.settings.delay_s > 0:
+                self._delayed.append(frame)
+        self._check()
+
+    def on_caption(self, caption) -> None:
+        if caption.is_silence:
+            return  # the previous caption stays until it expires
+        text = " ".join(caption.text.split())
+        if caption.kind == "answer":
+            text = self.settings.answer_prefix + text
+        with self._lock:
+            self._pending.append((text, caption.start, time.monotonic()))
+        self._check()
+
+    def stop(self) -> None:
+        self._stop.set()
+        t = self._thread
+        if t is not None:
+            t.join(self.settings.stop_timeout_s)
+            if t.is_alive():
+                log.error("burn-in encoder did not finish within %.1f s", self.settings.stop_timeout_s)
+        self._check()
+
+    def describe(self) -> str:
+        return f"burnin:{redact(self.settings.output)}"
+
+    # --- encoder thread ----------------------------------------------------------------
+    def _pick_frame(self, now: float):
+        with self._lock:
+            if self.settings.delay_s <= 0:
+                return self._latest
+            cutoff = now - self.settings.delay_s
+            chosen = None
+            while self._delayed and self._delayed[0].arrival <= cutoff:
+                chosen = self._delayed.popleft()
+            if chosen is not None:
+                self._shown = chosen
+            return getattr(self, "_shown", None)
+
+    def _update_caption(self, now: float, shown_pts: float | None) -> str | None:
+        s = self.settings
+        with self._lock:
+            keep = []
+            for text, start, produced in self._pending:
+                due = s.delay_s <= 0 or now >= produced + s.delay_s or (shown_pts is not None and shown_pts >= start)
+                if due:
+                    self._active = (text, now)
+                else:
+                    keep.append((text, start, produced))
+            self._pending = keep
+            if self._active is not None and now - self._active[1] >= s.ttl_s:
+                self._active = None
+            return self._active[0] if self._active else None
+
+    def _codec(self) -> str:
+        if self.settings.codec == "auto":
+            return "h264_nvenc" if nvenc_available() else "libx264"
+        return self.settings.codec
+
+    def _size_for(self, frame) -> tuple[int, int] | None:
+        s = self.settings
+        if s.width and s.height:
+            return s.width, s.height
+        if frame is None:
+            return None
+        h, w = frame.image.shape[:2]
+        if s.width:  # keep the aspect ratio
+            return s.width, max(16, round(h * s.width / w / 2) * 2)
+        if s.height:
+            return max(16, round(w * s.height / h / 2) * 2), s.height
+        return w - w % 2, h - h % 2
+
+    def _run(self) -> None:
+        import av
+
+        s = self.settings
+        out: _Output | None = None
+        period = 1.0 / s.fps
+        n = 0  # output tick (pts in 1/fps)
+        pts_base = 0
+        backoff = s.reconnect_initial_s
+        next_open = 0.0
+        cache_key = None
+        vframe = None
+        try:
+            while not self._stop.is_set():
+                now = time.monotonic()
+                frame = self._pick_frame(now)
+                if self.size is None:
+                    self.size = self._size_for(frame)
+                    if self.size is None:
+                        self._stop.wait(0.01)
+                        continue
+                    self.codec = self._codec()
+                    self.t0 = now
+                    n = 0
+                # the clock: tick n is due at t0 + n / fps
+                due = self.t0 + n * period
+                if now < due:
+                    self._stop.wait(due - now)
+                    continue
+                behind = int((now - due) / period)
+                if behind > s.fps:  # more than a second behind: skip ahead, stay real-time
+                    self.stats["ticks_skipped"] += behind
+                    n += behind
+                if out is None:
+                    if now < next_open:
+                        n += 1
+                        self.stats["ticks_offline"] += 1
+                        continue
+                    try:
+                        out = _Output(s, *self.size, self.codec)
+                        pts_base = n
+                        backoff = s.reconnect_initial_s
+                        if self.stats["opens"]:
+                            self.stats["reconnects"] += 1
+                            log.info("burn-in output %s reconnected", redact(s.output))
+                        self.stats["opens"] += 1
+                        cache_key = None
+                    except Exception as e:
+                        if not _Output.resolve(s)[0].lower().startswith(("rtmp", "srt", "udp", "tcp")):
+                            raise
+                        log.warning("burn-in output %s: %s; retry in %.1f s", redact(s.output), redact(e), backoff)
+                        next_open = time.monotonic() + backoff
+                        backoff = min(s.reconnect_max_s, backoff * 2)
+                        n += 1
+                        continue
+                shown_pts = frame.pts if frame is not None else None
+                text = self._update_caption(now, shown_pts)
+                key = (id(frame), text)
+                if key != cache_key or vframe is None:
+                    vframe = self._compose(frame, text)
+                    cache_key = key
+                else:
+                    self.stats["repeated"] += 1
+                try:
+                    out.write(vframe, n - pts_base)
+                    self.stats["frames_out"] += 1
+                    if text:
+                        self.stats["frames_captioned"] += 1
+                except Exception as e:
+                    if not out.is_network:
+                        raise
+                    log.warning("burn-in output %s lost: %s; reconnecting", redact(s.output), redact(e))
+                    try:
+                        out.close(flush=False)
+                    except Exception:
+                        pass
+                    out = None
+                    next_open = time.monotonic() + backoff
+                    backoff = min(s.reconnect_max_s, backoff * 2)
+                n += 1
+        except BaseException as e:  # reported on the next sink call
+            log.error("burn-in encoder: %s", redact(e))
+            self.error = e
+        finally:
+            if out is not None:
+                try:
+                    out.close(flush=True)
+                except Exception as e:
+                    if self.error is None and not out.is_network:
+                        self.error = e
+                    log.warning("burn-in output close: %s", redact(e))
+
+    def _compose(self, frame, text: str | None):
+        import av
+
+        w, h = self.size
+        if frame is None:
+            img = np.zeros((h, w, 3), np.uint8)
+        else:
+            img = frame.image
+            if img.shape[0] != h or img.shape[1] != w:
+                vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
+                img = vf.reformat(width=w, height=h, format="rgb24").to_ndarray()
+        if text:
+            overlay = self.renderer.render(text, w, h)
+            if overlay is not None:
+                img = self.renderer.blend(img, overlay)
+        # converted once here, so a repeated frame costs only the encode
+        return av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24").reformat(format="yuv420p")

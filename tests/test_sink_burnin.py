@@ -1,0 +1,263 @@
+"""Burn-in sink against real outputs: nginx-rtmp (read back with ffprobe and PyAV), MP4, HLS."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from pipeline.plugins import make_sink
+from pipeline.types import Caption, Frame
+from plugins.sinks.burnin import BurninSettings, CaptionRenderer
+
+W, H, FPS = 320, 240, 30
+RTMP_MODULE = "/usr/lib/nginx/modules/ngx_rtmp_module.so"
+needs_nginx = pytest.mark.skipif(
+    not (shutil.which("nginx") and os.path.exists(RTMP_MODULE)), reason="nginx + libnginx-mod-rtmp not installed"
+)
+
+
+# --- helpers (nginx-rtmp started by the test; no shared fixture existed when written) ------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 10.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"port {port} did not open")
+
+
+class NginxRtmp:
+    def __init__(self, root: Path, port: int) -> None:
+        self.root, self.port = root, port
+        (root / "rec").mkdir(parents=True, exist_ok=True)
+        (root / "logs").mkdir(exist_ok=True)
+        self.conf = root / "nginx.conf"
+        self.conf.write_text(
+            f"""
+load_module {RTMP_MODULE};
+daemon off;
+master_process off;
+pid {root}/nginx.pid;
+error_log {root}/logs/error.log info;
+events {{ worker_connections 64; }}
+rtmp {{
+  server {{
+    listen 127.0.0.1:{port};
+    chunk_size 4096;
+    application live {{
+      live on;
+      record all;
+      record_path {root}/rec;
+      record_unique on;
+    }}
+  }}
+}}
+"""
+        )
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(["nginx", "-p", str(self.root), "-c", str(self.conf)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(self.port)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+            self.proc = None
+
+    def recordings(self) -> list[Path]:
+        return sorted((self.root / "rec").glob("*.flv"), key=lambda p: p.stat().st_mtime)
+
+
+@pytest.fixture
+def nginx(tmp_path):
+    srv = NginxRtmp(tmp_path / "nginx", free_port())
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def source_image(i: int) -> np.ndarray:
+    """Grey frame with a white square moving along the top; the bottom half stays plain grey."""
+    img = np.full((H, W, 3), 128, np.uint8)
+    x = (i * 4) % (W - 32)
+    img[10:42, x : x + 32] = 255
+    return img
+
+
+class Feeder(threading.Thread):
+    """Synthetic 30 fps input, as the capture thread would deliver it."""
+
+    def __init__(self, sink, seconds: float) -> None:
+        super().__init__(daemon=True)
+        self.sink, self.seconds = sink, seconds
+
+    def run(self) -> None:
+        t0 = time.monotonic()
+        i = 0
+        while (t := time.monotonic() - t0) < self.seconds:
+            self.sink.on_frame(Frame(source_image(i), i / FPS, index=i))
+            i += 1
+            time.sleep(max(0.0, t0 + i / FPS - time.monotonic()))
+
+
+def ffprobe(path) -> dict:
+    out = subprocess.run(
+        ["ffprobe", "-v", "error", "-count_frames", "-show_entries",
+         "stream=codec_name,r_frame_rate,avg_frame_rate,width,height,nb_read_frames:format=duration,format_name",
+         "-of", "json", str(path)],
+        capture_output=True, text=True, timeout=60, check=True,
+    )
+    return json.loads(out.stdout)
+
+
+def caption_region_diff(img: np.ndarray) -> float:
+    """Mean abs difference from the source in the bottom third, where the caption box goes."""
+    return float(np.abs(img[H * 2 // 3 :].astype(np.int16) - 128).mean())
+
+
+# --- tests -----------------------------------------------------------------------------
+def test_renderer_wraps_unicode_inside_the_frame():
+    r = CaptionRenderer(BurninSettings(max_lines=2))
+    y0, x0, premul, inv = r.render("Ünïcödé façade — " + "wörd " * 40, W, H)
+    assert premul.shape[1] <= W * 0.9 + 1 and y0 + premul.shape[0] <= H
+    assert 0 < inv.min() < 1 or inv.min() == 0  # box and glyphs
+    font = r._font(max(12, round(H / 18)))
+    lines = r.wrap("Ünïcödé façade — " + "wörd " * 40, font, W * 0.9)
+    assert all(font.getlength(line) <= W * 0.9 for line in lines)
+    assert r.render("   ", W, H) is None
+
+
+@needs_nginx
+def test_burnin_to_rtmp_plays_with_caption_then_expiry(nginx):
+    url = f"rtmp://127.0.0.1:{nginx.port}/live/test"
+    sink = make_sink(f"burnin:{url}", fps=FPS, ttl_s=1.5, bitrate="800k", gop_s=1.0)
+    sink.start()
+    feeder = Feeder(sink, 2.6)  # input stops at 2.6 s; the output must keep going
+    feeder.start()
+    while sink.t0 is None:
+        time.sleep(0.01)
+    t0 = sink.t0
+    time.sleep(max(0.0, t0 + 1.0 - time.monotonic()))
+    shown_at = time.monotonic() - t0
+    sink.on_caption(Caption(0.5, 1.0, "GOAL! Ünïcödé caption"))
+    time.sleep(0.5)
+    sink.on_caption(Caption(1.0, 1.5, " ..."))  # silence keeps the caption until expiry
+    # meanwhile a viewer plays the live stream
+    live = av.open(url, options={"analyzeduration": "500000", "rw_timeout": "5000000"})
+    vs = live.streams.video[0]
+    got = [f for _, f in zip(range(20), live.decode(vs))]
+    live.close()
+    assert len(got) == 20 and (got[0].width, got[0].height) == (W, H)
+    assert vs.average_rate == FPS or vs.guessed_rate == FPS
+    feeder.join()
+    time.sleep(max(0.0, t0 + 4.5 - time.monotonic()))
+    sink.stop()
+    assert sink.error is None and sink.stats["reconnects"] == 0
+    time.sleep(0.3)  # nginx closes the recording when the publisher leaves
+    rec = nginx.recordings()
+    assert len(rec) == 1
+    info = ffprobe(rec[0])
+    st = info["streams"][0]
+    assert st["codec_name"] == "h264" and st["r_frame_rate"] == "30/1"
+    duration = float(info["format"]["duration"])
+    assert 4.2 <= duration <= 4.8, duration  # the whole run, including 1.9 s with no input
+    assert abs(int(st["nb_read_frames"]) - duration * FPS) <= 3
+    # decode the recording: caption region vs the (plain grey) source
+    with av.open(str(rec[0])) as c:
+        frames = [(f.time, f.to_ndarray(format="rgb24")) for f in c.decode(video=0)]
+    t_first = frames[0][0]
+    diffs = [(t - t_first, caption_region_diff(img)) for t, img in frames]
+    during = [d for t, d in diffs if shown_at + 0.2 <= t <= shown_at + 1.3]
+    before = [d for t, d in diffs if t <= shown_at - 0.2]
+    after = [d for t, d in diffs if t >= shown_at + 1.5 + 0.3]
+    assert during and before and after
+    assert min(during) > 8, during[:5]
+    assert max(before) < 3 and max(after) < 3, (max(before), max(after))
+    # after the input stopped, the last frame repeats: the top (moving square) is frozen
+    tail = [img for t, img in frames if t - t_first >= 3.0]
+    assert len(tail) > 30 and all(np.abs(tail[0][:60].astype(int) - x[:60]).mean() < 2 for x in tail)
+    assert sink.stats["repeated"] > 30
+
+
+@needs_nginx
+def test_burnin_rtmp_reconnects_after_server_restart(nginx):
+    url = f"rtmp://127.0.0.1:{nginx.port}/live/test"
+    sink = make_sink(f"burnin:{url}", fps=FPS, bitrate="500k", reconnect_initial_s=0.3, reconnect_max_s=1.0)
+    sink.start()
+    feeder = Feeder(sink, 6.0)
+    feeder.start()
+    time.sleep(1.5)
+    nginx.stop()
+    time.sleep(1.0)
+    nginx.start()
+    deadline = time.monotonic() + 8
+    while sink.stats["reconnects"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert sink.stats["reconnects"] >= 1
+    out_before = sink.stats["frames_out"]
+    time.sleep(1.5)
+    feeder.join()
+    sink.stop()
+    assert sink.stats["frames_out"] - out_before > 30  # frames flow again after the restart
+    time.sleep(0.3)
+    rec = nginx.recordings()
+    info = ffprobe(rec[-1])
+    assert info["streams"][0]["codec_name"] == "h264" and float(info["format"]["duration"]) > 1.0
+
+
+def test_burnin_to_mp4_finalised_on_stop(tmp_path):
+    path = tmp_path / "out.mp4"
+    sink = make_sink(f"burnin:{path}", fps=FPS, ttl_s=10)
+    sink.start()
+    feeder = Feeder(sink, 2.0)
+    feeder.start()
+    time.sleep(0.5)
+    sink.on_caption(Caption(0, 1, "written into the file"))
+    feeder.join()
+    sink.stop()
+    info = ffprobe(path)
+    assert "mp4" in info["format"]["format_name"]
+    assert 1.8 <= float(info["format"]["duration"]) <= 2.3
+    assert info["streams"][0]["r_frame_rate"] == "30/1"
+    with av.open(str(path)) as c:
+        last = None
+        for f in c.decode(video=0):
+            last = f.to_ndarray(format="rgb24")
+    assert caption_region_diff(last) > 8  # ttl 10 s: still captioned at the end
+
+
+def test_burnin_to_hls_folder(tmp_path):
+    folder = tmp_path / "hls"
+    sink = make_sink({"burnin": {"output": f"{folder}/", "hls_time": 1.0, "width": 256, "height": 144, "fps": 15}})
+    sink.start()  # no input at all: black frames at the configured size
+    time.sleep(2.5)
+    sink.stop()
+    playlist = folder / "index.m3u8"
+    assert playlist.exists() and list(folder.glob("*.ts"))
+    with av.open(str(playlist)) as c:
+        frames = [f for _, f in zip(range(10), c.decode(video=0))]
+    assert len(frames) == 10 and frames[0].width == 256
