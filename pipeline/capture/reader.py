@@ -31,6 +31,10 @@ from pipeline.types import Frame, StreamEvent
 log = logging.getLogger(__name__)
 
 JUMP_S = 10.0  # a pts jump larger than this inside one session is a discontinuity, not a gap
+# a relay server (nginx-rtmp) can hide an outage inside one session, rewriting the new publisher's
+# timestamps to continue the old ones: when the wall-clock gap between two frames exceeds their pts
+# gap by more than this, stream time counts the wall-clock gap (not for HLS, which arrives in bursts)
+HIDDEN_GAP_S = 1.0
 _ids = itertools.count(1)
 
 
@@ -199,6 +203,7 @@ class CaptureThread:
         raw0 = base = None
         pace0: tuple[float, float] | None = None
         stop = self._stop
+        hidden_gaps = self.source.live and self.source.kind != "hls" and not self.source.pace
         try:
             for packet in inp.container.demux(vs):
                 if stop.is_set():
@@ -216,6 +221,8 @@ class CaptureThread:
                         raw = now
                     if raw0 is None or (self._last_pts is not None and not
                                         (self._last_pts < base + (raw - raw0) <= self._last_pts + JUMP_S)):
+                        raw0, base = raw, self._continue_at(now, interval)
+                    elif hidden_gaps and now - self._last_arrival - (base + raw - raw0 - self._last_pts) > HIDDEN_GAP_S:
                         raw0, base = raw, self._continue_at(now, interval)
                     pts = base + (raw - raw0)
                     if self.source.pace:

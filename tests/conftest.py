@@ -1,0 +1,72 @@
+"""Shared fixtures: real media servers from tests/servers.py (nginx-rtmp, ffmpeg publisher, ...)."""
+
+from __future__ import annotations
+
+import itertools
+import re
+
+import pytest
+
+import servers  # tests/servers.py (pytest puts tests/ on sys.path)
+
+_keys = itertools.count(1)
+
+
+def _need(*exes: str) -> None:
+    missing = [e for e in exes if not servers.have(e)]
+    if missing:
+        pytest.skip(f"needs {', '.join(missing)} (see .ci/run)")
+
+
+@pytest.fixture(scope="session")
+def nginx_rtmp():
+    """One nginx-rtmp for the session: ``nginx_rtmp.url(key)`` -> rtmp://127.0.0.1:PORT/live/key."""
+    _need(servers.NGINX, servers.RTMP_MODULE, servers.FFMPEG)
+    with servers.NginxRtmp() as ngx:
+        yield ngx
+
+
+@pytest.fixture
+def stream_key(request) -> str:
+    """A stream key unique to the test (so tests sharing one nginx never see each other)."""
+    return re.sub(r"[^A-Za-z0-9]+", "-", request.node.name)[:40] + f"-{next(_keys)}"
+
+
+@pytest.fixture
+def publisher():
+    """Factory: ``publisher(url, size=..., fps=..., audio=..., input_file=...)`` -> a started
+    :class:`servers.Publisher` (ffmpeg -re); all are killed at teardown."""
+    _need(servers.FFMPEG)
+    started: list[servers.Publisher] = []
+
+    def start(url: str, **kw) -> servers.Publisher:
+        p = servers.Publisher(url, **kw).start()
+        started.append(p)
+        return p
+
+    yield start
+    for p in started:
+        p.close()
+
+
+@pytest.fixture
+def rtsp_server():
+    """Factory: ``rtsp_server(size=..., fps=...)`` -> a started GStreamer RTSP server (``.url``)."""
+    if not servers.have(servers.SYSTEM_PYTHON):
+        pytest.skip("needs /usr/bin/python3 with GStreamer's RTSP server")
+    started: list[servers.GstRtspServer] = []
+
+    def start(**kw) -> servers.GstRtspServer:
+        s = servers.GstRtspServer(**kw).start()
+        started.append(s)
+        return s
+
+    yield start
+    for s in started:
+        s.stop()
+
+
+@pytest.fixture(scope="session")
+def media_dir(tmp_path_factory):
+    """A session-wide folder for generated media files."""
+    return tmp_path_factory.mktemp("media")
