@@ -1,0 +1,107 @@
+// livecc caption overlay for OBS Browser Source. Captions are inserted with textContent only.
+(function () {
+  "use strict";
+  var cfg = {};
+  try { cfg = JSON.parse(document.getElementById("livecc-config").textContent) || {}; } catch (e) { cfg = {}; }
+  var params = new URLSearchParams(location.search);
+  function opt(name, dflt) {
+    if (params.has(name)) return params.get(name);
+    return cfg[name] !== undefined && cfg[name] !== null ? String(cfg[name]) : dflt;
+  }
+  function num(name, dflt, lo, hi) {
+    var v = parseFloat(opt(name, dflt));
+    if (!isFinite(v)) v = parseFloat(dflt);
+    return Math.min(hi, Math.max(lo, v));
+  }
+  function flag(name, dflt) { var v = opt(name, dflt); return v === "1" || v === "true" || v === "yes"; }
+  function colour(name, dflt) { var v = opt(name, dflt); return (window.CSS && CSS.supports("color", v)) ? v : dflt; }
+  function oneOf(name, dflt, allowed) { var v = opt(name, dflt); return allowed.indexOf(v) >= 0 ? v : dflt; }
+
+  var wrap = document.getElementById("wrap");
+  var box = document.getElementById("box");
+  var position = oneOf("position", "bottom", ["bottom", "top", "middle"]);
+  var align = oneOf("align", "center", ["center", "left", "right"]);
+  var mode = oneOf("mode", "rollup", ["rollup", "replace"]);
+  var keep = mode === "replace" ? 1 : Math.round(num("keep", "3", 1, 50));
+  var ttl = num("ttl", "10", 0, 86400);
+  var fade = Math.round(num("fade", "300", 0, 10000));
+  var transport = oneOf("transport", "auto", ["auto", "ws", "sse"]);
+  wrap.className = "pos-" + position + " align-" + align;
+  box.style.fontFamily = opt("font", box.style.fontFamily || "\"DejaVu Sans\", Arial, sans-serif");
+  box.style.fontSize = num("size", "42", 6, 300) + "px";
+  box.style.color = colour("color", "#ffffff");
+  var boxed = flag("box", "1");
+  box.style.backgroundColor = boxed ? colour("background", "rgba(0,0,0,0.6)") : "transparent";
+  box.style.setProperty("--fade", fade + "ms");
+  box.classList.toggle("nobox", !boxed);
+  box.classList.toggle("shadow", flag("shadow", "1"));
+  box.classList.add("empty");
+
+  var hideTimer = null;
+  var lastText = null;
+  function show(c) {
+    if (!c || typeof c.text !== "string") return;
+    var text = c.text.trim();
+    if (!text || text === "...") return; // silence: keep what is shown
+    var span = document.createElement("span");
+    span.className = "cap new" + (c.kind === "answer" ? " answer" : "");
+    span.textContent = (box.childNodes.length ? " " : "") + text; // text, never HTML
+    box.appendChild(span);
+    while (box.childNodes.length > keep) box.removeChild(box.firstChild);
+    if (box.firstChild && box.firstChild.textContent.charAt(0) === " ") {
+      box.firstChild.textContent = box.firstChild.textContent.slice(1);
+    }
+    requestAnimationFrame(function () { span.classList.remove("new"); });
+    box.classList.remove("empty", "expired");
+    lastText = text;
+    document.body.dataset.count = String((parseInt(document.body.dataset.count || "0", 10)) + 1);
+    if (hideTimer) clearTimeout(hideTimer);
+    if (ttl > 0) hideTimer = setTimeout(function () { box.classList.add("expired"); }, ttl * 1000);
+  }
+  function clear() { while (box.firstChild) box.removeChild(box.firstChild); box.classList.add("empty"); }
+
+  function handle(raw) {
+    var msg;
+    try { msg = JSON.parse(raw); } catch (e) { return; }
+    if (!msg || typeof msg !== "object") return;
+    if (msg.type === "caption") show(msg.caption);
+    else if (msg.type === "hello" && Array.isArray(msg.recent) && !box.childNodes.length) {
+      msg.recent.slice(-keep).forEach(show);
+    } else if (msg.type === "clear") clear();
+  }
+
+  function setState(kind, connected) {
+    document.body.dataset.transport = kind;
+    document.body.dataset.connected = connected ? "1" : "0";
+  }
+
+  var wsFailures = 0;
+  var delay = 500;
+  function connectSSE() {
+    setState("sse", false);
+    var es = new EventSource("/events");
+    es.onopen = function () { setState("sse", true); };
+    es.onmessage = function (ev) { handle(ev.data); };
+    es.onerror = function () { setState("sse", false); }; // EventSource reconnects by itself
+  }
+  function connectWS() {
+    var ws;
+    try {
+      ws = new WebSocket((location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/ws");
+    } catch (e) { wsFailures++; return retry(); }
+    var opened = false;
+    ws.onopen = function () { opened = true; wsFailures = 0; delay = 500; setState("ws", true); };
+    ws.onmessage = function (ev) { handle(ev.data); };
+    ws.onclose = function () {
+      setState("ws", false);
+      if (!opened) wsFailures++;
+      retry();
+    };
+  }
+  function retry() {
+    if (transport === "auto" && wsFailures >= 3) { connectSSE(); return; } // fall back to SSE
+    setTimeout(connectWS, delay);
+    delay = Math.min(5000, delay * 2);
+  }
+  if (transport === "sse" || !("WebSocket" in window)) connectSSE(); else connectWS();
+})();
