@@ -1,0 +1,131 @@
+"""Clips from a recorded video, chosen exactly as LiveCC's reference loop chooses them.
+
+Grid times run 0, 0.5, 1.0, ... (2 fps). The opener takes the 6 grid times 0.0-2.5, every later
+turn 2. For each grid time ``t`` the frame used is the first frame whose *end* time
+(pts + duration, what decord reports as a frame's timestamp) is >= ``t``, searching from the
+frame after the previous turn's last one; grid times at or past the video's end are not used and
+a turn keeps an even number of frames. Frames are decoded once, in order, without holding the file.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+from .frames import MAX_PIXELS, resize_frames
+from .types import Clip, Frame
+
+FPS = 2.0
+OPENER_FRAMES = 6
+TURN_FRAMES = 2
+
+
+class VideoFileError(RuntimeError):
+    """The file cannot be captioned; the message says why."""
+
+
+def probe(path: str | Path) -> tuple[float, float]:
+    """(duration seconds, frame rate) of the first video stream, or a clear VideoFileError."""
+    container = _open(path)
+    try:
+        stream = container.streams.video[0]
+        rate = float(stream.average_rate or stream.guessed_rate or 30)
+        if stream.duration is not None and stream.time_base is not None:
+            duration = float(stream.duration * stream.time_base)
+        elif container.duration:
+            duration = container.duration / av.time_base
+        else:
+            duration = 0.0
+        return duration, rate
+    finally:
+        container.close()
+
+
+def _open(path: str | Path):
+    p = Path(path)
+    if not p.exists():
+        raise VideoFileError(f"{path}: no such file")
+    if p.is_dir():
+        raise VideoFileError(f"{path} is a folder, not a video file")
+    if p.stat().st_size == 0:
+        raise VideoFileError(f"{path} is empty (0 bytes)")
+    try:
+        container = av.open(str(p))
+    except (av.error.FFmpegError, OSError) as e:
+        raise VideoFileError(f"{path} is not a readable video: {e}") from None
+    if not container.streams.video:
+        container.close()
+        raise VideoFileError(f"{path} has no video stream")
+    return container
+
+
+def decode_frames(path: str | Path) -> Iterator[tuple[Frame, float]]:
+    """(frame, end time) for every decoded frame, pts from 0. Corrupt packets are skipped."""
+    container = _open(path)
+    try:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        rate = stream.average_rate or stream.guessed_rate or Fraction(30)
+        first = None
+        index = 0
+        try:
+            for frame in container.decode(stream):
+                if frame.pts is None:
+                    continue
+                # exact arithmetic: an end time of 2.5 s must compare equal to the grid time 2.5
+                tb = frame.time_base
+                dur = frame.duration * tb if getattr(frame, "duration", None) else 1 / rate
+                first = frame.pts * tb if first is None else first
+                t = frame.pts * tb - first
+                img = frame.to_ndarray(format="rgb24")
+                yield Frame(img, float(t), time.monotonic(), index), float(t + dur)
+                index += 1
+        except av.error.InvalidDataError:
+            return  # a truncated tail: keep what decoded
+        if index == 0:
+            raise VideoFileError(f"{path}: no frame could be decoded")
+    finally:
+        container.close()
+
+
+def reference_clips(frames: Iterable[tuple[Frame, float]], max_pixels: int = MAX_PIXELS) -> Iterator[Clip]:
+    """Group (frame, end time) pairs into the reference's turns (6 frames, then 2 at a time)."""
+    it = iter(frames)
+    look: list[tuple[Frame, float]] = []  # the candidate frame and one frame of lookahead
+
+    def fill() -> None:
+        while len(look) < 2:
+            try:
+                look.append(next(it))
+            except StopIteration:
+                return
+
+    grid, n = 0.0, OPENER_FRAMES
+    while True:
+        chosen: list[Frame] = []
+        times = [grid + i / FPS for i in range(n)]
+        for t in times:
+            fill()
+            while look and look[0][1] < t:
+                look.pop(0)
+                fill()
+            if not look or (len(look) == 1 and t >= look[0][1]):
+                break  # the video ends before t
+            chosen.append(look[0][0])
+        keep = len(chosen) - len(chosen) % 2
+        if keep == 0:
+            return
+        if look and look[0][0] is chosen[keep - 1]:
+            look.pop(0)  # the next turn searches from the frame after the last one used
+        images = np.stack([f.image for f in chosen[:keep]])
+        yield Clip(resize_frames(images, max_pixels=max_pixels), tuple(times[:keep]))
+        grid, n = times[keep - 1] + 1 / FPS, TURN_FRAMES
+
+
+def file_clips(path: str | Path, max_pixels: int = MAX_PIXELS) -> Iterator[Clip]:
+    return reference_clips(decode_frames(path), max_pixels)
