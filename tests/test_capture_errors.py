@@ -1,0 +1,83 @@
+"""Clear, one-line, redacted errors; bounded time to fail; retries that give up."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+import servers
+from pipeline.capture import Backoff, CaptureError, CaptureThread, RingBuffer, resolve
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _fail(spec, within: float, **kw) -> tuple[CaptureError, list]:
+    events = []
+    t = time.monotonic()
+    cap = CaptureThread(spec, RingBuffer(2), on_event=events.append, **kw).start()
+    with pytest.raises(CaptureError) as ei:
+        cap.wait_ready(within + 5)
+    took = time.monotonic() - t
+    assert took < within, f"took {took:.1f}s"
+    assert cap.stop(2) and not cap.alive
+    assert "\n" not in str(ei.value)
+    assert [e.kind for e in events] == ["source_error"] and events[0].detail == str(ei.value)
+    return ei.value, events
+
+
+def test_dead_rtmp_url_fails_fast_and_redacted():
+    port = servers.free_port()  # nothing listens there: connection refused
+    err, _ = _fail(f"rtmp://127.0.0.1:{port}/live/sk_live_SECRET", within=2.0)
+    assert "refused" in str(err).lower()
+    assert "SECRET" not in str(err) and "/live/***" in str(err)
+
+
+def test_dead_url_with_retries_gives_up():
+    port = servers.free_port()
+    err, _ = _fail(f"rtsp://admin:hunter2@127.0.0.1:{port}/cam", within=4.0, wait_for_source=True,
+                   backoff=Backoff(initial=0.2, max_attempts=3))
+    assert "gave up after 3 attempts" in str(err) and "hunter2" not in str(err)
+
+
+def test_dead_srt_url_through_relay():
+    port = servers.free_port("udp")
+    before = servers.child_pids()
+    src = resolve(f"srt://127.0.0.1:{port}?mode=caller&connect_timeout=1000")
+    err, _ = _fail(src, within=8.0)
+    assert str(port) in str(err)
+    assert not servers.child_pids() - before  # the relay is reaped
+
+
+def test_audio_only_file(media_dir):
+    path = servers.make_audio(media_dir / "only_audio.m4a")
+    err, _ = _fail(str(path), within=2.0)
+    assert "no video stream" in str(err) and "audio" in str(err)
+
+
+def test_nonexistent_file(tmp_path):
+    err, _ = _fail(str(tmp_path / "nope.mp4"), within=2.0)
+    assert "No such file" in str(err)
+
+
+def test_url_that_is_not_video(tmp_path):
+    (tmp_path / "page.html").write_text("<html><body>" + "not a video " * 500 + "</body></html>")
+    with servers.HttpDir(tmp_path) as http:
+        err, _ = _fail(http.url("page.html"), within=5.0)
+    assert "not a media stream" in str(err) or "Invalid data" in str(err)
+
+
+def test_unknown_scheme():
+    with pytest.raises(CaptureError, match="unknown source kind 'gopher'"):
+        resolve("gopher://example.org/x")
+
+
+def test_live_stream_without_video(nginx_rtmp, stream_key):
+    """A live stream that carries only audio is a clear error at the first open."""
+    url = nginx_rtmp.url(stream_key)
+    audio_only = servers.Publisher(url, fmt="flv")
+    audio_only.args = [servers.FFMPEG, "-nostdin", "-loglevel", "error", "-re", "-f", "lavfi", "-i",
+                       "sine=frequency=440:sample_rate=44100", "-c:a", "aac", "-f", "flv", url]
+    with audio_only:
+        err, _ = _fail(url, within=8.0, wait_for_source=True)
+    assert "no video stream (has audio)" in str(err), err

@@ -1,0 +1,106 @@
+"""Ring buffer, clip queue, sources registry, backoff: no servers needed."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from pipeline.capture import Backoff, ClipQueue, RingBuffer, SourceOptions, register_source, resolve
+from pipeline.capture.sources import Source, registered_schemes
+from pipeline.types import Clip, Frame
+
+
+def _frame(i: int) -> Frame:
+    return Frame(np.zeros((2, 2, 3), np.uint8), i / 30, time.monotonic(), i)
+
+
+def test_ring_keeps_newest_never_grows():
+    ring = RingBuffer(4)
+    assert ring.latest() is None and len(ring) == 0
+    for i in range(10):
+        ring.put(_frame(i))
+    assert len(ring) == 4 and [f.index for f in ring.snapshot()] == [6, 7, 8, 9]
+    assert ring.latest().index == 9
+    assert ring.stats() == {"size": 4, "written": 10, "overwritten": 6}
+    assert ring.first_at_or_after(7.5 / 30).index == 8
+    assert ring.first_at_or_after(1.0) is None
+
+
+def test_ring_wait_newer_wakes_on_put_and_close():
+    ring = RingBuffer(2)
+    got = []
+    t = threading.Thread(target=lambda: got.append(ring.wait_newer(-1, timeout=5)))
+    t.start()
+    ring.put(_frame(0))
+    t.join(5)
+    assert got[0].index == 0
+    assert ring.wait_newer(0, timeout=0.05) is None  # nothing newer: times out
+    t = threading.Thread(target=lambda: got.append(ring.wait_newer(0, timeout=5)))
+    t0 = time.monotonic()
+    t.start()
+    ring.close()
+    t.join(5)
+    assert got[1] is None and time.monotonic() - t0 < 1
+
+
+def test_clip_queue_drops_oldest():
+    q = ClipQueue(2)
+    clips = [Clip(np.zeros((2, 1, 1, 3), np.uint8), (i, i + 0.5)) for i in range(5)]
+    for c in clips:
+        q.put(c)
+    assert q.dropped == 3 and len(q) == 2
+    assert q.get(0) is clips[3] and q.get(0) is clips[4] and q.get(0.01) is None
+    q.put(clips[0])
+    q.close()
+    assert list(q) == [clips[0]] and q.get() is None
+    assert q.stats() == {"maxsize": 2, "waiting": 0, "put": 6, "dropped": 3}
+
+
+def test_backoff_schedule():
+    b = Backoff(initial=0.5, factor=2, max_delay=3)
+    assert [b.delay(a) for a in range(1, 7)] == [0, 0.5, 1, 2, 3, 3]
+
+
+def test_resolve_kinds():
+    s = resolve("rtmp://0.0.0.0:1935/live?listen=1")
+    assert s.listen and s.url == "rtmp://0.0.0.0:1935/live" and s.options["listen"] == "1"
+    assert resolve("rtmp://h/live/k").options["rtmp_live"] == "live"
+    assert resolve("rtsp://cam/s", transport="udp").options["rtsp_transport"] == "udp"
+    assert resolve("rtsp://0.0.0.0:8554/x?listen=1").options["rtsp_flags"] == "listen"
+    assert resolve("srt://h:9000?mode=caller").relay
+    assert resolve("https://h/a/b.m3u8?token=x").kind == "hls"
+    assert resolve("udp://127.0.0.1:5000").format == "mpegts"
+    f = resolve("/tmp/x.mp4")
+    assert (f.kind, f.pace, f.live) == ("file", True, False)
+    assert resolve("file:///tmp/x.mp4", pace=False).url == "/tmp/x.mp4"
+    lav = resolve("lavfi:testsrc2=size=1280x720:rate=30")
+    assert (lav.format, lav.url, lav.pace) == ("lavfi", "testsrc2=size=1280x720:rate=30", True)
+    cam = resolve("v4l2:/dev/video0", video_size="1280x720", framerate=30, pixel_format="mjpeg")
+    assert cam.options == {"video_size": "1280x720", "framerate": "30", "input_format": "mjpeg"}
+    assert cam.relay and cam.relay_format == "nut"  # PyAV's wheel has no v4l2
+    mac = resolve("avfoundation:0", pixel_format="nv12")
+    assert mac.format == "avfoundation" and mac.options["pixel_format"] == "nv12"
+    assert resolve("dshow:video=USB Camera").url == "video=USB Camera"
+    low = resolve("rtmp://h/live/k")
+    assert low.options["analyzeduration"] == "500000" and low.options["fflags"] == "nobuffer"
+    assert "analyzeduration" not in resolve("rtmp://h/live/k", low_latency=False).options
+    assert resolve("rtmp://h/live/k", options={"rw_timeout": "1"}).options["rw_timeout"] == "1"
+    assert resolve("https://h/vod.m3u8", live=False).live is False
+    with pytest.raises(Exception, match="transport"):
+        resolve("rtsp://h/x", transport="quic")
+
+
+def test_register_a_source_kind():
+    def factory(spec: str, opts: SourceOptions) -> Source:
+        return Source("demo", "testsrc2=size=64x64:rate=5", format="lavfi", live=False, pace=opts.pace is not False)
+
+    register_source("demo", factory)
+    try:
+        assert "demo" in registered_schemes()
+        assert resolve("demo:anything").format == "lavfi"
+    finally:
+        from pipeline.capture import sources
+        sources._REGISTRY.pop("demo")
