@@ -205,6 +205,7 @@ def main():
     ap.add_argument("--query-change-turn", type=int, default=10, help="1-based turn at which the query changes")
     ap.add_argument("--query", default=QUERY_1)
     ap.add_argument("--query2", default=QUERY_2)
+    ap.add_argument("--repetition-penalty", type=float, default=1.05, help="live_cc's default and cli.py's value: 1.05")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--prompt-text-turns", type=int, default=1000, help="keep prompt_text only for the first N turns")
@@ -329,6 +330,8 @@ def main():
 
     model.generate = generate_wrapper
 
+    eos_ids = model.generation_config.eos_token_id
+    eos_ids = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids or [])
     orig_glp = model._get_logits_processor
 
     def glp_wrapper(*a, **k):
@@ -343,6 +346,14 @@ def main():
                     d[kk] = vv
             desc.append(d)
         cur["logits_processors"] = desc
+
+        def record_scores(input_ids, scores):  # identity; appended last, sees the fully processed scores
+            top2 = torch.topk(scores[0].float(), 2)
+            cur.setdefault("margins", []).append(round(float(top2.values[0] - top2.values[1]), 4))
+            cur.setdefault("eos_gap", []).append(round(float(scores[0, eos_ids[0]] - top2.values[0]), 4))
+            return scores
+
+        lp.append(record_scores)
         gc = a[0] if a else k.get("generation_config")
         if gc is not None:
             cur["effective_generation_config"] = {
@@ -388,15 +399,13 @@ def main():
     model.model.language_model.register_forward_pre_hook(lm_pre_hook, with_kwargs=True)
 
     # ---------------- drive live_cc like demo/cli.py ----------------
-    eos_ids = model.generation_config.eos_token_id
-    eos_ids = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids or [])
     settings = {
         "driver": "demo/cli.py style: for t in 0,1,2,...: state['video_timestamp']=t; "
-                  "for ... in infer.live_cc(message=query, state=state, max_pixels=384*28*28, repetition_penalty=1.05, "
+                  f"for ... in infer.live_cc(message=query, state=state, max_pixels=384*28*28, repetition_penalty={args.repetition_penalty}, "
                   "streaming_eos_base_threshold=0.0, streaming_eos_threshold_step=0, do_sample=False); stop on state['video_end']",
         "do_sample": False,
         "max_new_tokens": 16,
-        "repetition_penalty": 1.05,
+        "repetition_penalty": args.repetition_penalty,
         "streaming_eos_base_threshold": 0.0,
         "streaming_eos_threshold_step": 0,
         "max_pixels": 384 * 28 * 28,
@@ -437,7 +446,7 @@ def main():
         cur.clear()
         for (start_t, stop_t), response, state in infer.live_cc(
             message=query, state=state,
-            max_pixels=384 * 28 * 28, repetition_penalty=1.05,
+            max_pixels=384 * 28 * 28, repetition_penalty=args.repetition_penalty,
             streaming_eos_base_threshold=0.0, streaming_eos_threshold_step=0,
             do_sample=False,
         ):
@@ -487,6 +496,8 @@ def main():
                 "past_len": cur["past_len_before"],
                 "input_len": input_len,
                 "token_ids": token_ids,
+                "top1_margin": cur.get("margins"),
+                "eos_logit_minus_top1": cur.get("eos_gap"),
                 "ended_with": "eos" if last in eos_ids else ("cap" if len(token_ids) >= 16 else "other"),
                 "text": response,
             }
