@@ -148,6 +148,8 @@ class _Worker:
     def _ensure_started(self) -> bool:
         attempt = 0
         while not self.started:
+            if self.stopping and attempt == 0 and self.counters["start_failures"]:
+                return False  # stopping: no more attempts for a sink that never started
             try:
                 self._call("start", self.sink.start)
                 self.started = True

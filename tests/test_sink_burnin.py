@@ -261,3 +261,54 @@ def test_burnin_to_hls_folder(tmp_path):
     with av.open(str(playlist)) as c:
         frames = [f for _, f in zip(range(10), c.decode(video=0))]
     assert len(frames) == 10 and frames[0].width == 256
+
+
+@pytest.mark.skipif(not shutil.which("ffmpeg"), reason="system ffmpeg (with libsrt) not installed")
+def test_burnin_to_srt_through_ffmpeg_relay(tmp_path):
+    port = free_port()
+    out = tmp_path / "srt.ts"
+    rx = subprocess.Popen(
+        ["ffmpeg", "-hide_banner", "-loglevel", "error", "-y", "-analyzeduration", "500000",
+         "-i", f"srt://127.0.0.1:{port}?mode=listener", "-c", "copy", "-f", "mpegts", str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        time.sleep(0.5)
+        sink = make_sink(f"burnin:srt://127.0.0.1:{port}?mode=caller", fps=FPS, bitrate="500k")
+        sink.start()
+        feeder = Feeder(sink, 4.0)
+        feeder.start()
+        feeder.join()
+        sink.stop()
+        assert sink.error is None and sink.stats["frames_out"] >= 4 * FPS - 3
+        rx.wait(10)
+    finally:
+        if rx.poll() is None:
+            rx.kill()
+            rx.wait()
+    info = ffprobe(out)
+    st = info["streams"][0]
+    # the listening ffmpeg misses the first second or so while it probes; the rest arrives
+    assert st["codec_name"] == "h264" and st["r_frame_rate"] == "30/1" and (st["width"], st["height"]) == (W, H)
+    assert float(info["format"]["duration"]) >= 0.5
+
+
+def test_delay_lines_captions_up_with_their_frames(tmp_path):
+    """With delay_s, a caption about stream time T appears with the frame of pts T, not earlier."""
+    path = tmp_path / "delay.mp4"
+    sink = make_sink(f"burnin:{path}", fps=FPS, delay_s=1.0, ttl_s=10)
+    sink.start()
+    feeder = Feeder(sink, 3.5)
+    t_start = time.monotonic()
+    feeder.start()
+    # produced 1.3 s into the input, about the frames of pts 1.2..: shown when those are shown
+    time.sleep(max(0.0, t_start + 1.3 - time.monotonic()))
+    sink.on_caption(Caption(1.2, 1.7, "delayed caption"))
+    feeder.join()
+    time.sleep(1.0)
+    sink.stop()
+    with av.open(str(path)) as c:
+        frames = [(f.time, f.to_ndarray(format="rgb24")) for f in c.decode(video=0)]
+    # output time 0 is input pts 0 (the first frame, shown 1 s after it arrived)
+    first_captioned = min(t for t, img in frames if caption_region_diff(img) > 8)
+    assert 1.1 <= first_captioned <= 1.45, first_captioned  # pts 1.2, not 0.3 (its production)

@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image, ImageColor, ImageDraw, ImageFont
 from pydantic import field_validator
 
-from pipeline.sink import Sink, SinkSettings, redact
+from pipeline.sink import DeliveryError, Sink, SinkSettings, redact
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +246,8 @@ class _Output:
         if target.startswith("srt://"):
             # PyAV's FFmpeg has no libsrt: hand MPEG-TS to the system ffmpeg, which has it
             self.relay = subprocess.Popen(
-                ["ffmpeg", "-hide_banner", "-loglevel", "error", "-f", "mpegts", "-i", "pipe:0",
+                ["ffmpeg", "-hide_banner", "-loglevel", "error", "-fflags", "nobuffer", "-probesize", "65536",
+                 "-analyzeduration", "200000", "-f", "mpegts", "-i", "pipe:0",
                  "-c", "copy", "-f", "mpegts", target],
                 stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
             )
@@ -362,16 +363,16 @@ class BurninSink(Sink):
         self._thread.start()
 
     def _check(self) -> None:
+        """Report a dead encoder on every caption/event (sticky: it does not restart by itself,
+        a file output would be overwritten); frames are not checked, to keep the log quiet."""
         if self.error is not None:
-            err, self.error = self.error, None
-            raise RuntimeError(redact(f"burn-in encoder failed: {err}")) from err
+            raise DeliveryError(redact(f"burn-in encoder failed: {type(self.error).__name__}: {self.error}"))
 
     def on_frame(self, frame) -> None:
         with self._lock:
             self._latest = frame
             if self.settings.delay_s > 0:
                 self._delayed.append(frame)
-        self._check()
 
     def on_caption(self, caption) -> None:
         if caption.is_silence:
@@ -381,6 +382,9 @@ class BurninSink(Sink):
             text = self.settings.answer_prefix + text
         with self._lock:
             self._pending.append((text, caption.start, time.monotonic()))
+        self._check()
+
+    def on_event(self, event) -> None:
         self._check()
 
     def stop(self) -> None:
