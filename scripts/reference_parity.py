@@ -421,6 +421,8 @@ def main():
         "streaming_eos_token_id": int(infer.streaming_eos_token_id),
         "streaming_eos_token": tok.convert_ids_to_tokens(int(infer.streaming_eos_token_id)),
         "system_prompt_offset": infer.system_prompt_offset,
+        "processor_classes": {"processor": type(processor).__name__, "tokenizer": type(tok).__name__,
+                              "video_processor": type(processor.video_processor).__name__},
         "checkpoint_generation_config": model.generation_config.to_dict(),
     }
     if args.device != "cpu":
