@@ -128,11 +128,25 @@ def ircd(tmp_path):
     srv.stop()
 
 
+_started: list = []
+
+
+@pytest.fixture(autouse=True)
+def _stop_sinks():
+    yield
+    while _started:
+        s = _started.pop()
+        if s._thread is not None and s._thread.is_alive():
+            s.stop()
+
+
 def twitch(port: int, **kw):
     settings = dict(host="127.0.0.1", port=port, tls=False, nick="livecc_bot", token=TOKEN,
                     reconnect_initial_s=0.2, reconnect_max_s=1.0, connect_timeout_s=5)
     settings.update(kw)
-    return make_sink("twitch:#LiveCC", **settings)
+    sink = make_sink("twitch:#LiveCC", **settings)
+    _started.append(sink)
+    return sink
 
 
 def wait_for(pred, timeout=10.0):
@@ -209,7 +223,8 @@ def test_burst_respects_rate_limit_and_merging_keeps_up(ircd):
     for i in range(40):
         sink.on_caption(Caption(i, i + 1, f"m{i}"))
     assert wait_for(lambda: " ".join(reader.texts()).split() == [f"m{i}" for i in range(40)], 10)
-    assert len(reader.messages) <= n
+    # n go out while the burst is still arriving; everything after waits for the window, together
+    assert len(reader.messages) <= n + 1
     sink.stop()
     reader.close()
 

@@ -162,6 +162,8 @@ class TwitchSink(Sink):
         self._wake()
 
     def _wake(self) -> None:
+        if self._wake_w < 0:
+            return
         try:
             os.write(self._wake_w, b"x")
         except (BlockingIOError, OSError):
@@ -175,11 +177,11 @@ class TwitchSink(Sink):
         self._wake()
         if self._thread is not None:
             self._thread.join(self.settings.connect_timeout_s + 2)
-        for fd in (self._wake_r, self._wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        if self._thread is None or not self._thread.is_alive():
+            fds, (self._wake_r, self._wake_w) = (self._wake_r, self._wake_w), (-1, -1)
+            for fd in fds:  # closed once only: a reused descriptor number is not ours
+                if fd >= 0:
+                    os.close(fd)
 
     def describe(self) -> str:
         return f"twitch:{self.settings.channel}"
