@@ -244,3 +244,14 @@ def make_sink(spec: str | dict, **settings: Any):
 
 def report() -> list[dict]:
     return registry.report()
+
+
+def main() -> None:  # python -m pipeline.plugins: what is installed, and does it load
+    registry.load_all()
+    for r in report():
+        state = "ok" if r["loaded"] else f"ERROR {r['error']}"
+        print(f"{r['group']:<15} {r['name']:<10} {r['value']:<45} {r['origin']:<18} {state}")
+
+
+if __name__ == "__main__":
+    main()

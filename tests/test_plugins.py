@@ -95,3 +95,20 @@ def test_make_sink_targets_and_errors(tmp_path):
     with pytest.raises(ValueError) as ei:
         make_sink("burnin:rtmp://h/live/SECRETKEY", fps="fast")
     assert "SECRETKEY" not in str(ei.value)
+
+
+def test_fallback_list_matches_pyproject_entry_points():
+    import tomllib
+    from pathlib import Path
+
+    data = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
+    eps = data["project"]["entry-points"]["livecc.sinks"]
+    assert eps == plugins.BUILTIN[SINKS]
+
+
+def test_every_builtin_sink_documents_its_settings():
+    reg = Registry(use_entry_points=False)
+    for name in BUILTINS:
+        cls = reg.get(SINKS, name)
+        assert cls.__module__.startswith("plugins.sinks.") and (cls.__doc__ or __import__(cls.__module__).__doc__)
+        assert cls.Settings.model_config.get("extra") == "forbid", name
