@@ -136,3 +136,44 @@ def test_context_full_is_a_clear_error(model):
     with pytest.raises(ContextFullError, match="does not fit"):
         for clip in clips:
             session.step(clip)
+
+
+@pytest.mark.parametrize("positions", ["seed", "exact"])
+def test_fixed_shape_decode_step_equals_plain_step(model, positions):
+    """The step CUDA graphs capture (full-window masked attention, tensor-indexed cache writes), run eagerly."""
+    def tokens(fast):
+        session = StreamingSession(model, EngineConfig(greedy=True, positions=positions, max_context=2048,
+                                                       fast=fast))
+        assert (session.static is not None) == fast
+        return [session.step(clip).token_ids for clip in synthetic_clips(12)]
+
+    assert tokens(True) == tokens(False)
+
+
+def test_streaming_eos_threshold_forces_speech(model):
+    """With base 1.0 the ' ...' token can never be chosen: the threshold processor of the reference."""
+    chooser = TokenChooser(16, "cpu", repetition_penalty=1.0, greedy=True, temperature=None, top_k=None,
+                           top_p=None, silence_id=3, eos_base=1.0, eos_step=0.0)
+    logits = torch.zeros(16)
+    logits[3] = 10.0
+    assert chooser.choose(logits, 0) != 3
+    off = TokenChooser(16, "cpu", repetition_penalty=1.0, greedy=True, temperature=None, top_k=None,
+                       top_p=None, silence_id=3, eos_base=0.0, eos_step=0.0)
+    assert off.choose(logits, 0) == 3
+    # base + step * k: at step 0 p=0.9 is above 0.5, at step 5 it is below 0.5 + 0.1 * 5
+    ramp = TokenChooser(16, "cpu", repetition_penalty=1.0, greedy=True, temperature=None, top_k=None,
+                        top_p=None, silence_id=3, eos_base=0.5, eos_step=0.1)
+    assert ramp.choose(logits, 0) == 3 and ramp.choose(logits, 5) != 3
+
+
+def test_repetition_penalty_matches_transformers():
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 50, generator=g) * 3
+    ids = torch.tensor([[1, 5, 5, 7, 49, 0]])
+    want = RepetitionPenaltyLogitsProcessor(1.15)(ids, logits.clone())[0]
+    chooser = TokenChooser(50, "cpu", repetition_penalty=1.15, greedy=True, temperature=None, top_k=None,
+                           top_p=None, silence_id=None, eos_base=None, eos_step=0.0)
+    chooser.add(ids[0])
+    assert torch.equal(chooser.process(logits[0].clone(), 0), want)

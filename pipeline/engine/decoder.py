@@ -117,5 +117,30 @@ class TextDecoder(nn.Module):
         x = x + attn.o_proj(o.transpose(1, 2).reshape(1, T, -1))
         return x + layer.mlp(layer.post_attention_layernorm(x))
 
+    def decode_static(self, tok: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor, window: int) -> torch.Tensor:
+        """One token with every shape fixed, for CUDA-graph capture: logits (V,) float32.
+
+        ``tok`` (1,), ``pos`` (3, 1) and ``slot`` (1,) are device tensors (the graph's inputs); attention
+        reads the first ``window`` cache slots and masks those after ``slot``.
+        """
+        x = self.embed(tok)[None]  # 1, 1, H
+        cos, sin = self.rotary(pos)
+        mask = (torch.arange(window, device=x.device) <= slot)[None, None, None, :]
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = attn.q_proj(h).view(1, 1, self.n_heads, self.head_dim).transpose(1, 2)
+            k = attn.k_proj(h).view(1, 1, self.n_kv, self.head_dim).transpose(1, 2)
+            v = attn.v_proj(h).view(1, 1, self.n_kv, self.head_dim).transpose(1, 2)
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
+            self.cache.k[i].index_copy_(2, slot, k)
+            self.cache.v[i].index_copy_(2, slot, v)
+            keys, values = self.cache.k[i, :, :, :window], self.cache.v[i, :, :, :window]
+            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+            x = x + attn.o_proj(o.transpose(1, 2).reshape(1, 1, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.lm_head(self.norm(x))[0, 0].float()
+
     def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
         return self.embed(ids.to(self.device))

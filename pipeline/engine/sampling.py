@@ -45,12 +45,12 @@ class TokenChooser:
             seen = self.counts > 0
             penalised = torch.where(logits < 0, logits * self.penalty, logits / self.penalty)
             logits = torch.where(seen, penalised, logits)
-        if self.eos_base is not None and self.silence_id is not None:
+        if self.silence_id is not None and self.eos_base is not None and (self.eos_base or self.eos_step):
+            # (base 0 and step 0, the reference's default, forbid nothing that could be chosen: skipped)
             threshold = self.eos_base + self.eos_step * step
             p = torch.softmax(logits, dim=-1)[self.silence_id]
-            if p <= threshold:
-                logits = logits.clone()
-                logits[self.silence_id] = -float("inf")
+            logits = logits.clone()
+            logits[self.silence_id] = torch.where(p <= threshold, -float("inf"), logits[self.silence_id])
         return logits
 
     def choose(self, logits: torch.Tensor, step: int) -> int:

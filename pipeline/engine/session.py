@@ -14,6 +14,7 @@ import torch
 from ..types import Caption, Clip
 from .config import EngineConfig
 from .decoder import TextDecoder
+from .graph import StaticDecode
 from .loading import LoadedModel
 from .positions import linear_positions, segment_positions
 from .prompt import PromptBuilder
@@ -41,6 +42,8 @@ class StreamingSession:
         self.cfg = config or EngineConfig()
         self.decoder = TextDecoder(model.hf, capacity=self.cfg.max_context)
         self.prompt = PromptBuilder(model.tokenizer)
+        fast = self.cfg.fast if self.cfg.fast is not None else model.device.type == "cuda"
+        self.static = StaticDecode(self.decoder) if fast else None  # captures CUDA graphs on CUDA
         s = model.sampling
         self.chooser = TokenChooser(
             self.decoder.lm_head.weight.shape[0], model.device,
@@ -139,8 +142,13 @@ class StreamingSession:
                 break
             tok_t = torch.tensor([tok], device=dec.device)
             self.chooser.add(tok_t)
-            pos, self.next_pos = linear_positions(1, self.next_pos)
-            logits = dec(dec.embed_ids(tok_t)[None], pos.to(dec.device), dec.cache.length)[0, -1]
+            pos, self.next_pos = self.next_pos, self.next_pos + 1
+            if self.static is not None:
+                logits = self.static(tok, pos, dec.cache.length)
+                dec.cache.length += 1
+            else:
+                logits = dec(dec.embed_ids(tok_t)[None], torch.full((3, 1), pos, device=dec.device),
+                             dec.cache.length)[0, -1]
         return out
 
     def _caption(self, start, stop, out, kind, question, ready_at, stats, t0=None) -> Caption:

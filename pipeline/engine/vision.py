@@ -40,12 +40,10 @@ def patchify(frames: np.ndarray, spec: PatchSpec, device=None, dtype=torch.float
     if t % tp or h % (p * m) or w % (p * m):
         raise ValueError(f"frames {frames.shape} do not fit patches of {tp}x{p * m}x{p * m}")
     x = torch.from_numpy(np.ascontiguousarray(frames)).to(device)
-    mean = torch.tensor(spec.mean, dtype=torch.float64, device=x.device)
-    std = torch.tensor(spec.std, dtype=torch.float64, device=x.device)
-    if x.device.type == "cpu":  # float64 like the processor's numpy path
-        x = ((x.double() * (1 / 255) - mean) / std).float()
-    else:  # the GPU path: float32 is close enough (differences of one ulp)
-        x = (x.float() * (1 / 255) - mean.float()) / std.float()
+    # the processor's fused form: (x - mean*255) / (std*255) in float32 (bit-identical to it)
+    mean = torch.tensor(spec.mean, dtype=torch.float32, device=x.device) * 255.0
+    std = torch.tensor(spec.std, dtype=torch.float32, device=x.device) * 255.0
+    x = (x.float() - mean) / std
     x = x.permute(0, 3, 1, 2)  # T C H W
     gt, gh, gw = t // tp, h // p, w // p
     x = x.reshape(gt, tp, c, gh // m, m, p, gw // m, m, p)
