@@ -107,8 +107,14 @@ def test_fallback_list_matches_pyproject_entry_points():
 
 
 def test_every_builtin_sink_documents_its_settings():
+    import sys
+    from pathlib import Path
+
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "sinks.md").read_text()
     reg = Registry(use_entry_points=False)
     for name in BUILTINS:
         cls = reg.get(SINKS, name)
-        assert cls.__module__.startswith("plugins.sinks.") and (cls.__doc__ or __import__(cls.__module__).__doc__)
+        assert cls.__module__.startswith("plugins.sinks.") and sys.modules[cls.__module__].__doc__
         assert cls.Settings.model_config.get("extra") == "forbid", name
+        for option in cls.Settings.model_fields:
+            assert f"`{option}`" in docs, f"{name}.{option} missing from docs/sinks.md"
