@@ -212,6 +212,10 @@ class _Worker:
             log.error("sink %s hung in %s for %.1f s; moving on without it", self.name, self.call_what, now - started)
         with self.cond:
             queued = len(self.items)
+        try:
+            detail = self.sink.stats()
+        except Exception as e:  # a reporting bug must not break the status display
+            detail = {"error": redact(f"{type(e).__name__}: {e}")}
         return {
             "state": self.state,
             "sink": redact(self.sink.describe()),
@@ -227,6 +231,7 @@ class _Worker:
             "hangs": self.counters["hangs"],
             "last_error": self.last_error,
             "busy_s": round(now - started, 3) if started is not None else 0.0,
+            "detail": detail,
         }
 
 
@@ -254,6 +259,13 @@ class Dispatcher:
         self._watchdog: threading.Thread | None = None
         for s in sinks:
             self.add(s)
+
+    @classmethod
+    def from_specs(cls, specs: Iterable[str | dict], **kw: Any) -> "Dispatcher":
+        """Sinks built from ``--sink`` strings or config blocks (see ``plugins.make_sink``)."""
+        from .plugins import make_sink
+
+        return cls([make_sink(s) for s in specs], **kw)
 
     def add(self, sink: Sink, name: str | None = None) -> str:
         base = name or getattr(sink, "name", type(sink).__name__)

@@ -101,6 +101,11 @@ class Sink:
         """Flush and close everything. Called once, after the last delivery."""
 
     # --- reporting -------------------------------------------------------------------
+    def stats(self) -> dict:
+        """Sink-specific figures for the status display (counters, connection state). Cheap,
+        read from another thread: return plain values, no locks held for long."""
+        return {}
+
     def describe(self) -> str:
         """A one-line, secret-free description for logs and the status display."""
         tf = self.target_field

@@ -176,7 +176,7 @@ def test_burnin_to_rtmp_plays_with_caption_then_expiry(nginx):
     feeder.join()
     time.sleep(max(0.0, t0 + 4.5 - time.monotonic()))
     sink.stop()
-    assert sink.error is None and sink.stats["reconnects"] == 0
+    assert sink.error is None and sink.counters["reconnects"] == 0
     time.sleep(0.3)  # nginx closes the recording when the publisher leaves
     rec = nginx.recordings()
     assert len(rec) == 1
@@ -200,7 +200,7 @@ def test_burnin_to_rtmp_plays_with_caption_then_expiry(nginx):
     # after the input stopped, the last frame repeats: the top (moving square) is frozen
     tail = [img for t, img in frames if t - t_first >= 3.0]
     assert len(tail) > 30 and all(np.abs(tail[0][:60].astype(int) - x[:60]).mean() < 2 for x in tail)
-    assert sink.stats["repeated"] > 30
+    assert sink.counters["repeated"] > 30
 
 
 @needs_nginx
@@ -215,14 +215,14 @@ def test_burnin_rtmp_reconnects_after_server_restart(nginx):
     time.sleep(1.0)
     nginx.start()
     deadline = time.monotonic() + 8
-    while sink.stats["reconnects"] < 1 and time.monotonic() < deadline:
+    while sink.counters["reconnects"] < 1 and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert sink.stats["reconnects"] >= 1
-    out_before = sink.stats["frames_out"]
+    assert sink.counters["reconnects"] >= 1
+    out_before = sink.counters["frames_out"]
     time.sleep(1.5)
     feeder.join()
     sink.stop()
-    assert sink.stats["frames_out"] - out_before > 30  # frames flow again after the restart
+    assert sink.counters["frames_out"] - out_before > 30  # frames flow again after the restart
     time.sleep(0.3)
     rec = nginx.recordings()
     info = ffprobe(rec[-1])
@@ -280,7 +280,7 @@ def test_burnin_to_srt_through_ffmpeg_relay(tmp_path):
         feeder.start()
         feeder.join()
         sink.stop()
-        assert sink.error is None and sink.stats["frames_out"] >= 4 * FPS - 3
+        assert sink.error is None and sink.counters["frames_out"] >= 4 * FPS - 3
         rx.wait(10)
     finally:
         if rx.poll() is None:

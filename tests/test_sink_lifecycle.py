@@ -40,6 +40,10 @@ def test_start_stop_cycles_leak_nothing(tmp_path):
             d.caption(Caption(i, i + 1, f"caption {i}"))
             d.event(StreamEvent("tick", i))
             time.sleep(0.05)
+        live = d.status()
+        assert live["burnin"]["detail"]["codec"] == "libx264" or live["burnin"]["detail"]["codec"] == "h264_nvenc"
+        assert live["twitch"]["detail"]["connected"] is False
+        assert live["overlay"]["detail"]["url"].startswith("http://127.0.0.1:")
         st = d.stop(timeout=10)
         assert all(s["state"] in ("stopped", "failed") for s in st.values()), st
         assert st["webhook"]["failed"] == 5 and st["srt"]["state"] == "stopped"

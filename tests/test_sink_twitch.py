@@ -193,7 +193,7 @@ def test_joins_posts_and_filters(ircd):
     assert "".join(texts[3:]) == "x" * 700 and "[CUT]" not in texts[3]
     assert len(texts[3]) == 512 - len(":livecc_bot!~livecc_bot@ ") - 63 - len("PRIVMSG #livecc :\r\n")
     assert all(sender == "livecc_bot" for _, sender, _ in reader.messages)
-    assert sink.stats["skipped_repeats"] == 1
+    assert sink.counters["skipped_repeats"] == 1
     reader.close()
 
 
@@ -244,7 +244,7 @@ def test_reconnects_after_server_restart(ircd):
     assert wait_for(lambda: "after the restart" in reader.texts(), 10)
     # the caption queued while disconnected is delivered after reconnecting (if the reader was
     # already in the channel); at least it must not block what follows
-    assert sink.stats["reconnects"] >= 1
+    assert sink.counters["reconnects"] >= 1
     sink.stop()
     reader.close()
 
@@ -252,7 +252,7 @@ def test_reconnects_after_server_restart(ircd):
 def test_wrong_token_is_reported_not_raised(ircd):
     sink = twitch(ircd.port, token="oauth:wrong")
     sink.start()
-    assert wait_for(lambda: sink.stats["errors"] >= 1, 10)
+    assert wait_for(lambda: sink.counters["errors"] >= 1, 10)
     assert not sink.connected.is_set()
     assert "wrong" not in sink.last_error
     sink.stop()

@@ -349,7 +349,7 @@ class BurninSink(Sink):
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
-        self.stats = collections.Counter()
+        self.counters = collections.Counter()
         self.codec: str | None = None
         self.size: tuple[int, int] | None = None
         self.t0: float | None = None  # monotonic time of output pts 0
@@ -398,6 +398,10 @@ class BurninSink(Sink):
 
     def describe(self) -> str:
         return f"burnin:{redact(self.settings.output)}"
+
+    def stats(self) -> dict:
+        return {**self.counters, "codec": self.codec, "size": self.size,
+                "encoder_alive": bool(self._thread and self._thread.is_alive())}
 
     # --- encoder thread ----------------------------------------------------------------
     def _pick_frame(self, now: float):
@@ -476,21 +480,21 @@ class BurninSink(Sink):
                     continue
                 behind = int((now - due) / period)
                 if behind > s.fps:  # more than a second behind: skip ahead, stay real-time
-                    self.stats["ticks_skipped"] += behind
+                    self.counters["ticks_skipped"] += behind
                     n += behind
                 if out is None:
                     if now < next_open:
                         n += 1
-                        self.stats["ticks_offline"] += 1
+                        self.counters["ticks_offline"] += 1
                         continue
                     try:
                         out = _Output(s, *self.size, self.codec)
                         pts_base = n
                         backoff = s.reconnect_initial_s
-                        if self.stats["opens"]:
-                            self.stats["reconnects"] += 1
+                        if self.counters["opens"]:
+                            self.counters["reconnects"] += 1
                             log.info("burn-in output %s reconnected", redact(s.output))
-                        self.stats["opens"] += 1
+                        self.counters["opens"] += 1
                         cache_key = None
                     except Exception as e:
                         if not _Output.resolve(s)[0].lower().startswith(("rtmp", "srt", "udp", "tcp")):
@@ -507,12 +511,12 @@ class BurninSink(Sink):
                     vframe = self._compose(frame, text)
                     cache_key = key
                 else:
-                    self.stats["repeated"] += 1
+                    self.counters["repeated"] += 1
                 try:
                     out.write(vframe, n - pts_base)
-                    self.stats["frames_out"] += 1
+                    self.counters["frames_out"] += 1
                     if text:
-                        self.stats["frames_captioned"] += 1
+                        self.counters["frames_captioned"] += 1
                 except Exception as e:
                     if not out.is_network:
                         raise

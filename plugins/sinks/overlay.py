@@ -440,3 +440,7 @@ class OverlaySink(Sink):
 
     def describe(self) -> str:
         return f"overlay:{self.host}:{self.port}"
+
+    def stats(self) -> dict:
+        srv = self.server
+        return {"url": self.url, "clients": srv.client_count if srv else 0, "running": bool(srv and srv.running)}

@@ -130,7 +130,7 @@ class TwitchSink(Sink):
         self._buf = b""
         self._last_text: str | None = None
         self.connected = threading.Event()
-        self.stats = collections.Counter()
+        self.counters = collections.Counter()
         self.sent_messages: collections.deque[str] = collections.deque(maxlen=100)
 
     # --- sink API ----------------------------------------------------------------------
@@ -148,7 +148,7 @@ class TwitchSink(Sink):
         if not text:
             return
         if self.settings.skip_repeats and text == self._last_text:
-            self.stats["skipped_repeats"] += 1
+            self.counters["skipped_repeats"] += 1
             return
         self._last_text = text
         if caption.kind == "answer":
@@ -156,7 +156,7 @@ class TwitchSink(Sink):
         with self._cond:
             if len(self._pending) >= self.settings.max_pending:
                 self._pending.popleft()
-                self.stats["dropped"] += 1
+                self.counters["dropped"] += 1
             self._pending.append(text)
             self._cond.notify()
         self._wake()
@@ -185,6 +185,9 @@ class TwitchSink(Sink):
 
     def describe(self) -> str:
         return f"twitch:{self.settings.channel}"
+
+    def stats(self) -> dict:
+        return {**self.counters, "connected": self.connected.is_set(), "pending": len(self._pending)}
 
     # --- IRC -----------------------------------------------------------------------------
     def _token(self) -> str | None:
@@ -288,7 +291,7 @@ class TwitchSink(Sink):
                 if len(msg) + 1 + len(nxt) > limit or len(f"{msg} {nxt}".encode()) > limit_bytes:
                     break
                 msg += " " + self._pending.popleft()
-                self.stats["merged"] += 1
+                self.counters["merged"] += 1
         return s.prefix + msg
 
     def _run(self) -> None:
@@ -298,14 +301,14 @@ class TwitchSink(Sink):
             try:
                 self._connect()
                 self.connected.set()
-                if self.stats["connects"]:
-                    self.stats["reconnects"] += 1
-                self.stats["connects"] += 1
+                if self.counters["connects"]:
+                    self.counters["reconnects"] += 1
+                self.counters["connects"] += 1
                 log.info("twitch: joined %s on %s:%d", s.channel, s.host, s.port)
                 backoff = s.reconnect_initial_s
                 self._serve()
             except Exception as e:
-                self.stats["errors"] += 1
+                self.counters["errors"] += 1
                 self.last_error = redact(f"{type(e).__name__}: {e}")
                 if not self._stop.is_set():
                     log.warning("twitch: %s; reconnecting in %.1f s", self.last_error, backoff)
@@ -331,7 +334,7 @@ class TwitchSink(Sink):
                     if msg:
                         self._send_line(f"PRIVMSG {self.settings.channel} :{msg}")
                         self.limiter.record(time.monotonic())
-                        self.stats["sent"] += 1
+                        self.counters["sent"] += 1
                         self.sent_messages.append(msg)
                     continue
             for line in self._read_lines(wait):

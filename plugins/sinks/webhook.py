@@ -115,3 +115,6 @@ class WebhookSink(Sink):
 
     def describe(self) -> str:
         return f"webhook:{redact(self.settings.url)}"
+
+    def stats(self) -> dict:
+        return {"sent": self.sent, "attempts": self.attempts}
