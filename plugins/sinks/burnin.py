@@ -450,8 +450,6 @@ class BurninSink(Sink):
         return w - w % 2, h - h % 2
 
     def _run(self) -> None:
-        import av
-
         s = self.settings
         out: _Output | None = None
         period = 1.0 / s.fps

@@ -1,7 +1,8 @@
 """Webhook sink: each caption POSTed as JSON, with retries and backoff.
 
 ``format``:
-  ``generic``  ``{"type": "caption", "start", "stop", "text", "kind", "query", "turn", ...}``
+  ``generic``  ``{"type": "caption", "start", "stop", "text", "kind", "query", "turn", "latency_s",
+               "created_at"}``
                (and ``{"type": "event", ...}`` with ``include_events``)
   ``discord``  ``{"content": text}`` (2000 chars at most; mentions disabled, so a caption
                containing ``@everyone`` pings no one)
@@ -70,7 +71,9 @@ class WebhookSink(Sink):
             return body
         if s.format == "slack":
             return {"text": text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")}
-        return {"type": "caption", **caption.to_json()}
+        body = {"type": "caption", **caption.to_json()}
+        body.pop("token_ids", None)  # model internals: of no use to a chat or automation hook
+        return body
 
     def on_caption(self, caption) -> None:
         body = self.payload(caption)
