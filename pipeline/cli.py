@@ -122,6 +122,16 @@ def build_parser() -> argparse.ArgumentParser:
 _extra_commands: list = []  # subcommands added by other modules (run, demo)
 
 
+def _live_commands(sub) -> None:
+    from . import demo, run
+
+    run.add_parser(sub)
+    demo.add_parser(sub)
+
+
+_extra_commands.append(_live_commands)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
