@@ -177,3 +177,19 @@ def test_repetition_penalty_matches_transformers():
                            top_p=None, silence_id=None, eos_base=None, eos_step=0.0)
     chooser.add(ids[0])
     assert torch.equal(chooser.process(logits[0].clone(), 0), want)
+
+
+@pytest.mark.parametrize("grid_t", [1, 3])
+def test_vision_tower_equals_transformers(model, grid_t):
+    from pipeline.engine.vision import patchify
+    from pipeline.engine.vision_tower import VisionTower
+
+    rng = np.random.default_rng(1)
+    frames = rng.integers(0, 256, (2 * grid_t, 112, 168, 3), dtype=np.uint8)
+    pv, grid = patchify(frames, model.patches)
+    with torch.no_grad():
+        out = model.visual(pv, grid_thw=torch.tensor([grid]))
+    want = out.pooler_output if hasattr(out, "pooler_output") else out
+    got = VisionTower(model.visual)(pv, grid)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

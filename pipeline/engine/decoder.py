@@ -92,9 +92,9 @@ class TextDecoder(nn.Module):
             raise RuntimeError(f"context full: {end} tokens > capacity {self.cache.capacity}")
         cos, sin = self.rotary(pos)
         mask = None
-        if T > 1:
+        if T > 1:  # causal, offset by the cached tokens; one row per (query head in a group, token)
             q_idx = torch.arange(start, end, device=x.device)[:, None]
-            mask = torch.arange(end, device=x.device)[None, :] <= q_idx
+            mask = (torch.arange(end, device=x.device)[None, :] <= q_idx).repeat(self.n_heads // self.n_kv, 1)
         for i, layer in enumerate(self.layers):
             x = self._layer(layer, i, x, cos, sin, start, end, mask)
         self.cache.length = end
@@ -112,8 +112,7 @@ class TextDecoder(nn.Module):
         k = k * cos + rotate_half(k) * sin
         self.cache.k[i, :, :, start:end] = k
         self.cache.v[i, :, :, start:end] = v
-        keys, values = self.cache.k[i, :, :, :end], self.cache.v[i, :, :, :end]
-        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+        o = self.attend(q, self.cache.k[i, :, :, :end], self.cache.v[i, :, :, :end], mask)
         x = x + attn.o_proj(o.transpose(1, 2).reshape(1, T, -1))
         return x + layer.mlp(layer.post_attention_layernorm(x))
 
@@ -136,11 +135,18 @@ class TextDecoder(nn.Module):
             k = k * cos + rotate_half(k) * sin
             self.cache.k[i].index_copy_(2, slot, k)
             self.cache.v[i].index_copy_(2, slot, v)
-            keys, values = self.cache.k[i, :, :, :window], self.cache.v[i, :, :, :window]
-            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+            o = self.attend(q, self.cache.k[i, :, :, :window], self.cache.v[i, :, :, :window], mask)
             x = x + attn.o_proj(o.transpose(1, 2).reshape(1, 1, -1))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.lm_head(self.norm(x))[0, 0].float()
+
+    def attend(self, q, keys, values, mask):
+        """Grouped-query attention without copying K/V per query head: the query heads sharing a
+        KV head are laid out as extra query rows of that head (mask rows repeat accordingly)."""
+        _, H, T, D = q.shape
+        qg = q.reshape(1, self.n_kv, (H // self.n_kv) * T, D)
+        o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask)
+        return o.view(1, H, T, D)
 
     def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
         return self.embed(ids.to(self.device))

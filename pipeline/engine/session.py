@@ -19,7 +19,8 @@ from .loading import LoadedModel
 from .positions import linear_positions, segment_positions
 from .prompt import PromptBuilder
 from .sampling import TokenChooser
-from .vision import encode_video, patchify
+from .vision import patchify
+from .vision_tower import VisionTower
 
 
 class ContextFullError(RuntimeError):
@@ -44,6 +45,7 @@ class StreamingSession:
         self.prompt = PromptBuilder(model.tokenizer)
         fast = self.cfg.fast if self.cfg.fast is not None else model.device.type == "cuda"
         self.static = StaticDecode(self.decoder) if fast else None  # captures CUDA graphs on CUDA
+        self.vision = VisionTower(model.visual, use_graphs=fast and model.device.type == "cuda")
         s = model.sampling
         self.chooser = TokenChooser(
             self.decoder.lm_head.weight.shape[0], model.device,
@@ -80,7 +82,7 @@ class StreamingSession:
         """Append one clip (6 frames for the first turn, 2 after) and decode its caption."""
         t0 = time.perf_counter()
         pixels, (gt, gh, gw) = patchify(clip.frames, self.model.patches, self.model.device)
-        vision = encode_video(self.model.visual, pixels, (gt, gh, gw))
+        vision = self.vision(pixels, (gt, gh, gw))
         m = self.model.patches.merge
         query = self.query if self.query != self.sent_query else None
         text = self.prompt.video_turn(clip.start, clip.stop, query, first=self.turns == 0)

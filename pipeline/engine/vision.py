@@ -55,12 +55,3 @@ def patchify(frames: np.ndarray, spec: PatchSpec, device=None, dtype=torch.float
 def video_token_count(grid: tuple[int, int, int], merge: int = 2) -> int:
     t, h, w = grid
     return t * h * w // (merge * merge)
-
-
-def encode_video(visual, pixel_values: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
-    """Run the vision tower; returns (tokens, hidden) merged embeddings."""
-    grid_thw = torch.tensor([grid], dtype=torch.long, device=pixel_values.device)
-    out = visual(pixel_values.to(visual.dtype if hasattr(visual, "dtype") else pixel_values.dtype),
-                 grid_thw=grid_thw)
-    # transformers 4.x returns the merged tensor; 5.x an output object with it as pooler_output
-    return out.pooler_output if hasattr(out, "pooler_output") else out
