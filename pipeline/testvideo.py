@@ -123,10 +123,12 @@ def _rgb_to_yuv420p(rgb: np.ndarray) -> np.ndarray:
     r2, g2, b2 = avg[..., 0], avg[..., 1], avg[..., 2]
     u = ((-38 * r2 - 74 * g2 + 112 * b2 + 128) >> 8) + 128
     v = ((112 * r2 - 94 * g2 - 18 * b2 + 128) >> 8) + 128
-    out = np.empty((h * 3 // 2, w), np.uint8)
-    out[:h] = y
-    out[h:h + h // 4] = u.reshape(h // 4, w)
-    out[h + h // 4:] = v.reshape(h // 4, w)
+    out = np.empty((h * 3 // 2, w), np.uint8)  # PyAV's layout: Y rows, then U and V planes flat
+    flat = out.reshape(-1)
+    n = h * w
+    flat[:n] = y.reshape(-1)
+    flat[n:n + n // 4] = u.reshape(-1)
+    flat[n + n // 4:] = v.reshape(-1)
     return out
 
 

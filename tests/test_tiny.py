@@ -271,8 +271,9 @@ def test_video_decodes(short_video):
 def test_video_with_audio(tmp_path):
     import av
 
-    p = make_test_video(tmp_path / "a.mp4", seconds=2.0, width=320, height=180, fps=25, audio=True)
+    p = make_test_video(tmp_path / "a.mp4", seconds=2.0, width=322, height=182, fps=25, audio=True)  # h % 4 == 2
     with av.open(str(p)) as c:
+        assert (c.streams.video[0].width, c.streams.video[0].height) == (322, 182)
         assert [s.type for s in c.streams] == ["video", "audio"]
         a = c.streams.audio[0]
         assert (a.codec_context.name, a.sample_rate, a.channels) == ("aac", 48000, 1)
