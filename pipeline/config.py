@@ -285,7 +285,7 @@ def validate(data: dict, where: str = "config", cli_sinks: int = 0) -> RunConfig
     if isinstance(raw_sinks, list):
         first_cli = len(raw_sinks) - cli_sinks
         for i, block in enumerate(raw_sinks):
-            label = f"--sink {redact(str(block))}" if i >= first_cli else f"{where}: sinks[{i}]"
+            label = f"--sink {_spec_text(block)}" if i >= first_cli else f"{where}: sinks[{i}]"
             try:
                 sinks.append(validate_sink(block, label, server))
             except ConfigError as e:
@@ -295,6 +295,13 @@ def validate(data: dict, where: str = "config", cli_sinks: int = 0) -> RunConfig
     cfg.sinks = sinks
     check_security(cfg, where)
     return cfg
+
+
+def _spec_text(block: Any) -> str:
+    if isinstance(block, dict) and "kind" in block:
+        t = block.get("target")
+        return redact(f"{block['kind']}:{t}" if t is not None else str(block["kind"]))
+    return redact(str(block))
 
 
 def validate_sink(block: Any, label: str = "sinks[0]", server: ServerSection | None = None) -> dict:
@@ -382,17 +389,26 @@ def load(path: str | os.PathLike | None = None, *, overrides: list[str] = (), si
     for key, value in (engine or {}).items():
         if value is not None:
             set_path(data, f"engine.{key}", value)
+    if source:
+        set_path(data, "capture.source", source)
+    if sinks:
+        from .plugins import parse_spec
+
+        if data.get("sinks") is not None and not isinstance(data["sinks"], list):
+            raise ConfigError(f"{where}: sinks: must be a list of sink blocks")
+        blocks = []
+        for spec in sinks:  # "kind:target" -> a block, so --set sinks[N].key=... reaches it too
+            try:
+                kind, target, _ = parse_spec(spec)
+            except ValueError as e:
+                raise ConfigError(f"--sink {redact(spec)}: {e}") from None
+            blocks.append({"kind": kind, **({"target": target} if target is not None else {})})
+        data["sinks"] = list(data.get("sinks") or []) + blocks
     for item in overrides:
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
             raise ConfigError(f"--set {item!r}: expected KEY.PATH=VALUE")
         set_path(data, key.strip(), parse_value(value))
-    if source:
-        set_path(data, "capture.source", source)
-    if sinks:
-        if data.get("sinks") is not None and not isinstance(data["sinks"], list):
-            raise ConfigError(f"{where}: sinks: must be a list of sink blocks")
-        data["sinks"] = list(data.get("sinks") or []) + list(sinks)
     return validate(data, where, cli_sinks=len(sinks))
 
 
