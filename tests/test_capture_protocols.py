@@ -76,6 +76,17 @@ def test_srt_through_relay(publisher):
     assert not servers.child_pids() - before - {pub.proc.pid}  # the relay ffmpeg was killed and reaped
 
 
+def test_stop_while_srt_listener_waits():
+    """An SRT listener waits for its caller with no timeout: stop() kills the relay at once."""
+    port = servers.free_port("udp")
+    before = servers.child_pids()
+    cap = CaptureThread(f"srt://127.0.0.1:{port}?mode=listener", RingBuffer(2)).start()
+    servers.wait_until(lambda: servers.is_listening(port, "udp"), 10, "the SRT relay's listener")
+    t = time.monotonic()
+    assert cap.stop(5) and time.monotonic() - t < 2
+    assert cap.error is None and not servers.child_pids() - before
+
+
 def test_hls_over_http():
     with servers.HlsServer(size=f"{W}x{H}") as hls:
         frames, cap, _ = grab(hls.url, n=20)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import logging
 from dataclasses import dataclass
+from typing import Callable
 
 import av
 
@@ -52,10 +53,17 @@ def describe(source: Source, err: BaseException) -> str:
     return redact(f"{source.display}: {msg}")
 
 
-def open_input(source: Source, *, relay: bool | None = None) -> Input:
-    """Open ``source`` and find its video stream; raise :class:`CaptureError` on any failure."""
+def open_input(source: Source, *, relay: bool | None = None,
+               on_relay: Callable[[Relay], None] | None = None) -> Input:
+    """Open ``source`` and find its video stream; raise :class:`CaptureError` on any failure.
+
+    ``on_relay`` gets the relay as soon as it runs, so another thread can kill it to abort an
+    open that waits on it (an SRT listener waits for its caller without any timeout).
+    """
     use_relay = source.relay if relay is None else relay
     rel = Relay(source) if use_relay else None
+    if rel is not None and on_relay is not None:
+        on_relay(rel)
     try:
         if rel is not None:
             opts = {k: v for k, v in LOW_LATENCY_OPTIONS.items() if k != "fflags"}
@@ -67,7 +75,7 @@ def open_input(source: Source, *, relay: bool | None = None) -> Input:
     except av.error.ProtocolNotFoundError as e:
         if rel is None and relay is None:
             log.info("%s: PyAV lacks the protocol, relaying through the system ffmpeg", source.display)
-            return open_input(source, relay=True)
+            return open_input(source, relay=True, on_relay=on_relay)
         raise CaptureError(describe(source, e)) from None
     except _PERMANENT as e:
         if rel is not None:

@@ -73,10 +73,12 @@ class CaptureThread:
         self.done = threading.Event()
         self._stop = threading.Event()
         self._input: Input | None = None
+        self._relay = None  # the running relay, if any: stop() kills it to unblock a read
         self._index = 0
         self._last_pts: float | None = None
         self._last_arrival = 0.0
         self._last_format: tuple | None = None
+        self.first_arrival: float | None = None  # monotonic time of the first frame (stream time 0)
         self.stats = {"frames": 0, "sessions": 0, "attempts": 0, "lost": 0, "decode_errors": 0,
                       "format_changes": 0}
         self._thread = threading.Thread(target=self._run, daemon=True,
@@ -97,9 +99,9 @@ class CaptureThread:
     def stop(self, timeout: float | None = None) -> bool:
         """Stop and join; True if the thread ended within ``timeout`` (default: the bound)."""
         self._stop.set()
-        inp = self._input
-        if inp is not None and inp.relay is not None:
-            inp.relay.proc.kill()  # unblocks a pipe read at once; the thread reaps it
+        relay = self._relay
+        if relay is not None:
+            relay.proc.kill()  # unblocks a pipe read (or an open waiting on it); the thread reaps it
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(self.stop_bound if timeout is None else timeout)
         return not self._thread.is_alive()
@@ -141,8 +143,12 @@ class CaptureThread:
         try:
             while not self._stop.is_set():
                 try:
-                    inp = open_input(src)
+                    inp = open_input(src, on_relay=self._set_relay)
+                    if self._stop.is_set() and inp.relay is not None:
+                        inp.close()
+                        break
                 except CaptureError as e:
+                    self._relay = None
                     if self._stop.is_set():
                         break
                     listen_wait = src.listen and e.transient and "timed out" in str(e)
@@ -175,7 +181,7 @@ class CaptureThread:
                 except _Stopped:
                     break
                 finally:
-                    self._input = None
+                    self._input = self._relay = None
                     inp.close()
                 if self._stop.is_set():
                     break
@@ -191,6 +197,11 @@ class CaptureThread:
             self.ring.close()
             self.ready.set()
             self.done.set()
+
+    def _set_relay(self, relay) -> None:
+        self._relay = relay
+        if self._stop.is_set():  # stop() came before the relay existed
+            relay.proc.kill()
 
     def _fail(self, err: CaptureError) -> None:
         self.error = err
@@ -264,5 +275,6 @@ class CaptureThread:
         self._index += 1
         self._last_pts, self._last_arrival = pts, arrival
         self.stats["frames"] += 1
-        if not self.ready.is_set():
+        if self.first_arrival is None:
+            self.first_arrival = arrival
             self.ready.set()

@@ -205,7 +205,8 @@ def _rtsp(spec: str, opts: SourceOptions) -> Source:
 def _srt(spec: str, opts: SourceOptions) -> Source:
     live = True if opts.live is None else opts.live
     relay = True if opts.relay is None else opts.relay  # PyAV wheels are built without libsrt
-    return Source("srt", spec, options=_net_options(opts), live=live, relay=relay,
+    listen = opts.listen if opts.listen is not None else "mode=listener" in spec
+    return Source("srt", spec, options=_net_options(opts), live=live, relay=relay, listen=listen,
                   **_timeouts(opts, live), **_base(opts))
 
 
