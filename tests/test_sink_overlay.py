@@ -175,7 +175,7 @@ def test_shared_server_is_one_per_address():
     b = OverlayServer.shared("127.0.0.1", 48765)
     assert a is b
     s1 = make_sink("overlay:127.0.0.1:48766")
-    s2 = make_sink({"overlay": {"port": 48766}})
+    s2 = make_sink({"overlay": {"listen": 48766}})
     s1.start(), s2.start()
     assert s1.server is s2.server and s1.server.running
     s1.stop()

@@ -117,7 +117,7 @@ def test_429_retry_after_and_4xx_not_retried(hook):
 
 
 def test_unreachable_gives_up_and_dispatcher_reports(hook):
-    url = hook.url("/x?token=SECRET")
+    url = hook.url("/api/webhooks/123/PATHSECRET?token=SECRET")
     hook.close()  # nothing listens any more
     s = sink(url, retries=2, timeout_s=1)
     d = Dispatcher([s])
@@ -129,6 +129,7 @@ def test_unreachable_gives_up_and_dispatcher_reports(hook):
     st = d.status()["webhook"]
     assert st["failed"] == 1 and st["retries"] == 0 and st["state"] == "failed"
     assert s.attempts == 3 and "SECRET" not in st["last_error"] and "SECRET" not in st["sink"]
+    assert st["sink"] == f"webhook:http://127.0.0.1:{hook.port}/…"
     d.stop(2)
 
 

@@ -367,7 +367,7 @@ class OverlaySink(Sink):
     class Settings(SinkSettings):
         host: str = "127.0.0.1"
         port: int = 8765
-        listen: str | None = None  # "HOST:PORT" or "PORT" shorthand (``--sink overlay:8765``)
+        listen: str | int | None = None  # "HOST:PORT" or PORT shorthand (``--sink overlay:8765``)
         allowed_hosts: list[str] = []  # extra Host header names to accept
         max_request_bytes: int = 64 * 1024
         max_clients: int = 64
@@ -400,8 +400,8 @@ class OverlaySink(Sink):
         super().__init__(*a, **kw)
         s = self.settings
         self.host, self.port = s.host, s.port
-        if s.listen:
-            h, sep, p = s.listen.rpartition(":")
+        if s.listen not in (None, ""):
+            h, sep, p = str(s.listen).rpartition(":")
             if sep:
                 self.host = h.strip("[]") or s.host
             self.port = int(p)

@@ -25,7 +25,7 @@ import ssl
 import threading
 import time
 
-from pydantic import field_validator
+from pydantic import SecretStr, field_validator
 
 from pipeline.sink import Sink, SinkSettings, redact
 
@@ -81,7 +81,7 @@ class TwitchSink(Sink):
         port: int = 6697
         tls: bool = True
         nick: str = "justinfan12345"
-        token: str | None = None  # OAuth token ("oauth:" optional); else from token_env
+        token: SecretStr | None = None  # OAuth token ("oauth:" optional); else from token_env
         token_env: str = "TWITCH_OAUTH_TOKEN"
         moderator: bool = False  # 100 messages per window instead of 20
         rate_messages: int | None = None  # None: 20, or 100 when moderator
@@ -191,7 +191,8 @@ class TwitchSink(Sink):
 
     # --- IRC -----------------------------------------------------------------------------
     def _token(self) -> str | None:
-        tok = self.settings.token or os.environ.get(self.settings.token_env)
+        tok = self.settings.token.get_secret_value() if self.settings.token else None
+        tok = tok or os.environ.get(self.settings.token_env)
         if not tok:
             return None
         return tok if tok.startswith("oauth:") else "oauth:" + tok

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Literal
 
@@ -56,6 +57,9 @@ class WebhookSink(Sink):
         super().__init__(*a, **kw)
         self.sent = 0
         self.attempts = 0
+        # webhook URLs carry their secret in the path (Discord, Slack): show scheme and host only
+        u = urllib.parse.urlsplit(self.settings.url)
+        self.safe_url = f"{u.scheme}://{u.hostname or ''}{':' + str(u.port) if u.port else ''}/…"
 
     def payload(self, caption) -> dict | None:
         s = self.settings
@@ -108,16 +112,16 @@ class WebhookSink(Sink):
                     except ValueError:
                         wait = delay
                 elif e.code < 500:
-                    raise DeliveryError(redact(f"webhook {s.url}: {last} (not retried)")) from None
+                    raise DeliveryError(redact(f"webhook {self.safe_url}: {last} (not retried)")) from None
             except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
                 last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
             if attempt < s.retries:
                 time.sleep(min(s.backoff_max_s, max(0.0, wait)))
                 delay = min(s.backoff_max_s, delay * 2)
-        raise DeliveryError(redact(f"webhook {s.url}: {last} after {s.retries + 1} attempts"))
+        raise DeliveryError(redact(f"webhook {self.safe_url}: {last} after {s.retries + 1} attempts"))
 
     def describe(self) -> str:
-        return f"webhook:{redact(self.settings.url)}"
+        return f"webhook:{self.safe_url}"
 
     def stats(self) -> dict:
         return {"sent": self.sent, "attempts": self.attempts}
