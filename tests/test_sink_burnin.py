@@ -312,3 +312,34 @@ def test_delay_lines_captions_up_with_their_frames(tmp_path):
     # output time 0 is input pts 0 (the first frame, shown 1 s after it arrived)
     first_captioned = min(t for t, img in frames if caption_region_diff(img) > 8)
     assert 1.1 <= first_captioned <= 1.45, first_captioned  # pts 1.2, not 0.3 (its production)
+
+
+KILLED_WRITER = """
+import sys, time, numpy as np
+from pipeline.plugins import make_sink
+from pipeline.types import Frame
+sink = make_sink(sys.argv[1], fps=30, fragmented_mp4=True, gop_s=0.5)
+sink.start()
+img = np.full((96, 160, 3), 100, np.uint8)
+i = 0
+t0 = time.monotonic()
+while True:
+    sink.on_frame(Frame(img, i / 30, index=i))
+    i += 1
+    if i == 60:
+        print("ready", flush=True)
+    time.sleep(max(0.0, t0 + i / 30 - time.monotonic()))
+"""
+
+
+def test_fragmented_mp4_survives_sigkill(tmp_path):
+    path = tmp_path / "killed.mp4"
+    proc = subprocess.Popen([os.sys.executable, "-c", KILLED_WRITER, f"burnin:{path}"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(0.5)
+    finally:
+        proc.kill()
+        proc.wait(10)
+    info = ffprobe(path)
+    assert info["streams"][0]["codec_name"] == "h264" and int(info["streams"][0]["nb_read_frames"]) >= 30

@@ -291,6 +291,7 @@ class _Output:
         opts = {}
         if low.endswith((".mp4", ".mov")) and s.fragmented_mp4:
             opts["movflags"] = "frag_keyframe+empty_moov+default_base_moof"
+            opts["flush_packets"] = "1"  # each fragment reaches the file, not just the IO buffer
         fmt = s.format or {".mkv": "matroska", ".ts": "mpegts", ".flv": "flv"}.get(os.path.splitext(low)[1])
         return out, fmt, opts
 
