@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import os
 import threading
 import time
 from concurrent.futures import Future
@@ -136,6 +137,8 @@ class Pipeline:
             self.source = resolve(self.source_spec, opts)
         except CaptureError as e:
             raise PipelineError(str(e)) from None
+        if self.source.kind == "file" and not os.path.isfile(self.source.url):
+            raise PipelineError(f"{self.source.display}: no such file")  # before a long model load
         if self._sinks is None:
             blocks = cfg.sinks or [{"kind": "console"}]
             try:
@@ -240,7 +243,8 @@ class Pipeline:
             self.server.release()
             self.server = None
         self.state = "stopped"
-        log.info("stopped in %.1f s", time.monotonic() - t0)
+        if self.capture is not None:
+            log.info("stopped in %.1f s", time.monotonic() - t0)
         return status
 
     @property

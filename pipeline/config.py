@@ -122,6 +122,11 @@ class StatusSection(_Block):
     interval_s: float = Field(10.0, gt=0)  # plain mode: one status log line this often
     refresh_hz: float = Field(4.0, gt=0, le=30)
 
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _off(cls, v: Any) -> Any:
+        return "off" if v is False else v  # YAML reads a bare `off` as false
+
 
 class LogSection(_Block):
     format: Literal["text", "json"] = "text"
@@ -350,6 +355,8 @@ def parse_value(text: str) -> Any:
         v = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    if isinstance(v, bool) and text.strip().lower() not in ("true", "false"):
+        return text  # YAML 1.1's on/off/yes/no stay words: --set status.mode=off
     return text if isinstance(v, (dict,)) and not text.strip().startswith("{") else v
 
 

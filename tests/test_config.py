@@ -165,3 +165,13 @@ def test_cli_reports_config_errors_in_one_line_per_problem(tmp_path):
     assert r.returncode == 2
     assert f"livecc: error: {p}: engine.repetiton_penalty: unknown key" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_readme_config_reference_documents_every_key():
+    text = (ROOT / "README.md").read_text()
+    ref = text[text.index("## Config reference"):]
+    missing = [f"{section}.{key}" for section, model in (
+        ("engine", config.EngineSection), ("capture", config.CaptureSection), ("sampler", config.SamplerSection),
+        ("server", config.ServerSection), ("status", config.StatusSection), ("log", config.LogSection),
+        ("shutdown", config.ShutdownSection)) for key in model.model_fields if f"`{key}`" not in ref]
+    assert not missing, f"README config reference lacks {missing}"
