@@ -38,6 +38,30 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+@torch.no_grad()
+def fuse_projections(layer) -> None:
+    """One matrix for q|k|v and one for gate|up, each read in one pass per token.
+
+    The module's own parameters become views into the fused tensors, so nothing is stored twice
+    and transformers' modules (and the Liger kernel's) keep working on the same weights.
+    """
+    attn, mlp = layer.self_attn, layer.mlp
+    if getattr(layer, "_livecc_fused", False):
+        return
+    qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+    bias = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
+    gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+    nq, nk = attn.q_proj.weight.shape[0], attn.k_proj.weight.shape[0]
+    for lin, rows in ((attn.q_proj, slice(0, nq)), (attn.k_proj, slice(nq, nq + nk)), (attn.v_proj, slice(nq + nk, None))):
+        lin.weight = nn.Parameter(qkv[rows], requires_grad=False)
+        lin.bias = nn.Parameter(bias[rows], requires_grad=False)
+    ni = mlp.gate_proj.weight.shape[0]
+    mlp.gate_proj.weight = nn.Parameter(gate_up[:ni], requires_grad=False)
+    mlp.up_proj.weight = nn.Parameter(gate_up[ni:], requires_grad=False)
+    layer.qkv_weight, layer.qkv_bias, layer.gate_up_weight = qkv, bias, gate_up
+    layer._livecc_fused = True
+
+
 class KVCache(nn.Module):
     """Keys (rotated) and values of every layer, preallocated: (layers, kv_heads, capacity, head_dim)."""
 
@@ -70,6 +94,10 @@ class TextDecoder(nn.Module):
         inv = 1.0 / (theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float) / self.head_dim))
         self.register_buffer("inv_freq", inv.to(self.device), persistent=False)
         self.cache = KVCache(len(self.layers), self.n_kv, self.head_dim, capacity, self.dtype, self.device)
+        self.q_size = self.n_heads * self.head_dim
+        self.kv_size = self.n_kv * self.head_dim
+        for layer in self.layers:
+            fuse_projections(layer)
 
     # -- rotary ---------------------------------------------------------------------------------
     def rotary(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,18 +131,27 @@ class TextDecoder(nn.Module):
 
     def _layer(self, layer, i, x, cos, sin, start, end, mask):
         attn = layer.self_attn
-        h = layer.input_layernorm(x)
         T = x.shape[1]
-        q = attn.q_proj(h).view(1, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = attn.k_proj(h).view(1, T, self.n_kv, self.head_dim).transpose(1, 2)
-        v = attn.v_proj(h).view(1, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k, v = self.qkv(layer, layer.input_layernorm(x), T)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         self.cache.k[i, :, :, start:end] = k
         self.cache.v[i, :, :, start:end] = v
         o = self.attend(q, self.cache.k[i, :, :, :end], self.cache.v[i, :, :, :end], mask)
         x = x + attn.o_proj(o.transpose(1, 2).reshape(1, T, -1))
-        return x + layer.mlp(layer.post_attention_layernorm(x))
+        return x + self.mlp(layer, layer.post_attention_layernorm(x))
+
+    def qkv(self, layer, h, T):
+        qkv = F.linear(h, layer.qkv_weight, layer.qkv_bias)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        return (q.view(1, T, self.n_heads, self.head_dim).transpose(1, 2),
+                k.view(1, T, self.n_kv, self.head_dim).transpose(1, 2),
+                v.view(1, T, self.n_kv, self.head_dim).transpose(1, 2))
+
+    @staticmethod
+    def mlp(layer, h):
+        gate, up = F.linear(h, layer.gate_up_weight).chunk(2, dim=-1)
+        return layer.mlp.down_proj(F.silu(gate) * up)
 
     def decode_static(self, tok: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor, window: int) -> torch.Tensor:
         """One token with every shape fixed, for CUDA-graph capture: logits (V,) float32.
@@ -124,21 +161,25 @@ class TextDecoder(nn.Module):
         """
         x = self.embed(tok)[None]  # 1, 1, H
         cos, sin = self.rotary(pos)
-        mask = (torch.arange(window, device=x.device) <= slot)[None, None, None, :]
+        mask = (torch.arange(window, device=x.device) <= slot)[None, None, None, :]  # 1, 1, 1, window
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = attn.q_proj(h).view(1, 1, self.n_heads, self.head_dim).transpose(1, 2)
-            k = attn.k_proj(h).view(1, 1, self.n_kv, self.head_dim).transpose(1, 2)
-            v = attn.v_proj(h).view(1, 1, self.n_kv, self.head_dim).transpose(1, 2)
+            q, k, v = self.qkv(layer, layer.input_layernorm(x), 1)
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
             self.cache.k[i].index_copy_(2, slot, k)
             self.cache.v[i].index_copy_(2, slot, v)
-            o = self.attend(q, self.cache.k[i, :, :, :window], self.cache.v[i, :, :, :window], mask)
-            x = x + attn.o_proj(o.transpose(1, 2).reshape(1, 1, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            o = self.attend_one(q, self.cache.k[i, :, :, :window], self.cache.v[i, :, :, :window], mask)
+            x = x + attn.o_proj(o.reshape(1, 1, -1))
+            x = x + self.mlp(layer, layer.post_attention_layernorm(x))
         return self.lm_head(self.norm(x))[0, 0].float()
+
+    def attend_one(self, q, keys, values, mask):
+        """One query token: two small matmuls per KV head group; K and V are read once."""
+        qg = q.reshape(1, self.n_kv, self.n_heads // self.n_kv, self.head_dim)  # 1, kv, group, d
+        scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * self.head_dim ** -0.5
+        p = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1).to(values.dtype)
+        return torch.matmul(p, values).reshape(1, self.n_heads, self.head_dim)  # 1, H, d
 
     def attend(self, q, keys, values, mask):
         """Grouped-query attention without copying K/V per query head: the query heads sharing a
