@@ -107,7 +107,7 @@ class Pipeline:
         self.server = None
         self.control = None
         self.recent: collections.deque[Caption] = collections.deque(maxlen=RECENT_CAPTIONS)
-        self.query_log: list[tuple[int, str]] = []  # (the caption turn that carried it, query)
+        self.query_log: collections.deque[tuple[int, str]] = collections.deque(maxlen=100)  # (turn, query)
         self._cond = threading.Condition()
         self._commands: collections.deque[Command] = collections.deque()
         self._query_waiters: list[Future] = []
@@ -151,6 +151,9 @@ class Pipeline:
             self.state = "loading"
             log.info("loading %s", self.engine_cfg.model)
             self.model = load_model(self.engine_cfg.model, device=self.engine_cfg.device, dtype=self.engine_cfg.dtype)
+        if self._done.is_set():  # stopped (Ctrl-C) while the model loaded: start nothing more
+            self.state = "stopping"
+            return self
         from .engine import StreamingSession
 
         self.session = StreamingSession(self.model, self.engine_cfg)

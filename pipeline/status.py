@@ -131,8 +131,10 @@ class StatusDisplay:
             from rich.live import Live
 
             console = Console(file=self.stream)
+            # captions printed to the same terminal go above the table; piped stdout is left alone
+            same_tty = sys.stdout.isatty() and self.stream.isatty()
             self._live = Live(get_renderable=self._table, console=console, refresh_per_second=self.refresh_hz,
-                              transient=False, redirect_stdout=True, redirect_stderr=False)
+                              transient=False, redirect_stdout=same_tty, redirect_stderr=False)
             self._live.start()
         elif self.mode == "plain":
             log.setLevel(logging.INFO)  # status lines show whatever the log level (status.mode: off hides them)
