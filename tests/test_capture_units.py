@@ -104,3 +104,23 @@ def test_register_a_source_kind():
     finally:
         from pipeline.capture import sources
         sources._REGISTRY.pop("demo")
+
+
+def test_live_capture_lavfi_end_to_end():
+    """LiveCapture on a paced test pattern: the opener, then 2-frame clips; threads end on stop."""
+    import threading as th
+
+    from pipeline.capture import LiveCapture
+    from pipeline.frames import smart_resize
+
+    before = set(th.enumerate())
+    with LiveCapture("lavfi:testsrc2=size=320x240:rate=30", queue_size=10) as live:
+        assert live.wait_ready(10)
+        opener = live.get(timeout=10)
+        second = live.get(timeout=5)
+    assert opener.timestamps == (0.0, 0.5, 1.0, 1.5, 2.0, 2.5) and opener.stop == 3.0
+    assert second.timestamps == (3.0, 3.5)
+    assert opener.frames.shape == (6, *smart_resize(240, 320), 3)
+    assert second.ready_at - opener.ready_at == pytest.approx(1.0, abs=0.25)
+    assert len(list(live)) <= 10  # stopped: the queue is closed, iteration ends once drained
+    assert not [t for t in set(th.enumerate()) - before if t.is_alive()]
