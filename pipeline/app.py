@@ -85,7 +85,7 @@ class Pipeline:
     """One live stream captioned end to end. ``start()``, then ``wait()``, then ``stop()``."""
 
     def __init__(self, cfg: RunConfig, source: str | None = None, *, model=None, metrics: Metrics | None = None,
-                 sinks: list | None = None):
+                 sinks: list | None = None, session_factory=None):
         self.cfg = cfg
         self.source_spec = source or cfg.capture.source
         if not self.source_spec:
@@ -94,6 +94,7 @@ class Pipeline:
         self.metrics = metrics or Metrics()
         self.model = model
         self._sinks = sinks
+        self._session_factory = session_factory  # (model, EngineConfig) -> session; default StreamingSession
         self.state = "new"
         self.started_at = time.time()
         self._t_start = time.monotonic()
@@ -154,9 +155,11 @@ class Pipeline:
         if self._done.is_set():  # stopped (Ctrl-C) while the model loaded: start nothing more
             self.state = "stopping"
             return self
-        from .engine import StreamingSession
+        if self._session_factory is None:
+            from .engine import StreamingSession
 
-        self.session = StreamingSession(self.model, self.engine_cfg)
+            self._session_factory = StreamingSession
+        self.session = self._session_factory(self.model, self.engine_cfg)
         if cfg.server.enabled:
             self._start_server()
         self.dispatcher = Dispatcher(self._sinks)

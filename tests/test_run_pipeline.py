@@ -1,0 +1,171 @@
+"""The pipeline's engine thread with a scripted engine (no model): ordering of commands and turns,
+shutdown bounds, context-full recovery, an engine that keeps failing. Real capture (lavfi, small)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from pipeline import config
+from pipeline.app import Pipeline
+from pipeline.engine import ContextFullError
+from pipeline.engine.session import TurnStats
+from pipeline.sink import Sink
+from pipeline.types import Caption
+
+pytestmark = pytest.mark.timeout(90)
+
+SOURCE = "lavfi:testsrc2=size=160x120:rate=10"
+
+
+class FakeSession:
+    """The StreamingSession surface the pipeline uses; ``behave(turn)`` scripts each step."""
+
+    def __init__(self, model, cfg, behave=None):
+        self.cfg = cfg
+        self.query = cfg.query
+        self.sent_query = None
+        self.turns = 0
+        self.context_length = 0
+        self.last_stats = TurnStats()
+        self.behave = behave or (lambda turn: None)
+        self.threads = set()
+        self.resets = 0
+        self.prompts: dict[int, str | None] = {}
+
+    def set_query(self, q):
+        self.query = q
+
+    def reset(self):
+        self.resets += 1
+        self.turns = 0
+        self.context_length = 0
+        self.sent_query = None
+
+    def step(self, clip):
+        self.threads.add(threading.current_thread().name)
+        self.behave(self.turns + 1)
+        self.turns += 1
+        self.context_length += 100
+        sent = self.query if self.query != self.sent_query else None
+        self.prompts[self.turns] = sent
+        self.sent_query = self.query
+        return Caption(clip.start, clip.stop, f"turn {self.turns}", turn=self.turns, latency_s=0.01)
+
+    def ask(self, question, at=0.0):
+        self.threads.add(threading.current_thread().name)
+        self.turns += 1
+        self.sent_query = None
+        return Caption(at, at, f"answer to {question}", kind="answer", query=question, turn=self.turns)
+
+
+class Recorder(Sink):
+    name = "recorder"
+
+    def __init__(self):
+        super().__init__()
+        self.captions, self.events, self.stopped = [], [], False
+        self.cond = threading.Condition()
+
+    def on_caption(self, c):
+        with self.cond:
+            self.captions.append(c)
+            self.cond.notify_all()
+
+    def on_event(self, e):
+        with self.cond:
+            self.events.append(e)
+            self.cond.notify_all()
+
+    def stop(self):
+        self.stopped = True
+
+    def wait(self, pred, timeout=30):
+        with self.cond:
+            assert self.cond.wait_for(lambda: pred(self), timeout)
+
+
+def make(behave=None, **shutdown):
+    cfg = config.validate({"capture": {"source": SOURCE}, "server": {"enabled": False},
+                           "shutdown": {"turn_timeout_s": 1.0, "sinks_timeout_s": 5.0, **shutdown}}, "test")
+    rec = Recorder()
+    holder = {}
+
+    def factory(model, ecfg):
+        holder["s"] = FakeSession(model, ecfg, behave)
+        return holder["s"]
+
+    p = Pipeline(cfg, model=object(), sinks=[rec], session_factory=factory)
+    return p, rec, holder
+
+
+def test_one_engine_thread_runs_turns_and_commands_in_order():
+    p, rec, h = make()
+    p.start()
+    try:
+        rec.wait(lambda r: len(r.captions) >= 2)
+        res = p.set_query("new instruction").result(10)
+        ans = p.ask("what now?").result(10)
+        rec.wait(lambda r: any(c.kind == "caption" and c.turn > ans.turn for c in r.captions))
+    finally:
+        p.stop()
+    s = h["s"]
+    assert s.threads == {"livecc-engine"}  # the model is only ever touched by the engine thread
+    assert s.prompts[res["turn"]] == "new instruction"
+    assert all(s.prompts[t] != "new instruction" for t in s.prompts if t < res["turn"])
+    assert ans.kind == "answer" and ans.text == "answer to what now?"
+    assert any(c.kind == "answer" for c in rec.captions) and rec.stopped
+
+
+def test_a_stuck_turn_is_abandoned_within_the_bound_and_sinks_still_close():
+    release, stuck = threading.Event(), threading.Event()
+
+    def behave(turn):
+        if turn == 2:
+            stuck.set()
+            release.wait(60)  # a turn that never ends by itself
+
+    p, rec, _ = make(behave)
+    p.start()
+    try:
+        assert stuck.wait(30)
+        t0 = time.monotonic()
+        p.stop()
+        took = time.monotonic() - t0
+    finally:
+        release.set()
+    assert took < 1.0 + 5.0  # turn bound + capture stop, far below the stuck turn
+    assert rec.stopped and p.state == "stopped"
+
+
+def test_context_full_starts_a_fresh_context():
+    def behave(turn):
+        if turn == 3 and not getattr(behave, "done", False):
+            behave.done = True
+            raise ContextFullError("full")
+
+    p, rec, h = make(behave)
+    p.start()
+    try:
+        rec.wait(lambda r: len(r.captions) >= 4)
+    finally:
+        p.stop()
+    assert h["s"].resets == 1
+    assert any(e.kind == "context_reset" for e in rec.events)
+    assert p.error is None
+
+
+def test_an_engine_that_keeps_failing_ends_the_run_with_an_error():
+    def behave(turn):
+        raise RuntimeError("CUDA error: an illegal memory access")
+
+    p, rec, _ = make(behave)
+    p.start()
+    try:
+        assert p.wait(30)
+    finally:
+        p.stop()
+    assert p.exit_code == 1 and "3 turns in a row" in p.error
+    assert p.metrics.turn_errors._value.get() == 3
