@@ -75,6 +75,8 @@ def execute(cfg, *, verbose: bool = False, model=None, on_started=None) -> int:
     from .status import StatusDisplay, setup_logging
 
     setup_logging(cfg.log.format, "debug" if verbose else cfg.log.level)
+    if cfg.log.format == "json" or not sys.stderr.isatty():
+        _quiet_progress_bars()  # keep stderr one log record per line
     try:
         pipeline = Pipeline(cfg, model=model)
     except PipelineError as e:
@@ -94,6 +96,9 @@ def execute(cfg, *, verbose: bool = False, model=None, on_started=None) -> int:
         if status is not None:
             status.start()
         pipeline.wait()
+        if restore.signal_name:
+            log.warning("%s: stopping (finishing the turn in progress, closing sinks; again to quit at once)",
+                        restore.signal_name)
     finally:
         if status is not None:
             status.stop()
@@ -117,16 +122,34 @@ def _install_signals(pipeline):
         if hits["n"] > 1:
             os.write(2, b"livecc: stopping now\n")
             os._exit(130)
-        os.write(2, f"livecc: {signal.Signals(signum).name}: stopping (finishing the turn, closing sinks; "
-                    f"again to quit at once)\n".encode())
+        hits["name"] = signal.Signals(signum).name  # logged by the main thread once wait() returns
         pipeline.request_stop()
 
     try:
         old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     except ValueError:  # not the main thread (embedded use): the caller handles signals
-        return lambda: None
+        return _Restore(None, hits)
+    return _Restore(old, hits)
 
-    def restore():
-        for s, h in old.items():
+
+class _Restore:
+    def __init__(self, old, hits):
+        self.old, self.hits = old, hits
+
+    @property
+    def signal_name(self) -> str | None:
+        return self.hits.get("name")
+
+    def __call__(self) -> None:
+        for s, h in (self.old or {}).items():
             signal.signal(s, h)
-    return restore
+
+
+def _quiet_progress_bars() -> None:
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except Exception:  # an older or absent transformers: nothing to quiet
+        pass

@@ -133,6 +133,9 @@ def test_livecc_run_rtmp_restream_end_to_end(nginx_rtmp, publisher, stream_key, 
     logs = log_path.read_text()
     assert rc == 0, logs[-3000:]
     assert "Traceback" not in logs
+    records = [json.loads(line) for line in logs.splitlines() if line.strip()]  # --log-format json: every line
+    assert any(r["logger"] == "livecc.status" and r["status"]["turns"] > 0 for r in records)
+    assert any("SIGTERM" in r["msg"] for r in records)
     assert stream_key not in logs  # the RTMP stream keys are redacted in every log line
 
     # captions about once per second of video: one turn per second after the 3 s opener
