@@ -84,7 +84,9 @@ def test_livecc_run_rtmp_restream_end_to_end(nginx_rtmp, publisher, stream_key, 
                     "--sink", f"burnin:{out}", "--sink", f"burnin:{mp4_path}", "--sink", f"srt:{srt_path}",
                     "--sink", "overlay", "--sink", f"jsonl:{jsonl_path}",
                     "--set", "sinks[0].fps=15", "--set", "sinks[1].fps=15",  # two x264 encodes on 2 cores
-                    "--set", "capture.wait_for_source=true", "--set", "status.interval_s=5"]
+                    "--set", "capture.wait_for_source=true", "--set", "status.interval_s=5",
+                    # 120 visual tokens per turn instead of 299: headroom for a busy 2-core CI box
+                    "--set", "engine.max_pixels=100352"]
     t0 = time.monotonic()
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
