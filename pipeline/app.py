@@ -161,7 +161,12 @@ class Pipeline:
             self._session_factory = StreamingSession
         self.session = self._session_factory(self.model, self.engine_cfg)
         if cfg.server.enabled:
-            self._start_server()
+            port = cfg.server.port or _free_port(cfg.server.host)
+            if cfg.server.port == 0:  # port 0: overlay sinks that share the server follow the port picked
+                for sink in self._sinks:
+                    if getattr(sink, "name", "") == "overlay" and (sink.host, sink.port) == (cfg.server.host, 0):
+                        sink.port = port
+            self._start_server(port)
         self.dispatcher = Dispatcher(self._sinks)
         self.dispatcher.start()
         log.info("captions to %s", ", ".join(s.describe() for s in self._sinks))
@@ -184,7 +189,7 @@ class Pipeline:
         log.info("capturing %s", self.source.display)
         return self
 
-    def _start_server(self) -> None:
+    def _start_server(self, port: int) -> None:
         import ipaddress
 
         from plugins.sinks.overlay import OverlayServer
@@ -199,7 +204,7 @@ class Pipeline:
                 allowed.append(srv.host.strip("[]"))
         except ValueError:
             allowed.append(srv.host)  # a host name: it is what clients put in the Host header
-        self.server = OverlayServer.shared(srv.host, srv.port, max_request_bytes=srv.max_request_bytes,
+        self.server = OverlayServer.shared(srv.host, port, max_request_bytes=srv.max_request_bytes,
                                            allowed_hosts=allowed)
         self.control = ControlAPI(self, srv)
         self.control.mount(self.server)
@@ -486,6 +491,16 @@ class Pipeline:
             "recent": [_caption_json(c) for c in list(self.recent)[-5:]],
             "sinks": self.dispatcher.status() if self.dispatcher is not None else {},
         }
+
+
+def _free_port(host: str) -> int:
+    """A port free on ``host`` a moment ago (for ``server.port: 0``: the overlay sinks must know it up front)."""
+    import socket
+
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(fam, socket.SOCK_STREAM) as s:
+        s.bind((host.strip("[]"), 0))
+        return s.getsockname()[1]
 
 
 def _r(v: float | None) -> float | None:
