@@ -117,6 +117,7 @@ class Pipeline:
         self._stopping = False
         self._busy_since: float | None = None
         self._errors_in_row = 0
+        self._rollovers = 0
         self._done = threading.Event()  # the engine loop ended, or a stop was requested
         self._consumer: threading.Thread | None = None
         self.metrics.bind(self.snapshot)
@@ -335,6 +336,10 @@ class Pipeline:
         finally:
             self._busy_since = None
         self._errors_in_row = 0
+        rolls = getattr(self.session, "rollovers", 0)
+        if rolls != self._rollovers:  # the engine's context policy started a fresh context
+            self._rollovers = rolls
+            self._on_event(StreamEvent("context_rollover", clip.start, f"rollover {rolls}"))
         self._publish(cap)
         if self._query_waiters and self.session.sent_query == self.session.query:
             self.query_log.append((cap.turn, self.session.query))

@@ -53,10 +53,8 @@ def _engine_model() -> type[BaseModel]:
     for f in dataclasses.fields(EngineConfig):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         fields[f.name] = (hints[f.name], default)
-    if "context" not in fields:
-        # slot for the engine's context policy (rollover / window / none), passed on once it exists
+    if "context" not in fields:  # an engine without context policies: the key exists, only "none" works
         fields["context"] = (str, "none")
-    fields.setdefault("context_settings", (dict[str, Any], Field(default_factory=dict)))
     return create_model("EngineSection", __base__=_Block, **fields)
 
 
@@ -154,8 +152,6 @@ class RunConfig(_Block):
         data = self.engine.model_dump()
         if data.get("context", "none") != "none" and "context" not in known:
             raise ConfigError(f"engine.context: {data['context']!r} is not supported by this engine yet (use 'none')")
-        if data.get("context_settings") and "context_settings" not in known:
-            raise ConfigError("engine.context_settings: not supported by this engine yet")
         try:
             return EngineConfig(**{k: v for k, v in data.items() if k in known})
         except ValueError as e:
@@ -298,6 +294,10 @@ def validate(data: dict, where: str = "config", cli_sinks: int = 0) -> RunConfig
     if problems:
         raise ConfigError("\n".join(problems))
     cfg.sinks = sinks
+    try:
+        cfg.engine_config()  # the engine's own checks (positions, context policy, ...) with the file's name
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
     check_security(cfg, where)
     return cfg
 

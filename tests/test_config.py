@@ -147,14 +147,16 @@ def test_token_required_off_loopback(monkeypatch):
     assert config.load(None).server.loopback
 
 
-def test_context_slot():
-    cfg = config.validate({"engine": {"context": "none"}})
-    cfg.engine_config()
+def test_context_policy_keys():
     from pipeline.engine import EngineConfig
 
-    if "context" not in EngineConfig.__dataclass_fields__:
+    assert config.validate({"engine": {"context": "none"}}).engine_config().__dict__.get("context", "none") == "none"
+    if "context" not in EngineConfig.__dataclass_fields__:  # an engine without policies: only "none"
         with pytest.raises(ConfigError, match="engine.context"):
             config.validate({"engine": {"context": "rollover"}}).engine_config()
+    else:
+        with pytest.raises(ConfigError, match="engine: context must be"):
+            config.validate({"engine": {"context": "forever"}}).engine_config()
 
 
 def test_cli_reports_config_errors_in_one_line_per_problem(tmp_path):
