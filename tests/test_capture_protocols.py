@@ -87,6 +87,15 @@ def test_stop_while_srt_listener_waits():
     assert cap.error is None and not servers.child_pids() - before
 
 
+def test_stop_while_waiting_for_a_publisher(nginx_rtmp, stream_key):
+    """Pulling a key nobody publishes: FFmpeg blocks in open; stop() still returns within its bound."""
+    cap = CaptureThread(nginx_rtmp.url(stream_key), RingBuffer(2), wait_for_source=True).start()
+    assert not cap.wait_ready(0.5)
+    t = time.monotonic()
+    assert cap.stop() and time.monotonic() - t < cap.stop_bound
+    assert cap.error is None and cap.stats["frames"] == 0
+
+
 def test_hls_over_http():
     with servers.HlsServer(size=f"{W}x{H}") as hls:
         frames, cap, _ = grab(hls.url, n=20)
