@@ -91,8 +91,11 @@ def execute(cfg, *, verbose: bool = False, model=None, on_started=None) -> int:
             raise UserError(str(e)) from None
         if on_started is not None:
             on_started(pipeline)
-        status = StatusDisplay(pipeline.snapshot, cfg.status.mode, cfg.status.interval_s,
-                               cfg.status.refresh_hz) if cfg.status.mode != "off" else None
+        mode = cfg.status.mode
+        if mode == "auto" and cfg.log.format == "json":
+            mode = "plain"  # JSON logs are for machines: status as JSON records, not a table
+        status = StatusDisplay(pipeline.snapshot, mode, cfg.status.interval_s,
+                               cfg.status.refresh_hz) if mode != "off" else None
         if status is not None:
             status.start()
         pipeline.wait()

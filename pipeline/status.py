@@ -134,8 +134,15 @@ class StatusDisplay:
             # captions printed to the same terminal go above the table; piped stdout is left alone
             same_tty = sys.stdout.isatty() and self.stream.isatty()
             self._live = Live(get_renderable=self._table, console=console, refresh_per_second=self.refresh_hz,
-                              transient=False, redirect_stdout=same_tty, redirect_stderr=False)
+                              transient=False, redirect_stdout=same_tty, redirect_stderr=self.stream is sys.stderr)
             self._live.start()
+            # log records go above the table too: point the stderr handlers at rich's proxy meanwhile
+            self._handlers = [h for h in logging.getLogger().handlers
+                              if isinstance(h, logging.StreamHandler) and h.stream is self.stream]
+            if sys.stderr is self.stream:  # rich did not redirect (not a terminal): nothing to re-point
+                self._handlers = []
+            for h in self._handlers:
+                h.setStream(sys.stderr)
         elif self.mode == "plain":
             log.setLevel(logging.INFO)  # status lines show whatever the log level (status.mode: off hides them)
             self._thread = threading.Thread(target=self._plain, name="livecc-status", daemon=True)
@@ -145,6 +152,8 @@ class StatusDisplay:
     def stop(self) -> None:
         self._stop.set()
         if self._live is not None:
+            for h in getattr(self, "_handlers", []):
+                h.setStream(self.stream)
             self._live.stop()
             self._live = None
         if self._thread is not None:
