@@ -28,10 +28,18 @@ class EngineConfig:
     max_context: int = 32768  # KV cache capacity in tokens (LiveCC's trained window)
     fast: bool | None = None  # CUDA-graph decode; None = on when running on CUDA
     seed: int | None = None  # sampling seed
+    # context policy for unbounded streams (see pipeline/engine/context.py)
+    context: str = "rollover"  # rollover | window | none
+    rollover_seconds: float = 120.0  # start a fresh context this often (LiveCC was trained on <= 4 min)
+    window_seconds: float = 32.0  # window: the recent video/text kept besides the first turn
+    context_headroom: int = 1024  # tokens kept free for the next turn; a full context rolls over / evicts
+    history_chars: int = 400  # recent commentary carried into a rolled-over context
 
     def __post_init__(self):
         if self.positions not in ("seed", "exact"):
             raise ValueError(f"positions must be 'seed' or 'exact', not {self.positions!r}")
+        if self.context not in ("rollover", "window", "none"):
+            raise ValueError(f"context must be rollover, window or none, not {self.context!r}")
         if self.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be at least 1")
         if self.repetition_penalty <= 0:

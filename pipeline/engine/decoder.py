@@ -174,6 +174,25 @@ class TextDecoder(nn.Module):
             x = x + self.mlp(layer, layer.post_attention_layernorm(x))
         return self.lm_head(self.norm(x))[0, 0].float()
 
+    @torch.no_grad()
+    def evict(self, start: int, end: int, shift: int) -> None:
+        """Drop cache slots [start, end) and move the later ones down, their keys re-rotated by -shift
+        positions (a RoPE rotation composes: R(p - s) = R(-s) R(p), on every mRoPE section alike).
+        Nothing is recomputed; one layer at a time, so the extra memory is one layer's tail."""
+        length = self.cache.length
+        n = end - start
+        if n <= 0:
+            return
+        f = -shift * self.inv_freq.float()
+        f = torch.cat((f, f))
+        cos, sin = f.cos(), f.sin()
+        for i in range(len(self.layers)):
+            k_tail = self.cache.k[i, :, :, end:length].float()
+            k_tail = k_tail * cos + rotate_half(k_tail) * sin
+            self.cache.k[i, :, :, start:length - n] = k_tail.to(self.dtype)
+            self.cache.v[i, :, :, start:length - n] = self.cache.v[i, :, :, end:length].clone()
+        self.cache.length = length - n
+
     def attend_one(self, q, keys, values, mask):
         """One query token: two small matmuls per KV head group; K and V are read once."""
         qg = q.reshape(1, self.n_kv, self.n_heads // self.n_kv, self.head_dim)  # 1, kv, group, d

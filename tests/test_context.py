@@ -1,0 +1,171 @@
+"""Context policies: bounded sessions on unbounded streams, and eviction that changes nothing it keeps."""
+
+import resource
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.engine import ContextFullError, EngineConfig, StreamingSession, load_model
+from pipeline.engine.sampling import TokenChooser
+from pipeline.engine.vision import patchify
+from pipeline.tiny import tiny_checkpoint
+from pipeline.types import Clip
+
+from test_engine import reference_positions
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model(str(tiny_checkpoint("small")), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def one_layer():
+    """The tiny model cut to one decoder layer. There a token's cached K/V depend only on the token and its
+    position, so evicting and re-indexing must equal recomputing the kept tokens from scratch, exactly."""
+    m = load_model(str(tiny_checkpoint("small")), device="cpu")
+    text = m.hf.model.language_model
+    text.layers = text.layers[:1]
+    for cfg in (m.hf.config, getattr(m.hf.config, "text_config", None)):
+        if cfg is not None and hasattr(cfg, "num_hidden_layers"):
+            cfg.num_hidden_layers = 1
+    return m
+
+
+def stream(n_turns, h=112, w=168, seed=0):
+    """An opener then one 2-frame clip per second, as the sampler produces them."""
+    rng = np.random.default_rng(seed)
+    yield Clip(rng.integers(0, 256, (6, h, w, 3), dtype=np.uint8), tuple(np.arange(6) * 0.5))
+    for k in range(1, n_turns):
+        t = 2.0 + k
+        yield Clip(rng.integers(0, 256, (2, h, w, 3), dtype=np.uint8), (t, t + 0.5))
+
+
+def check_last_turn(model, session, clips_by_turn, out, positions):
+    """The last turn's tokens equal greedy choices of a from-scratch forward over the kept tokens."""
+    ids, pixels, grids = [], [], []
+    for seg in session.segments:
+        ids.extend(seg.ids)
+        pv, g = patchify(clips_by_turn[seg.turn].frames, model.patches)
+        pixels.append(pv)
+        grids.append(list(g))
+    last = session.segments[-1]
+    prompt_end = last.start + len(session.last_prompt_ids)
+    ids.extend(out[-1:])  # not fed; only so indices line up
+    first_len = session.segments[0].end - session.segments[0].start
+    pos = reference_positions(model, ids, grids, positions, first_len)
+    assert int(pos.max()) < session.next_pos + 1  # positions stay contiguous after re-indexing
+    with torch.no_grad():
+        logits = model.hf(input_ids=torch.tensor([ids]), pixel_values_videos=torch.cat(pixels),
+                          video_grid_thw=torch.tensor(grids), position_ids=pos).logits[0].float()
+    chooser = TokenChooser(logits.shape[-1], "cpu", repetition_penalty=1.05, greedy=True, temperature=None,
+                           top_k=None, top_p=None, silence_id=None, eos_base=None, eos_step=0.0)
+    for k, tok in enumerate(out):
+        at = prompt_end - 1 + k
+        chooser.reset()
+        chooser.add(torch.tensor(ids[:at + 1]))
+        assert chooser.choose(logits[at], k) == tok, f"token {k} of the turn differs"
+
+
+@pytest.mark.parametrize("positions", ["seed", "exact"])
+def test_window_eviction_equals_forward_over_kept_tokens(one_layer, positions):
+    model = one_layer
+    session = StreamingSession(model, EngineConfig(greedy=True, positions=positions, context="window",
+                                                   window_seconds=3.0, max_context=4096))
+    clips_by_turn, checked = {}, 0
+    for k, clip in enumerate(stream(14)):
+        clips_by_turn[session.turns] = clip
+        cap = session.step(clip)
+        if session.evicted_turns and k >= 5:
+            check_last_turn(model, session, clips_by_turn, list(cap.token_ids), positions)
+            checked += 1
+        assert len(session.segments) <= 1 + 6  # the first turn + about 3 s of turns (+ slack)
+    assert session.evicted_turns >= 8 and checked >= 4
+
+
+def test_eviction_moves_and_rerotates_the_first_layer_exactly(model):
+    """On the full model, kept tokens keep the context they were computed with (deeper layers saw the evicted
+    turns, as in StreamingVLM); the first layer's K/V are context-free and must equal a recomputation."""
+    session = StreamingSession(model, EngineConfig(greedy=True, context="window", window_seconds=3.0,
+                                                   max_context=4096))
+    clips_by_turn = {}
+    for clip in stream(9):
+        clips_by_turn[session.turns] = clip
+        session.step(clip)
+    assert session.evicted_turns > 0
+    ids, pixels, grids = [], [], []
+    for seg in session.segments:
+        ids.extend(seg.ids)
+        pv, g = patchify(clips_by_turn[seg.turn].frames, model.patches)
+        pixels.append(pv)
+        grids.append(list(g))
+    first_len = session.segments[0].end
+    pos = reference_positions(model, ids, grids, "seed", first_len)
+    with torch.no_grad():
+        out = model.hf(input_ids=torch.tensor([ids]), pixel_values_videos=torch.cat(pixels),
+                       video_grid_thw=torch.tensor(grids), position_ids=pos, use_cache=True)
+    cache = out.past_key_values if getattr(out, "past_key_values", None) is not None else out.cache
+    layer = cache.layers[0] if hasattr(cache, "layers") else None
+    k0 = layer.keys if layer is not None else cache.key_cache[0]
+    v0 = layer.values if layer is not None else cache.value_cache[0]
+    torch.testing.assert_close(session.decoder.cache.k[0, :, :, :len(ids)], k0, rtol=0, atol=1e-4)
+    torch.testing.assert_close(session.decoder.cache.v[0, :, :, :len(ids)], v0, rtol=0, atol=1e-5)
+
+
+def test_window_keeps_the_cache_under_budget(model):
+    session = StreamingSession(model, EngineConfig(greedy=True, context="window", window_seconds=1e9,
+                                                   max_context=600, context_headroom=64))
+    for clip in stream(40):
+        session.step(clip)
+        assert session.context_length <= 600
+    assert session.evicted_turns > 0
+
+
+def test_rollover_starts_a_fresh_context_with_previous_commentary(model):
+    cfg = EngineConfig(greedy=True, context="rollover", rollover_seconds=8.0, max_context=4096)
+    session = StreamingSession(model, cfg)
+    captions = [session.step(clip) for clip in stream(12)]
+    assert session.rollovers == 1
+    roll = next(i for i, c in enumerate(captions) if c.start > 0 and c.stop - c.start == 3.0)
+    # the rollover turn opens on the latest 6 frames, labelled from 0, with the previous commentary
+    assert (captions[roll].start, captions[roll].stop) == (6.0, 9.0)
+    # it is exactly a fresh session's first turn on those frames and that prompt
+    fresh = StreamingSession(model, cfg)
+    clips = list(stream(12))
+    frames = np.concatenate([clips[roll - 2].frames, clips[roll - 1].frames, clips[roll].frames])
+    fresh.query = session.first_prompt_query
+    first = fresh.step(Clip(frames, (0.0, 0.5, 1.0, 1.5, 2.0, 2.5)))
+    assert first.token_ids == captions[roll].token_ids
+    assert "Here is previous commentary of the video:" in session.first_prompt_query
+    assert "Time=0.0-3.0s" in session.first_prompt_text
+
+
+@pytest.mark.parametrize("policy", ["rollover", "window"])
+def test_a_long_stream_stays_bounded(model, policy):
+    """Two hours of stream time (7,200 turns) on 56x56 frames: memory, cache and positions stay bounded."""
+    cfg = EngineConfig(greedy=True, context=policy, max_new_tokens=4, max_context=2048, rollover_seconds=120,
+                       window_seconds=60)
+    session = StreamingSession(model, cfg)
+    rss, max_ctx, max_pos = [], 0, 0
+    for k, clip in enumerate(stream(7200, h=56, w=56)):
+        session.step(clip)
+        max_ctx = max(max_ctx, session.context_length)
+        max_pos = max(max_pos, session.next_pos)
+        if k % 600 == 599:
+            rss.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    assert max_ctx <= 2048
+    assert max_pos < 2048  # positions inside the trained window (and far inside the cache)
+    grew = rss[-1] - rss[1]  # KiB, from minute 20 to minute 120
+    assert grew < 16_384, f"peak RSS grew by {grew} KiB after the first 20 minutes"
+    if policy == "rollover":
+        assert session.rollovers >= 7200 // 120 - 2
+    else:
+        assert session.evicted_turns > 7000
+
+
+def test_none_policy_fills_up(model):
+    session = StreamingSession(model, EngineConfig(greedy=True, context="none", max_context=512))
+    with pytest.raises(ContextFullError):
+        for clip in stream(200):
+            session.step(clip)
