@@ -131,7 +131,7 @@ def test_positions_modes_differ_after_first_turn(model):
 
 
 def test_context_full_is_a_clear_error(model):
-    session = StreamingSession(model, EngineConfig(greedy=True, max_context=200))
+    session = StreamingSession(model, EngineConfig(greedy=True, max_context=200, context="none"))
     clips = synthetic_clips(30)
     with pytest.raises(ContextFullError, match="does not fit"):
         for clip in clips:
