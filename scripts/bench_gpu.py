@@ -88,8 +88,11 @@ def loaded(shape: str, tokenizer_dir: str, device: torch.device, dtype: torch.dt
                        device=device, dtype=dtype, attention="sdpa")
 
 
-def synthetic_clips(seconds: int, height=1080, width=1920):
-    """A moving 1080p test pattern at 2 fps: the opener (6 frames), then 2 frames per second."""
+def synthetic_clips(seconds: int, height=1080, width=1920, pool_s: int = 60):
+    """A moving 1080p test pattern at 2 fps: the opener (6 frames), then 2 frames per second.
+
+    Past ``pool_s`` seconds the frames of earlier seconds are reused (with new timestamps), so long runs
+    cost no extra frame synthesis."""
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
 
     def frame(t):
@@ -100,9 +103,12 @@ def synthetic_clips(seconds: int, height=1080, width=1920):
 
     times = [i * 0.5 for i in range(6)]
     yield Clip(resize_frames(np.stack([frame(t) for t in times])), tuple(times))
+    pool = []
     for s in range(3, seconds):
         times = (float(s), s + 0.5)
-        yield Clip(resize_frames(np.stack([frame(t) for t in times])), times)
+        if len(pool) < pool_s:
+            pool.append(resize_frames(np.stack([frame(t) for t in times])))
+        yield Clip(pool[(s - 3) % len(pool)], times)
 
 
 def pct(xs, q):
@@ -110,8 +116,8 @@ def pct(xs, q):
     return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))] if xs else float("nan")
 
 
-def run_engine(model: LoadedModel, clips, fast: bool, greedy: bool = True) -> dict:
-    session = StreamingSession(model, EngineConfig(greedy=greedy, fast=fast, max_context=32768))
+def run_engine(model: LoadedModel, clips, fast: bool, greedy: bool = True, context: str = "none") -> dict:
+    session = StreamingSession(model, EngineConfig(greedy=greedy, fast=fast, max_context=32768, context=context))
     turns = []
     torch.cuda.reset_peak_memory_stats() if model.device.type == "cuda" else None
     for clip in clips:
@@ -123,9 +129,29 @@ def run_engine(model: LoadedModel, clips, fast: bool, greedy: bool = True) -> di
         dt = time.perf_counter() - t0
         st = session.last_stats
         turns.append(dict(latency=dt, vision=st.vision_s, prefill=st.prefill_s, decode=st.decode_s,
-                          tokens=st.new_tokens, context=st.context, token_ids=list(cap.token_ids)))
+                          tokens=st.new_tokens, context=st.context, token_ids=list(cap.token_ids), at=clip.stop,
+                          mem=torch.cuda.memory_allocated() / 2**30 if model.device.type == "cuda" else 0.0))
     mem = torch.cuda.max_memory_allocated() / 2**30 if model.device.type == "cuda" else 0.0
-    return summarize(turns, mem)
+    out = summarize(turns, mem)
+    out["rollovers"], out["evicted_turns"] = session.rollovers, session.evicted_turns
+    return out
+
+
+def minute_table(r: dict) -> str:
+    """Per-minute latency and memory of a long run: is it flat?"""
+    lines = ["| minute | turns | p50 ms | p99 ms | max ms | GPU GiB (end) | context (max) |", "|---|---|---|---|---|---|---|"]
+    by = {}
+    for t in r["turns"][1:]:
+        by.setdefault(int(t["at"] // 60), []).append(t)
+    for m, ts in sorted(by.items()):
+        lat = [t["latency"] * 1000 for t in ts]
+        lines.append(f"| {m + 1} | {len(ts)} | {pct(lat, 50):.1f} | {pct(lat, 99):.1f} | {max(lat):.1f} | "
+                     f"{ts[-1]['mem']:.2f} | {max(t['context'] for t in ts)} |")
+    first, last = by[min(by)], by[max(by)]
+    ratio = pct([t["latency"] for t in last], 99) / pct([t["latency"] for t in first], 99)
+    lines.append(f"\np99 last minute / first minute: {ratio:.2f}; rollovers {r['rollovers']}, evicted turns "
+                 f"{r['evicted_turns']}")
+    return "\n".join(lines)
 
 
 def summarize(turns, peak_gib) -> dict:
@@ -185,6 +211,7 @@ def main() -> int:
     ap.add_argument("--reference-seconds", type=int)
     ap.add_argument("--reference-liger", choices=["on", "off"], default="off")
     ap.add_argument("--out", default="bench-out")
+    ap.add_argument("--long", choices=["rollover", "window"], help="a long run under this context policy only")
     args = ap.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     dev = torch.device(args.device)
@@ -197,6 +224,12 @@ def main() -> int:
     print(f"model + clips ready in {time.perf_counter() - t:.1f} s", flush=True)
     rows, results = [], {}
     run_engine(model, clips[:4], fast=dev.type == "cuda")  # warm-up (kernels, allocator)
+    if args.long:
+        r = run_engine(model, clips, fast=dev.type == "cuda", context=args.long)
+        print(table([(f"engine, {args.long}, {args.seconds} s", r)]))
+        print(minute_table(r))
+        (Path(args.out) / f"long_{args.long}.json").write_text(json.dumps({k: v for k, v in r.items() if k != "turns"}))
+        return 0
     if not args.no_plain and dev.type == "cuda":  # the plain path first: it gets no head start from the fast one
         results["plain"] = run_engine(model, clips, fast=False)
         rows.append(("engine, plain (no CUDA graphs)", results["plain"]))
