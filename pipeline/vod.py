@@ -57,7 +57,7 @@ def _open(path: str | Path):
     try:
         container = av.open(str(p))
     except (av.error.FFmpegError, OSError) as e:
-        raise VideoFileError(f"{path} is not a readable video: {e}") from None
+        raise VideoFileError(f"{path} is not a readable video: {getattr(e, 'strerror', None) or e}") from None
     if not container.streams.video:
         container.close()
         raise VideoFileError(f"{path} has no video stream")
@@ -72,6 +72,7 @@ def decode_frames(path: str | Path) -> Iterator[tuple[Frame, float]]:
         stream.thread_type = "AUTO"
         rate = stream.average_rate or stream.guessed_rate or Fraction(30)
         first = None
+        end = None  # the previous frame's end time
         index = 0
         try:
             for frame in container.decode(stream):
@@ -82,6 +83,9 @@ def decode_frames(path: str | Path) -> Iterator[tuple[Frame, float]]:
                 dur = frame.duration * tb if getattr(frame, "duration", None) else 1 / rate
                 first = frame.pts * tb if first is None else first
                 t = frame.pts * tb - first
+                if end is not None and t < end - dur:  # timestamps went back (concatenated files): continue
+                    first, t = frame.pts * tb - end, end
+                end = t + dur
                 img = frame.to_ndarray(format="rgb24")
                 yield Frame(img, float(t), time.monotonic(), index), float(t + dur)
                 index += 1
@@ -122,7 +126,11 @@ def reference_clips(frames: Iterable[tuple[Frame, float]], max_pixels: int = MAX
             return
         if look and look[0][0] is chosen[keep - 1]:
             look.pop(0)  # the next turn searches from the frame after the last one used
-        images = np.stack([f.image for f in chosen[:keep]])
+        images = [f.image for f in chosen[:keep]]
+        if len({im.shape for im in images}) > 1:  # the resolution changed inside this turn
+            from .capture.sampler import conform
+            images = conform(images)
+        images = np.stack(images)
         yield Clip(resize_frames(images, max_pixels=max_pixels), tuple(times[:keep]))
         grid, n = times[keep - 1] + 1 / FPS, TURN_FRAMES
 
