@@ -17,7 +17,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from .frames import MAX_PIXELS, resize_frames
+from .frames import MAX_PIXELS, MAX_RATIO, resize_frames
 from .types import Clip, Frame
 
 FPS = 2.0
@@ -61,6 +61,11 @@ def _open(path: str | Path):
     if not container.streams.video:
         container.close()
         raise VideoFileError(f"{path} has no video stream")
+    w, h = container.streams.video[0].width or 0, container.streams.video[0].height or 0
+    if w > 0 and h > 0 and max(w, h) / min(w, h) > MAX_RATIO:
+        container.close()
+        raise VideoFileError(f"{path}: frames of {w}x{h} (aspect ratio {max(w, h) / min(w, h):.0f}) "
+                             f"are beyond the model's limit of {MAX_RATIO}")
     return container
 
 

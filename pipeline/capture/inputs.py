@@ -16,6 +16,7 @@ import av
 from pipeline.capture.errors import CaptureError
 from pipeline.capture.relay import Relay
 from pipeline.capture.sources import LOW_LATENCY_OPTIONS, Source
+from pipeline.frames import MAX_RATIO
 from pipeline.redact import redact
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,11 @@ def open_input(source: Source, *, relay: bool | None = None,
         tail = rel.error_tail() if rel is not None else ""
         if rel is not None:
             rel.close()
-        raise CaptureError(describe(source, e) + (f" ({tail})" if tail else ""), transient=True) from None
+        msg = describe(source, e) + (f" ({tail})" if tail else "")
+        if source.kind.startswith("rtmp") and not source.listen and getattr(e, "errno", None) == errno.EIO:
+            # nginx-rtmp & co. accept a play of any key and send nothing until someone publishes it
+            msg += f" (no stream within {source.open_timeout:g} s: wrong stream key, or nothing published yet)"
+        raise CaptureError(msg, transient=True) from None
     except BaseException:
         if rel is not None:
             rel.close()
@@ -118,6 +123,10 @@ def _video_stream(source: Source, container) -> av.video.stream.VideoStream:
     name = ctx.codec.name
     if name not in av.codecs_available:
         raise CaptureError(f"{source.display}: unsupported video codec {name!r}")
+    w, h = ctx.width or 0, ctx.height or 0
+    if w > 0 and h > 0 and max(w, h) / min(w, h) > MAX_RATIO:
+        raise CaptureError(f"{source.display}: frames of {w}x{h} (aspect ratio {max(w, h) / min(w, h):.0f}) "
+                           f"are beyond the model's limit of {MAX_RATIO}")
     stream.thread_type = source.thread_type
     if source.decoder_threads:
         ctx.thread_count = source.decoder_threads
