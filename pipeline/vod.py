@@ -80,7 +80,7 @@ def decode_frames(path: str | Path) -> Iterator[tuple[Frame, float]]:
         end = None  # the previous frame's end time
         index = 0
         try:
-            for frame in container.decode(stream):
+            for frame in _decode_skipping_damage(container, stream):
                 if frame.pts is None:
                     continue
                 # exact arithmetic: an end time of 2.5 s must compare equal to the grid time 2.5
@@ -100,6 +100,16 @@ def decode_frames(path: str | Path) -> Iterator[tuple[Frame, float]]:
             raise VideoFileError(f"{path}: no frame could be decoded")
     finally:
         container.close()
+
+
+def _decode_skipping_damage(container, stream) -> Iterator:
+    """``container.decode(stream)``, but a packet the decoder rejects is skipped, not the end."""
+    for packet in container.demux(stream):
+        try:
+            frames = packet.decode()
+        except (av.error.InvalidDataError, av.error.PatchWelcomeError):
+            continue
+        yield from frames
 
 
 def reference_clips(frames: Iterable[tuple[Frame, float]], max_pixels: int = MAX_PIXELS) -> Iterator[Clip]:
