@@ -122,7 +122,12 @@ class TextDecoder(nn.Module):
         mask = None
         if T > 1:  # causal, offset by the cached tokens; one row per (query head in a group, token)
             q_idx = torch.arange(start, end, device=x.device)[:, None]
-            mask = (torch.arange(end, device=x.device)[None, :] <= q_idx).repeat(self.n_heads // self.n_kv, 1)
+            allowed = torch.arange(end, device=x.device)[None, :] <= q_idx
+            # additive, in the model's dtype, built once for all layers; rows padded to 8 for the fused kernels
+            width = (end + 7) // 8 * 8
+            mask = torch.full((T, width), float("-inf"), dtype=self.dtype, device=x.device)
+            mask[:, :end].masked_fill_(allowed, 0.0)
+            mask = mask.repeat(self.n_heads // self.n_kv, 1)[:, :end]
         for i, layer in enumerate(self.layers):
             x = self._layer(layer, i, x, cos, sin, start, end, mask)
         self.cache.length = end
