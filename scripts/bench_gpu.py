@@ -184,7 +184,13 @@ def run_reference(args) -> dict | None:
     if r.returncode != 0 or not out.exists():
         print(f"reference run failed (exit {r.returncode})", flush=True)
         return None
-    return json.loads(out.read_text())
+    full = json.loads(out.read_text())
+    s = full["summary"]
+    steady = s["steady_turns_2_on"]
+    row = dict(n=s["turns"], p50=steady["wall_ms"]["p50"], p95=steady["wall_ms"]["p95"], p99=steady["wall_ms"]["p99"],
+               ms_per_token=steady["ms_per_generated_token_total"], tokens_per_s=steady["tokens_per_s_wall"],
+               peak_gib=(s.get("peak_mem_allocated_mib") or 0) / 1024, context_end=s.get("context_at_end"))
+    return dict(row, raw=full)
 
 
 def table(rows: list[tuple[str, dict]]) -> str:
