@@ -202,3 +202,52 @@ def test_publisher_killed_and_restarted_during_livecc_run(nginx_rtmp, publisher,
     subs = list(srt.parse(srt_path.read_text()))
     spoken = [r for r in recs if r["type"] == "caption" and not r["silence"]]
     assert len(subs) == len(spoken) > RESTARTS
+
+
+# -- (b) SIGTERM at random moments ----------------------------------------------------------------------
+@pytest.mark.timeout(600)
+def test_sigterm_at_random_moments_leaves_finalised_outputs(nginx_rtmp, publisher, stream_key, tmp_path, model,
+                                                           source_file):
+    """SIGTERM at a seeded random moment 0-12 s after spawn (import, model load, waiting for frames, the
+    opener, steady captioning), SIGTERMS times: every output that exists is whole."""
+    import srt
+
+    src = nginx_rtmp.url(stream_key)
+    publisher(src, input_file=str(source_file))
+    rng = random.Random(6)
+    outcomes = []
+    for i in range(SIGTERMS):
+        d = tmp_path / f"run{i}"
+        d.mkdir()
+        mp4, srt_path, events = d / "out.mp4", d / "out.srt", d / "out.jsonl"
+        at = rng.uniform(0, 12)
+        run = Run(["run", src, "--model", str(model), "--device", "cpu", "--seed", "0", "--status", "plain",
+                   "--sink", f"burnin:{mp4}", "--sink", f"srt:{srt_path}", "--sink", f"jsonl:{events}",
+                   "--set", "sinks[0].fps=10", *LIGHT], d)
+        try:
+            time.sleep(max(0.0, run.t0 + at - time.monotonic()))
+            t_term = time.monotonic()
+            rc = run.term(timeout=30)  # shutdown.turn_timeout_s + sinks_timeout_s are well under this
+            took = time.monotonic() - t_term
+        finally:
+            run.close()
+        logs = run.logs()
+        assert "Traceback" not in logs, logs[-3000:]
+        # -15: the signal came before the handler was installed (Python still importing): nothing written yet
+        assert rc == 0 or (rc == -signal.SIGTERM and not mp4.exists() and not events.exists()), (i, at, rc, logs[-2000:])
+        assert took < 20, (i, at, took)
+        what = {"at": round(at, 1), "rc": rc, "exit_s": round(took, 1)}
+        if mp4.exists():
+            info = servers.ffprobe(str(mp4))  # the moov was written: it plays
+            v = [s for s in info["streams"] if s["codec_type"] == "video"]
+            assert v and v[0]["codec_name"] == "h264", info
+            what["mp4_s"] = round(float(info["format"].get("duration", 0)), 1)
+        if srt_path.exists():
+            what["srt"] = len(list(srt.parse(srt_path.read_text())))  # raises on a malformed file
+        if events.exists():
+            lines = events.read_text().splitlines()
+            assert all(json.loads(line) for line in lines)  # whole lines only
+            what["captions"] = sum(json.loads(line)["type"] == "caption" for line in lines)
+        outcomes.append(what)
+    print("\n" + "\n".join(str(o) for o in outcomes))
+    assert sum("mp4_s" in o for o in outcomes) >= SIGTERMS // 3  # the draw reached the captioning phase often
