@@ -150,5 +150,14 @@ def reference_clips(frames: Iterable[tuple[Frame, float]], max_pixels: int = MAX
         grid, n = times[keep - 1] + 1 / FPS, TURN_FRAMES
 
 
+def _resized(frames: list[Frame], max_pixels: int) -> np.ndarray:
+    """The clip's frames at the model's size; a resolution change inside the clip takes the last frame's size."""
+    if len({f.image.shape for f in frames}) == 1:
+        return resize_frames(np.stack([f.image for f in frames]), max_pixels=max_pixels)
+    from .capture.sampler import conform
+
+    return np.stack(conform([resize_frames(f.image[None], max_pixels=max_pixels)[0] for f in frames]))
+
+
 def file_clips(path: str | Path, max_pixels: int = MAX_PIXELS) -> Iterator[Clip]:
     return reference_clips(decode_frames(path), max_pixels)

@@ -17,9 +17,7 @@ frames, counted); past that, sampling pauses (a partial clip is dropped, event
 ``opener_frames`` (6: grid 0.0..2.5), every later clip ``turn_frames`` (2); after a pause the
 session continues with 2-frame clips.
 
-Offline (:func:`clips_from_file`): decode as fast as possible and take, for each grid time
-t = 0, 0.5, 1.0, ..., the FIRST decoded frame whose pts >= t (exact rational arithmetic);
-an odd tail is padded by repeating the last frame, which stands for the next grid time.
+Recorded files are chunked offline by :mod:`pipeline.vod` (the reference's exact frame rule).
 """
 
 from __future__ import annotations
@@ -31,17 +29,14 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from fractions import Fraction
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from pipeline.capture.clipqueue import ClipQueue
-from pipeline.capture.inputs import open_input
 from pipeline.capture.ringbuffer import RingBuffer
-from pipeline.capture.sources import Source, resolve
 from pipeline.frames import MAX_PIXELS, even_frames, resize_frames
 from pipeline.types import Clip, Frame, StreamEvent
 
@@ -211,76 +206,3 @@ def _resize_to(frame: np.ndarray, h: int, w: int) -> np.ndarray:
     x = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1)[None].float()
     y = F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False, antialias=True)
     return y.clamp_(0, 255).round_().to(torch.uint8)[0].permute(1, 2, 0).contiguous().numpy()
-
-
-def reference_pick(pts: list[Fraction] | list[float], fps: float = FPS) -> list[int]:
-    """Indices of the frames the reference takes: for t = 0, 1/fps, ... < the end, the first
-    frame (in decode order, pts increasing) with pts >= t. ``pts`` relative to the first frame."""
-    out, i, k = [], 0, 0
-    step = Fraction(1) / Fraction(fps).limit_denominator(1000)
-    while i < len(pts):
-        t = k * step
-        while i < len(pts) and pts[i] < t:
-            i += 1
-        if i == len(pts):
-            break
-        out.append(i)
-        k += 1
-    return out
-
-
-def clips_from_file(path: str | Source, *, max_pixels: int = MAX_PIXELS, fps: float = FPS,
-                    opener_frames: int = OPENER_FRAMES, turn_frames: int = TURN_FRAMES,
-                    decoder_threads: int = 0) -> Iterator[Clip]:
-    """Clips of a finite source decoded as fast as possible, by the reference's frame rule.
-
-    The first clip covers grid 0.0 .. (opener_frames-1)/fps (6 frames: 0.0..2.5 s), then
-    ``turn_frames`` per clip; timestamps are grid times relative to the first frame's pts.
-    Raises :class:`CaptureError` for a file that can't be opened or has no video.
-    """
-    src = path if isinstance(path, Source) else resolve(path, pace=False, live=False,
-                                                        decoder_threads=decoder_threads)
-    step = Fraction(1) / Fraction(fps).limit_denominator(1000)
-    inp = open_input(src)
-    try:
-        tb = inp.stream.time_base
-        pts0 = None
-        k = 0
-        frames: list[np.ndarray] = []
-        grid: list[float] = []
-        clips = 0
-        fallback = 0
-        for frame in inp.container.decode(inp.stream):
-            if frame.pts is not None and tb is not None:
-                t = Fraction(frame.pts) * Fraction(tb.numerator, tb.denominator)
-            else:  # no timestamps: count frames at the stream's rate
-                t = Fraction(fallback) / Fraction(inp.stream.average_rate or 30)
-            fallback += 1
-            if pts0 is None:
-                pts0 = t
-            rel = t - pts0
-            image = None
-            while rel >= k * step:  # this frame is the first with pts >= grid time k/fps
-                if image is None:
-                    image = frame.to_ndarray(format="rgb24")
-                frames.append(image)
-                grid.append(float(k * step))
-                k += 1
-                need = opener_frames if clips == 0 else turn_frames
-                if len(frames) == need:
-                    yield _offline_clip(frames, grid, max_pixels, float(step))
-                    clips += 1
-                    frames, grid = [], []
-        if frames:
-            yield _offline_clip(frames, grid, max_pixels, float(step))
-    finally:
-        inp.close()
-
-
-def _offline_clip(frames: list[np.ndarray], grid: list[float], max_pixels: int, step: float) -> Clip:
-    h, w = frames[-1].shape[:2]
-    if all(f.shape[:2] == (h, w) for f in frames):
-        resized = list(resize_frames(np.stack(frames), max_pixels))
-    else:
-        resized = [resize_frames(f[None], max_pixels)[0] for f in frames]
-    return make_clip(resized, grid, step)
