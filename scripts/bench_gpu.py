@@ -116,8 +116,10 @@ def pct(xs, q):
     return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))] if xs else float("nan")
 
 
-def run_engine(model: LoadedModel, clips, fast: bool, greedy: bool = True, context: str = "none") -> dict:
-    session = StreamingSession(model, EngineConfig(greedy=greedy, fast=fast, max_context=32768, context=context))
+def run_engine(model: LoadedModel, clips, fast: bool, greedy: bool = True, context: str = "none",
+               compile: bool = False) -> dict:
+    session = StreamingSession(model, EngineConfig(greedy=greedy, fast=fast, max_context=32768, context=context,
+                                                   compile=compile))
     turns = []
     torch.cuda.reset_peak_memory_stats() if model.device.type == "cuda" else None
     for clip in clips:
@@ -218,6 +220,7 @@ def main() -> int:
     ap.add_argument("--reference-liger", choices=["on", "off"], default="off")
     ap.add_argument("--out", default="bench-out")
     ap.add_argument("--long", choices=["rollover", "window"], help="a long run under this context policy only")
+    ap.add_argument("--compile", action="store_true", help="also time the torch.compile'd decode step")
     args = ap.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     dev = torch.device(args.device)
@@ -241,6 +244,13 @@ def main() -> int:
         rows.append(("engine, plain (no CUDA graphs)", results["plain"]))
     results["fast"] = run_engine(model, clips, fast=dev.type == "cuda")
     rows.append(("engine (CUDA graphs)" if dev.type == "cuda" else "engine", results["fast"]))
+    if args.compile:
+        t = time.perf_counter()
+        run_engine(model, clips[:2], fast=True, compile=True)  # compile + capture
+        print(f"torch.compile + capture: {time.perf_counter() - t:.1f} s", flush=True)
+        results["compiled"] = run_engine(model, clips, fast=True, compile=True)
+        rows.append(("engine (CUDA graphs + torch.compile)", results["compiled"]))
+        results["agreement_compiled"] = agreement(results["fast"], results["compiled"])
     if "plain" in results:
         results["agreement"] = agreement(results["fast"], results["plain"])
     ref = run_reference(args)
@@ -248,6 +258,8 @@ def main() -> int:
         results["reference"] = ref
         rows.append(("reference demo/infer.py", ref))
     print(table(rows))
+    if "agreement_compiled" in results:
+        print(f"compiled vs graphs: {results['agreement_compiled'] * 100:.0f}% of turns with identical tokens")
     if "agreement" in results:
         print(f"fast vs plain: {results['agreement'] * 100:.0f}% of turns with identical tokens (greedy, bf16)")
     if ref and ref.get("p50"):

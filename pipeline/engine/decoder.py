@@ -38,6 +38,30 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Qwen2's RMSNorm, same arithmetic as transformers' (float32 inside, weight applied in the model dtype)."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def pre_attention(x, ln_w, qkv_w, qkv_b, cos, sin, eps: float, n_heads: int, n_kv: int, head_dim: int):
+    """Decode step, one token: norm -> q|k|v -> rotary. Returns q (1, H, 1, d), k and v (1, KV, 1, d)."""
+    q, k, v = F.linear(rms_norm(x, ln_w, eps), qkv_w, qkv_b).split(
+        [n_heads * head_dim, n_kv * head_dim, n_kv * head_dim], dim=-1)
+    q = q.view(1, 1, n_heads, head_dim).transpose(1, 2)
+    k = k.view(1, 1, n_kv, head_dim).transpose(1, 2)
+    v = v.view(1, 1, n_kv, head_dim).transpose(1, 2)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
+
+
+def post_attention(x, o, o_w, ln_w, gate_up_w, down_w, eps: float):
+    """Decode step, one token: output projection + residual, norm -> SwiGLU MLP + residual."""
+    x = x + F.linear(o, o_w)
+    gate, up = F.linear(rms_norm(x, ln_w, eps), gate_up_w).chunk(2, dim=-1)
+    return x + F.linear(F.silu(gate) * up, down_w)
+
+
 @torch.no_grad()
 def fuse_projections(layer) -> None:
     """One matrix for q|k|v and one for gate|up, each read in one pass per token.
@@ -98,6 +122,17 @@ class TextDecoder(nn.Module):
         self.kv_size = self.n_kv * self.head_dim
         for layer in self.layers:
             fuse_projections(layer)
+        norm = self.layers[0].input_layernorm
+        self.eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+        self._weights = [(l.input_layernorm.weight, l.qkv_weight, l.qkv_bias, l.self_attn.o_proj.weight,
+                          l.post_attention_layernorm.weight, l.gate_up_weight, l.mlp.down_proj.weight)
+                         for l in self.layers]
+        self._pre, self._post = pre_attention, post_attention
+
+    def compile(self) -> None:
+        """Fuse the small kernels of the decode step (norms, rotary, residuals, SiLU) with torch.compile."""
+        self._pre = torch.compile(pre_attention, fullgraph=True, dynamic=False)
+        self._post = torch.compile(post_attention, fullgraph=True, dynamic=False)
 
     # -- rotary ---------------------------------------------------------------------------------
     def rotary(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,21 +197,20 @@ class TextDecoder(nn.Module):
         """One token with every shape fixed, for CUDA-graph capture: logits (V,) float32.
 
         ``tok`` (1,), ``pos`` (3, 1) and ``slot`` (1,) are device tensors (the graph's inputs); attention
-        reads the first ``window`` cache slots and masks those after ``slot``.
+        reads the first ``window`` cache slots and masks those after ``slot``. The work around attention is
+        two pure functions (``pre_attention`` / ``post_attention``) that ``compile()`` can fuse.
         """
         x = self.embed(tok)[None]  # 1, 1, H
         cos, sin = self.rotary(pos)
         mask = (torch.arange(window, device=x.device) <= slot)[None, None, None, :]  # 1, 1, 1, window
+        pre, post = self._pre, self._post
         for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            q, k, v = self.qkv(layer, layer.input_layernorm(x), 1)
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
+            w = self._weights[i]
+            q, k, v = pre(x, w[0], w[1], w[2], cos, sin, self.eps, self.n_heads, self.n_kv, self.head_dim)
             self.cache.k[i].index_copy_(2, slot, k)
             self.cache.v[i].index_copy_(2, slot, v)
             o = self.attend_one(q, self.cache.k[i, :, :, :window], self.cache.v[i, :, :, :window], mask)
-            x = x + attn.o_proj(o.reshape(1, 1, -1))
-            x = x + self.mlp(layer, layer.post_attention_layernorm(x))
+            x = post(x, o.reshape(1, 1, -1), w[3], w[4], w[5], w[6], self.eps)
         return self.lm_head(self.norm(x))[0, 0].float()
 
     @torch.no_grad()

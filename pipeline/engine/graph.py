@@ -16,8 +16,10 @@ WINDOWS = (1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 
 
 class StaticDecode:
-    def __init__(self, decoder: TextDecoder, use_graphs: bool | None = None):
+    def __init__(self, decoder: TextDecoder, use_graphs: bool | None = None, compile: bool = False):
         self.dec = decoder
+        if compile:
+            decoder.compile()  # compiled on the first (warm-up) call, before capture
         dev = decoder.device
         self.tok = torch.zeros(1, dtype=torch.long, device=dev)
         self.pos = torch.zeros(3, 1, dtype=torch.long, device=dev)

@@ -48,7 +48,7 @@ class StreamingSession:
         self.decoder = TextDecoder(model.hf, capacity=self.cfg.max_context)
         self.prompt = PromptBuilder(model.tokenizer)
         fast = self.cfg.fast if self.cfg.fast is not None else model.device.type == "cuda"
-        self.static = StaticDecode(self.decoder) if fast else None  # captures CUDA graphs on CUDA
+        self.static = StaticDecode(self.decoder, compile=self.cfg.compile) if fast else None  # CUDA graphs on CUDA
         self.vision = VisionTower(model.visual, use_graphs=fast and model.device.type == "cuda")
         s = model.sampling
         self.chooser = TokenChooser(
