@@ -11,6 +11,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# Prefill attends with a mask whose width grows every turn. cuDNN's attention builds a new plan for every
+# new shape (2.5 ms of CPU per layer per turn, measured on an H100); the memory-efficient kernel does not.
+MASKED_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def language_parts(hf_model):
@@ -244,7 +249,8 @@ class TextDecoder(nn.Module):
         KV head are laid out as extra query rows of that head (mask rows repeat accordingly)."""
         _, H, T, D = q.shape
         qg = q.reshape(1, self.n_kv, (H // self.n_kv) * T, D)
-        o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask)
+        with sdpa_kernel(MASKED_BACKENDS):
+            o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask)
         return o.view(1, H, T, D)
 
     def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
