@@ -16,6 +16,7 @@ failure and moves on, without retrying a second time. Silence is never posted.
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 import urllib.error
@@ -60,6 +61,12 @@ class WebhookSink(Sink):
         # webhook URLs carry their secret in the path (Discord, Slack): show scheme and host only
         u = urllib.parse.urlsplit(self.settings.url)
         self.safe_url = f"{u.scheme}://{u.hostname or ''}{':' + str(u.port) if u.port else ''}/…"
+        # urllib takes user:password@ for part of the host name: send it as HTTP basic auth instead
+        self._url, self._auth = self.settings.url, None
+        if "@" in u.netloc:
+            self._url = urllib.parse.urlunsplit(u._replace(netloc=u.netloc.rsplit("@", 1)[1]))
+            creds = f"{urllib.parse.unquote(u.username or '')}:{urllib.parse.unquote(u.password or '')}"
+            self._auth = "Basic " + base64.b64encode(creds.encode()).decode()
 
     def payload(self, caption) -> dict | None:
         s = self.settings
@@ -93,13 +100,15 @@ class WebhookSink(Sink):
         s = self.settings
         data = json.dumps(body, ensure_ascii=False).encode()
         headers = {"Content-Type": "application/json", "User-Agent": f"livecc-pipeline/{__version__}", **s.headers}
+        if self._auth and not any(k.lower() == "authorization" for k in headers):
+            headers["Authorization"] = self._auth
         delay = s.backoff_initial_s
         last = ""
         for attempt in range(s.retries + 1):
             self.attempts += 1
             wait = delay
             try:
-                req = urllib.request.Request(s.url, data=data, headers=headers, method="POST")
+                req = urllib.request.Request(self._url, data=data, headers=headers, method="POST")
                 with urllib.request.urlopen(req, timeout=s.timeout_s) as resp:
                     resp.read(65536)
                 self.sent += 1
