@@ -249,7 +249,10 @@ class TextDecoder(nn.Module):
         KV head are laid out as extra query rows of that head (mask rows repeat accordingly)."""
         _, H, T, D = q.shape
         qg = q.reshape(1, self.n_kv, (H // self.n_kv) * T, D)
-        with sdpa_kernel(MASKED_BACKENDS):
+        if q.device.type == "cuda":
+            with sdpa_kernel(MASKED_BACKENDS):
+                o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask)
+        else:
             o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask)
         return o.view(1, H, T, D)
 
