@@ -254,7 +254,7 @@ class TextDecoder(nn.Module):
                 o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask)
         else:
             o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask)
-        return o.view(1, H, T, D)
+        return o.reshape(1, H, T, D)
 
     def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
         return self.embed(ids.to(self.device))
