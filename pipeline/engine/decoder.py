@@ -51,17 +51,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def pre_attention(x, ln_w, qkv_w, qkv_b, cos, sin, eps: float, n_heads: int, n_kv: int, head_dim: int):
-    """Decode step, one token: norm -> q|k|v -> rotary. Returns q (1, H, 1, d), k and v (1, KV, 1, d)."""
+    """A layer up to attention: norm -> q|k|v -> rotary. x (1, T, hidden) -> q (1, H, T, d), k, v (1, KV, T, d)."""
+    T = x.shape[1]
     q, k, v = F.linear(rms_norm(x, ln_w, eps), qkv_w, qkv_b).split(
         [n_heads * head_dim, n_kv * head_dim, n_kv * head_dim], dim=-1)
-    q = q.view(1, 1, n_heads, head_dim).transpose(1, 2)
-    k = k.view(1, 1, n_kv, head_dim).transpose(1, 2)
-    v = v.view(1, 1, n_kv, head_dim).transpose(1, 2)
+    q = q.view(1, T, n_heads, head_dim).transpose(1, 2)
+    k = k.view(1, T, n_kv, head_dim).transpose(1, 2)
+    v = v.view(1, T, n_kv, head_dim).transpose(1, 2)
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
 
 
 def post_attention(x, o, o_w, ln_w, gate_up_w, down_w, eps: float):
-    """Decode step, one token: output projection + residual, norm -> SwiGLU MLP + residual."""
+    """A layer after attention: output projection + residual, norm -> SwiGLU MLP + residual."""
     x = x + F.linear(o, o_w)
     gate, up = F.linear(rms_norm(x, ln_w, eps), gate_up_w).chunk(2, dim=-1)
     return x + F.linear(F.silu(gate) * up, down_w)
@@ -132,12 +133,17 @@ class TextDecoder(nn.Module):
         self._weights = [(l.input_layernorm.weight, l.qkv_weight, l.qkv_bias, l.self_attn.o_proj.weight,
                           l.post_attention_layernorm.weight, l.gate_up_weight, l.mlp.down_proj.weight)
                          for l in self.layers]
-        self._pre, self._post = pre_attention, post_attention
+        self._pre, self._post = pre_attention, post_attention  # the decode step's (one token)
+        self._pre_t, self._post_t = pre_attention, post_attention  # prefill's (any length)
+        self.flash_prefill = self.device.type == "cuda" and self.dtype in (torch.bfloat16, torch.float16)
 
     def compile(self) -> None:
-        """Fuse the small kernels of the decode step (norms, rotary, residuals, SiLU) with torch.compile."""
+        """Fuse the small kernels around attention (norms, rotary, residuals, SiLU) with torch.compile: a static
+        version for the decode step, a dynamic-length one for prefill."""
         self._pre = torch.compile(pre_attention, fullgraph=True, dynamic=False)
         self._post = torch.compile(post_attention, fullgraph=True, dynamic=False)
+        self._pre_t = torch.compile(pre_attention, fullgraph=True, dynamic=True)
+        self._post_t = torch.compile(post_attention, fullgraph=True, dynamic=True)
 
     # -- rotary ---------------------------------------------------------------------------------
     def rotary(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,28 +181,16 @@ class TextDecoder(nn.Module):
         return self.lm_head(x).float()
 
     def _layer(self, layer, i, x, cos, sin, start, end, mask):
-        attn = layer.self_attn
         T = x.shape[1]
-        q, k, v = self.qkv(layer, layer.input_layernorm(x), T)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        w = self._weights[i]
+        q, k, v = self._pre_t(x, w[0], w[1], w[2], cos, sin, self.eps, self.n_heads, self.n_kv, self.head_dim)
         self.cache.k[i, :, :, start:end] = k
         self.cache.v[i, :, :, start:end] = v
-        o = self.attend(q, self.cache.k[i, :, :, :end], self.cache.v[i, :, :, :end], mask)
-        x = x + attn.o_proj(o.transpose(1, 2).reshape(1, T, -1))
-        return x + self.mlp(layer, layer.post_attention_layernorm(x))
-
-    def qkv(self, layer, h, T):
-        qkv = F.linear(h, layer.qkv_weight, layer.qkv_bias)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        return (q.view(1, T, self.n_heads, self.head_dim).transpose(1, 2),
-                k.view(1, T, self.n_kv, self.head_dim).transpose(1, 2),
-                v.view(1, T, self.n_kv, self.head_dim).transpose(1, 2))
-
-    @staticmethod
-    def mlp(layer, h):
-        gate, up = F.linear(h, layer.gate_up_weight).chunk(2, dim=-1)
-        return layer.mlp.down_proj(F.silu(gate) * up)
+        if self.flash_prefill and T > 1:
+            o = self.attend_flash(q, k, v, self.cache.k[i, :, :, :start], self.cache.v[i, :, :, :start])
+        else:
+            o = self.attend(q, self.cache.k[i, :, :, :end], self.cache.v[i, :, :, :end], mask)
+        return self._post_t(x, o.transpose(1, 2).reshape(1, T, -1), w[3], w[4], w[5], w[6], self.eps)
 
     def decode_static(self, tok: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor, window: int) -> torch.Tensor:
         """One token with every shape fixed, for CUDA-graph capture: logits (V,) float32.
@@ -243,6 +237,22 @@ class TextDecoder(nn.Module):
         scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * self.head_dim ** -0.5
         p = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1).to(values.dtype)
         return torch.matmul(p, values).reshape(1, self.n_heads, self.head_dim)  # 1, H, d
+
+    def attend_flash(self, q, k_new, v_new, k_past, v_past):
+        """Prefill on CUDA without a mask: flash attention over the cached past (every new token sees all of it,
+        query heads grouped per KV head) and, causally, over the new tokens; the two merged by log-sum-exp."""
+        _, H, T, D = q.shape
+        g = H // self.n_kv
+        flash = torch.ops.aten._scaled_dot_product_flash_attention
+        new = flash(q, k_new.repeat_interleave(g, dim=1), v_new.repeat_interleave(g, dim=1), 0.0, True)
+        o_new, lse_new = new[0], new[1]
+        if k_past.shape[2] == 0:
+            return o_new
+        past = flash(q.reshape(1, self.n_kv, g * T, D), k_past, v_past, 0.0, False)
+        o_past, lse_past = past[0].reshape(1, H, T, D), past[1].reshape(1, H, T)
+        lse = torch.logaddexp(lse_new, lse_past)
+        w_new = torch.exp(lse_new - lse).unsqueeze(-1)
+        return (o_new.float() * w_new + o_past.float() * (1 - w_new)).to(q.dtype)
 
     def attend(self, q, keys, values, mask):
         """Grouped-query attention without copying K/V per query head: the query heads sharing a
