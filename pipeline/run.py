@@ -98,8 +98,13 @@ def execute(cfg, *, verbose: bool = False, model=None, on_started=None) -> int:
                                cfg.status.refresh_hz) if mode != "off" else None
         if status is not None:
             status.start()
-        pipeline.wait()
+        # in slices, not one blocking wait: the signal handler runs only when the main thread runs Python
+        # code, and a lock wait is not always woken by a signal (one delivered to another thread is not)
+        restore.hits["waiting"] = True
+        while not pipeline.wait(0.25) and not restore.signal_name:
+            pass
         if restore.signal_name:
+            pipeline.request_stop()
             log.warning("%s: stopping (finishing the turn in progress, closing sinks; again to quit at once)",
                         restore.signal_name)
     finally:
@@ -125,8 +130,9 @@ def _install_signals(pipeline):
         if hits["n"] > 1:
             os.write(2, b"livecc: stopping now\n")
             os._exit(130)
-        hits["name"] = signal.Signals(signum).name  # logged by the main thread once wait() returns
-        pipeline.request_stop()
+        hits["name"] = signal.Signals(signum).name
+        if not hits.get("waiting"):  # loading / starting: start nothing more. Not once the main thread
+            pipeline.request_stop()  # waits: Event.set takes a lock the interrupted Event.wait may hold
 
     try:
         old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
