@@ -37,7 +37,9 @@ import servers
 pytestmark = [pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parent.parent
-LIVECC = [sys.executable, "-c", "import sys; from pipeline.cli import main; sys.exit(main())"]
+# SIGUSR1 dumps every thread's stack into the log: a run that does not stop says where it is stuck
+LIVECC = [sys.executable, "-c", "import faulthandler, signal, sys; faulthandler.register(signal.SIGUSR1); "
+          "from pipeline.cli import main; sys.exit(main())"]
 RESTARTS = 20
 SIGTERMS = 20
 RECOVER_BOUND_S = 20.0  # publisher restarted -> a caption of video from after the restart
@@ -110,6 +112,10 @@ class Run:
             self.proc.send_signal(signal.SIGTERM)
         try:
             return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGUSR1)
+            time.sleep(1)
+            raise AssertionError(f"no exit {timeout} s after SIGTERM:\n{self.logs()[-8000:]}") from None
         finally:
             self.close()
 
@@ -251,3 +257,113 @@ def test_sigterm_at_random_moments_leaves_finalised_outputs(nginx_rtmp, publishe
         outcomes.append(what)
     print("\n" + "\n".join(str(o) for o in outcomes))
     assert sum("mp4_s" in o for o in outcomes) >= SIGTERMS // 3  # the draw reached the captioning phase often
+
+
+# -- (c) secrets never reach any output ------------------------------------------------------------------
+@pytest.mark.timeout(180)
+def test_secrets_appear_in_no_output(nginx_rtmp, publisher, stream_key, tmp_path, model, source_file):
+    """Every kind of secret a run can be given, and every place a run writes to or serves, with debug logs."""
+    secrets = {
+        "source stream key": "SRCKEYsecret1x",
+        "source password": "SRCPASSsecret2x",
+        "burn-in stream key": "OUTKEYsecret3x",
+        "dead burn-in stream key": "DEADKEYsecret4x",
+        "webhook password": "HOOKPASSsecret5x",
+        "webhook token": "HOOKTOKENsecret6x",
+        "dead webhook token": "DEADHOOKsecret8x",
+        "control API token": "APITOKENsecret7x-0123456789",
+    }
+    s = secrets
+    published = nginx_rtmp.url(f"{stream_key}-{s['source stream key']}")
+    pub = publisher(published, input_file=str(source_file))
+    src = published.replace("rtmp://", f"rtmp://viewer:{s['source password']}@")
+    out = nginx_rtmp.url(f"{stream_key}-{s['burn-in stream key']}")
+    dead_rtmp = f"rtmp://127.0.0.1:{servers.free_port()}/live/{s['dead burn-in stream key']}"
+    received: list[dict] = []
+    receiver = _Receiver(received).__enter__()
+    hook = f"http://hook:{s['webhook password']}@127.0.0.1:{receiver.port}/hook?token={s['webhook token']}"
+    dead_hook = f"http://127.0.0.1:{servers.free_port()}/hook?token={s['dead webhook token']}"
+    events, srt_path = tmp_path / "out.jsonl", tmp_path / "out.srt"
+    token = s["control API token"]
+    run = Run(["run", src, "--model", str(model), "--device", "cpu", "--seed", "0", "--status", "plain",
+               "--log-level", "debug", "--sink", f"burnin:{out}", "--sink", f"burnin:{dead_rtmp}",
+               "--sink", f"webhook:{hook}", "--sink", f"webhook:{dead_hook}", "--sink", f"jsonl:{events}",
+               "--sink", f"srt:{srt_path}", "--sink", "overlay", "--set", "sinks[0].fps=10", "--set", "sinks[1].fps=10",
+               "--set", "sinks[3].retries=1", "--set", "sinks[3].backoff_initial_s=0.1",
+               "--set", f"server.token={token}", "--set", "status.interval_s=2", *LIGHT], tmp_path)
+    served: dict[str, bytes] = {}
+    try:
+        run.wait_ready(token=token)
+        # the HTTP server (control API, metrics, overlay) listens on 127.0.0.1 only (the default host)
+        addrs = [line.split()[1] for line in Path("/proc/net/tcp").read_text().splitlines()[1:] + Path(
+            "/proc/net/tcp6").read_text().splitlines()[1:] if line.split()[3] == "0A" and
+            line.split()[1].endswith(f":{run.port:04X}")]
+        assert addrs == [f"0100007F:{run.port:04X}"], addrs
+        servers.wait_until(lambda: len([r for r in jsonl(events) if r["type"] == "caption"]) >= 3
+                           or run.proc.poll() is not None, 60, "captions")
+        pub.stop()  # a loss and a reconnect: the source URL goes through the reconnect log lines too
+        servers.wait_until(lambda: any(r.get("kind") == "source_lost" for r in jsonl(events)), 15, "source_lost")
+        pub.start()
+        servers.wait_until(lambda: any(r.get("kind") == "source_back" for r in jsonl(events)), 20, "source_back")
+        servers.wait_until(lambda: "reconnecting" in run.logs() and "after 2 attempts" in run.logs(), 20,
+                           "the dead sinks' errors")
+        for path in ("/api/status", "/metrics", "/captions.json", "/health", "/overlay"):
+            code, body = get(run.base + path, token=token)
+            assert code == 200, (path, code, body[:300])
+            served[path] = body
+        code, body = get(run.base + "/api/status")  # no token: refused, and the refusal says nothing secret
+        assert code == 401
+        served["/api/status without a token"] = body
+        status = json.loads(served["/api/status"])
+        assert status["turns"] >= 3 and status["capture"]["reconnects"] >= 1
+        rc = run.term()
+    finally:
+        run.close()
+        receiver.__exit__()
+    assert rc == 0, run.logs()[-3000:]
+    # the live webhook got the captions, its password as HTTP basic auth and its token in the query
+    import base64
+
+    assert received and all(r["path"] == f"/hook?token={s['webhook token']}" for r in received)
+    assert received[0]["auth"] == "Basic " + base64.b64encode(f"hook:{s['webhook password']}".encode()).decode()
+    outputs = {"stdout+stderr": run.logs(), "jsonl": events.read_text(), "srt": srt_path.read_text(),
+               **{k: v.decode(errors="replace") for k, v in served.items()}}
+    logs = outputs["stdout+stderr"]
+    # the places that would carry them if redaction failed: the source, the sinks, their errors, debug lines
+    assert "/live/***" in logs and "viewer:***@" in logs and "webhook http://127.0.0.1:" in logs, logs[-3000:]
+    assert "DEBUG" in logs and "webhook" in logs and status["source"].endswith("/live/***")
+    leaks = [(what, where) for what, secret in secrets.items() for where, text in outputs.items() if secret in text]
+    assert not leaks, leaks
+    print(f"\n{len(secrets)} secrets, {len(outputs)} outputs ({sum(map(len, outputs.values()))} characters, "
+          f"{len(logs.splitlines())} log lines): no secret in any")
+
+
+class _Receiver:
+    """A loopback HTTP server that records each POST's path and Authorization header."""
+
+    def __init__(self, into: list):
+        import http.server
+        import threading
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                into.append({"path": self.path, "auth": self.headers.get("Authorization")})
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *a):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
+
+    def __enter__(self) -> "_Receiver":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
