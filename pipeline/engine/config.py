@@ -27,7 +27,7 @@ class EngineConfig:
     max_pixels: int = 384 * 28 * 28
     max_context: int = 32768  # KV cache capacity in tokens (LiveCC's trained window)
     fast: bool | None = None  # CUDA-graph decode; None = on when running on CUDA
-    compile: bool = False  # also fuse the decode step's small kernels with torch.compile (CUDA; slower start)
+    compile: bool | None = None  # fuse the decode step's small kernels (torch.compile); None = on with CUDA graphs
     seed: int | None = None  # sampling seed
     # context policy for unbounded streams (see pipeline/engine/context.py)
     context: str = "rollover"  # rollover | window | none

@@ -134,16 +134,18 @@ class TextDecoder(nn.Module):
                           l.post_attention_layernorm.weight, l.gate_up_weight, l.mlp.down_proj.weight)
                          for l in self.layers]
         self._pre, self._post = pre_attention, post_attention  # the decode step's (one token)
-        self._pre_t, self._post_t = pre_attention, post_attention  # prefill's (any length)
+        self._pre_t, self._post_t = pre_attention, post_attention  # prefill's (any length; eager)
         self.flash_prefill = self.device.type == "cuda" and self.dtype in (torch.bfloat16, torch.float16)
 
+    def uncompile(self) -> None:
+        self._pre, self._post = pre_attention, post_attention
+
     def compile(self) -> None:
-        """Fuse the small kernels around attention (norms, rotary, residuals, SiLU) with torch.compile: a static
-        version for the decode step, a dynamic-length one for prefill."""
+        """Fuse the decode step's small kernels around attention (norms, rotary, residuals, SiLU) with
+        torch.compile. (Prefill is left eager: a dynamic-length compile measured slower, 41 vs 28 ms.)"""
         self._pre = torch.compile(pre_attention, fullgraph=True, dynamic=False)
         self._post = torch.compile(post_attention, fullgraph=True, dynamic=False)
-        self._pre_t = torch.compile(pre_attention, fullgraph=True, dynamic=True)
-        self._post_t = torch.compile(post_attention, fullgraph=True, dynamic=True)
+
 
     # -- rotary ---------------------------------------------------------------------------------
     def rotary(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -48,7 +48,9 @@ class StreamingSession:
         self.decoder = TextDecoder(model.hf, capacity=self.cfg.max_context)
         self.prompt = PromptBuilder(model.tokenizer)
         fast = self.cfg.fast if self.cfg.fast is not None else model.device.type == "cuda"
-        self.static = StaticDecode(self.decoder, compile=self.cfg.compile) if fast else None  # CUDA graphs on CUDA
+        on_cuda = model.device.type == "cuda"
+        compile_ = self.cfg.compile if self.cfg.compile is not None else on_cuda
+        self.static = StaticDecode(self.decoder, compile=compile_ and on_cuda) if fast else None  # CUDA graphs
         self.vision = VisionTower(model.visual, use_graphs=fast and model.device.type == "cuda")
         s = model.sampling
         self.chooser = TokenChooser(
