@@ -299,13 +299,17 @@ class _Output:
     def is_network(self) -> bool:
         return self.s.output.lower().startswith(("rtmp://", "rtmps://", "srt://", "udp://", "tcp://"))
 
-    def write(self, vframe, pts: int) -> None:
+    def write(self, vframe, pts: int) -> int:
+        """Encode and mux one frame; the number of packets muxed (a network output connects at the first)."""
         vframe.pts = pts
         vframe.time_base = self.time_base
+        n = 0
         for packet in self.stream.encode(vframe):
             self.container.mux(packet)
+            n += 1
         if self.relay is not None and self.relay.poll() is not None:
             raise ConnectionError(f"ffmpeg relay exited with {self.relay.returncode}")
+        return n
 
     def close(self, flush: bool = True) -> None:
         try:
@@ -458,6 +462,8 @@ class BurninSink(Sink):
         pts_base = 0
         backoff = s.reconnect_initial_s
         next_open = 0.0
+        fresh = False  # opened, no packet muxed yet: not connected yet (RTMP connects at the first packet)
+        connected_once = False
         cache_key = None
         vframe = None
         try:
@@ -489,10 +495,7 @@ class BurninSink(Sink):
                     try:
                         out = _Output(s, *self.size, self.codec)
                         pts_base = n
-                        backoff = s.reconnect_initial_s
-                        if self.counters["opens"]:
-                            self.counters["reconnects"] += 1
-                            log.info("burn-in output %s reconnected", redact(s.output))
+                        fresh = True
                         self.counters["opens"] += 1
                         cache_key = None
                     except Exception as e:
@@ -512,14 +515,24 @@ class BurninSink(Sink):
                 else:
                     self.counters["repeated"] += 1
                 try:
-                    out.write(vframe, n - pts_base)
+                    muxed = out.write(vframe, n - pts_base)
                     self.counters["frames_out"] += 1
                     if text:
                         self.counters["frames_captioned"] += 1
+                    if fresh and muxed:  # connected: only now is it a reconnect, and the backoff reset
+                        fresh = False
+                        backoff = s.reconnect_initial_s
+                        if connected_once:
+                            self.counters["reconnects"] += 1
+                            log.info("burn-in output %s reconnected", redact(s.output))
+                        connected_once = True
                 except Exception as e:
                     if not out.is_network:
                         raise
-                    log.warning("burn-in output %s lost: %s; reconnecting", redact(s.output), redact(e))
+                    if fresh:  # the server is still not there
+                        log.warning("burn-in output %s: %s; retry in %.1f s", redact(s.output), redact(e), backoff)
+                    else:
+                        log.warning("burn-in output %s lost: %s; reconnecting", redact(s.output), redact(e))
                     try:
                         out.close(flush=False)
                     except Exception:
