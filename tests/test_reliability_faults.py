@@ -367,3 +367,76 @@ class _Receiver:
     def __exit__(self, *exc) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+# -- (d) the burn-in's RTMP server down for 30 s --------------------------------------------------------
+OUTAGE_S = 30.0
+
+
+def _restart_nginx(ngx: servers.NginxRtmp) -> None:
+    """Start ``ngx`` again on the same port with the same config (NginxRtmp.start would pick a new port)."""
+    ngx.proc = subprocess.Popen([servers.NGINX, "-p", str(ngx.dir), "-c", str(ngx.dir / "nginx.conf"), "-e",
+                                 str(ngx.dir / "error.log")], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    servers.wait_until(lambda: servers.is_listening(ngx.port), 10, "nginx-rtmp back")
+
+
+def _plays(url: str, timeout: float = 8) -> bool:
+    r = subprocess.run([servers.FFPROBE, "-v", "error", "-rw_timeout", str(int(timeout * 1e6)), "-select_streams", "v:0",
+                        "-read_intervals", "%+1", "-count_frames", "-show_entries", "stream=nb_read_frames", "-of",
+                        "csv=p=0", url], capture_output=True, text=True, timeout=timeout + 10)
+    return r.returncode == 0 and r.stdout.strip().split(",")[0].isdigit() and int(r.stdout.strip().split(",")[0]) > 0
+
+
+@pytest.mark.timeout(240)
+def test_burnin_rtmp_server_down_30s_during_livecc_run(nginx_rtmp, publisher, stream_key, tmp_path, model,
+                                                      source_file):
+    src = nginx_rtmp.url(stream_key)
+    publisher(src, input_file=str(source_file))
+    out_server = servers.NginxRtmp().start()
+    out = out_server.url("restream")
+    srt_path, events = tmp_path / "out.srt", tmp_path / "out.jsonl"
+    run = Run(["run", src, "--model", str(model), "--device", "cpu", "--seed", "0", "--status", "plain",
+               "--sink", f"burnin:{out}", "--sink", f"srt:{srt_path}", "--sink", f"jsonl:{events}", "--sink", "overlay",
+               "--set", "sinks[0].fps=10", *LIGHT], tmp_path)
+
+    def caps() -> list[dict]:
+        return [r for r in jsonl(events) if r["type"] == "caption"]
+
+    try:
+        run.wait_ready()
+        servers.wait_until(lambda: len(caps()) >= 2 or run.proc.poll() is not None, 60, "captions")
+        assert servers.wait_until(lambda: _plays(out), 30, "the restream before the outage")
+        servers.kill(out_server.proc, signal.SIGKILL)  # the server vanishes
+        t_down = time.monotonic()
+        n0 = len(caps())
+        time.sleep(OUTAGE_S / 2)
+        status_mid = json.loads(get(run.base + "/api/status")[1])
+        overlay_mid = json.loads(get(run.base + "/captions.json")[1])
+        time.sleep(max(0.0, t_down + OUTAGE_S - time.monotonic()))
+        during = len(caps()) - n0
+        srt_during = len(list(__import__("srt").parse(srt_path.read_text())))
+        _restart_nginx(out_server)
+        t_up = time.monotonic()
+        servers.wait_until(lambda: _plays(out), 45, "the restream after the outage")
+        back_after = time.monotonic() - t_up
+        status_end = json.loads(get(run.base + "/api/status")[1])
+        rc = run.term()
+    finally:
+        run.close()
+        servers.kill(out_server.proc, signal.SIGKILL)
+        out_server.stop()
+    logs = run.logs()
+    assert rc == 0 and "Traceback" not in logs, logs[-3000:]
+    burnin_mid, burnin_end = status_mid["sinks"]["burnin"], status_end["sinks"]["burnin"]
+    print(f"\n{OUTAGE_S:.0f} s outage of the burn-in's server: {during} captions meanwhile, {srt_during} SRT entries, "
+          f"overlay {len(overlay_mid['captions'])} recent; burn-in mid-outage {burnin_mid['state']} "
+          f"{burnin_mid['detail']}; restream playing again {back_after:.1f} s after the server came back; "
+          f"end {burnin_end['state']} {burnin_end['detail']}")
+    assert during >= OUTAGE_S * 0.6  # about one turn per second went on
+    assert status_mid["sinks"]["srt"]["state"] == "ok" and status_mid["sinks"]["overlay"]["state"] == "ok"
+    assert status_mid["sinks"]["jsonl"]["state"] == "ok"
+    assert overlay_mid["captions"] and overlay_mid["captions"][-1]["stop"] > caps()[n0 - 1]["stop"]
+    assert back_after < 30  # reconnect_max_s is 10 s
+    assert burnin_end["state"] == "ok" and burnin_end["detail"]["encoder_alive"]
+    assert srt_during >= n0  # the subtitles kept being written
