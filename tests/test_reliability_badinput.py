@@ -261,3 +261,22 @@ def test_livecc_run_wrong_key_refused_port_and_html(nginx_rtmp, model, tmp_path,
     err = [line for line in r.stderr.splitlines() if line.startswith("livecc: error:")][0]
     assert "page.html" in err and ("not a media stream" in err or "Invalid data" in err), err
     print(f"html: {took:.1f} s: {err}")
+
+
+@pytest.mark.timeout(240)
+def test_ten_minutes_of_a_frozen_frame(tmp_path, model):
+    """One still frame for 600 s (10 fps): every second is captioned, the context rolls over, no error."""
+    video = tmp_path / "frozen.mp4"
+    _ffmpeg("-f", "lavfi", "-i", "testsrc2=size=320x240:rate=10:duration=1", "-filter_complex",
+            "[0:v]trim=end_frame=1,loop=loop=5999:size=1:start=0,setpts=N/10/TB[v]", "-map", "[v]",
+            "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", "-g", "100", str(video))
+    out = tmp_path / "out.jsonl"
+    t0 = time.monotonic()
+    r = subprocess.run(LIVECC + ["caption", str(video), "--model", str(model), "--device", "cpu", "--seed", "0",
+                                 "--quiet", "--jsonl", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=200)
+    took = time.monotonic() - t0
+    assert r.returncode == 0, r.stderr[-3000:]
+    _no_traceback(r.stderr)
+    turns = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(turns) == 598 and turns[-1]["stop"] == 600.0  # the 3 s opener + 597 one-second turns
+    print(f"\n600 s frozen frame: {len(turns)} turns in {took:.1f} s")
