@@ -1,6 +1,6 @@
 """A tiny, offline, real-format LiveCC-style checkpoint for tests.
 
-See ``/work/shared/notes/tiny-checkpoint.md``. The folder this writes loads with the same calls as
+See the team notes on tiny checkpoints (``shared/notes/tiny-checkpoint.md``). The folder this writes loads with the same calls as
 ``chenjoya/LiveCC-7B-Instruct`` (``AutoProcessor.from_pretrained(dir)`` and
 ``Qwen2VLForConditionalGeneration.from_pretrained(dir)``) under transformers 4.57 and 5.x:
 
