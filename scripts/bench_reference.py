@@ -256,24 +256,12 @@ def install_decord_stub(deviations: list):
 
 
 def install_liger_stub(deviations: list):
-    """demo/infer.py imports and calls apply_liger_kernel_to_qwen2_vl() at import; --liger off makes it a no-op."""
-    liger = types.ModuleType("liger_kernel")
-    liger_tf = types.ModuleType("liger_kernel.transformers")
-    calls = []
+    """demo/infer.py imports and calls apply_liger_kernel_to_qwen2_vl() at import; --liger off makes it a no-op
+    (the same stub the CPU parity run uses)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from reference_parity import install_liger_stub as stub
 
-    def apply_liger_kernel_to_qwen2_vl(*args, **kwargs):
-        calls.append({"args": [repr(a) for a in args], "kwargs": {k: repr(v) for k, v in kwargs.items()}})
-
-    liger_tf.apply_liger_kernel_to_qwen2_vl = apply_liger_kernel_to_qwen2_vl
-    liger.transformers = liger_tf
-    sys.modules["liger_kernel"] = liger
-    sys.modules["liger_kernel.transformers"] = liger_tf
-    deviations.append(
-        "liger_kernel replaced by a no-op stub before importing demo/infer.py (--liger off): the model runs "
-        "transformers' own RMSNorm / SwiGLU MLP / mRoPE / LayerNorm / forward instead of Liger's fused kernels "
-        "(the model card recommends Liger at inference)"
-    )
-    return calls
+    return stub(deviations)
 
 
 # --------------------------------------------------------------------------------------------------------------
