@@ -95,7 +95,8 @@ def decode_frames(path: str | Path) -> Iterator[tuple[Frame, float]]:
                 yield Frame(img, float(t), time.monotonic(), index), float(t + dur)
                 index += 1
         except av.error.InvalidDataError:
-            return  # a truncated tail: keep what decoded
+            if index:
+                return  # a truncated tail: keep what decoded
         if index == 0:
             raise VideoFileError(f"{path}: no frame could be decoded")
     finally:
@@ -160,4 +161,9 @@ def _resized(frames: list[Frame], max_pixels: int) -> np.ndarray:
 
 
 def file_clips(path: str | Path, max_pixels: int = MAX_PIXELS) -> Iterator[Clip]:
-    return reference_clips(decode_frames(path), max_pixels)
+    n = 0
+    for clip in reference_clips(decode_frames(path), max_pixels):
+        n += 1
+        yield clip
+    if n == 0:  # e.g. one decodable frame: a turn needs two
+        raise VideoFileError(f"{path}: too short to caption (less than one turn of decodable video)")

@@ -103,6 +103,18 @@ def corpus(tmp_path_factory) -> dict[str, Path]:
     c["tall_64x4000.mp4"] = _x264(d / "tall_64x4000.mp4", "64x4000", 4, fps=10)
     c["small_16x16.mp4"] = _x264(d / "small_16x16.mp4", "16x16", 4, fps=10)
     c["ratio250_16x4000.mp4"] = _x264(d / "ratio250_16x4000.mp4", "16x4000", 2, fps=10)
+    # headers intact, every video byte after them random: nothing (MP4) or one frame (TS) decodes
+    rng = random.Random(3)
+    data = bytearray(good_mp4.read_bytes())
+    start, moov = data.find(b"mdat") + 104, data.find(b"moov") - 8
+    data[start:moov] = rng.randbytes(moov - start)
+    c["garbage_payload.mp4"] = d / "garbage_payload.mp4"
+    c["garbage_payload.mp4"].write_bytes(bytes(data))
+    data = bytearray(good_ts.read_bytes())
+    for k in range(21, len(data) // 188):  # keep the 188-byte packet headers, randomise the payloads
+        data[k * 188 + 4:k * 188 + 188] = rng.randbytes(184)
+    c["garbage_payload.ts"] = d / "garbage_payload.ts"
+    c["garbage_payload.ts"].write_bytes(bytes(data))
     return c
 
 
@@ -121,10 +133,14 @@ CASES = {
     "tall_64x4000.mp4": ("ok", 2),
     "small_16x16.mp4": ("ok", 2),
     "ratio250_16x4000.mp4": ("error", "aspect ratio 250"),
+    "garbage_payload.mp4": ("error", "no frame could be decoded"),
+    "garbage_payload.ts": ("error", "too short to caption"),
 }
 # what the capture thread says (capture reads with FFmpeg directly; it has no "empty file" case of its own)
 CAPTURE_ERRORS = {"zero.mp4": "not a media stream", "text.mp4": "not a media stream", "audio.m4a": "no video stream",
-                  "truncated_moov.mp4": "not a media stream", "ratio250_16x4000.mp4": "aspect ratio 250"}
+                  "truncated_moov.mp4": "not a media stream", "ratio250_16x4000.mp4": "aspect ratio 250",
+                  "garbage_payload.mp4": "no frame could be decoded"}
+SHORT = {"garbage_payload.ts": 1}  # what decodes of these: too little to caption (livecc caption says so)
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +167,8 @@ def test_livecc_caption_recovers_or_gives_one_error_line(name, corpus, model, tm
     _no_traceback(r.stderr)
     if expected == "error":
         assert r.returncode == 2, r.stderr[-2000:]
-        lines = r.stderr.strip().splitlines()
+        # (the model loads before a file whose headers are fine turns out undecodable: its progress bar)
+        lines = [line for line in r.stderr.strip().splitlines() if line.strip() and "Loading weights" not in line]
         assert len(lines) == 1 and lines[0].startswith("livecc: error: "), r.stderr
         assert detail in lines[0], lines[0]
         assert not out.exists() or not out.read_text().strip()
@@ -185,7 +202,7 @@ def test_capture_thread_reads_or_fails_once(name, corpus):
     else:
         assert cap.error is None and kinds[-1] == "source_ended", events
         assert set(kinds) <= {"format_changed", "source_ended"}
-        assert cap.stats["frames"] >= 20
+        assert cap.stats["frames"] >= 20 or cap.stats["frames"] == SHORT.get(name)
         if name.startswith("reschange"):
             assert kinds.count("format_changed") == 1
     print(f"\n{name}: {kinds} {cap.stats['frames']} frames, {cap.stats['decode_errors']} decode errors, {took:.2f} s")

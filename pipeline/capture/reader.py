@@ -186,6 +186,10 @@ class CaptureThread:
                 if self._stop.is_set():
                     break
                 if not src.live:
+                    if self.stats["frames"] == 0:  # a file whose every packet is damaged: say so, not "ended"
+                        self._fail(CaptureError(f"{src.display}: no frame could be decoded "
+                                                f"({self.stats['decode_errors']} damaged packets)"))
+                        return
                     self._emit("source_ended", reason)
                     return
                 self.stats["lost"] += 1
