@@ -3,7 +3,9 @@
 Threads and who owns what:
 
 - the capture thread (``CaptureThread``) decodes the source into the ring buffer; every frame is
-  also handed to the dispatcher for sinks that want frames (burn-in), latest-wins;
+  also handed to the dispatcher for sinks that want frames (burn-in), latest-wins; when a sink
+  wants audio (burn-in passthrough) and the input has it, decoded audio goes to the dispatcher too,
+  in order through a bounded queue;
 - the sampler thread (``LiveSampler``) takes 2 frames per second of stream time into clips and puts
   them into a bounded clip queue that drops the oldest clip when the engine falls behind;
 - the engine thread (here) is the only thread that touches the model (the GPU). It waits on one
@@ -175,6 +177,7 @@ class Pipeline:
         ring = _TeeRing(cap.ring_size, self._on_frame)
         self.capture = CaptureThread(
             self.source, ring, on_event=self._on_event, wait_for_source=cap.wait_for_source,
+            on_audio=self.dispatcher.audio if self.dispatcher.wants_audio else None,
             backoff=Backoff(initial=cap.reconnect_initial_s, max_delay=cap.reconnect_max_s,
                             max_attempts=cap.reconnect_max_attempts))
         s = cfg.sampler

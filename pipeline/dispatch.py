@@ -3,7 +3,9 @@
 Each sink gets its own worker thread and a bounded queue. The producer (the GPU consumer, the
 capture thread) only appends to queues: when a queue is full its oldest item is dropped and
 counted. Frames are latest-wins: a sink that is slower than the video sees the newest frame
-and the skipped ones are counted.
+and the skipped ones are counted. Audio (for sinks with ``wants_audio``) is delivered in order
+through its own bounded queue (``audio_queue_size``): when full, the oldest chunk is dropped and
+counted (``audio_dropped``); audio is never retried.
 
 A sink call that raises is logged and retried with exponential backoff; when the retries run
 out the item is dropped and the sink reported ``failed`` until its next success. A call that
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from .sink import DeliveryError, Sink, redact
-from .types import Caption, Frame, StreamEvent
+from .types import AudioChunk, Caption, Frame, StreamEvent
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +46,11 @@ _STOP = object()
 
 
 class _Worker:
-    def __init__(self, sink: Sink, name: str, queue_size: int, policy: RetryPolicy) -> None:
+    def __init__(self, sink: Sink, name: str, queue_size: int, policy: RetryPolicy,
+                 audio_queue_size: int = 512) -> None:
         self.sink = sink
+        self.audio: collections.deque = collections.deque()
+        self.audio_queue_size = audio_queue_size
         self.name = name
         self.policy = policy
         self.items: collections.deque = collections.deque()
@@ -81,6 +86,16 @@ class _Worker:
             if self.frame is not None:
                 self.counters["frames_dropped"] += 1
             self.frame = frame
+            self.cond.notify()
+
+    def put_audio(self, chunk: AudioChunk) -> None:
+        with self.cond:
+            if self.stopping:
+                return
+            if len(self.audio) >= self.audio_queue_size:
+                self.audio.popleft()
+                self.counters["audio_dropped"] += 1
+            self.audio.append(chunk)
             self.cond.notify()
 
     def request_stop(self, deadline: float) -> None:
@@ -169,10 +184,13 @@ class _Worker:
         self._ensure_started()
         while True:
             with self.cond:
-                while not self.items and self.frame is None:
+                while not self.items and self.frame is None and not self.audio:
                     self.cond.wait()
                 if self.items:
                     kind, item = self.items.popleft()
+                    frame = None
+                elif self.audio:
+                    kind, item = "audio", self.audio.popleft()
                     frame = None
                 else:
                     kind, item = "frame", None
@@ -189,6 +207,12 @@ class _Worker:
             elif kind == "event":
                 if self._deliver("on_event", self.sink.on_event, item):
                     self.counters["events"] += 1
+            elif kind == "audio":
+                try:  # audio is not retried either: the next chunk is coming
+                    self._call("on_audio", self.sink.on_audio, item)
+                    self.counters["audio"] += 1
+                except Exception as e:
+                    self._error("on_audio", e)
             elif frame is not None:
                 try:  # frames are not retried: the next one is coming
                     self._call("on_frame", self.sink.on_frame, frame)
@@ -225,6 +249,8 @@ class _Worker:
             "frames": self.counters["frames"],
             "dropped": self.counters["dropped"],
             "frames_dropped": self.counters["frames_dropped"],
+            "audio": self.counters["audio"],
+            "audio_dropped": self.counters["audio_dropped"],
             "errors": self.counters["errors"],
             "retries": self.counters["retries"],
             "failed": self.counters["failed"],
@@ -246,8 +272,11 @@ class Dispatcher:
         call_timeout: float = 10.0,
         retry: RetryPolicy | None = None,
         watch_interval: float = 0.5,
+        audio_queue_size: int = 512,
     ) -> None:
         self.call_timeout = call_timeout
+        self.audio_queue_size = audio_queue_size
+        self._audio_workers: list[_Worker] = []
         self.queue_size = queue_size
         self.retry = retry or RetryPolicy()
         self.watch_interval = watch_interval
@@ -272,11 +301,13 @@ class Dispatcher:
         name, n = base, 2
         while name in self._workers:
             name, n = f"{base}#{n}", n + 1
-        w = _Worker(sink, name, self.queue_size, self.retry)
+        w = _Worker(sink, name, self.queue_size, self.retry, self.audio_queue_size)
         with self._lock:
             self._workers[name] = w
             if getattr(sink, "wants_frames", False):
                 self._frame_workers.append(w)
+            if getattr(sink, "wants_audio", False):
+                self._audio_workers.append(w)
         if self._running:
             w.thread.start()
         return name
@@ -311,9 +342,17 @@ class Dispatcher:
         for w in self._frame_workers:
             w.put_frame(frame)
 
+    def audio(self, chunk: AudioChunk) -> None:
+        for w in self._audio_workers:
+            w.put_audio(chunk)
+
     @property
     def wants_frames(self) -> bool:
         return bool(self._frame_workers)
+
+    @property
+    def wants_audio(self) -> bool:
+        return bool(self._audio_workers)
 
     # --- reporting -------------------------------------------------------------------
     def status(self) -> dict[str, dict]:

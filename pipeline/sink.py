@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
-from .types import Caption, Frame, StreamEvent
+from .types import AudioChunk, Caption, Frame, StreamEvent
 
 try:  # the shared redaction helper, when present
     from .redact import redact as _shared_redact
@@ -70,6 +70,9 @@ class Sink:
     name: ClassVar[str] = "sink"
     #: True when the sink needs video frames (burn-in); others never see ``on_frame``.
     wants_frames: ClassVar[bool] = False
+    #: True when the sink wants the input's decoded audio (burn-in passthrough); others never
+    #: see ``on_audio``. May be overridden per instance (from a setting) before the dispatcher adds it.
+    wants_audio: ClassVar[bool] = False
     #: Which setting the ``kind:TARGET`` command-line shorthand fills (None: no target).
     target_field: ClassVar[str | None] = None
 
@@ -93,6 +96,9 @@ class Sink:
 
     def on_frame(self, frame: Frame) -> None:
         """A video frame (only when ``wants_frames``); frames are delivered latest-wins."""
+
+    def on_audio(self, chunk: AudioChunk) -> None:
+        """Decoded input audio (only when ``wants_audio``), in order; a full queue drops the oldest."""
 
     def on_event(self, event: StreamEvent) -> None:
         """Something happened to the stream (source_lost, source_back, ...)."""

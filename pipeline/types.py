@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -16,6 +17,23 @@ class Frame:
     pts: float  # stream time in seconds, 0 at the first frame of the stream
     arrival: float = field(default_factory=time.monotonic)  # monotonic wall clock at decode
     index: int = 0
+
+
+@dataclass
+class AudioChunk:
+    """Decoded input audio (an ``av.AudioFrame``) with its stream time, for sinks that want audio.
+
+    ``pts`` is in the same stream time as :attr:`Frame.pts` (seconds, 0 at the first video frame),
+    ``arrival`` the monotonic wall clock at decode."""
+
+    frame: Any
+    pts: float
+    arrival: float = field(default_factory=time.monotonic)
+
+    @property
+    def duration(self) -> float:
+        rate = getattr(self.frame, "sample_rate", 0) or 0
+        return self.frame.samples / rate if rate else 0.0
 
 
 @dataclass(frozen=True)

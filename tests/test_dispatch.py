@@ -186,3 +186,36 @@ def test_bounded_queue_drops_oldest_and_frames_latest_wins():
     assert st["frames_dropped"] > 50 and st["frames"] + st["frames_dropped"] == 100
     assert d.status()["hanger"]["frames"] == 0  # only sinks that want frames get them
     d.stop(2)
+
+
+def test_audio_in_order_bounded_only_to_sinks_that_want_it():
+    from pipeline.types import AudioChunk
+
+    class Listener(Recorder):
+        name = "listener"
+        wants_audio = True
+
+        def __init__(self):
+            super().__init__()
+            self.audio, self.gate = [], threading.Event()
+
+        def on_audio(self, chunk):
+            self.gate.wait(5)
+            self.audio.append(chunk.pts)
+
+    listener, plain = Listener(), Recorder()
+    d = Dispatcher([listener, plain], audio_queue_size=20)
+    assert d.wants_audio
+    d.start()
+    d.audio(AudioChunk(None, -1.0))  # the listener blocks on this one
+    time.sleep(0.05)
+    for i in range(50):
+        d.audio(AudioChunk(None, i / 10))
+    st = d.status()
+    assert st["listener"]["audio_dropped"] == 30 and st["rec"]["audio"] == 0
+    listener.gate.set()
+    assert wait_for(lambda: len(listener.audio) == 21)
+    assert listener.audio == [-1.0] + [i / 10 for i in range(30, 50)]  # in order, the oldest dropped
+    assert d.status()["listener"]["audio"] == 21
+    d.stop(2)
+    assert not Dispatcher([Recorder()]).wants_audio

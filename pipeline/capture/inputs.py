@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -52,6 +53,9 @@ def describe(source: Source, err: BaseException) -> str:
     else:
         msg = str(err) or type(err).__name__
     return redact(f"{source.display}: {msg}")
+
+
+REPROBE_US = 3_000_000  # the second probe of a live input that showed only audio (a GOP of up to ~3 s)
 
 
 def open_input(source: Source, *, relay: bool | None = None,
@@ -104,10 +108,22 @@ def open_input(source: Source, *, relay: bool | None = None,
         raise
     try:
         stream = _video_stream(source, container)
-    except BaseException:
+    except BaseException as e:
+        joined_mid_gop = (isinstance(e, CaptureError) and rel is None and source.live
+                          and bool(container.streams.audio)
+                          and int(source.options.get("analyzeduration", 5_000_000)) < REPROBE_US)
         container.close()
         if rel is not None:
             rel.close()
+        if joined_mid_gop:
+            # a live stream joined between keyframes (nginx-rtmp & co. hold the video back until
+            # the next one, the audio flows at once): the short low-latency probe saw only audio.
+            # Probe once more, long enough for a keyframe; a stream that really has no video
+            # still fails, a few seconds later
+            log.info("%s: only audio within the short probe; probing %g s for the video",
+                     source.display, REPROBE_US / 1e6)
+            opts = {**source.options, "analyzeduration": str(REPROBE_US)}
+            return open_input(dataclasses.replace(source, options=opts), relay=relay, on_relay=on_relay)
         raise
     return Input(container, stream, rel)
 

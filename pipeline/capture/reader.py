@@ -7,6 +7,12 @@
 - Events (``StreamEvent``) go to ``on_event`` from the capture thread: ``source_lost``,
   ``source_back``, ``source_error`` (fatal: the thread ends, ``error`` holds a CaptureError),
   ``source_ended`` (EOF of a finite source), ``format_changed`` (resolution / pixel format).
+- Audio: with ``on_audio`` set and an audio stream in the input, that stream is demuxed and
+  decoded too, and each decoded chunk goes to ``on_audio`` as an ``AudioChunk`` whose ``pts`` is
+  on the video's stream time (the same offset as the current session's video frames; audio
+  before a session's first video frame is dropped). The callback must not block (the
+  dispatcher only queues); an audio decode error or a failing callback is counted, never
+  fatal. Without ``on_audio`` (or without an audio stream) only the video stream is demuxed.
 - ``stop()`` sets a stop event, kills a relay, and joins; a blocked FFmpeg read returns within
   the source's read timeout (3 s live) or open timeout (5 s), which bounds ``stop()``.
 """
@@ -26,7 +32,7 @@ from pipeline.capture.errors import CaptureError
 from pipeline.capture.inputs import Input, describe, open_input
 from pipeline.capture.ringbuffer import RingBuffer
 from pipeline.capture.sources import Source, resolve
-from pipeline.types import Frame, StreamEvent
+from pipeline.types import AudioChunk, Frame, StreamEvent
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +68,12 @@ class CaptureThread:
 
     def __init__(self, source: Source | str, ring: RingBuffer | None = None, *,
                  on_event: Callable[[StreamEvent], None] | None = None,
+                 on_audio: Callable[[AudioChunk], None] | None = None,
                  backoff: Backoff = Backoff(), wait_for_source: bool = False, name: str | None = None):
         self.source = resolve(source) if isinstance(source, str) else source
         self.ring = ring if ring is not None else RingBuffer()
         self.on_event = on_event
+        self.on_audio = on_audio
         self.backoff = backoff
         self.wait_for_source = wait_for_source  # False: a first open that fails is an error
         self.error: CaptureError | None = None
@@ -80,7 +88,7 @@ class CaptureThread:
         self._last_format: tuple | None = None
         self.first_arrival: float | None = None  # monotonic time of the first frame (stream time 0)
         self.stats = {"frames": 0, "sessions": 0, "attempts": 0, "lost": 0, "decode_errors": 0,
-                      "format_changes": 0}
+                      "format_changes": 0, "audio_chunks": 0, "audio_errors": 0}
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name=name or f"livecc-capture-{self.source.kind}-{next(_ids)}")
 
@@ -219,10 +227,22 @@ class CaptureThread:
         pace0: tuple[float, float] | None = None
         stop = self._stop
         hidden_gaps = self.source.live and self.source.kind != "hls" and not self.source.pace
+        aus = None
+        if self.on_audio is not None:
+            try:
+                aus = inp.container.streams.audio[0] if inp.container.streams.audio else None
+            except Exception:
+                aus = None
+        streams = (vs, aus) if aus is not None else (vs,)
+        wall = False  # the video has no timestamps (wall clock): the audio cannot be placed
         try:
-            for packet in inp.container.demux(vs):
+            for packet in inp.container.demux(*streams):
                 if stop.is_set():
                     raise _Stopped
+                if aus is not None and packet.stream_index == aus.index:
+                    if raw0 is not None and not wall:  # stream time is anchored by the video
+                        self._audio(packet, base - raw0)
+                    continue
                 try:
                     frames = packet.decode()
                 except (av.error.InvalidDataError, av.error.PatchWelcomeError) as e:
@@ -234,6 +254,7 @@ class CaptureThread:
                     raw = frame.time
                     if raw is None:  # no timestamps: use the wall clock
                         raw = now
+                        wall = True
                     if raw0 is None or (self._last_pts is not None and not
                                         (self._last_pts < base + (raw - raw0) <= self._last_pts + JUMP_S)):
                         raw0, base = raw, self._continue_at(now, interval)
@@ -256,6 +277,19 @@ class CaptureThread:
                 raise _Stopped
             return describe(self.source, e)
         return "end of stream"
+
+    def _audio(self, packet, offset: float) -> None:
+        """Decode one audio packet and hand its chunks on; never raises (video must go on)."""
+        try:
+            for af in packet.decode():
+                if af.time is None:
+                    continue
+                self.stats["audio_chunks"] += 1
+                self.on_audio(AudioChunk(af, af.time + offset, time.monotonic()))
+        except Exception as e:
+            self.stats["audio_errors"] += 1
+            if self.stats["audio_errors"] <= 3:
+                log.warning("%s: audio dropped: %s", self.source.display, e)
 
     def _continue_at(self, now: float, interval: float) -> float:
         """Stream time for the first frame of a session (or after a discontinuity)."""

@@ -15,7 +15,18 @@ Captions: a caption shows from when it is produced (with ``delay_s``: from when 
 describes are shown) until a newer one replaces it or ``ttl_s`` passes. Silence (empty text or
 the model's ' ...') changes nothing: the previous caption stays until it expires.
 
-Audio is not passed through: frames reach sinks as decoded images only.
+Audio (``audio: true``, the default): when the input has audio, the capture thread decodes it
+and the dispatcher hands it over in order (``on_audio``). It is resampled to 48 kHz stereo and
+encoded as AAC next to the video, each chunk placed at its stream time + the same
+stream-time -> wall-clock offset as the video frames (the median ``arrival - pts`` of recent
+frames, + half a frame: a frame shows at the tick after it arrives) + ``delay_s``, so it lines up
+with the frames it came with; within 0.25 s of that position it is written contiguously, beyond
+that it re-anchors (a gap) or drops the chunk (a step back: counted ``audio_late``).
+The output's streams are fixed when it opens: the first open waits up to ``audio_wait_s`` after
+the first tick for audio (the frames of that wait are kept and written, nothing is lost); an
+input whose audio starts later gets audio only after a reconnect of a network output. While
+the input is gone, video repeats its last frame and the audio track simply has a gap (no
+silence is inserted). Audio failures are counted (``audio_errors``) and never stop the video.
 
 Network outputs reconnect with backoff when the server goes away; the clock keeps running.
 """
@@ -91,6 +102,10 @@ class BurninSettings(SinkSettings):
     # timing
     ttl_s: float = 5.0  # a caption disappears this long after it appeared, unless replaced
     delay_s: float = 0.0  # fixed output delay, to line captions up with their frames
+    # audio passthrough (when the input has audio)
+    audio: bool = True
+    audio_bitrate: str = "128k"
+    audio_wait_s: float = 0.5  # the first open waits this long after the first tick for audio
     reconnect_initial_s: float = 1.0
     reconnect_max_s: float = 10.0
     stop_timeout_s: float = 10.0
@@ -109,6 +124,13 @@ class BurninSettings(SinkSettings):
     def _fps(cls, v: float) -> float:
         if not 1 <= v <= 120:
             raise ValueError("fps must be between 1 and 120")
+        return v
+
+    @field_validator("audio_wait_s")
+    @classmethod
+    def _audio_wait(cls, v: float) -> float:
+        if not 0 <= v <= 2:
+            raise ValueError("audio_wait_s must be between 0 and 2")
         return v
 
     @field_validator("width", "height")
@@ -234,9 +256,13 @@ def nvenc_available() -> bool:
 
 
 class _Output:
-    """One open output: a PyAV container with one H.264 stream (and maybe an ffmpeg relay)."""
+    """One open output: a PyAV container with one H.264 stream, maybe an AAC stream (and maybe
+    an ffmpeg relay)."""
 
-    def __init__(self, s: BurninSettings, width: int, height: int, codec: str) -> None:
+    AUDIO_RATE = 48000
+    AUDIO_TOLERANCE = 0.25  # s: within this, audio stays contiguous; beyond, re-anchor or drop
+
+    def __init__(self, s: BurninSettings, width: int, height: int, codec: str, audio: bool = False) -> None:
         import av
 
         self.s = s
@@ -272,6 +298,17 @@ class _Output:
         st.codec_context.options = copts
         st.codec_context.max_b_frames = 0
         self.stream = st
+        self.astream = None
+        self.resampler = None
+        self.a_in_next: int | None = None  # output sample where the next input chunk continues
+        self.a_out = 0  # output sample of the next resampled frame
+        if audio:
+            ast = self.container.add_stream("aac", rate=self.AUDIO_RATE)
+            ast.codec_context.layout = "stereo"
+            ast.codec_context.format = "fltp"
+            ast.codec_context.time_base = Fraction(1, self.AUDIO_RATE)
+            ast.codec_context.bit_rate = _parse_rate(s.audio_bitrate)
+            self.astream = ast
 
     @staticmethod
     def resolve(s: BurninSettings) -> tuple[str, str | None, dict]:
@@ -311,9 +348,63 @@ class _Output:
             raise ConnectionError(f"ffmpeg relay exited with {self.relay.returncode}")
         return n
 
+    def _new_resampler(self):
+        import av
+
+        return av.AudioResampler(format="fltp", layout="stereo", rate=self.AUDIO_RATE, frame_size=1024)
+
+    def _encode_audio(self, frames) -> int:
+        n = 0
+        for f in frames:
+            f.pts = self.a_out
+            f.time_base = Fraction(1, self.AUDIO_RATE)
+            self.a_out += f.samples
+            for packet in self.astream.encode(f):
+                self.container.mux(packet)
+                n += 1
+        return n
+
+    def write_audio(self, aframe, start_s: float) -> str:
+        """Encode one input audio frame whose first sample belongs at output time ``start_s``.
+        Returns what happened: 'ok', 'anchored' (a new start or a gap), 'late' (dropped: before
+        the output began, or a step back in time)."""
+        rate = self.AUDIO_RATE
+        start = round(start_s * rate)
+        length = round(aframe.samples * rate / aframe.sample_rate) if aframe.sample_rate else 0
+        tol = round(self.AUDIO_TOLERANCE * rate)
+        what = "ok"
+        if self.a_in_next is None or start - self.a_in_next > tol:
+            if start + length <= 0:
+                return "late"  # before the output began
+            if self.resampler is not None and self.a_in_next is not None:
+                self._encode_audio(self.resampler.resample(None))  # the rest before the gap
+            self.resampler = self._new_resampler()
+            self.a_in_next = self.a_out = max(0, start, self.a_out)
+            what = "anchored"
+        elif start < self.a_in_next - tol:
+            return "late"  # a step back in time (re-anchored input): keep the track monotonic
+        aframe.pts = None
+        try:
+            frames = self.resampler.resample(aframe)
+        except ValueError:  # the input's format/rate/layout changed: a fresh resampler
+            self._encode_audio(self.resampler.resample(None))
+            self.resampler = self._new_resampler()
+            frames = self.resampler.resample(aframe)
+        self.a_in_next += length
+        self._encode_audio(frames)
+        return what
+
     def close(self, flush: bool = True) -> None:
         try:
             if flush:
+                if self.astream is not None:
+                    try:
+                        if self.resampler is not None:
+                            self._encode_audio(self.resampler.resample(None))
+                        for packet in self.astream.encode(None):
+                            self.container.mux(packet)
+                    except Exception as e:  # the video still gets finalised
+                        log.warning("burn-in audio flush: %s", redact(e))
                 for packet in self.stream.encode(None):
                     self.container.mux(packet)
         finally:
@@ -359,6 +450,13 @@ class BurninSink(Sink):
         self.size: tuple[int, int] | None = None
         self.t0: float | None = None  # monotonic time of output pts 0
         self.renderer = CaptionRenderer(self.settings)
+        self.wants_audio = self.settings.audio  # the dispatcher reads it when the sink is added
+        # AudioChunks in order; bounded: the oldest go first
+        self._audio: collections.deque = collections.deque()
+        self._audio_max = int(100 * (self.settings.delay_s + 5))  # ~45 chunks a second
+        self._offsets: collections.deque = collections.deque(maxlen=90)  # recent frames' arrival - pts
+        self._audio_seen = False
+        self.has_audio = False  # the current output has an audio stream
 
     # --- sink API (called from the dispatcher's worker thread) -------------------------
     def start(self) -> None:
@@ -376,8 +474,19 @@ class BurninSink(Sink):
     def on_frame(self, frame) -> None:
         with self._lock:
             self._latest = frame
+            self._offsets.append(frame.arrival - frame.pts)
             if self.settings.delay_s > 0:
                 self._delayed.append(frame)
+
+    def on_audio(self, chunk) -> None:
+        if not self.settings.audio:
+            return
+        with self._lock:
+            self._audio.append(chunk)
+            if len(self._audio) > self._audio_max:
+                self._audio.popleft()
+                self.counters["audio_dropped"] += 1
+            self._audio_seen = True
 
     def on_caption(self, caption) -> None:
         if caption.is_silence:
@@ -405,7 +514,7 @@ class BurninSink(Sink):
         return f"burnin:{redact(self.settings.output)}"
 
     def stats(self) -> dict:
-        return {**self.counters, "codec": self.codec, "size": self.size,
+        return {**self.counters, "codec": self.codec, "size": self.size, "audio": self.has_audio,
                 "encoder_alive": bool(self._thread and self._thread.is_alive())}
 
     # --- encoder thread ----------------------------------------------------------------
@@ -466,6 +575,8 @@ class BurninSink(Sink):
         connected_once = False
         cache_key = None
         vframe = None
+        hold: list = []  # (frame, tick) composed while the first open waits for audio
+        hold_until: float | None = None
         try:
             while not self._stop.is_set():
                 now = time.monotonic()
@@ -478,6 +589,7 @@ class BurninSink(Sink):
                     self.codec = self._codec()
                     self.t0 = now
                     n = 0
+                    hold_until = now + s.audio_wait_s
                 # the clock: tick n is due at t0 + n / fps
                 due = self.t0 + n * period
                 if now < due:
@@ -487,18 +599,34 @@ class BurninSink(Sink):
                 if behind > s.fps:  # more than a second behind: skip ahead, stay real-time
                     self.counters["ticks_skipped"] += behind
                     n += behind
+                if out is None and s.audio and not self._audio_seen and not self.counters["opens"] \
+                        and hold_until is not None and now < hold_until:
+                    # the first open waits a little for audio, so the output can get an audio
+                    # stream; the frames of the wait are kept and written when it opens
+                    frame_text = self._update_caption(now, frame.pts if frame is not None else None)
+                    key = (id(frame), frame_text)
+                    if key != cache_key or vframe is None:
+                        vframe = self._compose(frame, frame_text)
+                        cache_key = key
+                    hold.append((vframe, n))
+                    self.counters["ticks_waiting_audio"] += 1
+                    n += 1
+                    continue
                 if out is None:
                     if now < next_open:
                         n += 1
                         self.counters["ticks_offline"] += 1
                         continue
                     try:
-                        out = _Output(s, *self.size, self.codec)
-                        pts_base = n
+                        with_audio = s.audio and self._audio_seen
+                        out = _Output(s, *self.size, self.codec, audio=with_audio)
+                        self.has_audio = with_audio
+                        pts_base = hold[0][1] if hold else n
                         fresh = True
                         self.counters["opens"] += 1
                         cache_key = None
                     except Exception as e:
+                        hold.clear()
                         if not _Output.resolve(s)[0].lower().startswith(("rtmp", "srt", "udp", "tcp")):
                             raise
                         log.warning("burn-in output %s: %s; retry in %.1f s", redact(s.output), redact(e), backoff)
@@ -515,7 +643,12 @@ class BurninSink(Sink):
                 else:
                     self.counters["repeated"] += 1
                 try:
-                    muxed = out.write(vframe, n - pts_base)
+                    muxed = 0
+                    held, hold = hold, []
+                    for hframe, tick in held:
+                        muxed += out.write(hframe, tick - pts_base)
+                        self.counters["frames_out"] += 1
+                    muxed += out.write(vframe, n - pts_base)
                     self.counters["frames_out"] += 1
                     if text:
                         self.counters["frames_captioned"] += 1
@@ -540,6 +673,7 @@ class BurninSink(Sink):
                     out = None
                     next_open = time.monotonic() + backoff
                     backoff = min(s.reconnect_max_s, backoff * 2)
+                self._pump_audio(out, now, self.t0 + pts_base * period)
                 n += 1
         except BaseException as e:  # reported on the next sink call
             log.error("burn-in encoder: %s", redact(e))
@@ -552,6 +686,40 @@ class BurninSink(Sink):
                     if self.error is None and not out.is_network:
                         self.error = e
                     log.warning("burn-in output close: %s", redact(e))
+
+    def _pump_audio(self, out: "_Output | None", now: float, out_t0: float) -> None:
+        """Encode the audio that is due (up to 0.1 s ahead of the video); never raises."""
+        with self._lock:
+            # where a chunk belongs in wall-clock time: its stream time + the offset of the video
+            # frames (the median arrival - pts of the recent ones; a frame is shown at the tick
+            # after it arrives, half a period later on average) + delay_s. Taken when the chunk is
+            # written, so the first anchor already sees the frames of the first open's wait
+            if self._offsets:
+                off = sorted(self._offsets)[len(self._offsets) // 2] + 0.5 / self.settings.fps
+            else:
+                off = None
+            due = []
+            while self._audio:
+                chunk = self._audio[0]
+                at = chunk.pts + (chunk.arrival - chunk.pts if off is None else off) + self.settings.delay_s
+                if at > now + 0.1:
+                    break
+                due.append((at, self._audio.popleft()))
+        if out is None or out.astream is None:
+            if due:
+                self.counters["audio_discarded"] += len(due)  # no output, or one without audio
+            return
+        for i, (at, chunk) in enumerate(due):
+            try:
+                what = out.write_audio(chunk.frame, at - out_t0)
+                self.counters["audio_" + what] += 1
+            except Exception as e:
+                self.counters["audio_errors"] += 1
+                if self.counters["audio_errors"] <= 3:
+                    log.warning("burn-in audio: %s", redact(e))
+                if out.is_network:  # probably the connection: the video write will tell
+                    self.counters["audio_discarded"] += len(due) - i - 1
+                    return
 
     def _compose(self, frame, text: str | None):
         import av
