@@ -407,3 +407,28 @@ def _try(fn):
 if __name__ == "__main__":  # manual check: python3 tests/servers.py
     with NginxRtmp() as ngx, Publisher(ngx.url("x")):
         print(wait_until(lambda: _try(lambda: probe_video(ngx.url("x"), 5)), 20, "the stream"))
+
+
+def http_get(url: str, timeout: float = 10, token: str | None = None) -> tuple[int, bytes]:
+    """(status, body) of a GET; (0, b"") when nothing answers. ``token`` goes as a Bearer header."""
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+    except OSError:
+        return 0, b""
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The complete JSON lines of a file another process is still writing (a partial last line is skipped)."""
+    out = []
+    if Path(path).exists():
+        for line in Path(path).read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                out.append(json.loads(line))
+    return out

@@ -19,7 +19,6 @@ turn (test_run_pipeline.py).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
@@ -27,7 +26,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -49,23 +47,10 @@ LIGHT = ["--set", "engine.max_pixels=100352", "--set", "capture.wait_for_source=
 
 
 def get(url: str, timeout: float = 5, token: str | None = None) -> tuple[int, bytes]:
-    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-    except OSError:
-        return 0, b""
+    return servers.http_get(url, timeout, token)
 
 
-def jsonl(path: Path) -> list[dict]:
-    out = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            with contextlib.suppress(json.JSONDecodeError):  # a line being written
-                out.append(json.loads(line))
-    return out
+jsonl = servers.read_jsonl
 
 
 def counts(pid: int) -> tuple[int, int, int]:
