@@ -58,11 +58,12 @@ import json
 import math
 import platform
 import re
-import subprocess
 import sys
 import time
 import types
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # reference_parity's helpers, shared
 
 QUERY = "Please describe the video."
 MAX_PIXELS = 384 * 28 * 28
@@ -142,16 +143,9 @@ def sha256_file(p: Path):
 
 
 def livecc_commit(repo: Path, given: str | None):
-    if given:
-        return given
-    try:
-        out = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        if out.returncode == 0 and out.stdout.strip():
-            return out.stdout.strip()
-    except Exception:
-        pass
-    marker = repo / ".livecc_commit"
-    return marker.read_text().strip() if marker.exists() else None
+    from reference_parity import livecc_commit as impl  # the CPU parity run's helper
+
+    return impl(repo, given)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -258,7 +252,6 @@ def install_decord_stub(deviations: list):
 def install_liger_stub(deviations: list):
     """demo/infer.py imports and calls apply_liger_kernel_to_qwen2_vl() at import; --liger off makes it a no-op
     (the same stub the CPU parity run uses)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from reference_parity import install_liger_stub as stub
 
     return stub(deviations)
