@@ -67,17 +67,21 @@ def version(dist: str):
 
 
 def livecc_commit(repo: Path, given: str | None):
+    """The reference's commit: given, else a `.livecc_commit` marker, else git — only when `repo` is the top of
+    its own checkout (a copy inside another repository would report that repository's HEAD)."""
     if given:
         return given
-    try:
-        out = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        if out.returncode == 0 and out.stdout.strip():
-            return out.stdout.strip()
-    except Exception:
-        pass
     marker = repo / ".livecc_commit"
     if marker.exists():
         return marker.read_text().strip()
+    try:
+        top = subprocess.run(["git", "-C", str(repo), "rev-parse", "--show-toplevel", "HEAD"], capture_output=True,
+                             text=True, timeout=10)
+        lines = top.stdout.split()
+        if top.returncode == 0 and len(lines) == 2 and Path(lines[0]).resolve() == repo.resolve():
+            return lines[1]
+    except Exception:
+        pass
     return None
 
 
