@@ -127,7 +127,7 @@ class Pipeline:
     # -- lifecycle ----------------------------------------------------------------------------------
     def start(self) -> "Pipeline":
         from .capture import CaptureError
-        from .dispatch import Dispatcher
+        from .fanout.dispatch import Dispatcher
         from .plugins import make_sink
 
         cfg, cap = self.cfg, self.cfg.capture

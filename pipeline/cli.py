@@ -49,7 +49,7 @@ def _engine_config(args, base=None):
 def cmd_caption(args) -> int:
     from .engine import StreamingSession, load_model
     from .plugins import make_sink
-    from .vod import file_clips, probe
+    from .capture.files import file_clips, probe
 
     duration, _ = probe(args.video)  # a clear error before the model loads
     cfg = _engine_config(args)
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from .engine import ContextFullError, ModelLoadError
     from .plugins import PluginError
-    from .vod import VideoFileError
+    from .capture.files import VideoFileError
 
     try:
         return args.func(args) or 0

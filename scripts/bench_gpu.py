@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.engine import EngineConfig, LoadedModel, StreamingSession  # noqa: E402
 from pipeline.engine.vision import PatchSpec  # noqa: E402
-from pipeline.frames import resize_frames  # noqa: E402
+from pipeline.capture.frames import resize_frames  # noqa: E402
 from pipeline.types import Clip  # noqa: E402
 
 SHAPES = {

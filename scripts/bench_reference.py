@@ -107,7 +107,7 @@ SHAPES = {
             "spatial_merge_size": 2, "spatial_patch_size": 14, "temporal_patch_size": 2,
         },
     },
-    # the sizes of the tiny "qwen" test checkpoint (pipeline/tiny.py), for a CPU dry run
+    # the sizes of the tiny "qwen" test checkpoint (pipeline/fixtures/tiny.py), for a CPU dry run
     "tiny": {
         **_COMMON,
         "hidden_size": 128,

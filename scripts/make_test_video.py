@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Write the deterministic synthetic test video (see pipeline/testvideo.py) and print its path.
+"""Write the deterministic synthetic test video (see pipeline/fixtures/testvideo.py) and print its path.
 
     python scripts/make_test_video.py                          # cached: $LIVECC_CACHE or ~/.cache/livecc
     python scripts/make_test_video.py --out /tmp/t.mp4 --width 1920 --height 1080 --seconds 10 --audio
@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.testvideo import make_test_video, test_video  # noqa: E402
+from pipeline.fixtures.testvideo import make_test_video, test_video  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

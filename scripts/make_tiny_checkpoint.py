@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Build the tiny LiveCC-style test checkpoint (see pipeline/tiny.py) and print its folder.
+"""Build the tiny LiveCC-style test checkpoint (see pipeline/fixtures/tiny.py) and print its folder.
 
     python scripts/make_tiny_checkpoint.py                     # cached: $LIVECC_CACHE or ~/.cache/livecc
     python scripts/make_tiny_checkpoint.py --vocab small --out /tmp/tiny
@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.tiny import build_tiny_checkpoint, tiny_checkpoint  # noqa: E402
+from pipeline.fixtures.tiny import build_tiny_checkpoint, tiny_checkpoint  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

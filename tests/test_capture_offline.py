@@ -11,7 +11,7 @@ import numpy as np
 import servers
 from pipeline.capture import CaptureThread, RingBuffer, resolve
 from pipeline.capture.sampler import conform
-from pipeline.vod import file_clips
+from pipeline.capture.files import file_clips
 
 BITS = 10
 BLOCK = 40  # px: each bit of the frame index is a BLOCK x BLOCK square, white = 1

@@ -111,7 +111,7 @@ def test_live_capture_lavfi_end_to_end():
     import threading as th
 
     from pipeline.capture import LiveCapture
-    from pipeline.frames import smart_resize
+    from pipeline.capture.frames import smart_resize
 
     before = set(th.enumerate())
     with LiveCapture("lavfi:testsrc2=size=320x240:rate=30", queue_size=10) as live:

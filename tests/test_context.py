@@ -9,7 +9,7 @@ import torch
 from pipeline.engine import ContextFullError, EngineConfig, StreamingSession, load_model
 from pipeline.engine.sampling import TokenChooser
 from pipeline.engine.vision import patchify
-from pipeline.tiny import tiny_checkpoint
+from pipeline.fixtures.tiny import tiny_checkpoint
 from pipeline.types import Clip
 
 from test_engine import reference_positions

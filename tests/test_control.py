@@ -18,7 +18,7 @@ import pytest
 
 from pipeline import config
 from pipeline.app import Pipeline
-from pipeline.sink import Sink
+from pipeline.fanout.sink import Sink
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -80,7 +80,7 @@ def call(url, method="GET", body=None, token=None, headers=None, raw=None, timeo
 @pytest.fixture(scope="module")
 def tiny_model():
     from pipeline.engine import load_model
-    from pipeline.tiny import tiny_checkpoint
+    from pipeline.fixtures.tiny import tiny_checkpoint
 
     return load_model(str(tiny_checkpoint("small")), device="cpu", dtype="float32")
 

@@ -7,8 +7,8 @@ import time
 
 import numpy as np
 
-from pipeline.dispatch import Dispatcher, RetryPolicy
-from pipeline.sink import DeliveryError, Sink
+from pipeline.fanout.dispatch import Dispatcher, RetryPolicy
+from pipeline.fanout.sink import DeliveryError, Sink
 from pipeline.types import Caption, Frame, StreamEvent
 
 

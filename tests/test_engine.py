@@ -11,7 +11,7 @@ import torch
 
 from pipeline.engine import ContextFullError, EngineConfig, StreamingSession, load_model
 from pipeline.engine.sampling import TokenChooser
-from pipeline.tiny import tiny_checkpoint
+from pipeline.fixtures.tiny import tiny_checkpoint
 from pipeline.types import Clip
 
 QUERY2 = "Describe the colours and the moving shapes."

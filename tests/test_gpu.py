@@ -31,7 +31,7 @@ def test_graph_decode_agrees_with_plain_decode(compile):
     import numpy as np
 
     from pipeline.engine import EngineConfig, StreamingSession, load_model
-    from pipeline.tiny import tiny_checkpoint
+    from pipeline.fixtures.tiny import tiny_checkpoint
     from pipeline.types import Clip
 
     model = load_model(str(tiny_checkpoint("small")), device="cuda", dtype="float32")

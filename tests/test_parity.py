@@ -14,9 +14,9 @@ import pytest
 
 from pipeline.engine import EngineConfig, StreamingSession, load_model
 from pipeline.engine.vision import patchify
-from pipeline.testvideo import test_video
-from pipeline.tiny import tiny_checkpoint
-from pipeline.vod import file_clips
+from pipeline.fixtures.testvideo import test_video
+from pipeline.fixtures.tiny import tiny_checkpoint
+from pipeline.capture.files import file_clips
 
 GOLDEN = Path(__file__).parent / "golden"
 

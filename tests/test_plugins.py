@@ -6,7 +6,7 @@ import pytest
 
 from pipeline import plugins
 from pipeline.plugins import SINKS, Registry, make_sink, parse_spec
-from pipeline.sink import Sink, SinkSettings
+from pipeline.fanout.sink import Sink, SinkSettings
 
 BUILTINS = {"console", "jsonl", "subtitles", "srt", "vtt", "overlay", "twitch", "webhook", "burnin"}
 

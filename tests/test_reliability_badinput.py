@@ -145,7 +145,7 @@ SHORT = {"garbage_payload.ts": 1}  # what decodes of these: too little to captio
 
 @pytest.fixture(scope="module")
 def model() -> Path:
-    from pipeline.tiny import tiny_checkpoint
+    from pipeline.fixtures.tiny import tiny_checkpoint
 
     return tiny_checkpoint("small")
 

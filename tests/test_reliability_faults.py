@@ -62,14 +62,14 @@ def counts(pid: int) -> tuple[int, int, int]:
 
 @pytest.fixture(scope="module")
 def model() -> Path:
-    from pipeline.tiny import tiny_checkpoint
+    from pipeline.fixtures.tiny import tiny_checkpoint
 
     return tiny_checkpoint("small")
 
 
 @pytest.fixture(scope="module")
 def source_file():
-    from pipeline.testvideo import test_video
+    from pipeline.fixtures.testvideo import test_video
 
     return test_video(seconds=20)  # published in a loop with -c copy: near zero CPU for the publisher
 

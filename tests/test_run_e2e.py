@@ -49,13 +49,13 @@ def metric(text: str, name: str) -> float:
 
 @pytest.fixture(scope="module")
 def source_file():
-    from pipeline.testvideo import test_video
+    from pipeline.fixtures.testvideo import test_video
 
     return test_video(seconds=20)  # published in a loop with -c copy: near zero CPU for the publisher
 
 
 def test_livecc_run_rtmp_restream_end_to_end(nginx_rtmp, publisher, stream_key, tmp_path, source_file):
-    from pipeline.tiny import tiny_checkpoint
+    from pipeline.fixtures.tiny import tiny_checkpoint
 
     model = tiny_checkpoint("small")
     src, out = nginx_rtmp.url(stream_key + "-in"), nginx_rtmp.url(stream_key + "-out")

@@ -12,7 +12,7 @@ from pipeline import config
 from pipeline.app import Pipeline
 from pipeline.engine import ContextFullError
 from pipeline.engine.session import TurnStats
-from pipeline.sink import Sink
+from pipeline.fanout.sink import Sink
 from pipeline.types import Caption
 
 pytestmark = pytest.mark.timeout(90)

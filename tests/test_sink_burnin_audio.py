@@ -20,7 +20,7 @@ import pytest
 
 from pipeline.app import _TeeRing
 from pipeline.capture import CaptureThread
-from pipeline.dispatch import Dispatcher
+from pipeline.fanout.dispatch import Dispatcher
 from pipeline.plugins import make_sink
 import servers
 from servers import Publisher
@@ -171,7 +171,7 @@ def test_livecc_run_passes_audio_through(nginx, tmp_path):
     import signal
     import sys
 
-    from pipeline.tiny import tiny_checkpoint
+    from pipeline.fixtures.tiny import tiny_checkpoint
 
     model = tiny_checkpoint("small")
     src = f"rtmp://127.0.0.1:{nginx.port}/live/in"

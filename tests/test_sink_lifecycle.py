@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from pipeline.dispatch import Dispatcher
+from pipeline.fanout.dispatch import Dispatcher
 from pipeline.plugins import make_sink
 from pipeline.types import Caption, Frame, StreamEvent
 

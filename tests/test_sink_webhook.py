@@ -10,9 +10,9 @@ import time
 import pytest
 from aiohttp import web
 
-from pipeline.dispatch import Dispatcher
+from pipeline.fanout.dispatch import Dispatcher
 from pipeline.plugins import make_sink
-from pipeline.sink import DeliveryError
+from pipeline.fanout.sink import DeliveryError
 from pipeline.types import Caption, StreamEvent
 
 

@@ -1,4 +1,4 @@
-"""The tiny LiveCC-style checkpoint (pipeline/tiny.py) and the synthetic test video (pipeline/testvideo.py)."""
+"""The tiny LiveCC-style checkpoint (pipeline/fixtures/tiny.py) and the synthetic test video (pipeline/fixtures/testvideo.py)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.testvideo import frame_count, make_test_video, render_frame, test_video
-from pipeline.tiny import SPECIAL_TOKENS, build_tiny_checkpoint, greedy_turns, tiny_checkpoint
+from pipeline.fixtures.testvideo import frame_count, make_test_video, render_frame, test_video
+from pipeline.fixtures.tiny import SPECIAL_TOKENS, build_tiny_checkpoint, greedy_turns, tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SYSTEM_PROMPT = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
@@ -217,7 +217,7 @@ def test_greedy_probe_on_test_video(small_ckpt, short_video):
 
 def test_cache_parallel_builds(tmp_path):
     env = dict(os.environ, LIVECC_CACHE=str(tmp_path / "cache"), PYTHONPATH=str(ROOT))
-    code = "from pipeline.tiny import tiny_checkpoint; print(tiny_checkpoint('small'))"
+    code = "from pipeline.fixtures.tiny import tiny_checkpoint; print(tiny_checkpoint('small'))"
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
              for _ in range(3)]
     outs = [p.communicate(timeout=120)[0].strip() for p in procs]

@@ -8,8 +8,8 @@ import av
 import numpy as np
 import pytest
 
-from pipeline.frames import smart_resize
-from pipeline.vod import VideoFileError, file_clips, probe
+from pipeline.capture.frames import smart_resize
+from pipeline.capture.files import VideoFileError, file_clips, probe
 
 
 def clock_video(path, fps, seconds, w=320, h=240):

@@ -3,7 +3,8 @@
 from pipeline.capture.clipqueue import ClipQueue
 from pipeline.capture.errors import CaptureError
 from pipeline.capture.live import LiveCapture
-from pipeline.capture.reader import Backoff, CaptureThread
+from pipeline.backoff import Backoff
+from pipeline.capture.reader import CaptureThread
 from pipeline.capture.ringbuffer import RingBuffer
 from pipeline.capture.sampler import LiveSampler
 from pipeline.capture.sources import Source, SourceOptions, register_source, resolve

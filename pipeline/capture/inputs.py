@@ -17,7 +17,7 @@ import av
 from pipeline.capture.errors import CaptureError
 from pipeline.capture.relay import Relay
 from pipeline.capture.sources import LOW_LATENCY_OPTIONS, Source
-from pipeline.frames import MAX_RATIO
+from pipeline.capture.frames import MAX_RATIO
 from pipeline.redact import redact
 
 log = logging.getLogger(__name__)

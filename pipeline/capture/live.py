@@ -10,11 +10,12 @@ from __future__ import annotations
 from typing import Callable, Iterator
 
 from pipeline.capture.clipqueue import DEFAULT_MAXSIZE, ClipQueue
-from pipeline.capture.reader import Backoff, CaptureThread
+from pipeline.backoff import Backoff
+from pipeline.capture.reader import CaptureThread
 from pipeline.capture.ringbuffer import DEFAULT_SIZE, RingBuffer
 from pipeline.capture.sampler import FPS, LiveSampler
 from pipeline.capture.sources import Source, SourceOptions, resolve
-from pipeline.frames import MAX_PIXELS
+from pipeline.capture.frames import MAX_PIXELS
 from pipeline.types import Clip, StreamEvent
 
 

@@ -23,11 +23,11 @@ import itertools
 import logging
 import threading
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 import av
 
+from pipeline.backoff import Backoff
 from pipeline.capture.errors import CaptureError
 from pipeline.capture.inputs import Input, describe, open_input
 from pipeline.capture.ringbuffer import RingBuffer
@@ -42,21 +42,6 @@ JUMP_S = 10.0  # a pts jump larger than this inside one session is a discontinui
 # gap by more than this, stream time counts the wall-clock gap (not for HLS, which arrives in bursts)
 HIDDEN_GAP_S = 1.0
 _ids = itertools.count(1)
-
-
-@dataclass(frozen=True)
-class Backoff:
-    """Reconnect schedule: the first retry at once, then initial, initial*factor, ... capped."""
-
-    initial: float = 0.5
-    factor: float = 2.0
-    max_delay: float = 5.0
-    max_attempts: int | None = None  # None: forever
-
-    def delay(self, attempt: int) -> float:
-        if attempt <= 1:
-            return 0.0
-        return min(self.max_delay, self.initial * self.factor ** (attempt - 2))
 
 
 class _Stopped(Exception):

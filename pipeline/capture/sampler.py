@@ -17,7 +17,7 @@ frames, counted); past that, sampling pauses (a partial clip is dropped, event
 ``opener_frames`` (6: grid 0.0..2.5), every later clip ``turn_frames`` (2); after a pause the
 session continues with 2-frame clips.
 
-Recorded files are chunked offline by :mod:`pipeline.vod` (the reference's exact frame rule).
+Recorded files are chunked offline by :mod:`pipeline.capture.files` (the reference's exact frame rule).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from pipeline.capture.clipqueue import ClipQueue
 from pipeline.capture.ringbuffer import RingBuffer
-from pipeline.frames import MAX_PIXELS, even_frames, resize_frames
+from pipeline.capture.frames import MAX_PIXELS, even_frames, resize_frames
 from pipeline.types import Clip, Frame, StreamEvent
 
 log = logging.getLogger(__name__)

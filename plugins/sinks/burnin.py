@@ -46,7 +46,7 @@ import numpy as np
 from PIL import Image, ImageColor, ImageDraw, ImageFont
 from pydantic import field_validator
 
-from pipeline.sink import DeliveryError, Sink, SinkSettings, redact
+from pipeline.fanout.sink import DeliveryError, Sink, SinkSettings, redact
 
 log = logging.getLogger(__name__)
 

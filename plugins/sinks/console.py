@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from typing import Literal
 
-from pipeline.sink import Sink, SinkSettings
+from pipeline.fanout.sink import Sink, SinkSettings
 
 
 def _ts(t: float) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 
-from pipeline.sink import Sink, SinkSettings
+from pipeline.fanout.sink import Sink, SinkSettings
 
 
 class JsonlSink(Sink):

@@ -33,7 +33,7 @@ from typing import Any, Awaitable, Callable, Literal
 from aiohttp import WSMsgType, web
 from pydantic import field_validator
 
-from pipeline.sink import Sink, SinkSettings
+from pipeline.fanout.sink import Sink, SinkSettings
 
 log = logging.getLogger(__name__)
 

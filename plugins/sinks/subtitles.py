@@ -15,7 +15,7 @@ import re
 import textwrap
 from typing import Literal
 
-from pipeline.sink import Sink, SinkSettings
+from pipeline.fanout.sink import Sink, SinkSettings
 
 
 def _stamp(t: float, sep: str) -> str:

@@ -27,7 +27,7 @@ import time
 
 from pydantic import SecretStr, field_validator
 
-from pipeline.sink import Sink, SinkSettings, redact
+from pipeline.fanout.sink import Sink, SinkSettings, redact
 
 log = logging.getLogger(__name__)
 

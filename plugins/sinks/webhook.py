@@ -27,7 +27,7 @@ from typing import Literal
 from pydantic import field_validator
 
 from pipeline import __version__
-from pipeline.sink import DeliveryError, Sink, SinkSettings, redact
+from pipeline.fanout.sink import DeliveryError, Sink, SinkSettings, redact
 
 
 class WebhookSink(Sink):

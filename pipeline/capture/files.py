@@ -18,7 +18,7 @@ import av
 import numpy as np
 
 from .frames import MAX_PIXELS, MAX_RATIO, resize_frames
-from .types import Clip, Frame
+from ..types import Clip, Frame
 
 FPS = 2.0
 OPENER_FRAMES = 6
@@ -155,7 +155,7 @@ def _resized(frames: list[Frame], max_pixels: int) -> np.ndarray:
     """The clip's frames at the model's size; a resolution change inside the clip takes the last frame's size."""
     if len({f.image.shape for f in frames}) == 1:
         return resize_frames(np.stack([f.image for f in frames]), max_pixels=max_pixels)
-    from .capture.sampler import conform
+    from .sampler import conform
 
     return np.stack(conform([resize_frames(f.image[None], max_pixels=max_pixels)[0] for f in frames]))
 

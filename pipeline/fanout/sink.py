@@ -1,6 +1,6 @@
 """The sink interface: where captions go.
 
-A sink is a small object with five methods. The dispatcher (``pipeline/dispatch.py``) calls
+A sink is a small object with five methods. The dispatcher (``pipeline/fanout/dispatch.py``) calls
 them from one worker thread per sink, so a sink never has to be thread-safe against its own
 calls, and a slow or broken sink never stalls the engine or the other sinks.
 
@@ -27,10 +27,10 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
-from .types import AudioChunk, Caption, Frame, StreamEvent
+from ..types import AudioChunk, Caption, Frame, StreamEvent
 
 try:  # the shared redaction helper, when present
-    from .redact import redact as _shared_redact
+    from ..redact import redact as _shared_redact
 except Exception:  # pragma: no cover - fallback until pipeline/redact.py exists
     _shared_redact = None
 

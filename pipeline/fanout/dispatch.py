@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from .sink import DeliveryError, Sink, redact
-from .types import AudioChunk, Caption, Frame, StreamEvent
+from ..types import AudioChunk, Caption, Frame, StreamEvent
 
 log = logging.getLogger(__name__)
 
@@ -292,7 +292,7 @@ class Dispatcher:
     @classmethod
     def from_specs(cls, specs: Iterable[str | dict], **kw: Any) -> "Dispatcher":
         """Sinks built from ``--sink`` strings or config blocks (see ``plugins.make_sink``)."""
-        from .plugins import make_sink
+        from ..plugins import make_sink
 
         return cls([make_sink(s) for s in specs], **kw)
 
