@@ -1,4 +1,4 @@
-"""The live pipeline: capture thread -> ring buffer -> sampler -> clip queue -> ONE engine thread -> sinks.
+"""One live stream: capture thread -> ring buffer -> sampler -> clip queue -> engine core -> sinks.
 
 Threads and who owns what:
 
@@ -8,9 +8,11 @@ Threads and who owns what:
   in order through a bounded queue;
 - the sampler thread (``LiveSampler``) takes 2 frames per second of stream time into clips and puts
   them into a bounded clip queue that drops the oldest clip when the engine falls behind;
-- the engine thread (here) is the only thread that touches the model (the GPU). It waits on one
-  condition for either a clip or a command from the control API (query change, question), runs
-  commands between turns, and publishes each caption to the dispatcher;
+- the engine thread (``EngineCore``, shared by every stream of the process: ``engine_worker.py``) is the
+  only thread that touches the model (the GPU). It pulls this stream's turns through the ``StreamPort``
+  methods here (``due``/``next_request``), oldest due first across streams, batches their decoding with
+  other streams', and hands each result back (``_on_result``), which publishes the caption. Commands from
+  the control API (query change, question) run on that thread between this stream's turns;
 - the dispatcher gives every sink its own worker thread and bounded queue, so no sink can stall
   the engine;
 - the HTTP server (overlay page, control API, /metrics) runs its own event loop thread.
@@ -33,8 +35,9 @@ from typing import Any
 
 from .capture import Backoff, CaptureThread, ClipQueue, LiveSampler, RingBuffer, SourceOptions, resolve
 from .config import RunConfig, is_loopback
-from .metrics import Metrics
+from .metrics import RATE_WINDOW_S, Metrics
 from .redact import redact
+from .snapshot import Snapshot
 from .types import Caption, Frame, StreamEvent
 
 log = logging.getLogger("livecc.app")
@@ -60,7 +63,7 @@ class _TeeRing(RingBuffer):
 
 
 class _Inbox(ClipQueue):
-    """The clip queue, waking the engine thread's condition on every put and on close."""
+    """The clip queue, waking the engine core on every put and on close."""
 
     def __init__(self, maxsize: int, wake):
         super().__init__(maxsize)
@@ -84,19 +87,27 @@ class Command:
 
 
 class Pipeline:
-    """One live stream captioned end to end. ``start()``, then ``wait()``, then ``stop()``."""
+    """One live stream captioned end to end. ``start()``, then ``wait()``, then ``stop()``.
+
+    ``engine``: an ``EngineWorker`` shared with other streams (``livecc serve``); None makes one of its own
+    with one cache row (``livecc run``), loading ``model`` unless given. ``stream_id`` names the stream in
+    logs, metrics and routes."""
 
     def __init__(self, cfg: RunConfig, source: str | None = None, *, model=None, metrics: Metrics | None = None,
-                 sinks: list | None = None, session_factory=None):
+                 sinks: list | None = None, session_factory=None, engine=None, stream_id: str = "main",
+                 server=None):
         self.cfg = cfg
+        self.stream_id = stream_id
         self.source_spec = source or cfg.capture.source
         if not self.source_spec:
             raise PipelineError("no source: give SOURCE on the command line or capture.source in the config")
         self.engine_cfg = cfg.engine_config()
         self.metrics = metrics or Metrics()
         self.model = model
+        self.engine = engine
+        self._own_engine = engine is None
         self._sinks = sinks
-        self._session_factory = session_factory  # (model, EngineConfig) -> session; default StreamingSession
+        self._session_factory = session_factory  # (model, EngineConfig, core) -> session; default StreamingSession
         self.state = "new"
         self.started_at = time.time()
         self._t_start = time.monotonic()
@@ -107,21 +118,21 @@ class Pipeline:
         self.sampler: LiveSampler | None = None
         self.queue: _Inbox | None = None
         self.dispatcher = None
-        self.server = None
+        self.server = server
+        self._own_server = server is None
         self.control = None
         self.recent: collections.deque[Caption] = collections.deque(maxlen=RECENT_CAPTIONS)
-        self.query_log: collections.deque[tuple[int, str]] = collections.deque(maxlen=100)  # (turn, query)
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
         self._commands: collections.deque[Command] = collections.deque()
         self._query_waiters: list[Future] = []
         self._paused = False
-        self._stop_turns = False
         self._stopping = False
-        self._busy_since: float | None = None
+        self._attached = False
+        self._inflight: Command | None | bool = False  # False: no turn in flight; else its command (or None)
+        self._idle = threading.Condition(self._lock)  # notified when the turn in flight ends
         self._errors_in_row = 0
         self._rollovers = 0
-        self._done = threading.Event()  # the engine loop ended, or a stop was requested
-        self._consumer: threading.Thread | None = None
+        self._done = threading.Event()  # the stream ended, or a stop was requested
         self.metrics.bind(self.snapshot)
 
     # -- lifecycle ----------------------------------------------------------------------------------
@@ -149,21 +160,28 @@ class Pipeline:
                 self._sinks = [make_sink(dict(b)) for b in blocks]
             except ValueError as e:
                 raise PipelineError(str(e)) from None
-        if self.model is None:
-            from .engine import load_model
+        if self.engine is None:
+            from .engine_worker import EngineWorker
 
             self.state = "loading"
-            log.info("loading %s", self.engine_cfg.model)
-            self.model = load_model(self.engine_cfg.model, device=self.engine_cfg.device, dtype=self.engine_cfg.dtype)
+            if self.model is None:
+                log.info("loading %s", self.engine_cfg.model)
+            if self._session_factory is None:
+                self.engine = EngineWorker(self.engine_cfg, model=self.model, slots=1)
+                self.model = self.engine.model
         if self._done.is_set():  # stopped (Ctrl-C) while the model loaded: start nothing more
             self.state = "stopping"
             return self
-        if self._session_factory is None:
-            from .engine import StreamingSession
-
-            self._session_factory = StreamingSession
-        self.session = self._session_factory(self.model, self.engine_cfg)
-        if cfg.server.enabled:
+        if self._session_factory is not None:  # a scripted engine (tests)
+            self.session = self._session_factory(self.model, self.engine_cfg, self.engine)
+            self.engine = getattr(self.session, "engine", self.engine)
+        else:
+            self.model = self.engine.model
+            try:
+                self.session = self.engine.open_session(self.engine_cfg)
+            except RuntimeError as e:
+                raise PipelineError(str(e)) from None
+        if cfg.server.enabled and self._own_server:
             port = cfg.server.port or _free_port(cfg.server.host)
             if cfg.server.port == 0:  # port 0: overlay sinks that share the server follow the port picked
                 for sink in self._sinks:
@@ -173,7 +191,8 @@ class Pipeline:
         self.dispatcher = Dispatcher(self._sinks)
         self.dispatcher.start()
         log.info("captions to %s", ", ".join(s.describe() for s in self._sinks))
-        self.queue = _Inbox(cfg.sampler.queue_size, self._wake)
+        core = self.engine.core
+        self.queue = _Inbox(cfg.sampler.queue_size, core.wake)
         ring = _TeeRing(cap.ring_size, self._on_frame)
         self.capture = CaptureThread(
             self.source, ring, on_event=self._on_event, wait_for_source=cap.wait_for_source,
@@ -184,8 +203,10 @@ class Pipeline:
         self.sampler = LiveSampler(ring, self.queue, fps=s.fps, opener_frames=s.opener_frames,
                                    turn_frames=s.turn_frames, max_pixels=self.engine_cfg.max_pixels,
                                    lookahead=s.lookahead_s, hold_s=s.hold_s, on_event=self._on_event)
-        self._consumer = threading.Thread(target=self._engine_loop, name="livecc-engine", daemon=True)
-        self._consumer.start()
+        if self._own_engine:
+            self.engine.start()
+        core.attach(self)
+        self._attached = True
         self.capture.start()
         self._t_start = time.monotonic()
         self.sampler.start()
@@ -229,12 +250,10 @@ class Pipeline:
 
     def stop(self) -> dict:
         """Graceful shutdown; returns the sinks' final status. Idempotent."""
-        with self._cond:
+        with self._lock:
             if self._stopping:
                 return {}
             self._stopping = True
-            self._stop_turns = True
-            self._cond.notify_all()
         self.state = "stopping"
         sd = self.cfg.shutdown
         t0 = time.monotonic()
@@ -243,21 +262,28 @@ class Pipeline:
                 log.warning("capture did not stop within %.1f s; abandoned", self.capture.stop_bound)
         if self.sampler is not None:
             self.sampler.stop()
-        if self._consumer is not None and self._consumer.is_alive():
-            left = max(0.0, sd.turn_timeout_s - (time.monotonic() - t0))
-            self._consumer.join(left)
-            if self._consumer.is_alive():
+        core = self.engine.core if self.engine is not None else None
+        if core is not None and self._attached:
+            core.detach(self)  # no new turns; the one in flight may finish
+            with self._idle:
+                finished = self._idle.wait_for(lambda: self._inflight is False, sd.turn_timeout_s)
+            if not finished:
                 log.warning("the engine turn in progress did not finish within %.1f s; abandoned",
                             sd.turn_timeout_s)
+            elif self.session is not None and hasattr(self.session, "close"):
+                self.session.close()  # the cache row is free for another stream
         self._fail_commands("the pipeline is stopping")
+        if self._own_engine and self.engine is not None:
+            self.engine.stop(max(0.0, sd.turn_timeout_s - (time.monotonic() - t0)))
         status = self.dispatcher.stop(sd.sinks_timeout_s) if self.dispatcher is not None else {}
         for name, st in status.items():
             if st.get("state") == "hung":
                 log.error("sink %s did not finish closing", name)
-        if self.server is not None:
+        if self.server is not None and self._own_server:
             self.server.release()
             self.server = None
         self.state = "stopped"
+        self._done.set()
         if self.capture is not None:
             log.info("stopped in %.1f s", time.monotonic() - t0)
         return status
@@ -280,115 +306,153 @@ class Pipeline:
         if self.dispatcher is not None:
             self.dispatcher.event(ev)
 
-    def _wake(self) -> None:
-        with self._cond:
-            self._cond.notify_all()
+    # -- the stream's side of the engine core (called on the engine thread) ---------------------------------
+    def due(self) -> float | None:
+        """When this stream's next turn became due (monotonic s), None if it has none (StreamPort)."""
+        with self._lock:
+            if self._stopping:
+                return None
+            if self._commands:
+                return self._commands[0].received
+            paused = self._paused
+        if not paused:
+            ready = self.queue.oldest_ready() if self.queue is not None else None
+            if ready is not None:
+                return ready
+        self._check_ended()
+        return None
 
-    # -- the engine thread -------------------------------------------------------------------------------
-    def _engine_loop(self) -> None:
-        try:
-            while True:
-                with self._cond:
-                    while (not self._commands and not self._stop_turns and not self.queue.closed
-                           and (self._paused or len(self.queue) == 0)):
-                        self._cond.wait()
-                    if self._stop_turns:
-                        break
-                    cmd = self._commands.popleft() if self._commands else None
-                    paused = self._paused
-                if cmd is not None:
-                    self._run_command(cmd)
+    def next_request(self):
+        """This stream's next turn: a question, else the oldest clip (StreamPort). Query changes are applied
+        here, between turns, without a turn of their own."""
+        while True:
+            with self._lock:
+                cmd = self._commands.popleft() if self._commands else None
+                paused = self._paused
+            if cmd is not None:
+                if cmd.future.done():  # the requester gave up
                     continue
-                if paused:  # the source ended while paused
-                    break
-                clip = self.queue.get(timeout=0)
-                if clip is None:
-                    if self.queue.closed:
-                        break
+                if cmd.kind == "query":
+                    self._apply_query(cmd)
                     continue
-                if not self._turn(clip):
-                    break
-        except Exception as e:  # a bug: report it and end the run (exit status 1)
-            log.exception("engine loop failed")
-            self.error = f"engine loop failed: {type(e).__name__}: {e}"
-        finally:
-            self._fail_commands("the engine has stopped")
-            self._done.set()
+                try:
+                    at = self.recent[-1].stop if self.recent else (self.capture.stream_time if self.capture else 0.0)
+                    req = self.session.question_request(cmd.arg, at)
+                except Exception as e:  # noqa: BLE001 - a bad question fails that request only
+                    log.warning("ask command failed: %s: %s", type(e).__name__, e)
+                    cmd.future.set_exception(e)
+                    continue
+                return self._in_flight(req, cmd)
+            if paused or self.queue is None:
+                return None
+            clip = self.queue.get(timeout=0)
+            if clip is None:
+                self._check_ended()
+                return None
+            req = self._video_request(clip)
+            if req is not None:
+                return self._in_flight(req, None)
 
-    def _turn(self, clip) -> bool:
+    def _video_request(self, clip):
         from .engine import ContextFullError
 
-        self._busy_since = time.monotonic()
         try:
             try:
-                cap = self.session.step(clip)
+                return self.session.video_request(clip)
             except ContextFullError as e:
                 log.warning("context full (%s): starting a fresh context", e)
                 self.session.reset()
                 self._on_event(StreamEvent("context_reset", clip.start, str(e)))
-                cap = self.session.step(clip)
-        except Exception as e:
-            self.metrics.turn_errors.inc()
-            self._errors_in_row += 1
-            log.error("engine turn at %.1f s failed: %s: %s", clip.start, type(e).__name__, e,
-                      exc_info=self._errors_in_row == 1)
-            if self._errors_in_row >= MAX_CONSECUTIVE_ERRORS:
-                self.error = f"the engine failed {self._errors_in_row} turns in a row: {type(e).__name__}: {e}"
-                return False
-            return True
+                return self.session.video_request(clip)
+        except Exception as e:  # noqa: BLE001 - counted like a failed turn
+            self._turn_failed(clip.start, e)
+            return None
+
+    def _in_flight(self, req, cmd: Command | None):
+        with self._lock:
+            self._inflight = cmd
+        req.on_done = self._on_result
+        return req
+
+    def _on_result(self, req, result) -> None:
+        """The engine served (or failed) this stream's turn."""
+        with self._lock:
+            cmd = self._inflight if self._inflight is not False else None
+        try:
+            if isinstance(result, BaseException):
+                if cmd is not None:
+                    log.warning("ask command failed: %s: %s", type(result).__name__, result)
+                    cmd.future.set_exception(result)
+                else:
+                    self._turn_failed(req.start, result)
+                return
+            cap = self.session.finish(req, result)
+            if cmd is not None:
+                cap = dataclasses.replace(cap, latency_s=time.monotonic() - cmd.received)
+                self._publish(cap)
+                cmd.future.set_result(cap)
+                return
+            self._errors_in_row = 0
+            rolls = getattr(self.session, "rollovers", 0)
+            if rolls != self._rollovers:  # the engine's context policy started a fresh context
+                self._rollovers = rolls
+                self._on_event(StreamEvent("context_rollover", req.start, f"rollover {rolls}"))
+            self._publish(cap)
+            if self._query_waiters and self.session.sent_query == self.session.query:
+                for fut in self._query_waiters:
+                    if not fut.done():
+                        fut.set_result({"query": self.session.query, "turn": cap.turn, "caption": cap.text,
+                                        "start": round(cap.start, 3), "stop": round(cap.stop, 3)})
+                self._query_waiters = []
         finally:
-            self._busy_since = None
-        self._errors_in_row = 0
-        rolls = getattr(self.session, "rollovers", 0)
-        if rolls != self._rollovers:  # the engine's context policy started a fresh context
-            self._rollovers = rolls
-            self._on_event(StreamEvent("context_rollover", clip.start, f"rollover {rolls}"))
-        self._publish(cap)
-        if self._query_waiters and self.session.sent_query == self.session.query:
-            self.query_log.append((cap.turn, self.session.query))
-            for fut in self._query_waiters:
-                if not fut.done():
-                    fut.set_result({"query": self.session.query, "turn": cap.turn, "caption": cap.text,
-                                    "start": round(cap.start, 3), "stop": round(cap.stop, 3)})
-            self._query_waiters = []
-        return True
+            with self._idle:
+                self._inflight = False
+                self._idle.notify_all()
+            self._check_ended()
+
+    def _turn_failed(self, at: float, e: BaseException) -> None:
+        self.metrics.turn_errors.inc()
+        self._errors_in_row += 1
+        log.error("engine turn at %.1f s failed: %s: %s", at, type(e).__name__, e,
+                  exc_info=(type(e), e, e.__traceback__) if self._errors_in_row == 1 else None)
+        if self._errors_in_row >= MAX_CONSECUTIVE_ERRORS:
+            self.error = f"the engine failed {self._errors_in_row} turns in a row: {type(e).__name__}: {e}"
+            self._end()
+
+    def _check_ended(self) -> None:
+        """The stream is over once its source ended and every clip and command was served."""
+        q = self.queue
+        with self._lock:
+            idle = self._inflight is False and not self._commands
+        if q is not None and q.closed and len(q) == 0 and idle:
+            self._end()
+
+    def _end(self) -> None:
+        if self._attached and self.engine is not None:
+            self.engine.core.detach(self)
+        self._fail_commands("the engine has stopped")
+        self._done.set()
 
     def _publish(self, cap: Caption) -> None:
         self.recent.append(cap)
-        self.metrics.turn(cap, self.session.last_stats)
+        self.metrics.turn(cap, getattr(self.session, "last_stats", None))
         if self.dispatcher is not None:
             self.dispatcher.caption(cap)
 
-    def _run_command(self, cmd: Command) -> None:
-        if cmd.future.done():  # the requester gave up
-            return
+    def _apply_query(self, cmd: Command) -> None:
         try:
-            if cmd.kind == "query":
-                self.session.set_query(cmd.arg)
-                self.metrics.query_changes.inc()
-                for old in self._query_waiters:  # a newer query replaced it before any turn carried it
-                    if not old.done():
-                        old.set_result({"query": None, "superseded": True})
-                self._query_waiters = [cmd.future]  # resolved by the next caption turn, which carries it
-            elif cmd.kind == "ask":
-                at = self.recent[-1].stop if self.recent else (self.capture.stream_time if self.capture else 0.0)
-                self._busy_since = time.monotonic()
-                try:
-                    ans = self.session.ask(cmd.arg, at=at)
-                finally:
-                    self._busy_since = None
-                ans = dataclasses.replace(ans, latency_s=time.monotonic() - cmd.received)
-                self._publish(ans)
-                cmd.future.set_result(ans)
-            else:
-                raise ValueError(f"unknown command {cmd.kind!r}")
-        except Exception as e:
-            log.warning("%s command failed: %s: %s", cmd.kind, type(e).__name__, e)
-            if not cmd.future.done():
-                cmd.future.set_exception(e)
+            self.session.set_query(cmd.arg)
+        except ValueError as e:
+            cmd.future.set_exception(e)
+            return
+        self.metrics.query_changes.inc()
+        for old in self._query_waiters:  # a newer query replaced it before any turn carried it
+            if not old.done():
+                old.set_result({"query": None, "superseded": True})
+        self._query_waiters = [cmd.future]  # resolved by the next caption turn, which carries it
 
     def _fail_commands(self, why: str) -> None:
-        with self._cond:
+        with self._lock:
             pending, self._commands = [c.future for c in self._commands], collections.deque()
             pending += self._query_waiters
             self._query_waiters = []
@@ -400,12 +464,15 @@ class Pipeline:
     def submit(self, kind: str, arg: Any) -> Future:
         """Queue a command for the engine thread (run between turns); the future holds its result."""
         fut: Future = Future()
-        with self._cond:
-            if self._stopping or self._consumer is None or not self._consumer.is_alive():
-                fut.set_exception(PipelineError("the pipeline is not running"))
-                return fut
-            self._commands.append(Command(kind, arg, fut))
-            self._cond.notify_all()
+        with self._lock:
+            running = not self._stopping and self._attached and not self._done.is_set() and self.engine is not None \
+                and self.engine.core.alive
+            if running:
+                self._commands.append(Command(kind, arg, fut))
+        if not running:
+            fut.set_exception(PipelineError("the pipeline is not running"))
+            return fut
+        self.engine.core.wake()
         return fut
 
     def set_query(self, query: str) -> Future:
@@ -418,6 +485,7 @@ class Pipeline:
         return self._paused
 
     def ask(self, question: str) -> Future:
+        """A ``Future[Caption]`` (kind "answer") for a question about the stream so far."""
         return self.submit("ask", question)
 
     def pause(self) -> bool:
@@ -427,10 +495,11 @@ class Pipeline:
         return self._set_paused(False)
 
     def _set_paused(self, paused: bool) -> bool:
-        with self._cond:
+        with self._lock:
             changed = self._paused != paused
             self._paused = paused
-            self._cond.notify_all()
+        if self.engine is not None:
+            self.engine.core.wake()
         if changed:
             self.metrics.paused.set(1 if paused else 0)
             at = self.capture.stream_time if self.capture else 0.0
@@ -442,15 +511,15 @@ class Pipeline:
     @property
     def ready(self) -> bool:
         return (self.state == "running" and self.capture is not None and self.capture.stats["frames"] > 0
-                and self._consumer is not None and self._consumer.is_alive())
+                and self.engine is not None and self.engine.core.alive)
 
     @property
     def live(self) -> bool:
         if self.state in ("new", "loading", "starting"):
             return True
-        return self.state == "running" and self._consumer is not None and self._consumer.is_alive()
+        return self.state == "running" and self.engine is not None and self.engine.core.alive
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> Snapshot:
         """Everything the status display, /api/status and /metrics show; secret-free."""
         now = time.monotonic()
         m = self.metrics
@@ -461,8 +530,8 @@ class Pipeline:
         sampled = 0.0
         if self.sampler is not None:
             ticks = [s.tick for s in list(self.sampler.samples)[-64:]]
-            window = [t for t in ticks if t >= now - m.sample_rate.window]
-            sampled = len(window) / min(m.sample_rate.window, max(1e-3, now - self._t_start))
+            window = [t for t in ticks if t >= now - RATE_WINDOW_S]
+            sampled = len(window) / min(RATE_WINDOW_S, max(1e-3, now - self._t_start))
         gpu = {}
         if self.model is not None and getattr(self.model, "device", None) is not None and \
                 self.model.device.type == "cuda":
@@ -471,8 +540,10 @@ class Pipeline:
             gpu = {"allocated": torch.cuda.memory_allocated(self.model.device),
                    "reserved": torch.cuda.memory_reserved(self.model.device)}
         last = self.recent[-1] if self.recent else None
-        busy = self._busy_since
+        busy = self.engine.core.busy_since if self.engine is not None and self._inflight is not False else None
+        sess = self.session
         return {
+            "stream": self.stream_id,
             "state": self.state,
             "ready": self.ready,
             "live": self.live,
@@ -482,10 +553,10 @@ class Pipeline:
             "device": str(getattr(self.model, "device", "")) if self.model is not None else None,
             "uptime_s": round(time.time() - self.started_at, 1),
             "paused": self._paused,
-            "query": self.session.query if self.session is not None else self.engine_cfg.query,
-            "turns": self.session.turns if self.session is not None else 0,
-            "context_tokens": self.session.context_length if self.session is not None else 0,
-            "busy_s": round(now - busy, 3) if busy is not None else 0.0,
+            "query": sess.query if sess is not None else self.engine_cfg.query,
+            "turns": getattr(sess, "total_turns", 0) if sess is not None else 0,
+            "context_tokens": sess.context_length if sess is not None else 0,
+            "busy_s": round(time.perf_counter() - busy, 3) if busy is not None else 0.0,
             "input_fps": round(m.input_rate.rate(now), 2),
             "sampled_fps": round(sampled, 2),
             "turns_per_s": round(m.turn_rate.rate(now), 2),
@@ -495,8 +566,8 @@ class Pipeline:
             "capture": cstats,
             "sampler": dict(self.sampler.stats) if self.sampler is not None else {},
             "gpu": gpu,
-            "last_caption": _caption_json(last),
-            "recent": [_caption_json(c) for c in list(self.recent)[-5:]],
+            "last_caption": last.to_json(tokens=False) if last is not None else None,
+            "recent": [c.to_json(tokens=False) for c in list(self.recent)[-5:]],
             "sinks": self.dispatcher.status() if self.dispatcher is not None else {},
         }
 
@@ -514,9 +585,3 @@ def _free_port(host: str) -> int:
 def _r(v: float | None) -> float | None:
     return None if v is None else round(v, 3)
 
-
-def _caption_json(c: Caption | None) -> dict | None:
-    if c is None:
-        return None
-    return {"start": round(c.start, 3), "stop": round(c.stop, 3), "text": c.text, "kind": c.kind,
-            "query": c.query, "turn": c.turn, "latency_s": round(c.latency_s, 3)}

@@ -79,8 +79,9 @@ class Caption:
         """True when the model said nothing new (empty text or its streaming-EOS ' ...')."""
         return self.text.strip() in ("", self.SILENCE)
 
-    def to_json(self) -> dict:
-        return {
+    def to_json(self, tokens: bool = True) -> dict:
+        """The caption as JSON-ready values (times in seconds, rounded to ms); ``tokens``: include the ids."""
+        out = {
             "start": round(self.start, 3),
             "stop": round(self.stop, 3),
             "text": self.text,
@@ -91,6 +92,9 @@ class Caption:
             "latency_s": round(self.latency_s, 4),
             "created_at": self.created_at,
         }
+        if not tokens:
+            del out["token_ids"]
+        return out
 
 
 @dataclass(frozen=True)

@@ -102,17 +102,15 @@ def start_pipeline(tiny_model, tmp_path, host="127.0.0.1", token=None, cors=(), 
     sinks = [make_sink(b) for b in cfg.sinks] + [rec]
     p = Pipeline(cfg, model=tiny_model, sinks=sinks)
     prompts: dict[int, str] = {}
-    session_step = None
-
     p.start()
-    session_step = p.session.step
+    session_finish = p.session.finish
 
-    def step(clip):  # record the prompt text of every caption turn
-        cap = session_step(clip)
-        prompts[cap.turn] = p.session.last_prompt_text
+    def finish(req, result):  # record the prompt text of every turn
+        cap = session_finish(req, result)
+        prompts[cap.turn] = req.text
         return cap
 
-    p.session.step = step
+    p.session.finish = finish
     return p, rec, prompts, f"http://{host}:{port}"
 
 

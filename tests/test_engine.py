@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipeline.engine import ContextFullError, EngineConfig, StreamingSession, load_model
-from pipeline.engine.sampling import TokenChooser
+from pipeline.engine.sampling import SamplingSettings, TokenChooser
 from pipeline.fixtures.tiny import tiny_checkpoint
 from pipeline.types import Clip
 
@@ -85,15 +85,15 @@ def check_against_full_forward(model, record, positions):
         logits = model.hf(input_ids=torch.tensor([ids]), pixel_values_videos=torch.cat(pixels),
                           video_grid_thw=torch.tensor(grids), position_ids=pos).logits[0].float()
     ids_t = torch.tensor(ids)
-    chooser = TokenChooser(logits.shape[-1], "cpu", repetition_penalty=1.05, greedy=True, temperature=None,
-                           top_k=None, top_p=None, silence_id=model.silence_id, eos_base=0.0, eos_step=0.0)
+    chooser = TokenChooser(1, logits.shape[-1], "cpu", SamplingSettings(repetition_penalty=1.05, greedy=True,
+                                                                         silence_id=model.silence_id))
     step_in_turn = {}
     for i, (at, tok) in enumerate(targets):
-        chooser.reset()
-        chooser.add(ids_t[:at + 1])
+        chooser.reset(0)
+        chooser.add(0, ids_t[:at + 1])
         step = 0 if i == 0 or targets[i - 1][0] != at - 1 else step_in_turn[at - 1] + 1
         step_in_turn[at] = step
-        assert chooser.choose(logits[at], step) == tok, f"token {i} (sequence index {at}) differs"
+        assert chooser.choose_one(logits[at], step) == tok, f"token {i} (sequence index {at}) differs"
     return len(targets)
 
 
@@ -138,32 +138,19 @@ def test_context_full_is_a_clear_error(model):
             session.step(clip)
 
 
-@pytest.mark.parametrize("positions", ["seed", "exact"])
-def test_fixed_shape_decode_step_equals_plain_step(model, positions):
-    """The step CUDA graphs capture (full-window masked attention, tensor-indexed cache writes), run eagerly."""
-    def tokens(fast):
-        session = StreamingSession(model, EngineConfig(greedy=True, positions=positions, max_context=2048,
-                                                       fast=fast))
-        assert (session.static is not None) == fast
-        return [session.step(clip).token_ids for clip in synthetic_clips(12)]
-
-    assert tokens(True) == tokens(False)
-
-
 def test_streaming_eos_threshold_forces_speech(model):
     """With base 1.0 the ' ...' token can never be chosen: the threshold processor of the reference."""
-    chooser = TokenChooser(16, "cpu", repetition_penalty=1.0, greedy=True, temperature=None, top_k=None,
-                           top_p=None, silence_id=3, eos_base=1.0, eos_step=0.0)
+    def chooser(base, step):
+        return TokenChooser(1, 16, "cpu", SamplingSettings(repetition_penalty=1.0, greedy=True, silence_id=3,
+                                                           eos_base=base, eos_step=step))
+
     logits = torch.zeros(16)
     logits[3] = 10.0
-    assert chooser.choose(logits, 0) != 3
-    off = TokenChooser(16, "cpu", repetition_penalty=1.0, greedy=True, temperature=None, top_k=None,
-                       top_p=None, silence_id=3, eos_base=0.0, eos_step=0.0)
-    assert off.choose(logits, 0) == 3
+    assert chooser(1.0, 0.0).choose_one(logits, 0) != 3
+    assert chooser(0.0, 0.0).choose_one(logits, 0) == 3
     # base + step * k: at step 0 p=0.9 is above 0.5, at step 5 it is below 0.5 + 0.1 * 5
-    ramp = TokenChooser(16, "cpu", repetition_penalty=1.0, greedy=True, temperature=None, top_k=None,
-                        top_p=None, silence_id=3, eos_base=0.5, eos_step=0.1)
-    assert ramp.choose(logits, 0) == 3 and ramp.choose(logits, 5) != 3
+    ramp = chooser(0.5, 0.1)
+    assert ramp.choose_one(logits, 0) == 3 and ramp.choose_one(logits, 5) != 3
 
 
 def test_repetition_penalty_matches_transformers():
@@ -173,10 +160,9 @@ def test_repetition_penalty_matches_transformers():
     logits = torch.randn(1, 50, generator=g) * 3
     ids = torch.tensor([[1, 5, 5, 7, 49, 0]])
     want = RepetitionPenaltyLogitsProcessor(1.15)(ids, logits.clone())[0]
-    chooser = TokenChooser(50, "cpu", repetition_penalty=1.15, greedy=True, temperature=None, top_k=None,
-                           top_p=None, silence_id=None, eos_base=None, eos_step=0.0)
-    chooser.add(ids[0])
-    assert torch.equal(chooser.process(logits[0].clone(), 0), want)
+    chooser = TokenChooser(1, 50, "cpu", SamplingSettings(repetition_penalty=1.15, greedy=True, eos_base=None))
+    chooser.add(0, ids[0])
+    assert torch.equal(chooser.process(logits.clone(), torch.tensor([0]), torch.tensor([0]))[0], want)
 
 
 @pytest.mark.parametrize("grid_t", [1, 3])

@@ -65,7 +65,8 @@ def test_seed_mode_reproduces_reference_tokens(vocab, video):
             session.set_query(want["query_sent"])
         caption = session.step(clip)
         assert list(caption.token_ids) == want["token_ids"], f"turn {want['turn']} differs"
-        assert caption.text == want["text"]
+        # the reference shows a half character as U+FFFD; we never show one (issue 13): otherwise the same text
+        assert caption.text == want["text"].replace("\ufffd", "")
         assert session.context_length == want["input_len"] + len(want["token_ids"]) - 1
         ends.add(want["ended_with"])
     assert ends == {"eos", "cap"}, "the golden run must contain turns ending on EOS and on the token cap"

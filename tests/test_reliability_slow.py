@@ -15,7 +15,7 @@ import pytest
 
 from pipeline import config
 from pipeline.app import Pipeline
-from test_run_pipeline import FakeSession, Recorder
+from scripted import FakeSession, Recorder, ScriptedEngine
 
 SLOW_S = 60.0
 SLOW_TURN_S = 2.5
@@ -41,7 +41,8 @@ def test_engine_slower_than_real_time_for_60s_then_recovers():
         on_caption(c)
 
     rec.on_caption = timed
-    p = Pipeline(cfg, model=object(), sinks=[rec], session_factory=lambda m, c: FakeSession(m, c, behave))
+    p = Pipeline(cfg, sinks=[rec], session_factory=lambda m, c, e: FakeSession(m, c, behave),
+                 engine=ScriptedEngine().start())
     t["slow_until"] = time.monotonic() + 1e9
     p.start()
     try:

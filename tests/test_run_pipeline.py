@@ -1,4 +1,4 @@
-"""The pipeline's engine thread with a scripted engine (no model): ordering of commands and turns,
+"""The pipeline as a stream of the engine core, with a scripted engine (no model): ordering of commands and turns,
 shutdown bounds, context-full recovery, an engine that keeps failing. Real capture (lavfi, small)."""
 
 from __future__ import annotations
@@ -11,80 +11,11 @@ import pytest
 from pipeline import config
 from pipeline.app import Pipeline
 from pipeline.engine import ContextFullError
-from pipeline.engine.session import TurnStats
-from pipeline.fanout.sink import Sink
-from pipeline.types import Caption
+from scripted import FakeSession, Recorder, ScriptedEngine
 
 pytestmark = pytest.mark.timeout(90)
 
 SOURCE = "lavfi:testsrc2=size=160x120:rate=10"
-
-
-class FakeSession:
-    """The StreamingSession surface the pipeline uses; ``behave(turn)`` scripts each step."""
-
-    def __init__(self, model, cfg, behave=None):
-        self.cfg = cfg
-        self.query = cfg.query
-        self.sent_query = None
-        self.turns = 0
-        self.context_length = 0
-        self.last_stats = TurnStats()
-        self.behave = behave or (lambda turn: None)
-        self.threads = set()
-        self.resets = 0
-        self.prompts: dict[int, str | None] = {}
-
-    def set_query(self, q):
-        self.query = q
-
-    def reset(self):
-        self.resets += 1
-        self.turns = 0
-        self.context_length = 0
-        self.sent_query = None
-
-    def step(self, clip):
-        self.threads.add(threading.current_thread().name)
-        self.behave(self.turns + 1)
-        self.turns += 1
-        self.context_length += 100
-        sent = self.query if self.query != self.sent_query else None
-        self.prompts[self.turns] = sent
-        self.sent_query = self.query
-        return Caption(clip.start, clip.stop, f"turn {self.turns}", turn=self.turns, latency_s=0.01)
-
-    def ask(self, question, at=0.0):
-        self.threads.add(threading.current_thread().name)
-        self.turns += 1
-        self.sent_query = None
-        return Caption(at, at, f"answer to {question}", kind="answer", query=question, turn=self.turns)
-
-
-class Recorder(Sink):
-    name = "recorder"
-
-    def __init__(self):
-        super().__init__()
-        self.captions, self.events, self.stopped = [], [], False
-        self.cond = threading.Condition()
-
-    def on_caption(self, c):
-        with self.cond:
-            self.captions.append(c)
-            self.cond.notify_all()
-
-    def on_event(self, e):
-        with self.cond:
-            self.events.append(e)
-            self.cond.notify_all()
-
-    def stop(self):
-        self.stopped = True
-
-    def wait(self, pred, timeout=30):
-        with self.cond:
-            assert self.cond.wait_for(lambda: pred(self), timeout)
 
 
 def make(behave=None, **shutdown):
@@ -93,11 +24,11 @@ def make(behave=None, **shutdown):
     rec = Recorder()
     holder = {}
 
-    def factory(model, ecfg):
+    def factory(model, ecfg, engine):
         holder["s"] = FakeSession(model, ecfg, behave)
         return holder["s"]
 
-    p = Pipeline(cfg, model=object(), sinks=[rec], session_factory=factory)
+    p = Pipeline(cfg, sinks=[rec], session_factory=factory, engine=ScriptedEngine().start())
     return p, rec, holder
 
 

@@ -52,6 +52,11 @@ class ClipQueue:
                 self._cond.wait(left)
             return self._q.popleft()
 
+    def oldest_ready(self) -> float | None:
+        """``ready_at`` (monotonic s) of the oldest waiting clip, None if none waits."""
+        with self._cond:
+            return self._q[0].ready_at if self._q else None
+
     def close(self) -> None:
         with self._cond:
             self._closed = True

@@ -1,8 +1,15 @@
-"""The streaming engine: LiveCC's protocol on an incremental decode loop over a preallocated KV cache."""
+"""The streaming engine: LiveCC's protocol (session) over a batched model runner and its scheduler (core).
+
+    session.py  one stream's protocol state -> TurnRequest          (CPU, no tensors on the device)
+    core.py     EngineCore: continuous batching, one thread per device -> TurnResult
+    runner.py   ModelRunner: vision, prefill, one decode step for many rows (CUDA graphs: cuda_graphs.py)
+    model.py    TextModel: the weights and one layer function;  kv_cache.py: one row per stream
+"""
 
 from .config import DEFAULT_MODEL, DEFAULT_QUERY, EngineConfig
+from .core import EngineCore, TurnRequest, TurnResult, TurnStats
 from .loading import LoadedModel, ModelLoadError, load_model
-from .session import ContextFullError, StreamingSession
+from .session import ContextFullError, StreamingSession, make_core
 
 __all__ = ["DEFAULT_MODEL", "DEFAULT_QUERY", "EngineConfig", "LoadedModel", "ModelLoadError", "load_model",
-           "ContextFullError", "StreamingSession"]
+           "ContextFullError", "EngineCore", "StreamingSession", "TurnRequest", "TurnResult", "TurnStats", "make_core"]

@@ -29,6 +29,7 @@ class EngineConfig:
     fast: bool | None = None  # CUDA-graph decode; None = on when running on CUDA
     compile: bool | None = None  # fuse the decode step's small kernels (torch.compile); None = on with CUDA graphs
     seed: int | None = None  # sampling seed
+    max_streams: int | None = None  # KV-cache rows (streams) per device; None = 1 for run, what fits for serve
     # context policy for unbounded streams (see pipeline/engine/context.py)
     context: str = "rollover"  # rollover | window | none
     rollover_seconds: float = 120.0  # start a fresh context this often (LiveCC was trained on <= 4 min)

@@ -1,71 +1,113 @@
-"""Choosing the next token: the reference's logits processing, in its order, without generate().
+"""Choosing the next token for many streams at once: the reference's logits processing, in its order.
 
-1. repetition penalty over every id in the context (prompt, video pads, past turns, this turn);
-2. the streaming-EOS threshold: at step k, if p(' ...') <= base + step*k the token is forbidden;
+Per row (stream), as transformers' generate() does it in LiveCC's reference loop (demo/infer.py):
+
+1. repetition penalty (``RepetitionPenaltyLogitsProcessor``) over every id in that stream's context
+   (prompt, video pads, past turns, this turn);
+2. the streaming-EOS threshold (livecc-utils' ``ThresholdLogitsProcessor``): at generation step k, if
+   p(' ...') <= base + step·k the token is forbidden;
 3. greedy argmax, or temperature -> top-k -> top-p -> multinomial sampling.
+
+State per slot: the context's token counts (slots, vocab) int32 and, when seeded, its own random
+generator, so a stream draws the same tokens whether it runs alone or batched with others.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
+@dataclass(frozen=True)
+class SamplingSettings:
+    repetition_penalty: float = 1.05
+    greedy: bool = False
+    temperature: float | None = None  # None or <= 0: 1.0
+    top_k: int | None = None  # None or 0: off
+    top_p: float | None = None  # None: 1.0 (off)
+    silence_id: int | None = None  # the ' ...' token of the streaming-EOS threshold
+    eos_base: float | None = 0.0
+    eos_step: float = 0.0
+
+
 class TokenChooser:
-    def __init__(self, vocab_size: int, device, *, repetition_penalty: float, greedy: bool,
-                 temperature: float | None, top_k: int | None, top_p: float | None,
-                 silence_id: int | None, eos_base: float | None, eos_step: float, seed: int | None = None):
-        self.counts = torch.zeros(vocab_size, dtype=torch.int32, device=device)
-        self.penalty = repetition_penalty
-        self.greedy = greedy
-        self.temperature = temperature if temperature and temperature > 0 else 1.0
-        self.top_k = top_k or 0
-        self.top_p = top_p if top_p is not None else 1.0
-        self.silence_id = silence_id
-        self.eos_base, self.eos_step = eos_base, eos_step
-        self.generator = None
-        if seed is not None:
-            self.generator = torch.Generator(device=device)
-            self.generator.manual_seed(seed)
+    """Token choice for the rows of a decode batch. ``slots`` rows of state; not thread-safe."""
 
-    # the context's token multiset, for the repetition penalty
-    def add(self, ids: torch.Tensor) -> None:
-        self.counts.index_add_(0, ids.to(self.counts.device), torch.ones_like(ids, dtype=torch.int32,
-                                                                               device=self.counts.device))
+    def __init__(self, slots: int, vocab_size: int, device, settings: SamplingSettings):
+        self.s = settings
+        self.counts = torch.zeros(slots, vocab_size, dtype=torch.int32, device=device)
+        self.device = torch.device(device)
+        self.temperature = settings.temperature if settings.temperature and settings.temperature > 0 else 1.0
+        self.top_k = settings.top_k or 0
+        self.top_p = settings.top_p if settings.top_p is not None else 1.0
+        self.generators: list[torch.Generator | None] = [None] * slots
+        self._threshold = (settings.silence_id is not None and settings.eos_base is not None
+                           and bool(settings.eos_base or settings.eos_step))  # (0, 0) forbids nothing: skipped
 
-    def remove(self, ids: torch.Tensor) -> None:
-        self.counts.index_add_(0, ids.to(self.counts.device), -torch.ones_like(ids, dtype=torch.int32,
-                                                                                device=self.counts.device))
+    # -- per-slot state -----------------------------------------------------------------------------------
+    def seed(self, slot: int, seed: int | None) -> None:
+        """Give ``slot`` its own generator (None: the process-wide one)."""
+        if seed is None:
+            self.generators[slot] = None
+            return
+        g = torch.Generator(device=self.device)
+        g.manual_seed(seed)
+        self.generators[slot] = g
 
-    def reset(self) -> None:
-        self.counts.zero_()
+    def add(self, slot: int, ids: torch.Tensor) -> None:
+        """Count ``ids`` (int64, any shape) into ``slot``'s context multiset."""
+        ids = ids.reshape(-1).to(self.counts.device)
+        self.counts[slot].index_add_(0, ids, torch.ones_like(ids, dtype=torch.int32))
 
-    def process(self, logits: torch.Tensor, step: int) -> torch.Tensor:
-        """Float32 logits (V,) -> processed logits (V,), before any sampling warpers."""
-        if self.penalty != 1.0:
-            seen = self.counts > 0
-            penalised = torch.where(logits < 0, logits * self.penalty, logits / self.penalty)
-            logits = torch.where(seen, penalised, logits)
-        if self.silence_id is not None and self.eos_base is not None and (self.eos_base or self.eos_step):
-            # (base 0 and step 0, the reference's default, forbid nothing that could be chosen: skipped)
-            threshold = self.eos_base + self.eos_step * step
-            p = torch.softmax(logits, dim=-1)[self.silence_id]
+    def add_rows(self, slots: torch.Tensor, ids: torch.Tensor) -> None:
+        """One id per row: ``ids[b]`` into slot ``slots[b]`` (device int64 tensors, (B,))."""
+        self.counts.index_put_((slots, ids), torch.ones_like(ids, dtype=torch.int32), accumulate=True)
+
+    def remove(self, slot: int, ids: torch.Tensor) -> None:
+        ids = ids.reshape(-1).to(self.counts.device)
+        self.counts[slot].index_add_(0, ids, -torch.ones_like(ids, dtype=torch.int32))
+
+    def reset(self, slot: int) -> None:
+        self.counts[slot].zero_()
+
+    # -- choice ---------------------------------------------------------------------------------------------
+    def process(self, logits: torch.Tensor, slots: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+        """Float32 logits (B, V) -> processed logits (B, V), before sampling. ``slots``/``steps`` (B,) int64:
+        each row's slot and its generation step within the turn (0 for the first new token)."""
+        if self.s.repetition_penalty != 1.0:
+            seen = self.counts.index_select(0, slots) > 0
+            p = self.s.repetition_penalty
+            logits = torch.where(seen, torch.where(logits < 0, logits * p, logits / p), logits)
+        if self._threshold:
+            sid = self.s.silence_id
+            threshold = self.s.eos_base + self.s.eos_step * steps.to(logits.device, torch.float32)
+            prob = torch.softmax(logits, dim=-1)[:, sid]
             logits = logits.clone()
-            logits[self.silence_id] = torch.where(p <= threshold, -float("inf"), logits[self.silence_id])
+            logits[:, sid] = torch.where(prob <= threshold, -float("inf"), logits[:, sid])
         return logits
 
-    def choose(self, logits: torch.Tensor, step: int) -> int:
-        logits = self.process(logits, step)
-        if self.greedy:
-            return int(torch.argmax(logits))
+    def choose(self, logits: torch.Tensor, slots: list[int], steps: list[int]) -> torch.Tensor:
+        """Next token ids (B,) int64 on the device, for logits (B, V) of rows belonging to ``slots``."""
+        slots_t = torch.tensor(slots, dtype=torch.long, device=logits.device)
+        steps_t = torch.tensor(steps, dtype=torch.long)
+        logits = self.process(logits, slots_t, steps_t)
+        if self.s.greedy:
+            return torch.argmax(logits, dim=-1)
         logits = logits / self.temperature
         if self.top_k > 0:
-            kth = torch.topk(logits, min(self.top_k, logits.numel())).values[-1]
+            kth = torch.topk(logits, min(self.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
             logits = logits.masked_fill(logits < kth, -float("inf"))
         if self.top_p < 1.0:
-            sorted_logits, order = torch.sort(logits, descending=False)
+            sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
             cum = sorted_logits.softmax(-1).cumsum(-1)
             drop = cum <= (1 - self.top_p)
-            drop[-1] = False
-            logits = logits.masked_fill(drop.scatter(0, order, drop), -float("inf"))
+            drop[:, -1] = False
+            logits = logits.masked_fill(drop.scatter(1, order, drop), -float("inf"))
         probs = torch.softmax(logits, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+        # each row draws from its own stream's generator, so batching does not change what a stream samples
+        return torch.cat([torch.multinomial(probs[b], 1, generator=self.generators[s]) for b, s in enumerate(slots)])
+
+    def choose_one(self, logits: torch.Tensor, step: int, slot: int = 0) -> int:
+        """One row: logits (V,) -> token id (a host int). For tests and tools."""
+        return int(self.choose(logits[None], [slot], [step])[0])

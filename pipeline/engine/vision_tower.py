@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .decoder import rotate_half
+from .model import rotate_half
 
 
 class VisionTower:

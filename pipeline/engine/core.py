@@ -1,0 +1,323 @@
+"""The engine core: one scheduler per device, the only code that drives the model runner.
+
+Streams hand it turns (``TurnRequest``: a clip's prompt ids and frames, or a question); it serves them
+with continuous batching:
+
+    loop:  schedule  -> the oldest-due waiting turn is prefilled (vision + prompt onto its cache row)
+                        and its first token chosen; unless that ended the turn, it joins the decode batch
+           execute   -> one decode step for every row in the batch at once
+           update    -> each row's token is appended; a row that produced a stop id or reached its cap
+                        leaves the batch and its stream gets the ``TurnResult``
+
+A prefill runs between two decode steps, so a new turn never waits for a batch to finish and a long
+answer never blocks captions. One stream is simply a batch of one.
+
+Two ways to drive it: ``run(requests)`` serves a list of requests to completion in the calling thread
+(``livecc caption``, tests); ``start()`` runs the loop in a thread that pulls turns from attached
+``StreamPort`` objects (``livecc run`` / ``serve``), oldest due first, one turn in flight per stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+
+from .runner import ModelRunner
+from .sampling import SamplingSettings, TokenChooser
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TurnStats:
+    """Where one turn's time went (seconds of wall clock) and its token counts."""
+
+    vision_s: float = 0.0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    context: int = 0  # tokens in the stream's cache row after the turn
+
+
+@dataclass
+class TurnRequest:
+    """One turn of one stream, built by its session (``session.py``) and served by the core.
+
+    ``ids``: the turn's prompt token ids with each video item's pads expanded; ``positions`` (3, T) int64 their
+    mRoPE positions; ``frames`` (T, H, W, 3) uint8 for the vision tower (None for a question turn);
+    ``next_pos`` the position of the first generated token; ``max_new`` the token cap. Before the prefill the
+    core applies the context edits: ``reset`` (a fresh context) or ``evict`` = (start, end, shift) with
+    ``evict_ids`` leaving the repetition-penalty counts. ``due`` (monotonic s) orders waiting turns."""
+
+    slot: int
+    ids: list[int]
+    positions: torch.Tensor
+    next_pos: int
+    max_new: int
+    frames: np.ndarray | None = None
+    due: float = field(default_factory=time.monotonic)
+    reset: bool = False
+    evict: tuple[int, int, int] | None = None
+    evict_ids: list[int] = field(default_factory=list)
+    on_done: Callable[["TurnRequest", "TurnResult | BaseException"], None] | None = None
+
+
+@dataclass
+class TurnResult:
+    tokens: list[int]  # generated ids; the last one (stop id or the capped token) was not fed to the cache
+    stats: TurnStats
+
+
+class StreamPort(Protocol):
+    """What the core's thread asks of an attached stream (called from the engine thread only)."""
+
+    def due(self) -> float | None:
+        """Monotonic time its next turn became due, or None if it has nothing to run."""
+
+    def next_request(self) -> TurnRequest | None:
+        """Its next turn (``on_done`` set), or None if there is none after all."""
+
+
+@dataclass
+class _Row:
+    req: TurnRequest
+    tokens: list[int]
+    pos: int  # position of the next token to feed
+    stats: TurnStats
+    t_decode: float
+
+
+class EngineCore:
+    """Continuous batching over one ``ModelRunner``. Not thread-safe except ``attach``/``detach``/``wake``/``stop``."""
+
+    def __init__(self, runner: ModelRunner, sampling: SamplingSettings):
+        self.runner = runner
+        self.chooser = TokenChooser(runner.cache.slots, runner.model.vocab, runner.device, sampling)
+        self.stop_ids = frozenset(runner.loaded.stop_ids)
+        self._init_scheduler()
+
+    def _init_scheduler(self) -> None:
+        self.active: list[_Row] = []
+        self._ports: list[StreamPort] = []
+        self._inflight: set[int] = set()  # id() of ports with a turn in flight
+        self._cond = threading.Condition()
+        self._woken = False
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.busy_since: float | None = None  # monotonic start of the GPU work in progress (for status)
+        self.steps = 0
+
+    # -- slots --------------------------------------------------------------------------------------------
+    @property
+    def free_slots(self) -> int:
+        return self.runner.cache.free_slots
+
+    def open_slot(self, seed: int | None = None) -> int:
+        """A cache row for a new stream (RuntimeError when all are taken)."""
+        slot = self.runner.cache.alloc()
+        self.chooser.reset(slot)
+        self.chooser.seed(slot, seed)
+        return slot
+
+    def close_slot(self, slot: int) -> None:
+        self.runner.cache.free(slot)
+
+    def context_length(self, slot: int) -> int:
+        return self.runner.cache.length(slot)
+
+    # -- the synchronous form ------------------------------------------------------------------------------
+    def run(self, requests: list[TurnRequest]) -> list[TurnResult]:
+        """Serve ``requests`` (distinct slots) to completion in this thread; results in the same order.
+        The first failure is raised after the rest are served."""
+        results: dict[int, TurnResult | BaseException] = {}
+        pending = sorted(requests, key=lambda r: r.due)
+        for r in pending:
+            r.on_done = lambda req, res: results.__setitem__(id(req), res)
+        while pending or self.active:
+            if pending:
+                self._prefill(pending.pop(0))
+            if self.active:
+                self._decode_step()
+        out = [results[id(r)] for r in requests]
+        for res in out:
+            if isinstance(res, BaseException):
+                raise res
+        return out  # type: ignore[return-value]
+
+    # -- the threaded form ---------------------------------------------------------------------------------
+    def attach(self, port: StreamPort) -> None:
+        with self._cond:
+            self._ports.append(port)
+            self._woken = True
+            self._cond.notify_all()
+
+    def detach(self, port: StreamPort) -> None:
+        with self._cond:
+            self._ports = [p for p in self._ports if p is not port]
+
+    def wake(self) -> None:
+        """A port has new work (call without holding the port's own lock)."""
+        with self._cond:
+            self._woken = True
+            self._cond.notify_all()
+
+    def start(self) -> "EngineCore":
+        self._thread = threading.Thread(target=self._loop, name="livecc-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Stop after the step in progress; True if the thread ended within ``timeout`` seconds."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            return not self._thread.is_alive()
+        return True
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self.active and not self._woken and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    break
+                self._woken = False
+                idle = [p for p in self._ports if id(p) not in self._inflight]
+            req = self._next_request(idle)
+            if req is not None:
+                self._prefill(req)
+            if self.active:
+                self._decode_step()
+        for row in self.active:
+            self._done(row.req, RuntimeError("the engine stopped"))
+        self.active = []
+
+    def _next_request(self, idle: list[StreamPort]) -> TurnRequest | None:
+        """The oldest-due turn among streams with none in flight."""
+        best, best_due = None, None
+        for p in idle:
+            try:
+                d = p.due()
+            except Exception:  # noqa: BLE001 - one stream's bug must not stop the others
+                log.exception("stream due() failed")
+                continue
+            if d is not None and (best_due is None or d < best_due):
+                best, best_due = p, d
+        if best is None:
+            return None
+        with self._cond:
+            self._woken = True  # others may be due too: look again after this step
+        try:
+            req = best.next_request()
+        except Exception:  # noqa: BLE001
+            log.exception("stream next_request() failed")
+            return None
+        if req is None:
+            return None
+        port_id = id(best)
+        self._inflight.add(port_id)
+        user_done = req.on_done
+
+        def done(r, res, _user=user_done, _pid=port_id):
+            self._inflight.discard(_pid)
+            with self._cond:
+                self._woken = True
+            if _user is not None:
+                _user(r, res)
+
+        req.on_done = done
+        return req
+
+    # -- schedule / execute / update ---------------------------------------------------------------------
+    def _done(self, req: TurnRequest, res) -> None:
+        try:
+            if req.on_done is not None:
+                req.on_done(req, res)
+        except Exception:  # noqa: BLE001 - a stream's handler must not stop the engine
+            log.exception("turn result handler failed")
+
+    def _prefill(self, req: TurnRequest) -> None:
+        r, ch, slot = self.runner, self.chooser, req.slot
+        stats = TurnStats(prompt_tokens=len(req.ids))
+        self.busy_since = t0 = time.perf_counter()
+        try:
+            if req.reset:
+                r.cache.reset(slot)
+                ch.reset(slot)
+            if req.evict is not None:
+                r.evict(slot, *req.evict)
+                if req.evict_ids:
+                    ch.remove(slot, torch.tensor(req.evict_ids, dtype=torch.long))
+            vision = None
+            if req.frames is not None:
+                vision, _ = r.encode_video(req.frames)
+                r.synchronize()
+            t1 = time.perf_counter()
+            stats.vision_s = t1 - t0
+            logits = r.prefill(slot, req.ids, req.positions, vision)
+            ch.add(slot, torch.tensor(req.ids, dtype=torch.long))
+            tok = int(ch.choose(logits[None], [slot], [0])[0])
+            t2 = time.perf_counter()
+            stats.prefill_s = t2 - t1
+        except Exception as e:  # noqa: BLE001 - the stream decides what a failed turn means
+            self.busy_since = None
+            self._done(req, e)
+            return
+        row = _Row(req, [tok], req.next_pos, stats, t2)
+        if tok in self.stop_ids or req.max_new == 1:
+            self._finish(row)
+        else:
+            ch.add(slot, torch.tensor([tok], dtype=torch.long))
+            self.active.append(row)
+        self.busy_since = None
+
+    def _decode_step(self) -> None:
+        rows = self.active
+        slots = [row.req.slot for row in rows]
+        self.busy_since = time.perf_counter()
+        try:
+            toks = torch.tensor([row.tokens[-1] for row in rows], dtype=torch.long, device=self.runner.device)
+            logits = self.runner.decode(slots, toks, [row.pos for row in rows])
+            chosen = self.chooser.choose(logits, slots, [len(row.tokens) for row in rows])
+            new = chosen.tolist()
+        except Exception as e:  # noqa: BLE001 - every row of a failed step fails
+            self.active = []
+            self.busy_since = None
+            for row in rows:
+                self._done(row.req, e)
+            return
+        self.steps += 1
+        keep, fed_slots, fed_toks = [], [], []
+        for row, tok in zip(rows, new):
+            row.tokens.append(tok)
+            row.pos += 1
+            if tok in self.stop_ids or len(row.tokens) >= row.req.max_new:
+                self._finish(row)
+            else:
+                keep.append(row)
+                fed_slots.append(row.req.slot)
+                fed_toks.append(tok)
+        if fed_slots:
+            dev = self.runner.device
+            self.chooser.add_rows(torch.tensor(fed_slots, device=dev), torch.tensor(fed_toks, device=dev))
+        self.active = keep
+        self.busy_since = None
+
+    def _finish(self, row: _Row) -> None:
+        row.stats.decode_s = time.perf_counter() - row.t_decode
+        row.stats.new_tokens = len(row.tokens)
+        row.stats.context = self.runner.cache.length(row.req.slot)
+        self._done(row.req, TurnResult(row.tokens, row.stats))

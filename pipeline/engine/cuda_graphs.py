@@ -1,0 +1,75 @@
+"""Decode steps replayed from CUDA graphs: one launch per step instead of hundreds.
+
+A decode step (one token for each of rows 0..nb-1) has fixed shapes for a given (nb, attention window),
+so it is captured once per pair, the first time that pair is needed, and replayed with new values in
+four small input tensors. All graphs share one memory pool and write their logits into one buffer.
+Capture runs the step on the real inputs of the step that needs it (warm-up and capture store the same
+keys at the same positions that the replay then stores again), so it can happen mid-stream.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class DecodeGraphs:
+    """CUDA graphs of ``ModelRunner.decode_step`` keyed by (rows, window); optionally torch.compile'd."""
+
+    def __init__(self, runner, compile: bool = False):
+        self.runner = runner
+        self.compile = compile
+        if compile:
+            runner.model.compile()  # compiled on the first warm-up of each batch size, before capture
+        slots, dev = runner.cache.slots, runner.device
+        self.tok = torch.zeros(slots, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(slots, dtype=torch.long, device=dev)
+        self.at = torch.zeros(slots, dtype=torch.long, device=dev)
+        self.logits = torch.zeros(slots, runner.model.vocab, dtype=torch.float32, device=dev)
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def run(self, nb: int, window: int, tok: torch.Tensor, pos: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+        """Logits (nb, V) float32 (a view into a buffer the next step overwrites) for inputs (nb,) each."""
+        self.tok[:nb].copy_(tok, non_blocking=True)
+        self.pos[:nb].copy_(pos, non_blocking=True)
+        self.at[:nb].copy_(at, non_blocking=True)
+        key = (nb, window)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(nb, window)
+        self.graphs[key].replay()
+        return self.logits[:nb]
+
+    def _step(self, nb: int, window: int) -> None:
+        out = self.runner.decode_step(self.tok[:nb], self.pos[:nb], self.at[:nb], window)
+        self.logits[:nb].copy_(out)
+
+    @torch.inference_mode()
+    def _capture(self, nb: int, window: int) -> torch.cuda.CUDAGraph:
+        try:
+            return self._record(nb, window)
+        except Exception as e:  # noqa: BLE001 - a compiler problem must not stop captioning
+            if not self.compile:
+                raise
+            log.warning("torch.compile of the decode step failed (%s: %s); decoding without it",
+                        type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            self.compile = False
+            self.runner.model.uncompile()
+            self.graphs.clear()
+            return self._record(nb, window)
+
+    def _record(self, nb: int, window: int) -> torch.cuda.CUDAGraph:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._step(nb, window)
+        torch.cuda.current_stream().wait_stream(stream)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=self.pool):
+            self._step(nb, window)
+        log.debug("captured the decode step for %d rows, window %d", nb, window)
+        return g

@@ -1,0 +1,236 @@
+"""The language-model half of Qwen2-VL as plain tensors and one layer function.
+
+``TextModel`` holds weights only (one per process and device, shared by every stream); the KV cache
+(``kv_cache.py``) and the batching (``runner.py``) live elsewhere. A layer is
+
+    x -> pre_attention (norm, fused q|k|v, mRoPE) -> attend(q, k, v) -> post_attention (o, MLP)
+
+and ``forward`` runs every layer with an ``attend`` callback that the caller chooses: prefill writes
+one stream's new keys into its cache row and attends over that row; a decode step writes one key per
+stream and attends over every row at once. Prefill and decode share the same layer code.
+
+Weights come from the checkpoint's own modules (transformers' Qwen2-VL, with Liger applied if it
+was), so nothing is copied; ``fuse_projections`` makes q|k|v and gate|up one matrix each (views, so
+transformers' modules keep working on the same storage).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# Prefill attends with a mask whose width grows every turn. cuDNN's attention builds a new plan for every
+# new shape (2.5 ms of CPU per layer per turn, measured on an H100); the memory-efficient kernel does not.
+MASKED_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+class LayerWeights(NamedTuple):
+    """One decoder layer's weights (bf16/fp32 as loaded). Shapes for the 7B: hidden 3584, q 3584, kv 512."""
+
+    ln1: torch.Tensor  # (hidden,) input RMSNorm
+    qkv_w: torch.Tensor  # (q + 2·kv, hidden) fused q|k|v projection
+    qkv_b: torch.Tensor  # (q + 2·kv,)
+    o_w: torch.Tensor  # (hidden, q) output projection
+    ln2: torch.Tensor  # (hidden,) post-attention RMSNorm
+    gate_up_w: torch.Tensor  # (2·ffn, hidden) fused gate|up
+    down_w: torch.Tensor  # (hidden, ffn)
+
+
+def language_parts(hf_model):
+    """(text model with embed_tokens/layers/norm, lm_head) across transformers 4.4x-5.x layouts."""
+    inner = hf_model.model
+    text = getattr(inner, "language_model", None) or inner
+    return text, hf_model.lm_head
+
+
+def text_config(hf_model):
+    cfg = hf_model.config
+    return getattr(cfg, "text_config", None) or cfg
+
+
+def _rope_settings(tc) -> tuple[float, list[int]]:
+    params = getattr(tc, "rope_parameters", None) or {}
+    scaling = getattr(tc, "rope_scaling", None) or {}
+    theta = params.get("rope_theta", getattr(tc, "rope_theta", 1_000_000.0))
+    section = params.get("mrope_section") or scaling.get("mrope_section") or [16, 24, 24]
+    return float(theta), list(section)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Qwen2's RMSNorm, same arithmetic as transformers' (float32 inside, weight applied in the model dtype)."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def pre_attention(x, ln_w, qkv_w, qkv_b, cos, sin, eps: float, n_heads: int, n_kv: int, head_dim: int):
+    """Norm -> q|k|v -> rotary. x (B, T, hidden); cos/sin (B, 1, T, head_dim) ->
+    q (B, n_heads, T, head_dim), k and v (B, n_kv, T, head_dim)."""
+    B, T = x.shape[0], x.shape[1]
+    q, k, v = F.linear(rms_norm(x, ln_w, eps), qkv_w, qkv_b).split(
+        [n_heads * head_dim, n_kv * head_dim, n_kv * head_dim], dim=-1)
+    q = q.view(B, T, n_heads, head_dim).transpose(1, 2)
+    k = k.view(B, T, n_kv, head_dim).transpose(1, 2)
+    v = v.view(B, T, n_kv, head_dim).transpose(1, 2)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
+
+
+def post_attention(x, o, o_w, ln_w, gate_up_w, down_w, eps: float):
+    """Output projection + residual, norm -> SwiGLU MLP + residual. x (B, T, hidden), o (B, T, q)."""
+    x = x + F.linear(o, o_w)
+    gate, up = F.linear(rms_norm(x, ln_w, eps), gate_up_w).chunk(2, dim=-1)
+    return x + F.linear(F.silu(gate) * up, down_w)
+
+
+@torch.no_grad()
+def fuse_projections(layer) -> None:
+    """One matrix for q|k|v and one for gate|up, each read in one pass per token.
+
+    The module's own parameters become views into the fused tensors, so nothing is stored twice
+    and transformers' modules (and the Liger kernel's) keep working on the same weights. Idempotent.
+    """
+    attn, mlp = layer.self_attn, layer.mlp
+    if getattr(layer, "_livecc_fused", False):
+        return
+    qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+    bias = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
+    gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+    nq, nk = attn.q_proj.weight.shape[0], attn.k_proj.weight.shape[0]
+    for lin, rows in ((attn.q_proj, slice(0, nq)), (attn.k_proj, slice(nq, nq + nk)), (attn.v_proj, slice(nq + nk, None))):
+        lin.weight = nn.Parameter(qkv[rows], requires_grad=False)
+        lin.bias = nn.Parameter(bias[rows], requires_grad=False)
+    ni = mlp.gate_proj.weight.shape[0]
+    mlp.gate_proj.weight = nn.Parameter(gate_up[:ni], requires_grad=False)
+    mlp.up_proj.weight = nn.Parameter(gate_up[ni:], requires_grad=False)
+    layer.qkv_weight, layer.qkv_bias, layer.gate_up_weight = qkv, bias, gate_up
+    layer._livecc_fused = True
+
+
+# attend(layer index, q, k, v) -> o (B, T, n_heads*head_dim); it also stores k/v in the cache
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class TextModel:
+    """Weights of the language model and the math over them; no per-stream state.
+
+    Built once per loaded checkpoint (``TextModel(loaded.hf)``). On first construction the checkpoint's
+    q|k|v and gate|up projections are fused in place (``fuse_projections``).
+    """
+
+    def __init__(self, hf_model):
+        text, self.lm_head = language_parts(hf_model)
+        tc = text_config(hf_model)
+        self.embed = text.embed_tokens
+        self.norm = text.norm
+        self.n_heads = tc.num_attention_heads
+        self.n_kv = tc.num_key_value_heads
+        self.head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+        self.hidden = tc.hidden_size
+        theta, self.mrope_section = _rope_settings(tc)
+        p = next(self.lm_head.parameters())
+        self.dtype, self.device = p.dtype, p.device
+        self.vocab = self.lm_head.weight.shape[0]
+        self.inv_freq = (1.0 / (theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float) / self.head_dim))
+                         ).to(self.device)
+        for layer in text.layers:
+            fuse_projections(layer)
+        norm = text.layers[0].input_layernorm
+        self.eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+        self.layers = [LayerWeights(l.input_layernorm.weight, l.qkv_weight, l.qkv_bias, l.self_attn.o_proj.weight,
+                                    l.post_attention_layernorm.weight, l.gate_up_weight, l.mlp.down_proj.weight)
+                       for l in text.layers]
+        self.pre, self.post = pre_attention, post_attention
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    def compile(self) -> None:
+        """Fuse the small kernels around attention (norms, rotary, residuals, SiLU) with torch.compile, one
+        static-shape graph per batch size. Used by the decode step; prefill stays eager (a dynamic-length
+        compile of it measured slower on an H100, 41 vs 28 ms)."""
+        import torch._dynamo
+
+        # one recompilation per decode batch-size bucket (runner.BATCH_BUCKETS): above dynamo's default of 8
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        self.pre = torch.compile(pre_attention, fullgraph=True, dynamic=False)
+        self.post = torch.compile(post_attention, fullgraph=True, dynamic=False)
+
+    def uncompile(self) -> None:
+        self.pre, self.post = pre_attention, post_attention
+
+    def rotary(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (B, 1, T, head_dim) in the model dtype for mRoPE positions ``pos`` (3, B, T) int64:
+        frequency section i takes position component i % 3 (time, height, width)."""
+        freqs = pos.to(self.inv_freq.device)[..., None].float() * self.inv_freq  # 3, B, T, hd/2
+        parts = freqs.split(self.mrope_section, dim=-1)
+        f = torch.cat([part[i % 3] for i, part in enumerate(parts)], dim=-1)  # B, T, hd/2
+        f = torch.cat((f, f), dim=-1)[:, None]
+        return f.cos().to(self.dtype), f.sin().to(self.dtype)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, attend: Attend, pre=None, post=None) -> torch.Tensor:
+        """Hidden states (B, T, hidden) after every layer, for embeddings ``x`` (B, T, hidden) at positions
+        ``pos`` (3, B, T). ``attend`` stores each layer's new keys/values and attends (see module doc)."""
+        pre, post = pre or pre_attention, post or post_attention
+        cos, sin = self.rotary(pos)
+        B, T = x.shape[0], x.shape[1]
+        for i, w in enumerate(self.layers):
+            q, k, v = pre(x, w.ln1, w.qkv_w, w.qkv_b, cos, sin, self.eps, self.n_heads, self.n_kv, self.head_dim)
+            o = attend(i, q, k, v)
+            x = post(x, o.reshape(B, T, -1), w.o_w, w.ln2, w.gate_up_w, w.down_w, self.eps)
+        return x
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Float32 logits (..., vocab) for final hidden states (..., hidden)."""
+        return self.lm_head(self.norm(h)).float()
+
+    def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embed(ids.to(self.device))
+
+    # -- attention kernels ---------------------------------------------------------------------------
+    def attend_masked(self, q, keys, values, mask):
+        """Grouped-query attention for one stream's prefill: q (1, H, T, d) over keys/values (1, KV, S, d)
+        with an additive mask (g·T, S) whose rows repeat per query head of a group; no K/V copies."""
+        _, H, T, D = q.shape
+        qg = q.reshape(1, self.n_kv, (H // self.n_kv) * T, D)
+        if q.device.type == "cuda":
+            with sdpa_kernel(MASKED_BACKENDS):
+                o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask)
+        else:
+            o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask)
+        return o.reshape(1, H, T, D).transpose(1, 2)
+
+    def attend_flash(self, q, k_new, v_new, k_past, v_past):
+        """Prefill on CUDA without a mask: flash attention over the cached past (every new token sees all of it,
+        query heads grouped per KV head) and, causally, over the new tokens; merged by log-sum-exp.
+        q (1, H, T, d), new (1, KV, T, d), past (1, KV, P, d) -> (1, T, H, d)."""
+        _, H, T, D = q.shape
+        g = H // self.n_kv
+        flash = torch.ops.aten._scaled_dot_product_flash_attention
+        new = flash(q, k_new.repeat_interleave(g, dim=1), v_new.repeat_interleave(g, dim=1), 0.0, True)
+        o_new, lse_new = new[0], new[1]
+        if k_past.shape[2] == 0:
+            return o_new.transpose(1, 2)
+        past = flash(q.reshape(1, self.n_kv, g * T, D), k_past, v_past, 0.0, False)
+        o_past, lse_past = past[0].reshape(1, H, T, D), past[1].reshape(1, H, T)
+        lse = torch.logaddexp(lse_new, lse_past)
+        w_new = torch.exp(lse_new - lse).unsqueeze(-1)
+        return (o_new.float() * w_new + o_past.float() * (1 - w_new)).to(q.dtype).transpose(1, 2)
+
+    def attend_rows(self, q, keys, values, mask):
+        """A decode step's attention, one new token per row: q (B, H, 1, d) over keys/values (B, KV, W, d) with a
+        boolean mask (B, 1, 1, W); two batched matmuls per KV-head group, K and V read once -> (B, 1, H, d)."""
+        B = q.shape[0]
+        qg = q.reshape(B, self.n_kv, self.n_heads // self.n_kv, self.head_dim)  # B, kv, group, d
+        scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * self.head_dim ** -0.5
+        p = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1).to(values.dtype)
+        return torch.matmul(p, values).reshape(B, 1, self.n_heads, self.head_dim)

@@ -1,0 +1,179 @@
+#!/usr/bin/env python3
+"""Many live streams on one GPU: N synthetic 1080p streams paced in real time through one engine core.
+
+Each stream gets its 3-s opener, then a 2-frame clip every second of wall clock (stream i starts i/N s
+after stream 0, so turns arrive spread over the second), through a per-stream queue of 2 clips that
+drops the oldest when the engine is behind (as ``livecc run`` does). After ``--warmup`` seconds (CUDA
+graphs captured, contexts grown) every turn due in the next ``--seconds`` is measured: latency from the
+clip being due to its caption (p50/p99 over all streams' turns), clips dropped, tokens per second,
+peak GPU memory. A random-weight model never emits EOS, so every turn decodes the full 16 tokens.
+
+    python3 scripts/bench_streams.py --tokenizer .bench/tokenizer --streams 1 8 16 32 48
+    python3 scripts/bench_streams.py --tokenizer .bench/tokenizer --processes 6   # N one-stream processes
+    python3 scripts/bench_streams.py --shape tiny --device cpu --streams 1 2 --warmup 3 --seconds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import heapq
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_gpu import loaded, pct, synthetic_clips  # noqa: E402
+
+from pipeline.engine import EngineConfig, StreamingSession, make_core  # noqa: E402
+
+
+class PacedStream:
+    """A StreamPort fed by the pacer: a 2-clip queue dropping the oldest, one turn in flight."""
+
+    def __init__(self, session: StreamingSession, clips: list):
+        self.session, self.clips = session, clips
+        self.queue: collections.deque = collections.deque()
+        self.lock = threading.Lock()
+        self.dropped_at: list[float] = []  # ready times of the clips dropped
+        self.done: list[tuple[float, float, int]] = []  # (due, latency, new tokens)
+        self.stats: list = []  # (due, TurnStats)
+
+    def put(self, clip) -> None:
+        with self.lock:
+            if len(self.queue) >= 2:
+                self.queue.popleft()
+                self.dropped_at.append(clip.ready_at)
+            self.queue.append(clip)
+
+    def due(self):
+        with self.lock:
+            return self.queue[0].ready_at if self.queue else None
+
+    def next_request(self):
+        with self.lock:
+            clip = self.queue.popleft() if self.queue else None
+        if clip is None:
+            return None
+        req = self.session.video_request(clip)
+        req.on_done = self.finish
+        return req
+
+    def finish(self, req, res) -> None:
+        if isinstance(res, BaseException):  # (the engine stopping at the end of the run)
+            return
+        now = time.monotonic()
+        self.session.finish(req, res)
+        self.done.append((req.due, now - req.due, res.stats.new_tokens))
+        self.stats.append((req.due, res.stats))
+
+
+def run(model, n: int, warmup: float, seconds: float, slots: int | None, pool: list) -> dict:
+    cfg = EngineConfig(greedy=True, max_context=32768)
+    core = make_core(model, cfg, slots=slots or n)
+    streams = []
+    for i in range(n):
+        s = PacedStream(StreamingSession(model, cfg, core=core), pool)
+        streams.append(s)
+        core.attach(s)
+    torch.cuda.reset_peak_memory_stats() if model.device.type == "cuda" else None
+    core.start()
+    t0 = time.monotonic() + 0.5
+    end = t0 + 3 + warmup + seconds + 1
+    heap = [(t0 + 3 + i / n, i, 0) for i in range(n)]  # (due, stream, clip index): opener due at 3 s
+    heapq.heapify(heap)
+    while heap:
+        due, i, k = heapq.heappop(heap)
+        if due > end:
+            break
+        time.sleep(max(0.0, due - time.monotonic()))
+        clip = pool[k] if k < len(pool) else pool[1 + (k - 1) % (len(pool) - 1)]
+        stamp = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5) if k == 0 else (2.0 + k, 2.5 + k)
+        streams[i].put(dataclasses.replace(clip, timestamps=stamp, ready_at=time.monotonic()))
+        core.wake()
+        heapq.heappush(heap, (due + 1.0, i, k + 1))
+    time.sleep(2.0)  # let the last turns finish
+    core.stop(30)
+    lo, hi = t0 + 3 + warmup, t0 + 3 + warmup + seconds
+    lat = [l for s in streams for (d, l, _) in s.done if lo <= d < hi]
+    toks = sum(t for s in streams for (d, _, t) in s.done if lo <= d < hi)
+    drops = sum(1 for s in streams for d in s.dropped_at if lo <= d < hi)
+    due_n = n * int(seconds)
+    st = [x for s in streams for (d, x) in s.stats if lo <= d < hi]
+    phase = {k: round(pct([getattr(x, k) for x in st], 50) * 1000, 1) for k in ("vision_s", "prefill_s", "decode_s")}
+    return {"streams": n, "turns": len(lat), "due": due_n, "dropped": drops,
+            "p50_ms": round(pct(lat, 50) * 1000, 1), "p99_ms": round(pct(lat, 99) * 1000, 1),
+            "max_ms": round(max(lat) * 1000, 1) if lat else None, "tokens_per_s": round(toks / seconds, 1),
+            "decode_steps": core.steps,
+            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if model.device.type == "cuda" else None,
+            "context_end": max(s.session.context_length for s in streams),
+            "vision_p50_ms": phase["vision_s"], "prefill_p50_ms": phase["prefill_s"], "decode_p50_ms": phase["decode_s"]}
+
+
+def table(rows: list[dict], title: str) -> str:
+    cols = ["streams", "turns", "due", "dropped", "p50_ms", "p99_ms", "max_ms", "tokens_per_s", "vision_p50_ms",
+            "prefill_p50_ms", "decode_p50_ms", "peak_gib", "context_end"]
+    out = [f"### {title}", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    out += ["| " + " | ".join(str(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tokenizer", required=True, help="a folder with the Qwen2 tokenizer files")
+    ap.add_argument("--shape", default="7b", choices=["7b", "tiny"])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--streams", type=int, nargs="+", default=[1, 8, 16, 32, 48])
+    ap.add_argument("--slots", type=int, default=None, help="KV-cache rows (default: the stream count)")
+    ap.add_argument("--warmup", type=float, default=20.0)
+    ap.add_argument("--seconds", type=float, default=60.0)
+    ap.add_argument("--processes", type=int, default=0, help="also run this many one-stream processes side by side")
+    ap.add_argument("--json", help="write the rows here")
+    a = ap.parse_args(argv)
+    if a.processes:
+        return side_by_side(a)
+    dev = torch.device(a.device)
+    model = loaded(a.shape, a.tokenizer, dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    pool = list(synthetic_clips(64))
+    rows = []
+    for n in a.streams:
+        rows.append(run(model, n, a.warmup, a.seconds, a.slots, pool))
+        print(json.dumps(rows[-1]), flush=True)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    print(table(rows, f"one process, N streams batched ({gpu}, {a.shape}, warm-up {a.warmup:g} s, "
+                      f"{a.seconds:g} s measured)"))
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+def side_by_side(a) -> int:
+    """``--processes K``: K processes of one stream each, started together (today's alternative)."""
+    procs = []
+    for i in range(a.processes):
+        out = f"/tmp/bench_streams_proc{i}.json"
+        cmd = [sys.executable, __file__, "--tokenizer", a.tokenizer, "--shape", a.shape, "--device", a.device,
+               "--streams", "1", "--warmup", str(a.warmup), "--seconds", str(a.seconds), "--json", out]
+        procs.append((subprocess.Popen(cmd, stdout=subprocess.DEVNULL, env=os.environ), out))
+    rows = []
+    for p, out in procs:
+        p.wait()
+        rows += json.loads(Path(out).read_text()) if p.returncode == 0 and Path(out).exists() else [
+            {"streams": 1, "turns": f"failed ({p.returncode})"}]
+    print(table(rows, f"{a.processes} processes side by side, one stream each"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Many streams on one engine core give each stream exactly the tokens it gets alone.
+
+Four streams with different resolutions, queries, context policies (rollover, window eviction) and
+seeds share one core (one model, one KV cache with a row per stream); one stream changes its query and
+asks a question mid-run, so the streams drift out of phase and rows join and leave the decode batch at
+different steps. Each stream is also run alone (a batch of one); token ids must be identical.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.engine import EngineConfig, StreamingSession, load_model, make_core
+from pipeline.fixtures.tiny import tiny_checkpoint
+from pipeline.types import Clip
+
+pytestmark = pytest.mark.timeout(300)
+
+TURNS = 12
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model(str(tiny_checkpoint("small")), device="cpu")
+
+
+def clips(h, w, seed):
+    rng = np.random.default_rng(seed)
+    yield Clip(rng.integers(0, 256, (6, h, w, 3), dtype=np.uint8), tuple(np.arange(6) * 0.5))
+    for k in range(1, TURNS):
+        t = 2.0 + k
+        yield Clip(rng.integers(0, 256, (2, h, w, 3), dtype=np.uint8), (t, t + 0.5))
+
+
+# (height, width, clip seed, engine settings of the stream, sampling seed, script of extra actions by turn)
+STREAMS = [
+    (112, 168, 0, dict(query="Describe the court."), 11, {4: [("query", "Who scores?")], 7: [("ask", "Who won?")]}),
+    (56, 84, 1, dict(context="rollover", rollover_seconds=6.0), 12, {}),
+    (168, 112, 2, dict(context="window", window_seconds=3.0, query="Narrate."), 13, {}),
+    (84, 84, 3, dict(max_new_tokens=6), 14, {9: [("ask", "What colour?")]}),
+]
+
+
+def script(i):
+    h, w, seed, _, _, extra = STREAMS[i]
+    for k, clip in enumerate(clips(h, w, seed)):
+        yield from extra.get(k, [])
+        yield ("clip", clip)
+
+
+def alone(model, i, base):
+    _, _, _, own, seed, _ = STREAMS[i]
+    s = StreamingSession(model, EngineConfig(**{**base, **own}), seed=seed)
+    out = []
+    for kind, arg in script(i):
+        if kind == "query":
+            s.set_query(arg)
+        else:
+            out.append((s.step(arg) if kind == "clip" else s.ask(arg)).token_ids)
+    return out
+
+
+def together(model, base):
+    core = make_core(model, EngineConfig(**base), slots=len(STREAMS))
+    sessions = [StreamingSession(model, EngineConfig(**{**base, **own}), core=core, seed=seed)
+                for _, _, _, own, seed, _ in STREAMS]
+    scripts = [script(i) for i in range(len(STREAMS))]
+    outs: list[list] = [[] for _ in STREAMS]
+    while True:
+        reqs = []
+        for s, sc in zip(sessions, scripts):
+            for kind, arg in sc:
+                if kind == "query":
+                    s.set_query(arg)
+                    continue
+                reqs.append((s, s.video_request(arg) if kind == "clip" else s.question_request(arg)))
+                break
+        if not reqs:
+            return outs, core
+        results = core.run([r for _, r in reqs])
+        for (s, req), res in zip(reqs, results):
+            outs[sessions.index(s)].append(s.finish(req, res).token_ids)
+
+
+@pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "seeded-sampling"])
+def test_batched_equals_sequential(model, greedy):
+    base = dict(greedy=greedy, max_context=2048, max_new_tokens=16)
+    batched, core = together(model, base)
+    for i in range(len(STREAMS)):
+        assert batched[i] == alone(model, i, base), f"stream {i} differs when batched"
+    asks = [sum(kind == "ask" for acts in extra.values() for kind, _ in acts) for *_, extra in STREAMS]
+    assert [len(b) for b in batched] == [TURNS + n for n in asks]
+    assert core.steps > 0
+
+
+def test_rows_join_and_leave_the_batch(model):
+    """A decode step serves several rows at once, and rows finish at different steps."""
+    core = make_core(model, EngineConfig(greedy=True, max_context=2048), slots=3)
+    sessions = [StreamingSession(model, EngineConfig(greedy=True, max_context=2048, max_new_tokens=n), core=core)
+                for n in (3, 9, 16)]
+    seen_batches = []
+    real = core.runner.decode
+
+    def spy(slots, tokens, positions):
+        seen_batches.append(len(slots))
+        return real(slots, tokens, positions)
+
+    core.runner.decode = spy
+    gens = [clips(56, 84, i) for i in range(3)]
+    reqs = [s.video_request(next(g)) for s, g in zip(sessions, gens)]
+    results = core.run(reqs)
+    assert max(seen_batches) == 3 and min(seen_batches) < 3
+    assert all(len(r.tokens) <= n for n, r in zip((3, 9, 16), results))
+
+
+def test_slots_are_refused_when_full(model):
+    core = make_core(model, EngineConfig(greedy=True, max_context=512), slots=2)
+    a = StreamingSession(model, EngineConfig(greedy=True, max_context=512), core=core)
+    StreamingSession(model, EngineConfig(greedy=True, max_context=512), core=core)
+    with pytest.raises(RuntimeError, match="slots are in use"):
+        StreamingSession(model, EngineConfig(greedy=True, max_context=512), core=core)
+    a.close()
+    StreamingSession(model, EngineConfig(greedy=True, max_context=512), core=core)  # the freed row is reused
