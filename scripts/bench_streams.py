@@ -119,6 +119,47 @@ def run(model, n: int, warmup: float, seconds: float, slots: int | None, pool: l
             "vision_p50_ms": phase["vision_s"], "prefill_p50_ms": phase["prefill_s"], "decode_p50_ms": phase["decode_s"]}
 
 
+def probe(model, counts: list[int], contexts: list[int], pool) -> str:
+    """Time one decode step (all rows at the same context) and one batched prefill of 1080p turns."""
+    cfg = EngineConfig(greedy=True, max_context=32768)
+    core = make_core(model, cfg, slots=max(counts))
+    r, dev = core.runner, model.device
+    out = ["### one decode step / one prefill of 1-s 1080p turns, all rows at the same context",
+           "| rows | context | decode step ms | prefill ms (all rows) | prefill ms per row |", "|---|---|---|---|---|"]
+    sess = StreamingSession(model, cfg, core=core)
+    turn = sess.video_request(dataclasses.replace(pool[1], timestamps=(3.0, 3.5)))
+    sess.close()
+    vision = r.encode_videos([turn.frames])[0]
+    for ctx in contexts:
+        for n in counts:
+            def fill():
+                for s in range(n):
+                    r.cache.lengths[s] = ctx
+            ms = []
+            for rep in range(8):
+                fill()
+                toks = torch.zeros(n, dtype=torch.long, device=dev)
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                r.decode(list(range(n)), toks, [ctx] * n)
+                torch.cuda.synchronize()
+                ms.append((time.perf_counter() - t) * 1000)
+            pre = []
+            for rep in range(3):
+                fill()
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                r.prefill([(s, turn.ids, turn.positions + ctx, vision) for s in range(n)])
+                torch.cuda.synchronize()
+                pre.append((time.perf_counter() - t) * 1000)
+            out.append(f"| {n} | {ctx} | {min(ms[2:]):.1f} | {min(pre[1:]):.1f} | {min(pre[1:]) / n:.1f} |")
+    for s in range(max(counts)):
+        r.cache.lengths[s] = 0
+    del core, r
+    torch.cuda.empty_cache()
+    return "\n".join(out)
+
+
 def table(rows: list[dict], title: str) -> str:
     cols = ["streams", "turns", "due", "dropped", "p50_ms", "p99_ms", "max_ms", "tokens_per_s", "vision_p50_ms",
             "prefill_p50_ms", "decode_p50_ms", "peak_gib", "context_end"]
@@ -137,6 +178,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=float, default=20.0)
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--processes", type=int, default=0, help="also run this many one-stream processes side by side")
+    ap.add_argument("--probe", type=int, nargs="*", metavar="CONTEXT",
+                    help="first time one decode step and one prefill for 1..N rows at these context lengths")
     ap.add_argument("--json", help="write the rows here")
     a = ap.parse_args(argv)
     if a.processes:
@@ -144,6 +187,8 @@ def main(argv=None) -> int:
     dev = torch.device(a.device)
     model = loaded(a.shape, a.tokenizer, dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
     pool = list(synthetic_clips(64))
+    if a.probe:
+        print(probe(model, a.streams, a.probe, pool), flush=True)
     rows = []
     for n in a.streams:
         rows.append(run(model, n, a.warmup, a.seconds, a.slots, pool))

@@ -20,8 +20,9 @@ class ScriptedCore(EngineCore):
     def free_slots(self) -> int:
         return 1
 
-    def _prefill(self, req: TurnRequest) -> None:
-        self._done(req, TurnResult([], TurnStats()))
+    def _prefill(self, reqs: list[TurnRequest]) -> None:
+        for req in reqs:
+            self._done(req, TurnResult([], TurnStats()))
 
 
 class ScriptedEngine:

