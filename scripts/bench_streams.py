@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import gc
 import heapq
 import json
 import os
@@ -153,9 +154,8 @@ def probe(model, counts: list[int], contexts: list[int], pool) -> str:
                 torch.cuda.synchronize()
                 pre.append((time.perf_counter() - t) * 1000)
             out.append(f"| {n} | {ctx} | {min(ms[2:]):.1f} | {min(pre[1:]):.1f} | {min(pre[1:]) / n:.1f} |")
-    for s in range(max(counts)):
-        r.cache.lengths[s] = 0
-    del core, r
+    del core, r, sess, turn, vision
+    gc.collect()
     torch.cuda.empty_cache()
     return "\n".join(out)
 
@@ -193,6 +193,7 @@ def main(argv=None) -> int:
     for n in a.streams:
         rows.append(run(model, n, a.warmup, a.seconds, a.slots, pool))
         print(json.dumps(rows[-1]), flush=True)
+        gc.collect()
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"

@@ -26,6 +26,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 # Prefill attends with a mask whose width grows every turn. cuDNN's attention builds a new plan for every
 # new shape (2.5 ms of CPU per layer per turn, measured on an H100); the memory-efficient kernel does not.
 MASKED_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+SPLIT = 1024  # positions per chunk of a decode step's attention over values
 
 
 class LayerWeights(NamedTuple):
@@ -228,9 +229,18 @@ class TextModel:
 
     def attend_rows(self, q, keys, values, mask):
         """A decode step's attention, one new token per row: q (B, H, 1, d) over keys/values (B, KV, W, d) with a
-        boolean mask (B, 1, 1, W); two batched matmuls per KV-head group, K and V read once -> (B, 1, H, d)."""
+        boolean mask (B, 1, 1, W) -> (B, 1, H, d). Query heads sharing a KV head are the rows of one small
+        matmul, so K and V are read once. The weighted sum of values is split over chunks of
+        ``SPLIT`` positions (summed in float32): a single reduction over W positions keeps only a few
+        hundred blocks of the GPU busy (flash-decoding's split-KV idea)."""
         B = q.shape[0]
-        qg = q.reshape(B, self.n_kv, self.n_heads // self.n_kv, self.head_dim)  # B, kv, group, d
-        scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * self.head_dim ** -0.5
-        p = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1).to(values.dtype)
-        return torch.matmul(p, values).reshape(B, 1, self.n_heads, self.head_dim)
+        W, D = keys.shape[2], self.head_dim
+        g = self.n_heads // self.n_kv
+        qg = q.reshape(B, self.n_kv, g, D)
+        scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * D ** -0.5
+        p = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1).to(values.dtype)  # B, kv, g, W
+        S = W // SPLIT if W % SPLIT == 0 and W > SPLIT else 1
+        parts = torch.matmul(p.view(B, self.n_kv, g, S, W // S).transpose(2, 3),
+                             values.view(B, self.n_kv, S, W // S, D))  # B, kv, S, g, d
+        o = parts.float().sum(2) if S > 1 else parts[:, :, 0]
+        return o.to(values.dtype).reshape(B, 1, self.n_heads, D)
