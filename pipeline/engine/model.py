@@ -26,7 +26,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 # Prefill attends with a mask whose width grows every turn. cuDNN's attention builds a new plan for every
 # new shape (2.5 ms of CPU per layer per turn, measured on an H100); the memory-efficient kernel does not.
 MASKED_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-SPLIT = 1024  # positions per chunk of a decode step's attention over values
 
 
 class LayerWeights(NamedTuple):
@@ -227,20 +226,14 @@ class TextModel:
         w_new = torch.exp(lse_new - lse).unsqueeze(-1)
         return (o_new.float() * w_new + o_past.float() * (1 - w_new)).to(q.dtype).transpose(1, 2)
 
-    def attend_rows(self, q, keys, values, mask):
-        """A decode step's attention, one new token per row: q (B, H, 1, d) over keys/values (B, KV, W, d) with a
-        boolean mask (B, 1, 1, W) -> (B, 1, H, d). Query heads sharing a KV head are the rows of one small
-        matmul, so K and V are read once. The weighted sum of values is split over chunks of
-        ``SPLIT`` positions (summed in float32): a single reduction over W positions keeps only a few
-        hundred blocks of the GPU busy (flash-decoding's split-KV idea)."""
-        B = q.shape[0]
-        W, D = keys.shape[2], self.head_dim
-        g = self.n_heads // self.n_kv
-        qg = q.reshape(B, self.n_kv, g, D)
-        scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * D ** -0.5
-        p = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1).to(values.dtype)  # B, kv, g, W
-        S = W // SPLIT if W % SPLIT == 0 and W > SPLIT else 1
-        parts = torch.matmul(p.view(B, self.n_kv, g, S, W // S).transpose(2, 3),
-                             values.view(B, self.n_kv, S, W // S, D))  # B, kv, S, g, d
-        o = parts.float().sum(2) if S > 1 else parts[:, :, 0]
-        return o.to(values.dtype).reshape(B, 1, self.n_heads, D)
+    def attend_rows(self, q, keys, values, masked):
+        """A decode step's attention, one new token per row: q (B, H, 1, d) over keys/values (B, KV, W, d);
+        ``masked`` (B, 1, 1, W) bool is True where a row must not look -> (B, 1, H, d). Query heads sharing a
+        KV head are the rows of one small matmul, so K and V are read once; the scores stay in the model
+        dtype (softmax accumulates in float32 inside): the step is bound by reading K and V (measured on an
+        H200: the two matmuls ran at the memory bandwidth, the float32 passes over the scores cost as much)."""
+        B, D = q.shape[0], self.head_dim
+        qg = (q * D ** -0.5).reshape(B, self.n_kv, self.n_heads // self.n_kv, D)
+        scores = torch.matmul(qg, keys.transpose(-1, -2)).masked_fill_(masked, float("-inf"))
+        p = torch.softmax(scores, dim=-1)
+        return torch.matmul(p, values).reshape(B, 1, self.n_heads, D)

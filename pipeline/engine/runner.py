@@ -30,7 +30,9 @@ from .vision_tower import VisionTower
 log = logging.getLogger(__name__)
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
-WINDOWS = (1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+# attention windows of a decode step: every row reads this many cache positions, so the steps are fine
+# (2048) rather than powers of two (at 32 rows and 16.4k tokens, a 32k window doubled the step's time)
+WINDOWS = (1024,) + tuple(range(2048, 131072 + 1, 2048))
 
 
 def bucket(n: int, sizes: tuple[int, ...], cap: int) -> int:
@@ -179,12 +181,12 @@ class ModelRunner:
         nb = tok.shape[0]
         rows = torch.arange(nb, device=tok.device)
         x = m.embed(tok)[:, None]  # nb, 1, hidden
-        mask = (torch.arange(window, device=tok.device)[None, :] <= at[:, None])[:, None, None, :]
+        masked = (torch.arange(window, device=tok.device)[None, :] > at[:, None])[:, None, None, :]
 
         def attend(i, q, k, v):
             cache.decode_write(i, rows, at, k, v)
             kw, vw = cache.window(i, nb, window)
-            return m.attend_rows(q, kw, vw, mask)
+            return m.attend_rows(q, kw, vw, masked)
 
         h = m.forward(x, pos.expand(3, nb)[:, :, None], attend, m.pre, m.post)
         return m.logits(h[:, 0])
