@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from pipeline.capture import Backoff, ClipQueue, RingBuffer, SourceOptions, register_source, resolve
+from pipeline.capture import Backoff, CaptureThread, ClipQueue, LiveSampler, RingBuffer, SourceOptions, register_source, resolve
 from pipeline.capture.sources import Source, registered_schemes
 from pipeline.types import Clip, Frame
 
@@ -57,6 +57,25 @@ def test_clip_queue_drops_oldest():
     q.close()
     assert list(q) == [clips[0]] and q.get() is None
     assert q.stats() == {"maxsize": 2, "waiting": 0, "put": 6, "dropped": 3}
+
+
+def test_clip_stop_is_one_frame_interval_after_the_last_frame():
+    frames = np.zeros((2, 1, 1, 3), np.uint8)
+    assert Clip(frames, (4.0, 5.0), interval=1.0).stop == 6.0  # 1 fps
+    assert Clip(frames, (3.0, 3.5)).stop == 4.0  # no interval given: the timestamps' spacing
+    assert Clip(frames, (6.0, 6.2), interval=0.2).stop == pytest.approx(6.4)
+    with pytest.raises(ValueError):
+        Clip(frames[:1], (1.0,))
+
+
+def test_sampler_at_one_frame_per_second():
+    """LiveSampler(fps=1) on a paced test pattern: grid 1 s apart, each clip's stop = last grid time + 1 s."""
+    ring, clips = RingBuffer(64), ClipQueue(10)
+    with CaptureThread(resolve("lavfi:testsrc2=size=64x48:rate=10"), ring) as cap, \
+            LiveSampler(ring, clips, fps=1, opener_frames=2, turn_frames=2, lookahead=0.1):
+        assert cap.wait_ready(10)
+        got = [clips.get(timeout=10), clips.get(timeout=10)]
+    assert [(c.timestamps, c.stop) for c in got] == [((0.0, 1.0), 2.0), ((2.0, 3.0), 4.0)]
 
 
 def test_backoff_schedule():

@@ -77,6 +77,17 @@ def test_turn_timestamps_and_sizes(tmp_path):
     assert probe(path) == pytest.approx((5.0, 30.0), rel=1e-3)
 
 
+def test_one_frame_per_second(tmp_path):
+    """sampler.fps 1 with a 4-frame opener: grid times 1 s apart and every stop (Time=a-b) 1 s after the last frame."""
+    path = clock_video(tmp_path / "slow.mp4", 10, 8)
+    clips = list(file_clips(path, fps=1, opener_frames=4, turn_frames=2))
+    assert [c.timestamps for c in clips] == [(0.0, 1.0, 2.0, 3.0), (4.0, 5.0), (6.0, 7.0)]
+    assert [(c.start, c.stop, c.interval) for c in clips] == [(0.0, 4.0, 1.0), (4.0, 6.0, 1.0), (6.0, 8.0, 1.0)]
+    assert [frame_index(f) for f in clips[0].frames] == [0, 9, 19, 29]  # the first frame ending at or after t
+    with pytest.raises(ValueError, match="even"):
+        list(file_clips(path, opener_frames=3))
+
+
 def test_missing_empty_and_not_video(tmp_path):
     with pytest.raises(VideoFileError, match="no such file"):
         list(file_clips(tmp_path / "nope.mp4"))
