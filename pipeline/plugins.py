@@ -235,7 +235,7 @@ def make_sink(spec: str | dict, **settings: Any):
         from pydantic import ValidationError
 
         if isinstance(e, ValidationError):
-            from .fanout.sink import redact
+            from .redact import redact
 
             msgs = "; ".join(f"{'.'.join(map(str, err['loc'])) or kind}: {err['msg']}" for err in e.errors())
             raise ValueError(redact(f"sink {kind!r}: {msgs}")) from None

@@ -27,7 +27,8 @@ from typing import Literal
 from pydantic import field_validator
 
 from pipeline import __version__
-from pipeline.fanout.sink import DeliveryError, Sink, SinkSettings, redact
+from pipeline.fanout.sink import DeliveryError, Sink, SinkSettings
+from pipeline.redact import redact
 
 
 class WebhookSink(Sink):
