@@ -124,3 +124,12 @@ def test_cli_errors_are_one_line(tmp_path):
         assert r.returncode == 2
         assert msg in r.stderr and "Traceback" not in r.stderr
         assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_smart_resize_equals_qwen_vl_utils():
+    """capture/frames.py keeps its own copy of smart_resize (qwen-vl-utils imports torchvision, which
+    the pipeline does not need); it must give the reference's sizes. Needs qwen-vl-utils + torchvision."""
+    qvu = pytest.importorskip("qwen_vl_utils", reason="qwen-vl-utils (and the torchvision it imports) not installed")
+    sizes = [(h, w) for h in range(28, 2200, 37) for w in range(28, 4000, 53)] + [(1080, 1920), (720, 1280), (29, 5000)]
+    assert all(smart_resize(h, w) == tuple(qvu.smart_resize(h, w, 28, min_pixels=100 * 28 * 28, max_pixels=384 * 28 * 28))
+               for h, w in sizes)

@@ -101,6 +101,8 @@ class _Worker:
             self.stopping = True
             self.stopped.set()
             self.stop_deadline = deadline
+            if self.call_started is not None:  # a call in progress must end by the shutdown deadline too
+                self.sink.deadline = min(self.sink.deadline or deadline, deadline)
             self.items.append(("stop", _STOP))
             self.cond.notify()
 
@@ -108,7 +110,8 @@ class _Worker:
     def _call(self, what: str, fn, *args) -> None:
         self.call_what = what
         self.call_started = time.monotonic()
-        self.sink.deadline = min(self.call_started + self.call_timeout, self.stop_deadline)
+        with self.cond:  # request_stop may lower it from another thread
+            self.sink.deadline = min(self.call_started + self.call_timeout, self.stop_deadline)
         try:
             fn(*args)
         finally:
