@@ -30,9 +30,16 @@ def redact(text: object) -> str:
     if not s:
         return s
     s = _URL_IN_TEXT.sub(_redact_match, s)
-    s = _PARAM_IN_TEXT.sub(lambda m: m.group(0) if not SECRET_PARAM.search(m.group("name")) or m.group("value") == MASK
-                           else f"{m.group('sep')}{m.group('name')}={MASK}", s)
+    s = _PARAM_IN_TEXT.sub(_redact_param_in_text, s)
     return _OAUTH.sub(f"oauth:{MASK}", s)
+
+
+def _redact_param_in_text(m: re.Match) -> str:
+    value = m.group("value")
+    core = value.rstrip(":,.)]}")  # "...?token=abc: refused": the colon is the message's
+    if not SECRET_PARAM.search(m.group("name")) or core == MASK:
+        return m.group(0)
+    return f"{m.group('sep')}{m.group('name')}={MASK}{value[len(core):]}"
 
 
 def _redact_match(m: re.Match) -> str:

@@ -36,3 +36,4 @@ def test_secrets_outside_urls():
     assert redact("cookie;session=s3ss;path=/") == "cookie;session=***;path=/"
     assert redact("rtmp://h/live/k?key=abc") == "rtmp://h/live/***?key=***"
     assert redact(42) == "42"
+    assert redact("bad://x?token=abc: unknown, and /y?key=k2.") == "bad://x?token=***: unknown, and /y?key=***."

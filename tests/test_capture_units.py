@@ -8,8 +8,9 @@ import time
 import numpy as np
 import pytest
 
-from pipeline.capture import Backoff, CaptureThread, ClipQueue, LiveSampler, RingBuffer, SourceOptions, register_source, resolve
-from pipeline.capture.sources import Source, registered_schemes
+from pipeline.capture import Backoff, CaptureThread, ClipQueue, LiveSampler, RingBuffer, SourceOptions, resolve
+from pipeline.capture.sources import Source
+from pipeline.plugins import SOURCES, registry
 from pipeline.types import Clip, Frame
 
 
@@ -113,16 +114,18 @@ def test_resolve_kinds():
 
 
 def test_register_a_source_kind():
+    """A source kind registered by hand (as a test or an embedding program does) resolves like a built-in."""
     def factory(spec: str, opts: SourceOptions) -> Source:
         return Source("demo", "testsrc2=size=64x64:rate=5", format="lavfi", live=False, pace=opts.pace is not False)
 
-    register_source("demo", factory)
+    registry.register(SOURCES, "demo", factory)
     try:
-        assert "demo" in registered_schemes()
+        assert "demo" in registry.names(SOURCES)
         assert resolve("demo:anything").format == "lavfi"
     finally:
-        from pipeline.capture import sources
-        sources._REGISTRY.pop("demo")
+        registry.unregister(SOURCES, "demo")
+    with pytest.raises(Exception, match="unknown source kind 'demo'"):
+        resolve("demo:anything")
 
 
 def test_live_capture_lavfi_end_to_end():
