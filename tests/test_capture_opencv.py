@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import subprocess
+import threading
 
 import numpy as np
 import pytest
 
+import servers
 from pipeline.capture import CaptureError, CaptureThread, ClipQueue, LiveSampler, RingBuffer, resolve
 from pipeline.plugins import SOURCES, registry
 
@@ -59,3 +61,22 @@ def test_opencv_spec_errors_and_registry():
     cap = CaptureThread(resolve("opencv:/dev/video-none-here?api=v4l2"), ring).start()
     with pytest.raises(CaptureError, match="cannot open"):
         cap.wait_ready(10)
+
+
+def test_opencv_live_input_is_timed_by_the_wall_clock_and_reconnects(red_mp4):
+    """A target that is not a file (here an HTTP URL through OpenCV's FFmpeg backend) is live: frames
+    are timed at capture, its end is source_lost, and it is opened again (source_back)."""
+    ring, events, back = RingBuffer(100), [], threading.Event()
+
+    def on_event(e):
+        events.append(e.kind)
+        if e.kind == "source_back":
+            back.set()
+
+    with servers.HttpDir(red_mp4.parent) as http:
+        cap = CaptureThread(resolve(f"opencv:{http.url(red_mp4.name)}?api=ffmpeg"), ring, on_event=on_event).start()
+        assert cap.wait_ready(10) and back.wait(15)
+        assert cap.stop()
+    assert events[:2] == ["source_lost", "source_back"] and cap.error is None
+    pts = [f.pts for f in ring.snapshot()]
+    assert pts == sorted(pts) and cap.stats["frames"] >= 20

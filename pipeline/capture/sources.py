@@ -94,7 +94,7 @@ class Source:
     @property
     def display(self) -> str:
         """The source for logs and events, secrets redacted."""
-        return redact(self.url) if self.kind not in ("lavfi",) else f"lavfi:{self.url}"
+        return redact(self.url) if self.kind not in ("lavfi", "opencv") else f"{self.kind}:{redact(self.url)}"
 
 
 Factory = Callable[[str, SourceOptions], Source]

@@ -108,7 +108,7 @@ def open_capture(source: Source) -> OpenCVInput:
     cap = cv2.VideoCapture(target, api)
     if not cap.isOpened():
         cap.release()
-        raise CaptureError(f"opencv:{source.display}: OpenCV ({source.format}) cannot open it", transient=source.live)
+        raise CaptureError(f"{source.display}: OpenCV ({source.format} backend) cannot open it", transient=source.live)
     for prop, value in source.options.items():
         if prop != "api":
             cap.set(int(prop), float(value))
