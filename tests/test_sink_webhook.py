@@ -118,6 +118,13 @@ def test_429_retry_after_and_4xx_not_retried(hook):
     assert len(hook.requests) == 3
 
 
+def test_unreadable_retry_after_falls_back_on_backoff(hook):
+    hook.statuses, hook.retry_after = [429], "soon"
+    s = sink(hook.url())
+    s.on_caption(Caption(0, 1, "a"))
+    assert len(hook.requests) == 2 and s.sent == 1 and s.attempts == 2
+
+
 def test_unreachable_gives_up_and_dispatcher_reports(hook):
     url = hook.url("/api/webhooks/123/PATHSECRET?token=SECRET")
     hook.close()  # nothing listens any more

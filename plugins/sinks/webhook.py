@@ -31,7 +31,7 @@ from typing import Callable, Literal
 import requests
 from pydantic import Field, field_validator
 from requests.adapters import HTTPAdapter
-from urllib3.exceptions import MaxRetryError, ResponseError
+from urllib3.exceptions import InvalidHeader, MaxRetryError, ResponseError
 from urllib3.util.retry import Retry
 
 from pipeline import __version__
@@ -67,7 +67,11 @@ class _Retry(Retry):
         try:
             return max(0.0, float(retry_after))
         except ValueError:
-            return super().parse_retry_after(retry_after)
+            pass
+        try:
+            return super().parse_retry_after(retry_after)  # an HTTP date
+        except InvalidHeader:
+            return 0.0  # unreadable: our own backoff
 
     def increment(self, method=None, url=None, response=None, error=None, _pool=None, _stacktrace=None):
         self.tally["failed"] += 1
