@@ -1,16 +1,26 @@
-"""Plugin registry: sinks and sources found through Python entry points.
+"""One plugin registry for both plugin groups, found through Python entry points.
 
-Built-ins are registered exactly like third-party plugins: ``pyproject.toml`` lists them under
-``[project.entry-points."livecc.sinks"]`` pointing into ``plugins.sinks.<module>:<Class>``. When
-the package metadata is absent (running from a source tree that was never pip-installed), the
-same references are taken from ``BUILTIN`` below.
+- ``livecc.sources``: the name is a source scheme (``rtmp``, ``opencv``, ...), the object a
+  factory ``f(spec: str, opts: SourceOptions) -> Source`` (see ``pipeline/capture/sources.py``).
+- ``livecc.sinks``: the name is a sink kind, the object a ``Sink`` subclass (``pipeline/fanout/sink.py``).
 
-Environment:
-  ``LIVECC_PLUGINS``  comma-separated names to load (``jsonl,srt`` or ``sinks:jsonl``); unset
-                      loads everything, an empty string loads nothing.
+Built-ins are plugins like any other: this package's ``pyproject.toml`` lists them under the same
+two entry-point groups a third-party package uses, and that list is the only one. Run from a
+source tree, the registry reads that ``pyproject.toml`` itself, so an editable install whose
+metadata predates the last change still sees the current list; an installed wheel carries no
+``pyproject.toml`` and its metadata (written from that file at build time) is read instead.
+A third-party plugin cannot take a built-in's name (it is skipped with a warning).
+
+Environment (both groups):
+  ``LIVECC_PLUGINS``  comma-separated: plugin names (``jsonl``), group-qualified names
+                      (``sinks:jsonl``, ``sources:rtmp``) or distribution names (``livecc-pipeline``:
+                      all of that package's plugins). Unset: everything; empty: nothing.
+                      The test suite sets ``livecc-pipeline`` (tests/conftest.py): installed
+                      third-party plugins are not loaded under pytest, as datasette does.
   ``LIVECC_TRACE_PLUGINS=1``  log each plugin as it is found and loaded.
 
-``report()`` lists what was found, where it came from and whether it loaded.
+``register``/``unregister`` add and remove plugins by hand (tests, embedding); ``report()`` and
+``python -m pipeline.plugins`` list what was found, where it came from and whether it loads.
 """
 
 from __future__ import annotations
@@ -20,30 +30,25 @@ import logging
 import os
 from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
 from typing import Any
+
+from . import __version__
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the installed metadata only
+    tomllib = None
 
 log = logging.getLogger(__name__)
 
-SINKS = "livecc.sinks"
 SOURCES = "livecc.sources"
-GROUPS = (SINKS, SOURCES)
+SINKS = "livecc.sinks"
+GROUPS = (SOURCES, SINKS)
+_NOUN = {SOURCES: "source kind", SINKS: "sink"}  # for messages
 DIST = "livecc-pipeline"
-
-#: Fallback when the distribution's metadata is missing. Keep in step with pyproject.toml.
-BUILTIN: dict[str, dict[str, str]] = {
-    SINKS: {
-        "console": "plugins.sinks.console:ConsoleSink",
-        "jsonl": "plugins.sinks.jsonl:JsonlSink",
-        "subtitles": "plugins.sinks.subtitles:SubtitleSink",
-        "srt": "plugins.sinks.subtitles:SrtSink",
-        "vtt": "plugins.sinks.subtitles:VttSink",
-        "overlay": "plugins.sinks.overlay:OverlaySink",
-        "twitch": "plugins.sinks.twitch:TwitchSink",
-        "webhook": "plugins.sinks.webhook:WebhookSink",
-        "burnin": "plugins.sinks.burnin:BurninSink",
-    },
-    SOURCES: {},
-}
+#: this package's own pyproject.toml when running from a source tree (absent in an installed wheel)
+PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 
 
 class PluginError(LookupError):
@@ -55,7 +60,7 @@ class PluginInfo:
     group: str
     name: str
     value: str  # "module:attr", or a repr for objects registered directly
-    origin: str  # distribution name, "builtin-fallback" or "manual"
+    origin: str  # distribution name, or "manual"
     version: str | None = None
     obj: Any = None
     error: str | None = None
@@ -92,11 +97,36 @@ def _trace() -> bool:
     return os.environ.get("LIVECC_TRACE_PLUGINS", "") not in ("", "0", "false")
 
 
-class Registry:
-    """Plugins by group and name. Entry points are read once, imported lazily on first use."""
+def _short(group: str) -> str:
+    return group.split(".")[-1]  # "sources", "sinks"
 
-    def __init__(self, use_entry_points: bool = True) -> None:
-        self.use_entry_points = use_entry_points
+
+def own_entry_points(pyproject: Path | None = PYPROJECT) -> dict[str, dict[str, str]]:
+    """This package's plugins, ``{group: {name: "module:attr"}}``: from ``pyproject`` when it is
+    this package's (a source tree), else from the installed distribution's metadata."""
+    if pyproject is not None and tomllib is not None and pyproject.is_file():
+        project = tomllib.loads(pyproject.read_text(encoding="utf-8")).get("project", {})
+        if project.get("name") == DIST:
+            eps = project.get("entry-points", {})
+            return {g: dict(eps.get(g, {})) for g in GROUPS}
+    out: dict[str, dict[str, str]] = {g: {} for g in GROUPS}
+    try:
+        for ep in metadata.distribution(DIST).entry_points:
+            if ep.group in out:
+                out[ep.group][ep.name] = ep.value
+    except metadata.PackageNotFoundError:  # neither a source tree nor installed: no built-ins
+        log.warning("no %s metadata and no pyproject.toml: no built-in plugins", DIST)
+    return out
+
+
+class Registry:
+    """Plugins by group and name. Entry points are read once, imported lazily on first use.
+
+    ``third_party=False`` reads only this package's own plugins."""
+
+    def __init__(self, third_party: bool = True, pyproject: Path | None = PYPROJECT) -> None:
+        self.third_party = third_party
+        self.pyproject = pyproject
         self._plugins: dict[str, dict[str, PluginInfo]] = {g: {} for g in GROUPS}
         self._discovered = False
 
@@ -106,39 +136,37 @@ class Registry:
             return
         self._discovered = True
         allowed = _allowed()
-        found_own: set[str] = set()
-        if self.use_entry_points:
-            for group in GROUPS:
-                for ep in metadata.entry_points(group=group):
-                    dist = getattr(ep, "dist", None)
-                    origin = dist.metadata["Name"] if dist is not None else "unknown"
-                    version = dist.version if dist is not None else None
-                    if origin == DIST:
-                        found_own.add(group)
-                    self._add(PluginInfo(group, ep.name, ep.value, origin, version), allowed)
-        for group in GROUPS:  # source tree without metadata: the same references, by hand
-            if group in found_own:
-                continue
-            for name, ref in BUILTIN[group].items():
-                if name not in self._plugins[group]:
-                    self._add(PluginInfo(group, name, ref, "builtin-fallback"), allowed)
+        for group, refs in own_entry_points(self.pyproject).items():
+            for name, ref in refs.items():
+                self._add(PluginInfo(group, name, ref, DIST, __version__), allowed)
+        if not self.third_party:
+            return
+        for group in GROUPS:
+            for ep in metadata.entry_points(group=group):
+                dist = getattr(ep, "dist", None)
+                origin = dist.metadata["Name"] if dist is not None else "unknown"
+                if origin == DIST:
+                    continue  # ours: read above
+                self._add(PluginInfo(group, ep.name, ep.value, origin, dist.version if dist else None), allowed)
 
     def _add(self, info: PluginInfo, allowed: set[str] | None) -> None:
-        short = info.group.split(".")[-1]
-        if allowed is not None and info.name not in allowed and f"{short}:{info.name}" not in allowed:
+        short = _short(info.group)
+        if allowed is not None and not {info.name, f"{short}:{info.name}", info.origin} & allowed:
             if _trace():
                 log.info("plugin %s:%s skipped (LIVECC_PLUGINS)", short, info.name)
             return
-        if info.name in self._plugins[info.group]:
-            prev = self._plugins[info.group][info.name]
-            log.warning("plugin %s:%s from %s shadows %s", short, info.name, info.origin, prev.origin)
+        prev = self._plugins[info.group].get(info.name)
+        if prev is not None:
+            log.warning("plugin %s:%s from %s ignored: %s already has that name", short, info.name,
+                        info.origin, prev.origin)
+            return
         if _trace():
             log.info("plugin %s:%s found (%s from %s)", short, info.name, info.value, info.origin)
         self._plugins[info.group][info.name] = info
 
     # --- manual registration (tests, embedding) --------------------------------------
     def register(self, group: str, name: str, obj: Any) -> None:
-        """Register a class (or a ``"module:attr"`` string) under ``name``; replaces any existing."""
+        """Register an object (or a ``"module:attr"`` string) under ``name``; replaces any existing."""
         self.discover()
         if isinstance(obj, str):
             info = PluginInfo(group, name, obj, "manual")
@@ -148,6 +176,7 @@ class Registry:
         self._plugins[group][name] = info
 
     def unregister(self, group: str, name: str) -> None:
+        """Remove ``name`` from ``group`` (a plugin registered by hand, in a test's teardown)."""
         self._plugins[group].pop(name, None)
 
     # --- lookup ----------------------------------------------------------------------
@@ -156,11 +185,12 @@ class Registry:
         return sorted(self._plugins[group])
 
     def get(self, group: str, name: str) -> Any:
+        """The plugin's object, imported on first use; PluginError when unknown or broken."""
         self.discover()
         info = self._plugins[group].get(name)
         if info is None:
             known = ", ".join(sorted(self._plugins[group])) or "none"
-            raise PluginError(f"unknown {group.split('.')[-1][:-1]} {name!r} (known: {known})")
+            raise PluginError(f"unknown {_NOUN.get(group, group)} {name!r} (known: {known})")
         if not info.loaded:
             try:
                 info.obj = _load_ref(info.value)
@@ -235,7 +265,7 @@ def make_sink(spec: str | dict, **settings: Any):
         from pydantic import ValidationError
 
         if isinstance(e, ValidationError):
-            from .fanout.sink import redact
+            from .redact import redact
 
             msgs = "; ".join(f"{'.'.join(map(str, err['loc'])) or kind}: {err['msg']}" for err in e.errors())
             raise ValueError(redact(f"sink {kind!r}: {msgs}")) from None
@@ -250,7 +280,7 @@ def main() -> None:  # python -m pipeline.plugins: what is installed, and does i
     registry.load_all()
     for r in report():
         state = "ok" if r["loaded"] else f"ERROR {r['error']}"
-        print(f"{r['group']:<15} {r['name']:<10} {r['value']:<45} {r['origin']:<18} {state}")
+        print(f"{_short(r['group']):<8} {r['name']:<13} {r['value']:<42} {r['origin']:<18} {state}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ What counts as a secret:
   (``?key=abc`` -> ``?key=***``), including SRT's ``passphrase`` and ``streamid``.
 - an RTMP stream key: the last path segment after the application
   (``rtmp://host/live/KEY`` -> ``rtmp://host/live/***``); ``rtmp://host/app`` has no key.
+- outside URLs too: a ``?name=value`` / ``&name=value`` / ``;name=value`` pair with such a name
+  (a relative request line, a header value), and a Twitch chat token (``oauth:abc`` -> ``oauth:***``).
 """
 
 from __future__ import annotations
@@ -18,13 +20,26 @@ SECRET_PARAM = re.compile(r"(key|token|pass|secret|auth|sig|streamid|credential|
 RTMP_SCHEMES = ("rtmp", "rtmps", "rtmpe", "rtmpt", "rtmpte", "rtmpts")
 # a URL inside free text: scheme://... up to whitespace or a quote
 _URL_IN_TEXT = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>]+")
+_PARAM_IN_TEXT = re.compile(r"(?P<sep>[?&;])(?P<name>[A-Za-z0-9_.-]+)=(?P<value>[^&;\s'\"<>]+)")
+_OAUTH = re.compile(r"(?i)\boauth:[a-z0-9]+")
 
 
-def redact(text: str) -> str:
-    """``text`` with every URL in it redacted; a bare URL is redacted as a whole."""
-    if not text:
-        return text
-    return _URL_IN_TEXT.sub(_redact_match, str(text))
+def redact(text: object) -> str:
+    """``str(text)`` with every secret above replaced by ``***``; a bare URL is redacted as a whole."""
+    s = str(text)
+    if not s:
+        return s
+    s = _URL_IN_TEXT.sub(_redact_match, s)
+    s = _PARAM_IN_TEXT.sub(_redact_param_in_text, s)
+    return _OAUTH.sub(f"oauth:{MASK}", s)
+
+
+def _redact_param_in_text(m: re.Match) -> str:
+    value = m.group("value")
+    core = value.rstrip(":,.)]}")  # "...?token=abc: refused": the colon is the message's
+    if not SECRET_PARAM.search(m.group("name")) or core == MASK:
+        return m.group(0)
+    return f"{m.group('sep')}{m.group('name')}={MASK}{value[len(core):]}"
 
 
 def _redact_match(m: re.Match) -> str:

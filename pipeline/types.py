@@ -40,13 +40,24 @@ class AudioChunk:
 class Clip:
     """Frames for one engine turn, already resized for the model.
 
-    ``frames`` is T x H x W x 3 uint8 RGB with T even (6 for the opener, 2 after).
-    ``timestamps`` are the 2 fps grid times (stream seconds) the frames stand for.
+    ``frames`` is T x H x W x 3 uint8 RGB with T even (``sampler.opener_frames`` for the opener,
+    ``sampler.turn_frames`` after). ``timestamps`` are the sampling grid times (stream seconds)
+    the frames stand for, ``interval`` seconds apart (1 / ``sampler.fps``). A clip built without
+    ``interval`` takes the spacing of its last two timestamps (T >= 2); with neither, ValueError.
     """
 
     frames: np.ndarray
     timestamps: tuple[float, ...]
     ready_at: float = field(default_factory=time.monotonic)  # when the clip was complete
+    interval: float | None = None  # seconds between frames (1 / fps); see the class docstring
+
+    def __post_init__(self) -> None:
+        if self.interval is None:
+            if len(self.timestamps) < 2:
+                raise ValueError("a clip of fewer than 2 timestamps needs its interval")
+            object.__setattr__(self, "interval", self.timestamps[-1] - self.timestamps[-2])
+        if not self.interval > 0:
+            raise ValueError(f"clip interval must be > 0 s, not {self.interval}")
 
     @property
     def start(self) -> float:
@@ -54,8 +65,8 @@ class Clip:
 
     @property
     def stop(self) -> float:
-        # the reference labels a clip up to its last frame time + one frame interval
-        return self.timestamps[-1] + 0.5
+        """The last frame's time + one frame interval: how the reference labels a clip (``Time=start-stop``)."""
+        return self.timestamps[-1] + self.interval
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ APT_PACKAGES=(
   chromium                    # headless browser for the overlay tests
   ngircd                      # IRC server for the Twitch sink tests
   fonts-dejavu-core           # the burn-in sink's default TrueType font
-  libgl1 libglib2.0-0         # opencv-python
+  libgl1 libglib2.0-0         # opencv-python (the opencv: source, plugins/sources/opencv.py)
   python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good
   gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-libav   # RTSP server for tests
 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import re
 
 import pytest
@@ -15,6 +16,10 @@ try:  # the tiny engine on CPU: torch's default thread count made a turn ~9x slo
     torch.set_num_threads(1)
 except ImportError:  # pragma: no cover
     pass
+
+# only this package's own plugins under test (datasette's practice): an installed third-party source or
+# sink must not change a test's outcome; subprocesses (livecc run) inherit it
+os.environ.setdefault("LIVECC_PLUGINS", "livecc-pipeline")
 
 _keys = itertools.count(1)
 

@@ -27,3 +27,13 @@ def test_urls_inside_text_and_plain_text():
     assert redact("/tmp/video.mp4") == "/tmp/video.mp4"
     assert redact("") == ""
     assert "s3cr3t" not in redact("open 'srt://x:1?passphrase=s3cr3t' failed")
+
+
+def test_secrets_outside_urls():
+    """One redaction for logs and sinks: Twitch tokens and query secrets in free text too."""
+    assert redact("PASS oauth:abc123XYZ") == "PASS oauth:***"
+    assert redact("POST /hook?token=t0k&x=1 failed") == "POST /hook?token=***&x=1 failed"
+    assert redact("cookie;session=s3ss;path=/") == "cookie;session=***;path=/"
+    assert redact("rtmp://h/live/k?key=abc") == "rtmp://h/live/***?key=***"
+    assert redact(42) == "42"
+    assert redact("bad://x?token=abc: unknown, and /y?key=k2.") == "bad://x?token=***: unknown, and /y?key=***."

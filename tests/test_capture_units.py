@@ -8,8 +8,9 @@ import time
 import numpy as np
 import pytest
 
-from pipeline.capture import Backoff, ClipQueue, RingBuffer, SourceOptions, register_source, resolve
-from pipeline.capture.sources import Source, registered_schemes
+from pipeline.capture import Backoff, CaptureThread, ClipQueue, LiveSampler, RingBuffer, SourceOptions, resolve
+from pipeline.capture.sources import Source
+from pipeline.plugins import SOURCES, registry
 from pipeline.types import Clip, Frame
 
 
@@ -59,6 +60,25 @@ def test_clip_queue_drops_oldest():
     assert q.stats() == {"maxsize": 2, "waiting": 0, "put": 6, "dropped": 3}
 
 
+def test_clip_stop_is_one_frame_interval_after_the_last_frame():
+    frames = np.zeros((2, 1, 1, 3), np.uint8)
+    assert Clip(frames, (4.0, 5.0), interval=1.0).stop == 6.0  # 1 fps
+    assert Clip(frames, (3.0, 3.5)).stop == 4.0  # no interval given: the timestamps' spacing
+    assert Clip(frames, (6.0, 6.2), interval=0.2).stop == pytest.approx(6.4)
+    with pytest.raises(ValueError):
+        Clip(frames[:1], (1.0,))
+
+
+def test_sampler_at_one_frame_per_second():
+    """LiveSampler(fps=1) on a paced test pattern: grid 1 s apart, each clip's stop = last grid time + 1 s."""
+    ring, clips = RingBuffer(64), ClipQueue(10)
+    with CaptureThread(resolve("lavfi:testsrc2=size=64x48:rate=10"), ring) as cap, \
+            LiveSampler(ring, clips, fps=1, opener_frames=2, turn_frames=2, lookahead=0.1):
+        assert cap.wait_ready(10)
+        got = [clips.get(timeout=10), clips.get(timeout=10)]
+    assert [(c.timestamps, c.stop) for c in got] == [((0.0, 1.0), 2.0), ((2.0, 3.0), 4.0)]
+
+
 def test_backoff_schedule():
     b = Backoff(initial=0.5, factor=2, max_delay=3)
     assert [b.delay(a) for a in range(1, 7)] == [0, 0.5, 1, 2, 3, 3]
@@ -94,16 +114,18 @@ def test_resolve_kinds():
 
 
 def test_register_a_source_kind():
+    """A source kind registered by hand (as a test or an embedding program does) resolves like a built-in."""
     def factory(spec: str, opts: SourceOptions) -> Source:
         return Source("demo", "testsrc2=size=64x64:rate=5", format="lavfi", live=False, pace=opts.pace is not False)
 
-    register_source("demo", factory)
+    registry.register(SOURCES, "demo", factory)
     try:
-        assert "demo" in registered_schemes()
+        assert "demo" in registry.names(SOURCES)
         assert resolve("demo:anything").format == "lavfi"
     finally:
-        from pipeline.capture import sources
-        sources._REGISTRY.pop("demo")
+        registry.unregister(SOURCES, "demo")
+    with pytest.raises(Exception, match="unknown source kind 'demo'"):
+        resolve("demo:anything")
 
 
 def test_live_capture_lavfi_end_to_end():

@@ -7,7 +7,8 @@ import time
 
 import numpy as np
 
-from pipeline.fanout.dispatch import Dispatcher, RetryPolicy
+from pipeline.backoff import Backoff
+from pipeline.fanout.dispatch import Dispatcher
 from pipeline.fanout.sink import DeliveryError, Sink
 from pipeline.types import Caption, Frame, StreamEvent
 
@@ -85,7 +86,7 @@ def wait_for(pred, timeout=5.0):
 
 def test_raising_and_hanging_sinks_do_not_stop_others():
     good, flaky, hanger = Recorder(), Flaky(fail_times=2), Hanger()
-    d = Dispatcher([good, flaky, hanger], call_timeout=0.5, retry=RetryPolicy(retries=3, initial_s=0.05), watch_interval=0.1)
+    d = Dispatcher([good, flaky, hanger], call_timeout=0.5, retry=Backoff(initial=0.05, max_attempts=4), watch_interval=0.1)
     d.start()
     t0 = time.monotonic()
     d.caption(cap("hang"))
@@ -126,7 +127,7 @@ def test_hung_sink_recovers_when_call_returns():
 def test_always_failing_sink_is_reported_failed():
     bad = Flaky(fail_times=10**9)
     good = Recorder()
-    d = Dispatcher([bad, good], retry=RetryPolicy(retries=1, initial_s=0.01))
+    d = Dispatcher([bad, good], retry=Backoff(initial=0.01, max_attempts=2))
     d.start()
     for i in range(5):
         d.caption(cap(f"x{i}", i))
@@ -152,7 +153,7 @@ def test_delivery_error_is_not_retried_and_start_is_retried():
             super().on_caption(c)
 
     s = Once()
-    d = Dispatcher([s], retry=RetryPolicy(retries=5, initial_s=0.02))
+    d = Dispatcher([s], retry=Backoff(initial=0.02, max_attempts=6))
     d.start()
     d.caption(cap("bad"))
     d.caption(cap("good"))

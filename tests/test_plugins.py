@@ -1,14 +1,23 @@
-"""The plugin registry: entry points, the source-tree fallback, LIVECC_PLUGINS, make_sink."""
+"""The plugin registry: sources and sinks from entry points, LIVECC_PLUGINS, make_sink."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
 
 import pytest
 
 from pipeline import plugins
-from pipeline.plugins import SINKS, Registry, make_sink, parse_spec
+from pipeline.plugins import DIST, SINKS, SOURCES, Registry, make_sink, parse_spec
 from pipeline.fanout.sink import Sink, SinkSettings
 
+ROOT = Path(__file__).resolve().parent.parent
 BUILTINS = {"console", "jsonl", "subtitles", "srt", "vtt", "overlay", "twitch", "webhook", "burnin"}
+SOURCE_KINDS = {"rtmp", "rtmps", "rtsp", "srt", "udp", "http", "https", "file", "lavfi", "v4l2", "avfoundation",
+                "dshow", "opencv"}
 
 
 class EchoSink(Sink):
@@ -34,31 +43,59 @@ def echo_plugin():
     plugins.registry.unregister(SINKS, "echo")
 
 
-def test_builtins_found_through_entry_points():
-    reg = Registry()
-    names = set(reg.names(SINKS))
-    assert BUILTINS <= names
-    origins = {r["name"]: r["origin"] for r in reg.report() if r["group"] == SINKS}
-    # installed (pip install -e): the built-ins come from the package's own entry points
-    assert {origins[n] for n in BUILTINS} == {"livecc-pipeline"}
-
-
-def test_fallback_without_metadata_loads_every_builtin():
-    reg = Registry(use_entry_points=False)
-    assert set(reg.names(SINKS)) == BUILTINS
+def test_builtins_are_entry_points_of_both_groups():
+    """pyproject.toml lists the built-in sources and sinks once; the registry reads that list."""
+    eps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]
+    reg = Registry(third_party=False)
+    assert set(reg.names(SINKS)) == set(eps[SINKS]) == BUILTINS
+    assert set(reg.names(SOURCES)) == set(eps[SOURCES]) >= SOURCE_KINDS
     reg.load_all()
-    rep = {r["name"]: r for r in reg.report() if r["group"] == SINKS}
-    assert all(r["loaded"] and r["error"] is None for r in rep.values()), rep
+    rep = reg.report()
+    assert all(r["loaded"] and r["error"] is None and r["origin"] == DIST for r in rep), rep
     for name in BUILTINS:
         cls = reg.get(SINKS, name)
         assert issubclass(cls, Sink) and issubclass(cls.Settings, SinkSettings)
+    assert all(callable(reg.get(SOURCES, name)) for name in SOURCE_KINDS)
+
+
+def test_installed_metadata_is_read_without_a_source_tree():
+    """An installed wheel has no pyproject.toml: the distribution's metadata gives the built-ins."""
+    assert BUILTINS <= set(Registry(third_party=False, pyproject=None).names(SINKS))
+
+
+def test_third_party_plugins_and_the_test_switch(tmp_path, monkeypatch):
+    """A real distribution on sys.path: its entry points load unless LIVECC_PLUGINS leaves them
+    out, as tests/conftest.py does; a third party cannot take a built-in's name."""
+    info = tmp_path / "livecc_extra-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: livecc-extra\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[livecc.sources]\nextra = pipeline.capture.sources:lavfi\n"
+                                           "rtmp = pipeline.capture.sources:lavfi\n"
+                                           "[livecc.sinks]\nextra = plugins.sinks.console:ConsoleSink\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert os.environ.get("LIVECC_PLUGINS") == DIST  # set by tests/conftest.py
+    reg = Registry()
+    assert "extra" not in reg.names(SOURCES) + reg.names(SINKS) and "rtmp" in reg.names(SOURCES)
+    monkeypatch.delenv("LIVECC_PLUGINS")
+    reg = Registry()
+    origins = {(r["group"], r["name"]): r["origin"] for r in reg.report()}
+    assert origins[SOURCES, "extra"] == origins[SINKS, "extra"] == "livecc-extra"
+    assert origins[SOURCES, "rtmp"] == DIST and reg.get(SOURCES, "rtmp").__name__ == "rtmp"
+
+
+def test_report_lists_sources_and_sinks():
+    out = subprocess.run([sys.executable, "-m", "pipeline.plugins"], capture_output=True, text=True, timeout=120,
+                         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout.splitlines()
+    rows = {tuple(line.split()[:2]) for line in out}
+    assert {("sources", k) for k in SOURCE_KINDS} | {("sinks", k) for k in BUILTINS} <= rows
+    assert all(line.endswith(" ok") for line in out), out
 
 
 def test_env_restricts_plugins(monkeypatch):
-    monkeypatch.setenv("LIVECC_PLUGINS", "jsonl, sinks:srt")
-    assert Registry().names(SINKS) == ["jsonl", "srt"]
+    monkeypatch.setenv("LIVECC_PLUGINS", "jsonl, sinks:srt, sources:rtmp")
+    assert Registry().names(SINKS) == ["jsonl", "srt"] and Registry().names(SOURCES) == ["rtmp"]
     monkeypatch.setenv("LIVECC_PLUGINS", "")
-    assert Registry().names(SINKS) == []
+    assert Registry().names(SINKS) == [] and Registry().names(SOURCES) == []
 
 
 def test_test_plugin_registered_in_fixture(echo_plugin):
@@ -97,21 +134,12 @@ def test_make_sink_targets_and_errors(tmp_path):
     assert "SECRETKEY" not in str(ei.value)
 
 
-def test_fallback_list_matches_pyproject_entry_points():
-    import tomllib
-    from pathlib import Path
-
-    data = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
-    eps = data["project"]["entry-points"]["livecc.sinks"]
-    assert eps == plugins.BUILTIN[SINKS]
-
-
 def test_every_builtin_sink_documents_its_settings():
     import sys
     from pathlib import Path
 
     docs = (Path(__file__).resolve().parent.parent / "docs" / "sinks.md").read_text()
-    reg = Registry(use_entry_points=False)
+    reg = Registry(third_party=False)
     for name in BUILTINS:
         cls = reg.get(SINKS, name)
         assert cls.__module__.startswith("plugins.sinks.") and sys.modules[cls.__module__].__doc__

@@ -157,3 +157,18 @@ def test_console(capsys):
         "A: 2-1",
         "-- source_lost at 00:03.00",
     ]
+
+
+def test_one_caption_text_policy(tmp_path, capsys):
+    """include_silence / include_answers / answer_prefix mean the same in every text sink (Sink.text_of)."""
+    answer = Caption(5, 6, "two\n goals", kind="answer", query="score?")
+    run(make_sink("console", include_silence=True, answer_prefix="> ", timestamps=False), [CAPTIONS[1], answer])
+    assert capsys.readouterr().out.splitlines() == ["...", "Q: score?", "> two goals"]
+    run(make_sink("console", include_answers=False), [answer])
+    assert capsys.readouterr().out == ""
+    srt_path, log = tmp_path / "a.srt", tmp_path / "a.jsonl"
+    run(make_sink(f"srt:{srt_path}", answer_prefix="[A] ", include_silence=True), [CAPTIONS[1], answer])
+    assert [c.content for c in srt.parse(srt_path.read_text())] == ["...", "[A] two goals"]
+    run(make_sink(f"jsonl:{log}", include_answers=False, include_silence=False, include_events=False),
+        [CAPTIONS[0], CAPTIONS[1], answer])
+    assert [json.loads(x)["text"] for x in log.read_text().splitlines()] == [CAPTIONS[0].text]

@@ -23,6 +23,7 @@ class Hook:
         self.requests: list[tuple[float, str, dict, dict]] = []
         self.statuses: list[int] = []
         self.retry_after: str | None = None
+        self.delay = 0.0  # seconds before each answer: a slow server
         self.loop = asyncio.new_event_loop()
         ready = threading.Event()
 
@@ -30,6 +31,7 @@ class Hook:
             body = await request.json()
             self.requests.append((time.monotonic(), request.path, dict(request.headers), body))
             status = self.statuses.pop(0) if self.statuses else 200
+            await asyncio.sleep(self.delay)
             headers = {"Retry-After": self.retry_after} if status == 429 and self.retry_after else {}
             return web.Response(status=status, text="{}", headers=headers)
 
@@ -116,6 +118,13 @@ def test_429_retry_after_and_4xx_not_retried(hook):
     assert len(hook.requests) == 3
 
 
+def test_unreadable_retry_after_falls_back_on_backoff(hook):
+    hook.statuses, hook.retry_after = [429], "soon"
+    s = sink(hook.url())
+    s.on_caption(Caption(0, 1, "a"))
+    assert len(hook.requests) == 2 and s.sent == 1 and s.attempts == 2
+
+
 def test_unreachable_gives_up_and_dispatcher_reports(hook):
     url = hook.url("/api/webhooks/123/PATHSECRET?token=SECRET")
     hook.close()  # nothing listens any more
@@ -137,3 +146,34 @@ def test_generic_events(hook):
     s = sink(hook.url(), include_events=True)
     s.on_event(StreamEvent("source_lost", 12.5, "eof"))
     assert hook.requests[0][3]["type"] == "event" and hook.requests[0][3]["kind"] == "source_lost"
+
+
+def test_retries_fit_in_the_dispatchers_call_timeout(hook):
+    """A slow server answering 503: the sink stops retrying before the call timeout, so it is
+    reported failed, never hung (without the deadline: 6 attempts of 0.4 s + 1.55 s of waits)."""
+    hook.statuses, hook.delay = [503] * 10, 0.4
+    s = sink(hook.url(), retries=5, timeout_s=1.0)
+    d = Dispatcher([s], call_timeout=2.0, watch_interval=0.05)
+    d.start()
+    t0 = time.monotonic()
+    d.caption(Caption(0, 1, "slow"))
+    end = t0 + 10
+    while d.status()["webhook"]["failed"] < 1 and time.monotonic() < end:
+        time.sleep(0.02)
+    st = d.status()["webhook"]
+    assert time.monotonic() - t0 < 2.0 and st["state"] == "failed" and st["hangs"] == 0
+    assert len(hook.requests) == 2 and "HTTP 503" in st["last_error"] and "out of time" in st["last_error"]
+    d.stop(2)
+
+
+def test_retries_fit_in_the_shutdown_budget(hook):
+    """Stopping while the sink retries: it gives up within the shutdown budget, not hung."""
+    hook.statuses, hook.delay = [503] * 30, 0.3
+    s = sink(hook.url(), retries=20, timeout_s=1.0)
+    d = Dispatcher([s], call_timeout=30)
+    d.start()
+    d.caption(Caption(0, 1, "bye"))
+    time.sleep(0.2)
+    t0 = time.monotonic()
+    st = d.stop(1.5)["webhook"]
+    assert time.monotonic() - t0 < 1.5 and st["state"] == "stopped" and st["hangs"] == 0 and st["failed"] == 1

@@ -77,6 +77,17 @@ def test_turn_timestamps_and_sizes(tmp_path):
     assert probe(path) == pytest.approx((5.0, 30.0), rel=1e-3)
 
 
+def test_one_frame_per_second(tmp_path):
+    """sampler.fps 1 with a 4-frame opener: grid times 1 s apart and every stop (Time=a-b) 1 s after the last frame."""
+    path = clock_video(tmp_path / "slow.mp4", 10, 8)
+    clips = list(file_clips(path, fps=1, opener_frames=4, turn_frames=2))
+    assert [c.timestamps for c in clips] == [(0.0, 1.0, 2.0, 3.0), (4.0, 5.0), (6.0, 7.0)]
+    assert [(c.start, c.stop, c.interval) for c in clips] == [(0.0, 4.0, 1.0), (4.0, 6.0, 1.0), (6.0, 8.0, 1.0)]
+    assert [frame_index(f) for f in clips[0].frames] == [0, 9, 19, 29]  # the first frame ending at or after t
+    with pytest.raises(ValueError, match="even"):
+        list(file_clips(path, opener_frames=3))
+
+
 def test_missing_empty_and_not_video(tmp_path):
     with pytest.raises(VideoFileError, match="no such file"):
         list(file_clips(tmp_path / "nope.mp4"))
@@ -113,3 +124,12 @@ def test_cli_errors_are_one_line(tmp_path):
         assert r.returncode == 2
         assert msg in r.stderr and "Traceback" not in r.stderr
         assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_smart_resize_equals_qwen_vl_utils():
+    """capture/frames.py keeps its own copy of smart_resize (qwen-vl-utils imports torchvision, which
+    the pipeline does not need); it must give the reference's sizes. Needs qwen-vl-utils + torchvision."""
+    qvu = pytest.importorskip("qwen_vl_utils", reason="qwen-vl-utils (and the torchvision it imports) not installed")
+    sizes = [(h, w) for h in range(28, 2200, 37) for w in range(28, 4000, 53)] + [(1080, 1920), (720, 1280), (29, 5000)]
+    assert all(smart_resize(h, w) == tuple(qvu.smart_resize(h, w, 28, min_pixels=100 * 28 * 28, max_pixels=384 * 28 * 28))
+               for h, w in sizes)

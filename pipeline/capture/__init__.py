@@ -7,7 +7,7 @@ from pipeline.backoff import Backoff
 from pipeline.capture.reader import CaptureThread
 from pipeline.capture.ringbuffer import RingBuffer
 from pipeline.capture.sampler import LiveSampler
-from pipeline.capture.sources import Source, SourceOptions, register_source, resolve
+from pipeline.capture.sources import Source, SourceOptions, resolve
 
 __all__ = ["Backoff", "CaptureError", "CaptureThread", "ClipQueue", "LiveCapture", "LiveSampler", "RingBuffer", "Source",
-           "SourceOptions", "register_source", "resolve"]
+           "SourceOptions", "resolve"]

@@ -7,7 +7,6 @@ The sampler never blocks on a slow consumer; the consumer always gets the newest
 from __future__ import annotations
 
 import threading
-import time
 from collections import deque
 from typing import Iterator
 
@@ -41,16 +40,9 @@ class ClipQueue:
 
     def get(self, timeout: float | None = None) -> Clip | None:
         """The oldest waiting clip; None on timeout, or when closed and drained."""
-        deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while not self._q:
-                if self._closed:
-                    return None
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    return None
-                self._cond.wait(left)
-            return self._q.popleft()
+            self._cond.wait_for(lambda: self._q or self._closed, timeout)
+            return self._q.popleft() if self._q else None
 
     def oldest_ready(self) -> float | None:
         """``ready_at`` (monotonic s) of the oldest waiting clip, None if none waits."""

@@ -1,7 +1,8 @@
 """Clips from a recorded video, chosen exactly as LiveCC's reference loop chooses them.
 
-Grid times run 0, 0.5, 1.0, ... (2 fps). The opener takes the 6 grid times 0.0-2.5, every later
-turn 2. For each grid time ``t`` the frame used is the first frame whose *end* time
+Grid times run 0, 1/fps, 2/fps, ... (the caller's ``sampler.fps``, 2 by default: 0, 0.5, 1.0, ...).
+The opener takes ``opener_frames`` grid times (6: 0.0-2.5), every later turn ``turn_frames`` (2).
+For each grid time ``t`` the frame used is the first frame whose *end* time
 (pts + duration, what decord reports as a frame's timestamp) is >= ``t``, searching from the
 frame after the previous turn's last one; grid times at or past the video's end are not used and
 a turn keeps an even number of frames. Frames are decoded once, in order, without holding the file.
@@ -18,11 +19,8 @@ import av
 import numpy as np
 
 from .frames import MAX_PIXELS, MAX_RATIO, resize_frames
+from .sampler import FPS, OPENER_FRAMES, TURN_FRAMES, conform
 from ..types import Clip, Frame
-
-FPS = 2.0
-OPENER_FRAMES = 6
-TURN_FRAMES = 2
 
 
 class VideoFileError(RuntimeError):
@@ -113,8 +111,12 @@ def _decode_skipping_damage(container, stream) -> Iterator:
         yield from frames
 
 
-def reference_clips(frames: Iterable[tuple[Frame, float]], max_pixels: int = MAX_PIXELS) -> Iterator[Clip]:
-    """Group (frame, end time) pairs into the reference's turns (6 frames, then 2 at a time)."""
+def reference_clips(frames: Iterable[tuple[Frame, float]], max_pixels: int = MAX_PIXELS, *, fps: float = FPS,
+                    opener_frames: int = OPENER_FRAMES, turn_frames: int = TURN_FRAMES) -> Iterator[Clip]:
+    """Group (frame, end time) pairs into the reference's turns: ``opener_frames`` frames, then
+    ``turn_frames`` at a time, one per ``1/fps`` seconds of grid time. Frame counts must be even."""
+    if opener_frames % 2 or turn_frames % 2 or min(opener_frames, turn_frames) < 2 or fps <= 0:
+        raise ValueError("fps must be > 0 and frames per clip even and >= 2 (temporal patch of 2)")
     it = iter(frames)
     look: list[tuple[Frame, float]] = []  # the candidate frame and one frame of lookahead
 
@@ -125,10 +127,10 @@ def reference_clips(frames: Iterable[tuple[Frame, float]], max_pixels: int = MAX
             except StopIteration:
                 return
 
-    grid, n = 0.0, OPENER_FRAMES
+    grid, n = 0.0, opener_frames
     while True:
         chosen: list[Frame] = []
-        times = [grid + i / FPS for i in range(n)]
+        times = [grid + i / fps for i in range(n)]
         for t in times:
             fill()
             while look and look[0][1] < t:
@@ -144,25 +146,20 @@ def reference_clips(frames: Iterable[tuple[Frame, float]], max_pixels: int = MAX
             look.pop(0)  # the next turn searches from the frame after the last one used
         images = [f.image for f in chosen[:keep]]
         if len({im.shape for im in images}) > 1:  # the resolution changed inside this turn
-            from .capture.sampler import conform
             images = conform(images)
         images = np.stack(images)
-        yield Clip(resize_frames(images, max_pixels=max_pixels), tuple(times[:keep]))
-        grid, n = times[keep - 1] + 1 / FPS, TURN_FRAMES
+        yield Clip(resize_frames(images, max_pixels=max_pixels), tuple(times[:keep]), interval=1 / fps)
+        grid, n = times[keep - 1] + 1 / fps, turn_frames
 
 
-def _resized(frames: list[Frame], max_pixels: int) -> np.ndarray:
-    """The clip's frames at the model's size; a resolution change inside the clip takes the last frame's size."""
-    if len({f.image.shape for f in frames}) == 1:
-        return resize_frames(np.stack([f.image for f in frames]), max_pixels=max_pixels)
-    from .sampler import conform
+def file_clips(path: str | Path, max_pixels: int = MAX_PIXELS, *, fps: float = FPS,
+               opener_frames: int = OPENER_FRAMES, turn_frames: int = TURN_FRAMES) -> Iterator[Clip]:
+    """The clips of a recorded video (see :func:`reference_clips`; pass the run's ``sampler`` settings).
 
-    return np.stack(conform([resize_frames(f.image[None], max_pixels=max_pixels)[0] for f in frames]))
-
-
-def file_clips(path: str | Path, max_pixels: int = MAX_PIXELS) -> Iterator[Clip]:
+    Raises VideoFileError when the file cannot be read or holds less than one turn."""
     n = 0
-    for clip in reference_clips(decode_frames(path), max_pixels):
+    for clip in reference_clips(decode_frames(path), max_pixels, fps=fps, opener_frames=opener_frames,
+                                turn_frames=turn_frames):
         n += 1
         yield clip
     if n == 0:  # e.g. one decodable frame: a turn needs two

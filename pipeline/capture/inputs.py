@@ -1,7 +1,9 @@
-"""Open a :class:`Source` with PyAV (directly or through a relay) and pick its video stream.
+"""An open source as the capture thread reads it (:class:`Input`), and PyAV's: open a
+:class:`Source` with PyAV (directly or through a relay) and pick its video stream.
 
-Every failure becomes a :class:`CaptureError` with a one-line, redacted message, marked
-``transient`` when a retry may cure it.
+Every open failure becomes a :class:`CaptureError` with a one-line, redacted message, marked
+``transient`` when a retry may cure it. Sources that PyAV does not open (OpenCV) bring their own
+``Source.opener`` returning an :class:`Input`.
 """
 
 from __future__ import annotations
@@ -10,9 +12,11 @@ import errno
 import logging
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable
+from functools import partial
+from typing import Callable, Iterator, Protocol
 
 import av
+import numpy as np
 
 from pipeline.capture.errors import CaptureError
 from pipeline.capture.relay import Relay
@@ -28,13 +32,56 @@ _PERMANENT = (av.error.FileNotFoundError, av.error.InvalidDataError, av.error.De
               av.error.PatchWelcomeError, av.error.OptionNotFoundError, av.error.HTTPNotFoundError)
 
 
+@dataclass(frozen=True)
+class Picture:
+    """One decoded video frame, before the capture thread gives it a stream time."""
+
+    time: float | None  # seconds on the input's own clock; None: no timestamp (the wall clock is used)
+    format: tuple[int, int, str]  # width, height, pixel format: a change is a format_changed event
+    rgb: Callable[[], np.ndarray]  # the image, H x W x 3 uint8 RGB
+
+
+class Input(Protocol):
+    """An open source. ``read`` yields, in decode order: :class:`Picture` (video), ``av.Packet``
+    (audio, only when ``audio`` is true; the capture thread decodes it) and ``Exception``
+    instances (a damaged packet, skipped and counted). It returns at the end of the input and
+    raises ``av.error.FFmpegError``, ``OSError`` or ``EOFError`` when the input is lost."""
+
+    relay: Relay | None  # a relay process the capture thread kills to unblock a read, or None
+    interval: float  # nominal seconds between frames (1/30 when unknown)
+
+    def read(self, audio: bool) -> Iterator[Picture | av.Packet | Exception]: ...
+
+    def close(self) -> None: ...
+
+
 @dataclass
-class Input:
-    """An open container with its video stream; ``close()`` frees the container and any relay."""
+class PyAVInput:
+    """An open PyAV container with its video stream; ``close()`` frees the container and any relay."""
 
     container: av.container.InputContainer
     stream: av.video.stream.VideoStream
     relay: Relay | None = None
+
+    @property
+    def interval(self) -> float:
+        rate = self.stream.average_rate
+        return 1.0 / float(rate) if rate else 1.0 / 30
+
+    def read(self, audio: bool) -> Iterator[Picture | av.Packet | Exception]:
+        vs = self.stream
+        aus = self.container.streams.audio[0] if audio and self.container.streams.audio else None
+        for packet in self.container.demux(*((vs, aus) if aus is not None else (vs,))):
+            if aus is not None and packet.stream_index == aus.index:
+                yield packet
+                continue
+            try:
+                frames = packet.decode()
+            except (av.error.InvalidDataError, av.error.PatchWelcomeError) as e:
+                yield e
+                continue
+            for f in frames:
+                yield Picture(f.time, (f.width, f.height, f.format.name), partial(f.to_ndarray, format="rgb24"))
 
     def close(self) -> None:
         try:
@@ -59,7 +106,7 @@ REPROBE_US = 3_000_000  # the second probe of a live input that showed only audi
 
 
 def open_input(source: Source, *, relay: bool | None = None,
-               on_relay: Callable[[Relay], None] | None = None) -> Input:
+               on_relay: Callable[[Relay], None] | None = None) -> PyAVInput:
     """Open ``source`` and find its video stream; raise :class:`CaptureError` on any failure.
 
     ``on_relay`` gets the relay as soon as it runs, so another thread can kill it to abort an
@@ -125,7 +172,7 @@ def open_input(source: Source, *, relay: bool | None = None,
             opts = {**source.options, "analyzeduration": str(REPROBE_US)}
             return open_input(dataclasses.replace(source, options=opts), relay=relay, on_relay=on_relay)
         raise
-    return Input(container, stream, rel)
+    return PyAVInput(container, stream, rel)
 
 
 def _video_stream(source: Source, container) -> av.video.stream.VideoStream:

@@ -29,7 +29,7 @@ import av
 
 from pipeline.backoff import Backoff
 from pipeline.capture.errors import CaptureError
-from pipeline.capture.inputs import Input, describe, open_input
+from pipeline.capture.inputs import Input, Picture, describe, open_input
 from pipeline.capture.ringbuffer import RingBuffer
 from pipeline.capture.sources import Source, resolve
 from pipeline.types import AudioChunk, Frame, StreamEvent
@@ -136,7 +136,7 @@ class CaptureThread:
         try:
             while not self._stop.is_set():
                 try:
-                    inp = open_input(src, on_relay=self._set_relay)
+                    inp = src.opener(src) if src.opener else open_input(src, on_relay=self._set_relay)
                     if self._stop.is_set() and inp.relay is not None:
                         inp.close()
                         break
@@ -206,55 +206,44 @@ class CaptureThread:
 
     def _session(self, inp: Input) -> str:
         """Decode until EOF or a read error; return why it ended. Raises _Stopped."""
-        vs = inp.stream
-        interval = 1.0 / float(vs.average_rate) if vs.average_rate else 1.0 / 30
+        interval = inp.interval
         raw0 = base = None
         pace0: tuple[float, float] | None = None
         stop = self._stop
         hidden_gaps = self.source.live and self.source.kind != "hls" and not self.source.pace
-        aus = None
-        if self.on_audio is not None:
-            try:
-                aus = inp.container.streams.audio[0] if inp.container.streams.audio else None
-            except Exception:
-                aus = None
-        streams = (vs, aus) if aus is not None else (vs,)
         wall = False  # the video has no timestamps (wall clock): the audio cannot be placed
         try:
-            for packet in inp.container.demux(*streams):
+            for item in inp.read(audio=self.on_audio is not None):
                 if stop.is_set():
                     raise _Stopped
-                if aus is not None and packet.stream_index == aus.index:
-                    if raw0 is not None and not wall:  # stream time is anchored by the video
-                        self._audio(packet, base - raw0)
-                    continue
-                try:
-                    frames = packet.decode()
-                except (av.error.InvalidDataError, av.error.PatchWelcomeError) as e:
+                if isinstance(item, Exception):
                     self.stats["decode_errors"] += 1  # a damaged packet: skip it, keep the session
-                    log.debug("%s: decode error %s", self.source.display, e)
+                    log.debug("%s: decode error %s", self.source.display, item)
                     continue
-                for frame in frames:
-                    now = time.monotonic()
-                    raw = frame.time
-                    if raw is None:  # no timestamps: use the wall clock
-                        raw = now
-                        wall = True
-                    if raw0 is None or (self._last_pts is not None and not
-                                        (self._last_pts < base + (raw - raw0) <= self._last_pts + JUMP_S)):
-                        raw0, base = raw, self._continue_at(now, interval)
-                    elif hidden_gaps and now - self._last_arrival - (base + raw - raw0 - self._last_pts) > HIDDEN_GAP_S:
-                        raw0, base = raw, self._continue_at(now, interval)
-                    pts = base + (raw - raw0)
-                    if self.source.pace:
-                        if pace0 is None:
-                            pace0 = (now, pts)
-                        wait = pace0[0] + (pts - pace0[1]) - time.monotonic()
-                        if wait > 0 and stop.wait(wait):
-                            raise _Stopped
-                        if wait < -1.0:  # fell behind by over a second: don't burst to catch up
-                            pace0 = (time.monotonic(), pts)
-                    self._put(frame, pts)
+                if not isinstance(item, Picture):  # audio
+                    if raw0 is not None and not wall:  # stream time is anchored by the video
+                        self._audio(item, base - raw0)
+                    continue
+                now = time.monotonic()
+                raw = item.time
+                if raw is None:  # no timestamps: use the wall clock
+                    raw = now
+                    wall = True
+                if raw0 is None or (self._last_pts is not None and not
+                                    (self._last_pts < base + (raw - raw0) <= self._last_pts + JUMP_S)):
+                    raw0, base = raw, self._continue_at(now, interval)
+                elif hidden_gaps and now - self._last_arrival - (base + raw - raw0 - self._last_pts) > HIDDEN_GAP_S:
+                    raw0, base = raw, self._continue_at(now, interval)
+                pts = base + (raw - raw0)
+                if self.source.pace:
+                    if pace0 is None:
+                        pace0 = (now, pts)
+                    wait = pace0[0] + (pts - pace0[1]) - time.monotonic()
+                    if wait > 0 and stop.wait(wait):
+                        raise _Stopped
+                    if wait < -1.0:  # fell behind by over a second: don't burst to catch up
+                        pace0 = (time.monotonic(), pts)
+                self._put(item, pts)
         except _Stopped:
             raise
         except (av.error.FFmpegError, OSError, EOFError) as e:
@@ -283,8 +272,8 @@ class CaptureThread:
         gap = now - self._last_arrival if self.source.live else 0.0
         return self._last_pts + max(interval, gap)
 
-    def _put(self, frame: av.VideoFrame, pts: float) -> None:
-        fmt = (frame.width, frame.height, frame.format.name)
+    def _put(self, frame: Picture, pts: float) -> None:
+        fmt = frame.format
         if fmt != self._last_format:
             if self._last_format is not None:
                 self.stats["format_changes"] += 1
@@ -292,7 +281,7 @@ class CaptureThread:
                 self._last_pts = pts
                 self._emit("format_changed", f"{old[0]}x{old[1]} {old[2]} -> {fmt[0]}x{fmt[1]} {fmt[2]}")
             self._last_format = fmt
-        image = frame.to_ndarray(format="rgb24")
+        image = frame.rgb()
         arrival = time.monotonic()
         self.ring.put(Frame(image, pts, arrival, self._index))
         self._index += 1

@@ -1,7 +1,7 @@
 """Relay through the system ffmpeg, for protocols and devices the PyAV wheel lacks (SRT, v4l2).
 
-``ffmpeg -i SOURCE -map 0:v -c copy -f mpegts pipe:1`` is started with ffmpeg-python; PyAV then
-demuxes its stdout. The process is killed (SIGKILL: nothing to finalise in a copy to a pipe, and
+``ffmpeg [input options] -i SOURCE -map 0:v:0 -c copy -f mpegts pipe:1`` (an argv list: no
+shell, so nothing in SOURCE is interpreted) is started; PyAV then demuxes its stdout. The process is killed (SIGKILL: nothing to finalise in a copy to a pipe, and
 an ffmpeg waiting in an SRT listener ignores SIGTERM for > 5 s) and reaped on close.
 """
 
@@ -10,8 +10,6 @@ from __future__ import annotations
 import logging
 import subprocess
 import tempfile
-
-import ffmpeg
 
 from pipeline.capture.errors import CaptureError
 from pipeline.capture.sources import Source, system_ffmpeg
@@ -28,13 +26,13 @@ class Relay:
         if exe is None:
             raise CaptureError(f"{source.display}: needs the system ffmpeg (PyAV lacks {source.kind}), "
                                "which is not on PATH")
-        in_opts = {k: v for k, v in source.options.items()}
+        in_opts = dict(source.options)
         if source.format:
             in_opts["f"] = source.format
         # raw webcam video cannot go into MPEG-TS; NUT carries anything with -c copy
-        out = ffmpeg.input(source.url, **in_opts).output("pipe:1", map="0:v:0", c="copy",
-                                                          f=source.relay_format)
-        args = out.global_args("-nostdin", "-hide_banner", "-loglevel", "error").compile(cmd=exe)
+        args = [exe, "-nostdin", "-hide_banner", "-loglevel", "error",
+                *(a for k, v in in_opts.items() for a in (f"-{k}", str(v))), "-i", source.url,
+                "-map", "0:v:0", "-c", "copy", "-f", source.relay_format, "pipe:1"]
         self._stderr = tempfile.TemporaryFile()  # a file, not a pipe: nobody has to drain it
         self.source = source
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,

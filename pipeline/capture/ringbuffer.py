@@ -7,7 +7,6 @@ slot. Readers wait on a condition for a frame newer than the one they hold.
 from __future__ import annotations
 
 import threading
-import time
 
 from pipeline.types import Frame
 
@@ -53,18 +52,13 @@ class RingBuffer:
 
     def wait_newer(self, than_index: int, timeout: float | None = None) -> Frame | None:
         """The newest frame once its index is > ``than_index``; None on timeout or close."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        def newest() -> Frame | None:
+            f = self._slots[(self.written - 1) % self.size] if self.written else None
+            return f if f is not None and f.index > than_index else None
+
         with self._cond:
-            while True:
-                f = self._slots[(self.written - 1) % self.size] if self.written else None
-                if f is not None and f.index > than_index:
-                    return f
-                if self._closed:
-                    return None
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    return None
-                self._cond.wait(left)
+            self._cond.wait_for(lambda: self._closed or newest() is not None, timeout)
+            return newest()
 
     def close(self) -> None:
         """Wake every waiter (the source has ended); later waits return None at once."""

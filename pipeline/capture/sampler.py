@@ -193,7 +193,7 @@ def make_clip(frames: list[np.ndarray], grid: list[float], step: float) -> Clip:
     arr = even_frames(np.stack(frames))
     while len(grid) < len(arr):
         grid.append(grid[-1] + step)
-    return Clip(arr, tuple(round(g, 6) for g in grid), time.monotonic())
+    return Clip(arr, tuple(round(g, 6) for g in grid), time.monotonic(), interval=step)
 
 
 def conform(frames: list[np.ndarray]) -> list[np.ndarray]:

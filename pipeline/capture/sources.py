@@ -1,9 +1,12 @@
 """From a user's SOURCE string to a :class:`Source`: what FFmpeg opens, with which options.
 
-Built-in kinds form a registry keyed by scheme (``rtmp``, ``rtsp``, ``srt``, ``udp``, ``http``,
-``https``, ``file``, ``lavfi``, ``v4l2``, ``avfoundation``, ``dshow``); third-party kinds
-register the same way, or through the ``livecc.sources`` entry point group (each entry point
-names a factory ``f(spec: str, opts: SourceOptions) -> Source`` and its name is the scheme).
+A source kind is a plugin of the ``livecc.sources`` entry-point group (``pipeline/plugins.py``):
+the entry point's name is the scheme, its object a factory ``f(spec: str, opts: SourceOptions)
+-> Source``. The FFmpeg (PyAV) kinds below are listed there by this package's pyproject.toml,
+exactly as a third-party package lists its own: ``rtmp`` (and ``rtmps``, ``rtmpt``, ...), ``rtsp``,
+``rtsps``, ``srt``, ``udp``, ``rtp``, ``http``, ``https``, ``file``, ``lavfi``, ``v4l2``,
+``avfoundation``, ``dshow``; ``opencv`` (``plugins/sources/opencv.py``) opens with OpenCV instead.
+A factory whose source is not opened by PyAV sets :attr:`Source.opener`.
 
 Spec forms::
 
@@ -17,6 +20,7 @@ Spec forms::
     /path/video.mp4, file:/path         paced at real time (opts.pace=False: as fast as possible)
     lavfi:testsrc2=size=1280x720:rate=30  test pattern, paced at real time
     v4l2:/dev/video0  avfoundation:0  dshow:video=Cam   webcams (opts.video_size/framerate/pixel_format)
+    opencv:0  opencv:/dev/video0?api=v4l2  opencv:clip.mp4   OpenCV VideoCapture (plugins/sources/opencv.py)
 
 ``listen=1`` is taken out of the URL (it is our option, not FFmpeg's).
 """
@@ -27,13 +31,13 @@ import logging
 import os
 import shutil
 from dataclasses import dataclass, field, replace
-from importlib.metadata import entry_points
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
 import av
 
 from pipeline.capture.errors import CaptureError
+from pipeline.plugins import SOURCES, PluginError, registry
 from pipeline.redact import redact
 
 log = logging.getLogger(__name__)
@@ -83,54 +87,32 @@ class Source:
     read_timeout: float = READ_TIMEOUT_S
     decoder_threads: int = 0
     thread_type: str = "AUTO"
+    #: ``opener(source) -> Input`` (see ``pipeline/capture/inputs.py``) for a source that PyAV does
+    #: not open; None: ``open_input`` (PyAV, or the system-ffmpeg relay)
+    opener: Callable[["Source"], Any] | None = None
 
     @property
     def display(self) -> str:
         """The source for logs and events, secrets redacted."""
-        return redact(self.url) if self.kind not in ("lavfi",) else f"lavfi:{self.url}"
+        return redact(self.url) if self.kind not in ("lavfi", "opencv") else f"{self.kind}:{redact(self.url)}"
 
 
 Factory = Callable[[str, SourceOptions], Source]
-_REGISTRY: dict[str, Factory] = {}
-_PLUGINS_LOADED = False
-
-
-def register_source(scheme: str, factory: Factory) -> None:
-    """Make ``scheme:`` / ``scheme://`` specs open through ``factory``."""
-    _REGISTRY[scheme.lower()] = factory
-
-
-def registered_schemes() -> list[str]:
-    _load_plugins()
-    return sorted(_REGISTRY)
-
-
-def _load_plugins() -> None:
-    global _PLUGINS_LOADED
-    if _PLUGINS_LOADED or os.environ.get("LIVECC_NO_PLUGINS"):
-        return
-    _PLUGINS_LOADED = True
-    for ep in entry_points(group="livecc.sources"):
-        if ep.name.lower() in _REGISTRY:
-            continue  # built-ins win; a plugin cannot silently replace rtmp://
-        try:
-            register_source(ep.name, ep.load())
-        except Exception as e:  # a broken plugin must not break the built-in kinds
-            log.warning("source plugin %s failed to load: %s", ep.name, e)
 
 
 def resolve(spec: str, opts: SourceOptions | None = None, **kw) -> Source:
-    """``spec`` (a URL, path, or ``kind:arg``) -> :class:`Source`. ``kw`` are SourceOptions fields."""
+    """``spec`` (a URL, path, or ``kind:arg``) -> :class:`Source`. ``kw`` are SourceOptions fields.
+
+    A spec without a scheme is a file path. Raises CaptureError for an unknown or broken kind."""
     opts = replace(opts or SourceOptions(), **kw)
     spec = str(spec).strip()
     scheme = _scheme(spec)
     if scheme is None:
-        return _file_source(spec, opts)
-    _load_plugins()
-    factory = _REGISTRY.get(scheme)
-    if factory is None:
-        raise CaptureError(f"unknown source kind {scheme!r} in {redact(spec)} "
-                           f"(known: {', '.join(sorted(_REGISTRY))})")
+        return file(spec, opts)
+    try:
+        factory: Factory = registry.get(SOURCES, scheme)
+    except PluginError as e:
+        raise CaptureError(redact(f"{spec}: {e}")) from None
     return factory(spec, opts)
 
 
@@ -172,7 +154,7 @@ def _take_listen(url: str, opts: SourceOptions) -> tuple[str, bool]:
     return urlunsplit((parts.scheme, parts.netloc, parts.path, "&".join(rest), "")), bool(listen)
 
 
-def _rtmp(spec: str, opts: SourceOptions) -> Source:
+def rtmp(spec: str, opts: SourceOptions) -> Source:
     url, listen = _take_listen(spec, opts)
     o = _net_options(opts)
     if listen:
@@ -186,7 +168,7 @@ def _rtmp(spec: str, opts: SourceOptions) -> Source:
                   **_timeouts(opts, live), **_base(opts))
 
 
-def _rtsp(spec: str, opts: SourceOptions) -> Source:
+def rtsp(spec: str, opts: SourceOptions) -> Source:
     url, listen = _take_listen(spec, opts)
     o = _net_options(opts)
     transport = (opts.transport or "tcp").lower()
@@ -202,7 +184,7 @@ def _rtsp(spec: str, opts: SourceOptions) -> Source:
                   **_timeouts(opts, live), **_base(opts))
 
 
-def _srt(spec: str, opts: SourceOptions) -> Source:
+def srt(spec: str, opts: SourceOptions) -> Source:
     live = True if opts.live is None else opts.live
     relay = True if opts.relay is None else opts.relay  # PyAV wheels are built without libsrt
     listen = opts.listen if opts.listen is not None else "mode=listener" in spec
@@ -210,7 +192,7 @@ def _srt(spec: str, opts: SourceOptions) -> Source:
                   **_timeouts(opts, live), **_base(opts))
 
 
-def _udp(spec: str, opts: SourceOptions) -> Source:
+def udp(spec: str, opts: SourceOptions) -> Source:
     o = _net_options(opts)
     o.setdefault("overrun_nonfatal", "1")
     o.setdefault("fifo_size", "50000")  # x188-byte packets, about 10 MB
@@ -219,7 +201,7 @@ def _udp(spec: str, opts: SourceOptions) -> Source:
                   **_timeouts(opts, live), **_base(opts))
 
 
-def _http(spec: str, opts: SourceOptions) -> Source:
+def http(spec: str, opts: SourceOptions) -> Source:
     o = _net_options(opts)
     path = urlsplit(spec).path.lower()
     kind = "hls" if path.endswith(".m3u8") else "http"
@@ -231,7 +213,7 @@ def _http(spec: str, opts: SourceOptions) -> Source:
                   **_timeouts(opts, live), **_base(opts))
 
 
-def _file_source(path: str, opts: SourceOptions) -> Source:
+def file(path: str, opts: SourceOptions) -> Source:
     if path.startswith("file:"):
         path = path[5:]
         if path.startswith("//"):
@@ -242,7 +224,7 @@ def _file_source(path: str, opts: SourceOptions) -> Source:
                   **_timeouts(opts, False), **_base(opts))
 
 
-def _lavfi(spec: str, opts: SourceOptions) -> Source:
+def lavfi(spec: str, opts: SourceOptions) -> Source:
     graph = spec.split(":", 1)[1]
     pace = True if opts.pace is None else opts.pace
     live = False if opts.live is None else opts.live
@@ -273,17 +255,6 @@ def system_ffmpeg() -> str | None:
     return shutil.which(os.environ.get("LIVECC_FFMPEG", "ffmpeg"))
 
 
-for _s in ("rtmp", "rtmps", "rtmpt", "rtmpe", "rtmpts", "rtmpte"):
-    register_source(_s, _rtmp)
-register_source("rtsp", _rtsp)
-register_source("rtsps", _rtsp)
-register_source("srt", _srt)
-register_source("udp", _udp)
-register_source("rtp", _udp)
-register_source("http", _http)
-register_source("https", _http)
-register_source("file", _file_source)
-register_source("lavfi", _lavfi)
-register_source("v4l2", _device("video4linux2"))
-register_source("avfoundation", _device("avfoundation"))
-register_source("dshow", _device("dshow"))
+v4l2 = _device("video4linux2")
+avfoundation = _device("avfoundation")
+dshow = _device("dshow")

@@ -7,9 +7,12 @@ and the skipped ones are counted. Audio (for sinks with ``wants_audio``) is deli
 through its own bounded queue (``audio_queue_size``): when full, the oldest chunk is dropped and
 counted (``audio_dropped``); audio is never retried.
 
-A sink call that raises is logged and retried with exponential backoff; when the retries run
-out the item is dropped and the sink reported ``failed`` until its next success. A call that
-runs longer than ``call_timeout`` marks the sink ``hung``; the dispatcher keeps going without
+A sink call that raises is logged and retried with exponential backoff (``retry``, a
+:class:`~pipeline.backoff.Backoff` whose ``max_attempts`` counts every attempt at one item); when the
+attempts run out the item is dropped and the sink reported ``failed`` until its next success.
+Before each call the sink's ``deadline`` is set (see :class:`~pipeline.fanout.sink.Sink`): start
+of the call + ``call_timeout``, or the shutdown deadline when earlier. A call that runs longer
+than ``call_timeout`` marks the sink ``hung``; the dispatcher keeps going without
 it (its queue keeps dropping the oldest items) and, at ``stop``, abandons its thread (a daemon).
 If the stuck call ever returns, the sink goes back to ``ok``.
 """
@@ -20,10 +23,11 @@ import collections
 import logging
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any, Iterable
 
-from .sink import DeliveryError, Sink, redact
+from .sink import DeliveryError, Sink
+from ..backoff import Backoff
+from ..redact import redact
 from ..types import AudioChunk, Caption, Frame, StreamEvent
 
 log = logging.getLogger(__name__)
@@ -31,35 +35,29 @@ log = logging.getLogger(__name__)
 OK, RETRYING, FAILED, HUNG, STOPPED, STARTING = "ok", "retrying", "failed", "hung", "stopped", "starting"
 
 
-@dataclass
-class RetryPolicy:
-    retries: int = 3  # extra attempts per item after the first
-    initial_s: float = 0.2
-    max_s: float = 10.0
-    factor: float = 2.0
-
-    def delay(self, attempt: int) -> float:
-        return min(self.max_s, self.initial_s * self.factor ** max(0, attempt - 1))
+#: 4 attempts per item: at once, then after 0.2, 0.4 and 0.8 s (a failed start: forever, up to 10 s apart)
+RETRY = Backoff(initial=0.2, factor=2.0, max_delay=10.0, max_attempts=4)
 
 
 _STOP = object()
 
 
 class _Worker:
-    def __init__(self, sink: Sink, name: str, queue_size: int, policy: RetryPolicy,
+    def __init__(self, sink: Sink, name: str, queue_size: int, backoff: Backoff, call_timeout: float,
                  audio_queue_size: int = 512) -> None:
         self.sink = sink
         self.audio: collections.deque = collections.deque()
         self.audio_queue_size = audio_queue_size
         self.name = name
-        self.policy = policy
+        self.backoff = backoff
+        self.call_timeout = call_timeout
         self.items: collections.deque = collections.deque()
         self.queue_size = queue_size
         self.frame: Frame | None = None
         self.cond = threading.Condition()
-        self.stopping = False
-        self.stop_requested_at: float | None = None
-        self.stop_deadline = float("inf")
+        self.stopping = False  # under cond: no more puts
+        self.stopped = threading.Event()  # set with stopping: ends a backoff wait at once
+        self.stop_deadline = float("inf")  # monotonic: Dispatcher.stop's deadline
         self.state = STARTING
         self.started = False
         self.call_started: float | None = None
@@ -101,25 +99,19 @@ class _Worker:
     def request_stop(self, deadline: float) -> None:
         with self.cond:
             self.stopping = True
+            self.stopped.set()
             self.stop_deadline = deadline
+            if self.call_started is not None:  # a call in progress must end by the shutdown deadline too
+                self.sink.deadline = min(self.sink.deadline or deadline, deadline)
             self.items.append(("stop", _STOP))
             self.cond.notify()
 
     # --- worker side -----------------------------------------------------------------
-    def _wait_backoff(self, seconds: float) -> bool:
-        """Sleep for a retry; returns False when stopping cut it short."""
-        end = time.monotonic() + seconds
-        with self.cond:
-            while not self.stopping:
-                left = end - time.monotonic()
-                if left <= 0:
-                    return True
-                self.cond.wait(left)
-        return False
-
     def _call(self, what: str, fn, *args) -> None:
         self.call_what = what
         self.call_started = time.monotonic()
+        with self.cond:  # request_stop may lower it from another thread
+            self.sink.deadline = min(self.call_started + self.call_timeout, self.stop_deadline)
         try:
             fn(*args)
         finally:
@@ -144,13 +136,13 @@ class _Worker:
             except Exception as e:
                 self._error(what, e)
                 attempt += 1
-                if attempt > self.policy.retries or self.stopping:
+                if self.backoff.exhausted(attempt + 1) or self.stopping:
                     self.state = FAILED
                     self.counters["failed"] += 1
                     return False
                 self.state = RETRYING
                 self.counters["retries"] += 1
-                if not self._wait_backoff(self.policy.delay(attempt)):
+                if self.backoff.wait(self.stopped, attempt + 1):
                     self.state = FAILED
                     self.counters["failed"] += 1
                     return False
@@ -174,9 +166,9 @@ class _Worker:
                 self._error("start", e)
                 attempt += 1
                 self.counters["start_failures"] += 1
-                self.state = RETRYING if attempt <= self.policy.retries else FAILED
+                self.state = FAILED if self.backoff.exhausted(attempt + 1) else RETRYING
                 # keep trying while running (a server may come back); the queue keeps dropping
-                if not self._wait_backoff(self.policy.delay(attempt)):
+                if self.backoff.wait(self.stopped, attempt + 1):
                     return False
         return True
 
@@ -184,8 +176,7 @@ class _Worker:
         self._ensure_started()
         while True:
             with self.cond:
-                while not self.items and self.frame is None and not self.audio:
-                    self.cond.wait()
+                self.cond.wait_for(lambda: self.items or self.frame is not None or self.audio)
                 if self.items:
                     kind, item = self.items.popleft()
                     frame = None
@@ -228,9 +219,9 @@ class _Worker:
         if self.state != HUNG:
             self.state = STOPPED
 
-    def status(self, now: float, timeout: float) -> dict:
+    def status(self, now: float) -> dict:
         started = self.call_started
-        if started is not None and now - started > timeout and self.state != HUNG:
+        if started is not None and now - started > self.call_timeout and self.state != HUNG:
             self.state = HUNG
             self.counters["hangs"] += 1
             log.error("sink %s hung in %s for %.1f s; moving on without it", self.name, self.call_what, now - started)
@@ -270,7 +261,7 @@ class Dispatcher:
         *,
         queue_size: int = 256,
         call_timeout: float = 10.0,
-        retry: RetryPolicy | None = None,
+        retry: Backoff = RETRY,
         watch_interval: float = 0.5,
         audio_queue_size: int = 512,
     ) -> None:
@@ -278,7 +269,7 @@ class Dispatcher:
         self.audio_queue_size = audio_queue_size
         self._audio_workers: list[_Worker] = []
         self.queue_size = queue_size
-        self.retry = retry or RetryPolicy()
+        self.retry = retry
         self.watch_interval = watch_interval
         self._workers: dict[str, _Worker] = {}
         self._frame_workers: list[_Worker] = []
@@ -289,19 +280,12 @@ class Dispatcher:
         for s in sinks:
             self.add(s)
 
-    @classmethod
-    def from_specs(cls, specs: Iterable[str | dict], **kw: Any) -> "Dispatcher":
-        """Sinks built from ``--sink`` strings or config blocks (see ``plugins.make_sink``)."""
-        from ..plugins import make_sink
-
-        return cls([make_sink(s) for s in specs], **kw)
-
     def add(self, sink: Sink, name: str | None = None) -> str:
         base = name or getattr(sink, "name", type(sink).__name__)
         name, n = base, 2
         while name in self._workers:
             name, n = f"{base}#{n}", n + 1
-        w = _Worker(sink, name, self.queue_size, self.retry, self.audio_queue_size)
+        w = _Worker(sink, name, self.queue_size, self.retry, self.call_timeout, self.audio_queue_size)
         with self._lock:
             self._workers[name] = w
             if getattr(sink, "wants_frames", False):
@@ -357,7 +341,7 @@ class Dispatcher:
     # --- reporting -------------------------------------------------------------------
     def status(self) -> dict[str, dict]:
         now = time.monotonic()
-        return {n: w.status(now, self.call_timeout) for n, w in list(self._workers.items())}
+        return {n: w.status(now) for n, w in list(self._workers.items())}
 
     def stop(self, timeout: float = 10.0) -> dict[str, dict]:
         """Deliver what is queued, call every sink's ``stop``, wait up to ``timeout`` in all.
@@ -382,6 +366,6 @@ class Dispatcher:
                     w.state = HUNG
                     w.counters["hangs"] += 1
                 log.error("sink %s did not stop within %.1f s (in %s); abandoned", w.name, timeout, w.call_what)
-            status[w.name] = w.status(now, self.call_timeout)
+            status[w.name] = w.status(now)
         self._running = False
         return status

@@ -1,6 +1,8 @@
 """The sink interface: where captions go.
 
-A sink is a small object with five methods. The dispatcher (``pipeline/fanout/dispatch.py``) calls
+A sink is a small object: ``start``, ``on_caption``, ``on_frame``, ``on_audio``, ``on_event``,
+``stop`` (called in that order of life), ``stats`` and ``describe`` (read by the status display);
+override what it needs. The dispatcher (``pipeline/fanout/dispatch.py``) calls
 them from one worker thread per sink, so a sink never has to be thread-safe against its own
 calls, and a slow or broken sink never stalls the engine or the other sinks.
 
@@ -8,12 +10,14 @@ calls, and a slow or broken sink never stalls the engine or the other sinks.
         name = "mine"
         target_field = "path"          # what ``--sink mine:TARGET`` fills in
 
-        class Settings(SinkSettings):  # one YAML block per sink; unknown keys are errors
-            path: str
+        class Settings(CaptionText):   # one YAML block per sink; unknown keys are errors
+            path: str                  # (CaptionText adds include_silence/include_answers/answer_prefix)
             verbose: bool = False
 
         def start(self): ...
-        def on_caption(self, caption): ...
+        def on_caption(self, caption):
+            text = self.text_of(caption)   # None: this sink's settings leave the caption out
+            ...
         def stop(self): ...
 
 Third-party sinks register the class under the ``livecc.sinks`` entry point group, exactly
@@ -22,42 +26,27 @@ as the built-ins in ``plugins/sinks/`` do (see ``pipeline/plugins.py``).
 
 from __future__ import annotations
 
-import re
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
+from ..redact import redact
 from ..types import AudioChunk, Caption, Frame, StreamEvent
-
-try:  # the shared redaction helper, when present
-    from ..redact import redact as _shared_redact
-except Exception:  # pragma: no cover - fallback until pipeline/redact.py exists
-    _shared_redact = None
-
-_URL_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
-_QUERY_SECRET = re.compile(
-    r"(?i)(?P<key>[?&;](?:key|token|password|passwd|pass|secret|auth|sig|signature|access_token|streamkey|passphrase)=)[^&\s]+"
-)
-_OAUTH = re.compile(r"(?i)oauth:[a-z0-9]+")
-_RTMP_KEY = re.compile(r"(?i)(?P<pre>rtmps?://[^/\s]+/[^/\s]+/)[^\s?/]+")
-
-
-def redact(text: Any) -> str:
-    """Hide stream keys, tokens and URL passwords in ``text`` before it is logged or shown."""
-    s = str(text)
-    if _shared_redact is not None:
-        return _OAUTH.sub("oauth:***", _shared_redact(s))
-    s = _URL_USERINFO.sub(lambda m: m.group("scheme") + "***@", s)
-    s = _QUERY_SECRET.sub(lambda m: m.group("key") + "***", s)
-    s = _OAUTH.sub("oauth:***", s)
-    s = _RTMP_KEY.sub(lambda m: m.group("pre") + "***", s)
-    return s
 
 
 class SinkSettings(BaseModel):
     """Base of every sink's settings block: unknown keys are rejected with a clear message."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class CaptionText(SinkSettings):
+    """The caption text policy, one set of settings for every sink that shows text
+    (see :meth:`Sink.text_of`). A sink changes a default by redeclaring the field."""
+
+    include_silence: bool = False  # the model's ' ...' (nothing new) turns
+    include_answers: bool = True  # answers to viewers' questions
+    answer_prefix: str = "A: "  # put before an answer's text
 
 
 class DeliveryError(RuntimeError):
@@ -75,6 +64,11 @@ class Sink:
     wants_audio: ClassVar[bool] = False
     #: Which setting the ``kind:TARGET`` command-line shorthand fills (None: no target).
     target_field: ClassVar[str | None] = None
+    #: Set by the dispatcher before each call: the ``time.monotonic()`` by which the call must
+    #: return (the start of the call + the dispatcher's ``call_timeout``, or its shutdown
+    #: deadline when earlier), else the sink is reported hung. A sink that retries on its own
+    #: keeps its retries inside it. None: not called by a dispatcher, no limit.
+    deadline: float | None = None
 
     class Settings(SinkSettings):
         pass
@@ -112,6 +106,19 @@ class Sink:
         read from another thread: return plain values, no locks held for long."""
         return {}
 
+    # --- helpers -------------------------------------------------------------------
+    def text_of(self, caption: Caption) -> str | None:
+        """The text to show for ``caption``, or None when this sink's :class:`CaptionText`
+        settings leave it out (silence, answers). Whitespace runs (line breaks included) become
+        one space; an answer gets ``answer_prefix``. Settings without the mixin get its defaults."""
+        s = self.settings if isinstance(self.settings, CaptionText) else _DEFAULT_TEXT
+        if caption.is_silence and not s.include_silence:
+            return None
+        if caption.kind == "answer" and not s.include_answers:
+            return None
+        text = " ".join(caption.text.split())
+        return s.answer_prefix + text if caption.kind == "answer" else text
+
     def describe(self) -> str:
         """A one-line, secret-free description for logs and the status display."""
         tf = self.target_field
@@ -120,3 +127,6 @@ class Sink:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.describe()}>"
+
+
+_DEFAULT_TEXT = CaptionText()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from typing import Literal
 
-from pipeline.fanout.sink import Sink, SinkSettings
+from pipeline.fanout.sink import CaptionText, Sink
 
 
 def _ts(t: float) -> str:
@@ -17,21 +17,20 @@ class ConsoleSink(Sink):
     name = "console"
     target_field = "stream"
 
-    class Settings(SinkSettings):
+    class Settings(CaptionText):
         stream: Literal["stdout", "stderr"] = "stdout"
         timestamps: bool = True
-        show_silence: bool = False  # the model's ' ...' turns
         show_events: bool = True
 
     def _out(self):
         return sys.stdout if self.settings.stream == "stdout" else sys.stderr
 
     def on_caption(self, caption) -> None:
-        if caption.is_silence and not self.settings.show_silence:
+        text = self.text_of(caption)
+        if text is None:
             return
-        text = caption.text.strip()
         if caption.kind == "answer":
-            text = f"Q: {caption.query or ''}\nA: {text}"
+            text = f"Q: {caption.query or ''}\n{text}"
         prefix = f"[{_ts(caption.start)}-{_ts(caption.stop)}] " if self.settings.timestamps else ""
         print(prefix + text, file=self._out(), flush=True)
 

@@ -1,7 +1,8 @@
 """JSONL sink: one JSON object per caption or stream event, flushed per line.
 
 Caption lines are ``{"type": "caption", "start", "stop", "text", ..., "silence": bool}``
-(``Caption.to_json()`` plus ``type`` and ``silence``); event lines are
+(``Caption.to_json()`` plus ``type`` and ``silence``: the model's own text, so ``answer_prefix``
+does not apply; ``include_silence`` / ``include_answers`` choose the lines); event lines are
 ``{"type": "event", "kind", "stream_time", "detail", "created_at"}``.
 """
 
@@ -9,15 +10,16 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
-from pipeline.fanout.sink import Sink, SinkSettings
+from pipeline.fanout.sink import CaptionText, Sink
 
 
 class JsonlSink(Sink):
     name = "jsonl"
     target_field = "path"
 
-    class Settings(SinkSettings):
+    class Settings(CaptionText):
         path: str = "events.jsonl"
         append: bool = False
         include_silence: bool = True  # a log of every turn, marked "silence": true
@@ -27,8 +29,6 @@ class JsonlSink(Sink):
     def start(self) -> None:
         path = self.settings.path
         if path in ("-", "stdout"):
-            import sys
-
             self._fh, self._own = sys.stdout, False
             return
         d = os.path.dirname(os.path.abspath(path))
@@ -43,7 +43,7 @@ class JsonlSink(Sink):
             os.fsync(self._fh.fileno())
 
     def on_caption(self, caption) -> None:
-        if caption.is_silence and not self.settings.include_silence:
+        if self.text_of(caption) is None:
             return
         self._write({"type": "caption", **caption.to_json(), "silence": caption.is_silence})
 

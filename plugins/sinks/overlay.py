@@ -33,7 +33,7 @@ from typing import Any, Awaitable, Callable, Literal
 from aiohttp import WSMsgType, web
 from pydantic import field_validator
 
-from pipeline.fanout.sink import Sink, SinkSettings
+from pipeline.fanout.sink import CaptionText, Sink
 
 log = logging.getLogger(__name__)
 
@@ -364,7 +364,7 @@ class OverlaySink(Sink):
     name = "overlay"
     target_field = "listen"
 
-    class Settings(SinkSettings):
+    class Settings(CaptionText):
         host: str = "127.0.0.1"
         port: int = 8765
         listen: str | int | None = None  # "HOST:PORT" or PORT shorthand (``--sink overlay:8765``)
@@ -372,7 +372,7 @@ class OverlaySink(Sink):
         max_request_bytes: int = 64 * 1024
         max_clients: int = 64
         recent: int = 50  # captions kept for /captions.json and for pages that (re)connect
-        include_answers: bool = True
+        answer_prefix: str = ""  # the page marks answers itself (class "answer")
         # page defaults (each overridable with a URL parameter of the same name)
         font: str = '"DejaVu Sans", "Segoe UI", Arial, sans-serif'
         size: int = 42
@@ -424,13 +424,12 @@ class OverlaySink(Sink):
         self.server.acquire()
 
     def on_caption(self, caption) -> None:
-        if caption.is_silence or self.server is None:
-            return  # silence: the page keeps the previous caption
-        if caption.kind == "answer" and not self.settings.include_answers:
-            return
+        text = self.text_of(caption)
+        if text is None or self.server is None:
+            return  # silence (by default): the page keeps the previous caption
         c = caption.to_json()
         c.pop("token_ids", None)
-        c["text"] = " ".join(caption.text.split())
+        c["text"] = text
         self.server.publish({"type": "caption", "caption": c})
 
     def stop(self) -> None:

@@ -11,11 +11,10 @@ model's ' ...') writes no cue.
 from __future__ import annotations
 
 import os
-import re
 import textwrap
 from typing import Literal
 
-from pipeline.fanout.sink import Sink, SinkSettings
+from pipeline.fanout.sink import CaptionText, Sink
 
 
 def _stamp(t: float, sep: str) -> str:
@@ -30,14 +29,12 @@ class SubtitleSink(Sink):
     name = "subtitles"
     target_field = "path"
 
-    class Settings(SinkSettings):
+    class Settings(CaptionText):
         path: str = "captions.srt"
         format: Literal["auto", "srt", "vtt"] = "auto"  # auto: from the file extension
         linger_s: float = 2.0  # how long the last caption stays after its stop time
         min_duration_s: float = 0.3
         max_line_chars: int = 42  # word-wrap width (0: no wrap)
-        include_answers: bool = True
-        answer_prefix: str = "A: "
         fsync: bool = True
 
     # --- helpers ---------------------------------------------------------------------
@@ -49,7 +46,6 @@ class SubtitleSink(Sink):
         return f
 
     def _clean(self, text: str) -> str:
-        text = re.sub(r"\s+", " ", text).strip()
         if self.fmt == "vtt":
             text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
         else:
@@ -82,13 +78,9 @@ class SubtitleSink(Sink):
         self._sync()
 
     def on_caption(self, caption) -> None:
-        if caption.is_silence:
+        text = self.text_of(caption)
+        if text is None:
             return
-        text = caption.text
-        if caption.kind == "answer":
-            if not self.settings.include_answers:
-                return
-            text = self.settings.answer_prefix + text
         text = self._clean(text)
         if not text:
             return

@@ -27,7 +27,9 @@ import time
 
 from pydantic import SecretStr, field_validator
 
-from pipeline.fanout.sink import Sink, SinkSettings, redact
+from pipeline.backoff import Backoff
+from pipeline.fanout.sink import CaptionText, Sink
+from pipeline.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +77,7 @@ class TwitchSink(Sink):
     name = "twitch"
     target_field = "channel"
 
-    class Settings(SinkSettings):
+    class Settings(CaptionText):
         channel: str
         host: str = "irc.chat.twitch.tv"
         port: int = 6697
@@ -91,8 +93,6 @@ class TwitchSink(Sink):
         merge: bool = True  # join captions held back by the rate limit into one message
         skip_repeats: bool = True
         prefix: str = ""
-        include_answers: bool = True
-        answer_prefix: str = "A: "
         max_pending: int = 200
         connect_timeout_s: float = 10.0
         reconnect_initial_s: float = 1.0
@@ -131,7 +131,6 @@ class TwitchSink(Sink):
         self._last_text: str | None = None
         self.connected = threading.Event()
         self.counters = collections.Counter()
-        self.sent_messages: collections.deque[str] = collections.deque(maxlen=100)
 
     # --- sink API ----------------------------------------------------------------------
     def start(self) -> None:
@@ -140,19 +139,13 @@ class TwitchSink(Sink):
         self._thread.start()
 
     def on_caption(self, caption) -> None:
-        if caption.is_silence:
-            return
-        if caption.kind == "answer" and not self.settings.include_answers:
-            return
-        text = clean_text(caption.text)
+        text = clean_text(self.text_of(caption) or "")
         if not text:
             return
         if self.settings.skip_repeats and text == self._last_text:
             self.counters["skipped_repeats"] += 1
             return
         self._last_text = text
-        if caption.kind == "answer":
-            text = self.settings.answer_prefix + text
         with self._cond:
             if len(self._pending) >= self.settings.max_pending:
                 self._pending.popleft()
@@ -170,13 +163,15 @@ class TwitchSink(Sink):
             pass
 
     def stop(self) -> None:
-        deadline = time.monotonic() + self.settings.flush_timeout_s
-        while self._pending and self.connected.is_set() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        # inside the dispatcher's deadline (0.5 s to spare): flush up to flush_timeout_s, then end the thread
+        budget = float("inf") if self.deadline is None else self.deadline - 0.5
+        with self._cond:  # woken when a message goes out or the connection drops
+            self._cond.wait_for(lambda: not self._pending or not self.connected.is_set(),
+                                max(0.0, min(self.settings.flush_timeout_s, (budget - time.monotonic()) / 2)))
         self._stop.set()
         self._wake()
         if self._thread is not None:
-            self._thread.join(self.settings.connect_timeout_s + 2)
+            self._thread.join(max(0.0, min(self.settings.connect_timeout_s + 2, budget - time.monotonic())))
         if self._thread is None or not self._thread.is_alive():
             fds, (self._wake_r, self._wake_w) = (self._wake_r, self._wake_w), (-1, -1)
             for fd in fds:  # closed once only: a reused descriptor number is not ours
@@ -267,6 +262,8 @@ class TwitchSink(Sink):
 
     def _close(self) -> None:
         self.connected.clear()
+        with self._cond:
+            self._cond.notify_all()
         if self._sock is not None:
             try:
                 self._sock.close()
@@ -293,12 +290,15 @@ class TwitchSink(Sink):
                     break
                 msg += " " + self._pending.popleft()
                 self.counters["merged"] += 1
+            self._cond.notify_all()  # stop() waits for the queue to empty
         return s.prefix + msg
 
     def _run(self) -> None:
         s = self.settings
-        backoff = s.reconnect_initial_s
+        backoff = Backoff(initial=s.reconnect_initial_s, max_delay=s.reconnect_max_s)
+        attempt = 0  # connection attempts since the last good connection
         while not self._stop.is_set():
+            attempt += 1
             try:
                 self._connect()
                 self.connected.set()
@@ -306,13 +306,13 @@ class TwitchSink(Sink):
                     self.counters["reconnects"] += 1
                 self.counters["connects"] += 1
                 log.info("twitch: joined %s on %s:%d", s.channel, s.host, s.port)
-                backoff = s.reconnect_initial_s
+                attempt = 1  # a good connection: if it drops, the next wait is the first again
                 self._serve()
             except Exception as e:
                 self.counters["errors"] += 1
                 self.last_error = redact(f"{type(e).__name__}: {e}")
                 if not self._stop.is_set():
-                    log.warning("twitch: %s; reconnecting in %.1f s", self.last_error, backoff)
+                    log.warning("twitch: %s; reconnecting in %.1f s", self.last_error, backoff.delay(attempt + 1))
             finally:
                 if self._sock is not None and self._stop.is_set():
                     try:
@@ -320,9 +320,8 @@ class TwitchSink(Sink):
                     except OSError:
                         pass
                 self._close()
-            if self._stop.wait(backoff):
+            if backoff.wait(self._stop, attempt + 1):
                 break
-            backoff = min(s.reconnect_max_s, backoff * 2)
 
     def _serve(self) -> None:
         while not self._stop.is_set():
@@ -336,7 +335,6 @@ class TwitchSink(Sink):
                         self._send_line(f"PRIVMSG {self.settings.channel} :{msg}")
                         self.limiter.record(time.monotonic())
                         self.counters["sent"] += 1
-                        self.sent_messages.append(msg)
                     continue
             for line in self._read_lines(wait):
                 self._handle(line)
