@@ -24,7 +24,9 @@ Slow and idle clients (numbers are the defaults of ``server:`` in the config):
 
 - a new connection must deliver its first request head within ``request_timeout_s`` (10 s), else
   it is closed; between requests a keep-alive connection may idle ``idle_timeout_s`` (60 s);
-  ``read_json`` reads a body within ``request_timeout_s`` too (408);
+  ``read_json`` reads a body within ``request_timeout_s`` too (408). For scale: nginx's
+  ``client_header_timeout`` is 60 s and Apache's ``RequestReadTimeout`` 20-40 s for the head; OBS,
+  browsers and curl send a head in milliseconds, so 10 s is generous;
 - at most ``max_connections`` (256) connections are open. One more evicts the oldest connection
   that has not sent a complete request yet; if every connection is busy, the newcomer gets
   ``503 too many connections`` and is closed. So a flood of half-open connections cannot lock
