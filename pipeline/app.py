@@ -15,7 +15,8 @@ Threads and who owns what:
   the control API (query change, question) run on that thread between this stream's turns;
 - the dispatcher gives every sink its own worker thread and bounded queue, so no sink can stall
   the engine;
-- the HTTP server (overlay page, control API, /metrics) runs its own event loop thread.
+- the HTTP server (``pipeline/server.py``: control API, /metrics, and the routes sinks mount, such as
+  the overlay's page) runs its own event loop thread.
 
 Shutdown (``stop``): stop capture and sampler, let the turn in progress finish within
 ``shutdown.turn_timeout_s`` (else abandon it), then flush and close every sink within
@@ -34,7 +35,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from .capture import Backoff, CaptureThread, ClipQueue, LiveSampler, RingBuffer, SourceOptions, resolve
-from .config import RunConfig, is_loopback
+from .config import RunConfig
 from .metrics import RATE_WINDOW_S, Metrics
 from .redact import redact
 from .snapshot import Snapshot
@@ -174,7 +175,6 @@ class Pipeline:
             return self
         if self._session_factory is not None:  # a scripted engine (tests)
             self.session = self._session_factory(self.model, self.engine_cfg, self.engine)
-            self.engine = getattr(self.session, "engine", self.engine)
         else:
             self.model = self.engine.model
             try:
@@ -182,12 +182,7 @@ class Pipeline:
             except RuntimeError as e:
                 raise PipelineError(str(e)) from None
         if cfg.server.enabled and self._own_server:
-            port = cfg.server.port or _free_port(cfg.server.host)
-            if cfg.server.port == 0:  # port 0: overlay sinks that share the server follow the port picked
-                for sink in self._sinks:
-                    if getattr(sink, "name", "") == "overlay" and (sink.host, sink.port) == (cfg.server.host, 0):
-                        sink.port = port
-            self._start_server(port)
+            self._start_server()
         self.dispatcher = Dispatcher(self._sinks)
         self.dispatcher.start()
         log.info("captions to %s", ", ".join(s.describe() for s in self._sinks))
@@ -214,31 +209,28 @@ class Pipeline:
         log.info("capturing %s", self.source.display)
         return self
 
-    def _start_server(self, port: int) -> None:
-        import ipaddress
-
-        from plugins.sinks.overlay import OverlayServer
-
+    def _start_server(self) -> None:
+        """The HTTP server: the control API's routes and every sink's (``Sink.mount``), then listen."""
         from .control import ControlAPI
+        from .server import HttpServer
 
         srv = self.cfg.server
-        allowed: list[str] = []
-        try:
-            ip = ipaddress.ip_address(srv.host.strip("[]"))
-            if not ip.is_unspecified and not is_loopback(srv.host):
-                allowed.append(srv.host.strip("[]"))
-        except ValueError:
-            allowed.append(srv.host)  # a host name: it is what clients put in the Host header
-        self.server = OverlayServer.shared(srv.host, port, max_request_bytes=srv.max_request_bytes,
-                                           allowed_hosts=allowed)
+        server = HttpServer(srv.host, srv.port, token=srv.token, cors_origins=srv.cors_origins,
+                            max_request_bytes=srv.max_request_bytes, max_connections=srv.max_connections,
+                            request_timeout_s=srv.request_timeout_s, idle_timeout_s=srv.idle_timeout_s)
         self.control = ControlAPI(self, srv)
-        self.control.mount(self.server)
         try:
-            self.server.acquire()
+            server.mount(self.control.routes())
+            for sink in self._sinks:
+                sink.mount(server)
+        except ValueError as e:
+            raise PipelineError(f"server: {e}") from None
+        try:
+            server.start()
         except OSError as e:
-            self.server = None
             raise PipelineError(f"server: {e} (is another livecc running? set server.port)") from None
-        log.info("control API and metrics at %s (overlay page %s/overlay)", self.server.url, self.server.url)
+        self.server = server
+        log.info("control API and metrics at %s", server.url)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the stream ended (finite source, fatal error) or ``request_stop``; True if so."""
@@ -280,7 +272,7 @@ class Pipeline:
             if st.get("state") == "hung":
                 log.error("sink %s did not finish closing", name)
         if self.server is not None and self._own_server:
-            self.server.release()
+            self.server.stop()
             self.server = None
         self.state = "stopped"
         self._done.set()
@@ -570,16 +562,6 @@ class Pipeline:
             "recent": [c.to_json(tokens=False) for c in list(self.recent)[-5:]],
             "sinks": self.dispatcher.status() if self.dispatcher is not None else {},
         }
-
-
-def _free_port(host: str) -> int:
-    """A port free on ``host`` a moment ago (for ``server.port: 0``: the overlay sinks must know it up front)."""
-    import socket
-
-    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(fam, socket.SOCK_STREAM) as s:
-        s.bind((host.strip("[]"), 0))
-        return s.getsockname()[1]
 
 
 def _r(v: float | None) -> float | None:

@@ -19,7 +19,6 @@ environment variables as ``${NAME}`` (for stream keys and tokens that should not
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import os
 import re
 import typing
@@ -32,8 +31,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from .cli import UserError
 from .engine.config import EngineConfig
 from .redact import redact
+from .server import is_loopback
 
-LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 TOKEN_ENV = "LIVECC_API_TOKEN"
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -109,6 +108,9 @@ class ServerSection(_Block):
     max_request_bytes: int = Field(16 * 1024, ge=256, le=1024 * 1024)
     max_text_chars: int = Field(2000, ge=1)
     answer_timeout_s: float = Field(120.0, gt=0)
+    max_connections: int = Field(256, ge=1)  # one more evicts the oldest half-open one, else a 503
+    request_timeout_s: float = Field(10.0, gt=0)  # a new connection's request head, and a body, arrive within this
+    idle_timeout_s: float = Field(60.0, gt=0)  # keep-alive connections idle longer are closed
 
     @property
     def loopback(self) -> bool:
@@ -156,18 +158,6 @@ class RunConfig(_Block):
             return EngineConfig(**{k: v for k, v in data.items() if k in known})
         except ValueError as e:
             raise ConfigError(f"engine: {e}") from None
-
-
-def is_loopback(host: str) -> bool:
-    """Only the usual loopback names count: anything else (127.0.0.2, 0.0.0.0, a LAN address) needs a token."""
-    h = host.strip("[]").lower()
-    if h in LOOPBACK_HOSTS:
-        return True
-    try:
-        ip = ipaddress.ip_address(h)
-    except ValueError:
-        return False
-    return ip in (ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1"))
 
 
 # -- loading -----------------------------------------------------------------------------------------
@@ -281,14 +271,13 @@ def validate(data: dict, where: str = "config", cli_sinks: int = 0) -> RunConfig
     except ValidationError as e:
         problems += [f"{where}: {m}" for m in _messages(e)]
         cfg = None
-    server = cfg.server if cfg is not None else ServerSection()
     sinks = []
     if isinstance(raw_sinks, list):
         first_cli = len(raw_sinks) - cli_sinks
         for i, block in enumerate(raw_sinks):
             label = f"--sink {_spec_text(block)}" if i >= first_cli else f"{where}: sinks[{i}]"
             try:
-                sinks.append(validate_sink(block, label, server))
+                sinks.append(validate_sink(block, label))
             except ConfigError as e:
                 problems.append(str(e))
     if problems:
@@ -309,7 +298,7 @@ def _spec_text(block: Any) -> str:
     return redact(str(block))
 
 
-def validate_sink(block: Any, label: str = "sinks[0]", server: ServerSection | None = None) -> dict:
+def validate_sink(block: Any, label: str = "sinks[0]") -> dict:
     """Check one ``sinks:`` entry with its sink's own Settings; returns the normalised block."""
     from .plugins import PluginError, parse_spec, sink_class
 
@@ -326,9 +315,6 @@ def validate_sink(block: Any, label: str = "sinks[0]", server: ServerSection | N
         if not tf:
             raise ConfigError(f"{label}: sink {kind!r} takes no target")
         settings.setdefault(tf, target)
-    if kind == "overlay" and server is not None and server.enabled and \
-            not {"host", "port", "listen"} & settings.keys():
-        settings["host"], settings["port"] = server.host, server.port  # one server for overlay + API
     try:
         cls.Settings.model_validate(settings)
     except ValidationError as e:

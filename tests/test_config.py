@@ -131,8 +131,18 @@ def test_env_expansion(tmp_path, monkeypatch):
 
 
 def test_overlay_shares_the_server_address():
-    cfg = config.load(None, overrides=["server.port=9123"], sinks=["overlay"])
-    assert cfg.sinks == [{"kind": "overlay", "host": "127.0.0.1", "port": 9123}]
+    from pipeline.plugins import make_sink
+    from pipeline.server import HttpServer
+
+    cfg = config.load(None, overrides=["server.port=9123"], sinks=["overlay", "overlay:9124", "overlay:9123"])
+    assert cfg.sinks[0] == {"kind": "overlay"}  # no copy of the server's address: the sink mounts on it
+    server = HttpServer(cfg.server.host, cfg.server.port)
+    shared, own, same = (make_sink(b) for b in cfg.sinks)
+    shared.mount(server), own.mount(server)
+    assert shared.server is server and shared.url == "http://127.0.0.1:9123/overlay"
+    assert own.server is None and own.url == "http://127.0.0.1:9124/overlay"  # its own server at start
+    with pytest.raises(ValueError, match="mounted twice"):  # the server's own address: the same page
+        same.mount(server)
 
 
 def test_token_required_off_loopback(monkeypatch):

@@ -9,6 +9,9 @@ Traffic stays on loopback: the "off loopback" server binds 127.0.0.2 (anything b
 from __future__ import annotations
 
 import json
+import logging
+import resource
+import socket
 import threading
 import time
 import urllib.error
@@ -53,14 +56,6 @@ class Recorder(Sink):
             return list(self.captions)
 
 
-def free_port(host="127.0.0.1") -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 def call(url, method="GET", body=None, token=None, headers=None, raw=None, timeout=60):
     h = dict(headers or {})
     data = raw
@@ -86,11 +81,10 @@ def tiny_model():
 
 
 def start_pipeline(tiny_model, tmp_path, host="127.0.0.1", token=None, cors=(), extra=None):
-    port = free_port(host)
     data = {
         "engine": {"model": "tiny", "device": "cpu", "seed": 0},
         "capture": {"source": SOURCE},
-        "server": {"host": host, "port": port, "token": token, "cors_origins": list(cors)},
+        "server": {"host": host, "port": 0, "token": token, "cors_origins": list(cors)},
         "sinks": [{"kind": "jsonl", "path": str(tmp_path / "events.jsonl")}],
         "shutdown": {"turn_timeout_s": 5, "sinks_timeout_s": 5},
         **(extra or {}),
@@ -111,7 +105,7 @@ def start_pipeline(tiny_model, tmp_path, host="127.0.0.1", token=None, cors=(), 
         return cap
 
     p.session.finish = finish
-    return p, rec, prompts, f"http://{host}:{port}"
+    return p, rec, prompts, p.server.url
 
 
 @pytest.fixture(scope="module")
@@ -232,6 +226,62 @@ def test_browser_origins_sizes_and_bodies(guarded):
     assert call(base + "/api/query", "POST", raw=b"{not json", token=TOKEN,
                 headers={"Content-Type": "application/json"})[0] == 400
     assert call(base + "/api/query", "POST", {"query": "   "}, token=TOKEN)[0] == 400
+
+
+def test_bad_json_and_bad_unicode_are_400_and_the_run_goes_on(guarded, caplog):
+    p, rec, _, base, _ = guarded
+    caplog.set_level(logging.WARNING, logger="livecc.server")
+    json_ct = {"Content-Type": "application/json"}
+    bodies = [
+        b'{"query": "\\ud800 forged"}',  # a lone surrogate, escaped: valid JSON, invalid text
+        b'{"question": "\\udfff"}',
+        b'{"query": "\xed\xa0\x80"}',  # the same surrogate as raw (CESU-8) bytes: not UTF-8
+        b"[" * 8000 + b"]" * 8000,  # deep nesting
+        b'{"query": ' + b"9" * 5000 + b"}",  # a number over Python's digit limit
+        b'{"query": NaN}',
+    ]
+    for body in bodies:
+        path = "/api/ask" if b"question" in body else "/api/query"
+        status, out = call(base + path, "POST", raw=body, token=TOKEN, headers=json_ct)
+        assert status == 400, (body[:40], out)
+        assert "error" in json.loads(out)
+    assert not any(r.exc_info for r in caplog.records)  # one line each (rate-limited), no traceback
+    n = len(rec.captions)
+    rec.wait(lambda c: len(c) >= n + 2)  # the run goes on
+    status, out = call(base + "/api/ask", "POST", {"question": "Still there?"}, token=TOKEN)
+    assert status == 200, out
+    assert p.error is None and p.live
+
+
+def test_health_answers_through_a_flood_of_half_open_connections(guarded):
+    """~1,000 connections that send half a request head and stop: /health still answers at once
+    (the oldest half-open connection makes room), and the server never holds more than its cap."""
+    p, _, _, base, _ = guarded
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 2048:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+    host, port = base.removeprefix("http://").rsplit(":", 1)
+    flood = []
+    try:
+        for _ in range(1000):
+            s = socket.create_connection((host, int(port)))
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: " + host.encode() + b"\r\nX-Slow: ")
+            flood.append(s)
+        times = []
+        for _ in range(5):
+            t0 = time.monotonic()
+            status, out = call(base + "/health", timeout=10)
+            times.append(time.monotonic() - t0)
+            assert status == 200 and json.loads(out)["ready"] is True
+        assert p.server.connection_count <= p.cfg.server.max_connections
+        print(f"\n/health through 1,000 half-open connections: {max(times) * 1000:.0f} ms at most; "
+              f"{p.server.connection_count} connections held")
+        assert max(times) < 2.0
+        flood[0].settimeout(2)  # the oldest were closed by the server to make room
+        assert flood[0].recv(100) == b""
+    finally:
+        for s in flood:
+            s.close()
 
 
 def test_loopback_needs_no_token_and_allows_listed_origins(tiny_model, tmp_path):

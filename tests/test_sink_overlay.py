@@ -1,27 +1,29 @@
-"""OBS overlay in a real headless Chromium (Debian chromium driven by Playwright)."""
+"""OBS overlay in a real headless Chromium (Debian chromium driven by Playwright), and its streams
+against real sockets: one page per sink, the token off loopback, pages that stop reading."""
 
 from __future__ import annotations
 
 import io
 import json
 import os
+import socket
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 from PIL import Image
+from servers import http_get
 
 from pipeline.plugins import make_sink
+from pipeline.server import HttpServer
 from pipeline.types import Caption
-from plugins.sinks.overlay import OverlayServer
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync",
         "--disable-dev-shm-usage"]
-DOCS = Path(__file__).resolve().parent.parent / "docs"
+TOKEN = "overlay-token-0123456789"
 
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian chromium not installed")
 
@@ -134,7 +136,7 @@ def test_websocket_reconnects_and_replays_recent(overlay, page):
     wait_connected(page, "ws")
     overlay.on_caption(Caption(0, 1, "before the drop"))
     wait_js(page, "document.body.dataset.count === '1'")
-    overlay.server.drop_clients()
+    overlay.drop_clients()
     wait_js(page, "document.body.dataset.connected === '0'")
     wait_connected(page, "ws")
     overlay.on_caption(Caption(1, 2, "after the drop"))
@@ -156,40 +158,164 @@ def test_captions_json_bounded_and_security(overlay):
     with pytest.raises(urllib.error.HTTPError) as ei:
         urllib.request.urlopen(req)
     assert ei.value.code == 403
-    # routes mounted after start (the control API's way in); request bodies are capped
-    from aiohttp import web
-
-    async def echo(request):
-        return web.json_response({"n": len(await request.read())})
-
-    overlay.server.add_route("POST", "/api/echo", echo)
-    with urllib.request.urlopen(urllib.request.Request(base + "/api/echo", data=b"x" * 1000)) as r:
-        assert json.load(r) == {"n": 1000}
-    with pytest.raises(urllib.error.HTTPError) as ei:
-        urllib.request.urlopen(urllib.request.Request(base + "/api/echo", data=b"x" * 200_000))
-    assert ei.value.code == 413
+    # a WebSocket opened by a page of another origin is refused
+    with socket.create_connection(("127.0.0.1", overlay.server.port), timeout=5) as s:
+        s.sendall(f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{overlay.server.port}\r\nOrigin: http://evil.example\r\n"
+                  f"{WS_HEADERS}\r\n".encode())
+        assert s.recv(64).startswith(b"HTTP/1.1 403")
 
 
-def test_shared_server_is_one_per_address():
-    a = OverlayServer.shared("127.0.0.1", 48765)
-    b = OverlayServer.shared("127.0.0.1", 48765)
-    assert a is b
-    s1 = make_sink("overlay:127.0.0.1:48766")
-    s2 = make_sink({"overlay": {"listen": 48766}})
-    s1.start(), s2.start()
-    assert s1.server is s2.server and s1.server.running
-    s1.stop()
-    assert s2.server.running  # still used by the other
-    srv = s2.server
-    s2.stop()
-    assert not srv.running
+@pytest.fixture
+def shared_server():
+    """One server with two overlay pages: the default one and ``studio``, each with its own style."""
+    srv = HttpServer("127.0.0.1", 0)
+    default = make_sink({"kind": "overlay", "size": 30, "color": "#ffcc00", "ttl": 0, "fade": 0})
+    studio = make_sink({"kind": "overlay", "name": "studio", "size": 50, "position": "top", "ttl": 0, "fade": 0,
+                        "include_answers": False})
+    default.mount(srv), studio.mount(srv)
+    srv.start()
+    default.start(), studio.start()
+    yield srv, default, studio
+    default.stop(), studio.stop()
+    srv.stop()
+
+
+def test_one_page_per_sink_on_one_server(shared_server, page):
+    srv, default, studio = shared_server
+    assert (default.url, studio.url) == (srv.url + "/overlay", srv.url + "/overlay/studio")
+    page.goto(studio.url)
+    wait_connected(page, "ws")
+    other = page.context.new_page()
+    try:
+        other.goto(default.url)
+        wait_connected(other, "ws")
+        for sink in (default, studio):
+            sink.on_caption(Caption(0, 1, "both pages"))
+            sink.on_caption(Caption(1, 2, "only the default page", kind="answer"))
+        wait_js(other, "document.body.dataset.count === '2'")
+        wait_js(page, "document.body.dataset.count === '1'")
+        style = "e => { const s = getComputedStyle(e); return [s.color, s.fontSize] }"
+        assert other.eval_on_selector("#box", style) == ["rgb(255, 204, 0)", "30px"]  # neither overwrote the other
+        assert page.eval_on_selector("#box", style) == ["rgb(255, 255, 255)", "50px"]
+        assert page.eval_on_selector("#wrap", "e => e.className") == "pos-top align-center"
+        assert box_text(page) == "both pages"
+    finally:
+        other.close()
+    status, body = http_get(srv.url + "/overlay/studio/captions.json")
+    assert status == 200 and [c["text"] for c in json.loads(body)["captions"]] == ["both pages"]
+    # two unnamed overlays on one server would both take /overlay: a clear error
+    fresh = HttpServer("127.0.0.1", 0)
+    make_sink("overlay").mount(fresh)
+    with pytest.raises(ValueError, match="GET /overlay is mounted twice"):
+        make_sink("overlay").mount(fresh)
+
+
+def test_data_routes_need_the_token_off_loopback(page):
+    sink = make_sink({"kind": "overlay", "listen": "127.0.0.2:0", "token": TOKEN, "ttl": 0, "fade": 0})
+    sink.start()
+    try:
+        base = sink.server.url
+        assert base.startswith("http://127.0.0.2:")
+        assert http_get(base + "/overlay")[0] == 200  # the page itself is static and public
+        assert http_get(base + "/overlay.js")[0] == 200
+        for path in ("/captions.json", "/events", "/ws"):
+            assert http_get(base + path)[0] == 401, path
+        assert http_get(base + "/captions.json?token=wrong-token-0123456789")[0] == 401
+        assert http_get(base + "/captions.json", token=TOKEN)[0] == 200
+        for transport in ("ws", "sse"):  # the page hands its ?token= on to its stream
+            page.goto(f"{sink.url}?transport={transport}&token={TOKEN}")
+            wait_connected(page, transport)
+            sink.on_caption(Caption(0, 1, f"over {transport} with a token"))
+            wait_js(page, f"document.querySelector('#box').textContent.includes('over {transport}')")
+    finally:
+        sink.stop()
+    with pytest.raises(ValueError, match="not loopback: set token"):
+        make_sink({"kind": "overlay", "listen": "0.0.0.0:0"})
+
+
+WS_HEADERS = ("Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+              "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n")
+
+
+def raw_client(port: int, path: str, rcvbuf: int | None = None) -> socket.socket:
+    """A client that sends one GET (a WebSocket upgrade for ``/ws``) and then never reads
+    (OBS frozen, a stuck proxy)."""
+    s = socket.socket()
+    if rcvbuf:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    s.connect(("127.0.0.1", port))
+    extra = WS_HEADERS if path.endswith("/ws") else ""
+    s.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{extra}\r\n".encode())
+    return s
+
+
+def status_of(port: int, path: str) -> int:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        return int(s.recv(64).split()[1])
+
+
+def wait_for(pred, timeout: float, what: str) -> float:
+    t0 = time.monotonic()
+    while not pred():
+        assert time.monotonic() - t0 < timeout, f"timed out: {what}"
+        time.sleep(0.05)
+    return time.monotonic() - t0
+
+
+@pytest.mark.parametrize("path", ["/events", "/ws"])
+def test_pages_that_never_read_are_dropped_in_bounded_time(path, page):
+    """Every slot held by a client that never reads: the next page gets a clean 503, and is served
+    once the server drops them (SSE: the stream is renewed after sse_max_s; WebSocket: no pong)."""
+    sink = make_sink({"kind": "overlay", "port": 0, "max_clients": 3, "sse_max_s": 2, "ping_s": 1, "ttl": 0})
+    sink.start()
+    port = sink.server.port
+    stuck = [raw_client(port, path) for _ in range(3)]
+    try:
+        wait_for(lambda: sink.stats()["clients"] == 3, 5, "3 clients")
+        assert status_of(port, "/events") == 503  # a clean refusal while they hold every slot
+        took = wait_for(lambda: sink.stats()["clients"] == 0, 6, "the stuck clients dropped")
+        print(f"\n{path}: 3 non-reading clients dropped after {took:.1f} s")
+        page.goto(sink.url + ("?transport=sse" if path == "/events" else ""))  # a new OBS page
+        wait_connected(page, "sse" if path == "/events" else "ws")
+        sink.on_caption(Caption(0, 1, "served"))
+        wait_js(page, "document.querySelector('#box').textContent.includes('served')")
+    finally:
+        for s in stuck:
+            s.close()
+        sink.stop()
+
+
+def test_a_page_that_stops_reading_under_traffic_is_dropped():
+    """With captions flowing, a client whose buffers are full is dropped after write_timeout_s,
+    long before sse_max_s; a reading client next to it gets every caption."""
+    sink = make_sink({"kind": "overlay", "port": 0, "sse_max_s": 600, "write_timeout_s": 1, "ttl": 0})
+    sink.start()
+    port = sink.server.port
+    stuck = raw_client(port, "/events", rcvbuf=4096)
+    reader = raw_client(port, "/events")
+    reader.settimeout(5)
+    got = bytearray()
+    try:
+        wait_for(lambda: sink.stats()["clients"] == 2, 5, "2 clients")
+        t0 = time.monotonic()
+        for i in range(60):  # 60 x 4 KB: more than the stuck client's buffers hold
+            sink.on_caption(Caption(i, i + 1, f"caption {i} " + "x" * 4000))
+            while b"caption %d " % i not in got:
+                got += reader.recv(65536)
+            if sink.stats()["clients"] == 1:
+                break
+        took = wait_for(lambda: sink.stats()["clients"] == 1, 5, "the stuck client dropped")
+        print(f"\nstuck SSE client dropped {time.monotonic() - t0:.1f} s after captions started ({took:.1f} s wait)")
+        assert b"caption 0 " in got
+    finally:
+        stuck.close(), reader.close()
+        sink.stop()
 
 
 def test_readme_screenshot(overlay, page, tmp_path):
-    """docs/overlay.png: the overlay composited over a sample frame (the page itself is transparent).
-
-    Written to docs/ when missing or with LIVECC_UPDATE_DOCS=1; otherwise to a temp folder.
-    """
+    """The picture in docs/overlay.png: the overlay composited over a sample frame (the page itself is
+    transparent). Written to ``tmp_path`` only; to refresh the README's copy, copy it from there."""
     page.goto(overlay.url + "?size=34")
     wait_connected(page, "ws")
     for i, t in enumerate(["Blue takes the corner,", "the header is saved", "and the keeper throws it long."]):
@@ -200,9 +326,7 @@ def test_readme_screenshot(overlay, page, tmp_path):
     g = Image.linear_gradient("L").resize((w, h))  # a pitch-green stand-in for the video
     bg = Image.merge("RGB", [g.point(lambda v: 30 + v // 3), g.point(lambda v: 90 + v // 4), g.point(lambda v: 40 + v // 5)])
     out = Image.alpha_composite(bg.convert("RGBA"), shot).convert("RGB").quantize(64)
-    target = DOCS / "overlay.png"
-    if target.exists() and os.environ.get("LIVECC_UPDATE_DOCS") != "1":
-        target = tmp_path / "overlay.png"
-    target.parent.mkdir(exist_ok=True)
+    target = tmp_path / "overlay.png"
     out.save(target, optimize=True)
+    print(f"\nscreenshot: {target}")
     assert target.stat().st_size < 200_000

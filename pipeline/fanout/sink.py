@@ -82,6 +82,13 @@ class Sink:
         self.settings = self.Settings.model_validate(data)
 
     # --- lifecycle -------------------------------------------------------------------
+    def mount(self, server) -> None:
+        """The process's HTTP server (``pipeline.server.HttpServer``), offered once before it and
+        this sink start; not called when ``server.enabled`` is false. A sink that serves pages
+        adds them with ``server.mount([Route(...), ...])`` (the server checks Host, Origin, token
+        and size for them) and may keep ``server`` to reach its event loop. Raise ``ValueError``
+        for a route that cannot be mounted. Default: nothing."""
+
     def start(self) -> None:
         """Open files, connections, servers. May raise; the dispatcher retries with backoff."""
 

@@ -75,11 +75,16 @@
     document.body.dataset.connected = connected ? "1" : "0";
   }
 
+  // this page's data routes (a named overlay lives under /overlay/NAME); the page's own ?token=
+  // goes on to them: off loopback they need it, and EventSource / WebSocket cannot send headers
+  var prefix = typeof cfg.prefix === "string" ? cfg.prefix : "";
+  var query = params.has("token") ? "?token=" + encodeURIComponent(params.get("token")) : "";
+
   var wsFailures = 0;
   var delay = 500;
   function connectSSE() {
     setState("sse", false);
-    var es = new EventSource("/events");
+    var es = new EventSource(prefix + "/events" + query);
     es.onopen = function () { setState("sse", true); };
     es.onmessage = function (ev) { handle(ev.data); };
     es.onerror = function () { setState("sse", false); }; // EventSource reconnects by itself
@@ -87,7 +92,7 @@
   function connectWS() {
     var ws;
     try {
-      ws = new WebSocket((location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/ws");
+      ws = new WebSocket((location.protocol === "https:" ? "wss://" : "ws://") + location.host + prefix + "/ws" + query);
     } catch (e) { wsFailures++; return retry(); }
     var opened = false;
     ws.onopen = function () { opened = true; wsFailures = 0; delay = 500; setState("ws", true); };
