@@ -8,7 +8,9 @@ through its own bounded queue (``audio_queue_size``): when full, the oldest chun
 counted (``audio_dropped``); audio is never retried.
 
 A sink call that raises is logged and retried with exponential backoff; when the retries run
-out the item is dropped and the sink reported ``failed`` until its next success. A call that
+out the item is dropped and the sink reported ``failed`` until its next success. After ``stop``,
+a sink that lost anything (an item given up, a start that never succeeded, a failed ``stop``)
+stays ``failed`` (with ``last_error``), the others are ``stopped``. A call that
 runs longer than ``call_timeout`` marks the sink ``hung``; the dispatcher keeps going without
 it (its queue keeps dropping the oldest items) and, at ``stop``, abandons its thread (a daemon).
 If the stuck call ever returns, the sink goes back to ``ok``.
@@ -158,7 +160,9 @@ class _Worker:
     def _error(self, what: str, e: BaseException) -> None:
         self.counters["errors"] += 1
         self.last_error = redact(f"{what}: {type(e).__name__}: {e}")
-        log.warning("sink %s: %s", self.name, self.last_error, exc_info=self.counters["errors"] <= 1)
+        # the first error's traceback, for a bug; a disk or network error (OSError) says all in one line
+        log.warning("sink %s: %s", self.name, self.last_error,
+                    exc_info=self.counters["errors"] <= 1 and not isinstance(e, OSError))
 
     def _ensure_started(self) -> bool:
         attempt = 0
@@ -220,13 +224,17 @@ class _Worker:
                 except Exception as e:
                     self._error("on_frame", e)
         # drain done; close the sink
+        stop_failed = False
         if self.started:
             try:
                 self._call("stop", self.sink.stop)
             except Exception as e:
                 self._error("stop", e)
+                stop_failed = True
         if self.state != HUNG:
-            self.state = STOPPED
+            # what the run's summary and exit status go by: did this sink lose anything?
+            lost = self.counters["failed"] or stop_failed or (not self.started and self.counters["start_failures"])
+            self.state = FAILED if lost else STOPPED
 
     def status(self, now: float, timeout: float) -> dict:
         started = self.call_started
