@@ -82,8 +82,11 @@ def test_disk_full_whole_records_nothing_duplicated(small_disk, tmp_path):
         assert 10 < len(got) < 50 and st["failed"] == len(expected) - len(got), (name, len(got), st)
         assert full[name]["state"] == "failed" and "No space left on device" in full[name]["last_error"], full[name]
         assert st["state"] == "failed" and "No space left on device" in st["last_error"], st  # in the summary
+        print(f"\n{name}: {len(got)} of {len(expected)} written ({len(got) - 20} while full), {st['failed']} lost, "
+              f"{st['retries']} retries, {path.stat().st_size} bytes")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_livecc_run_disk_full_exits_1_and_says_which_sink(small_disk, tmp_path):
     """``livecc run`` of a 4 s file with a JSONL on a full disk and an SRT elsewhere."""
