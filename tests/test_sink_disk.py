@@ -8,8 +8,10 @@ and exits 1. A second run on the same paths: the JSONL is continued, subtitles g
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -160,3 +162,15 @@ def test_claim_output_path(tmp_path):
         claim_output_path(tmp_path / "sub", "new")
     with pytest.raises(NotADirectoryError):
         claim_output_path(tmp_path / "sub" / "x.mp4" / "y.srt", "new")
+
+
+def test_jsonl_to_a_fifo(tmp_path):
+    """A named pipe (``mkfifo``) as the JSONL target: lines arrive in order (nothing to seek or cut back)."""
+    path = tmp_path / "captions.fifo"
+    os.mkfifo(path)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(path.read_bytes()))
+    reader.start()
+    run_sink(f"jsonl:{path}", ["one", "two"])
+    reader.join(10)
+    assert [json.loads(x)["text"] for x in got[0].splitlines()] == ["one", "two"]

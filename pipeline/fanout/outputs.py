@@ -63,24 +63,28 @@ def claim_output_path(path: str | os.PathLike, policy: Existing) -> Path:
     raise FileExistsError(errno.EEXIST, "no free numbered name next to it", str(p))
 
 
-def append_record(fd: int, data: bytes, offset: int, *, fsync: bool = False) -> int:
+def append_record(fd: int, data: bytes, offset: int | None, *, fsync: bool = False) -> int | None:
     """Write ``data`` at ``offset`` of the open file ``fd`` whole, or leave the file as it was.
 
     ``offset`` must be the file's current end (the caller keeps it). Short writes are
     continued; any ``OSError`` (``ENOSPC``, ``EDQUOT``, ``EIO``, or from the ``fsync`` when
     asked for) truncates the file back to ``offset`` and is raised again, with ``ENOSPC``
     for a write that made no progress. Returns the new end, ``offset + len(data)``.
+    ``offset=None`` is for a pipe or a device (``os.fstat`` not a regular file): written in
+    order, with nothing to cut back; returns None.
     """
     done = 0
     try:
         while done < len(data):
-            n = os.pwrite(fd, data[done:], offset + done)
+            rest = data[done:]
+            n = os.write(fd, rest) if offset is None else os.pwrite(fd, rest, offset + done)
             if n <= 0:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             done += n
-        if fsync:
+        if fsync and offset is not None:
             os.fsync(fd)
     except OSError:
-        os.ftruncate(fd, offset)
+        if offset is not None:
+            os.ftruncate(fd, offset)
         raise
-    return offset + done
+    return None if offset is None else offset + done

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import sys
 import time
 from pathlib import Path
@@ -42,11 +43,13 @@ class JsonlSink(Sink):
         if self._path is None:  # a retried start keeps the name it claimed
             self._path = claim_output_path(path, self.settings.existing)
         trunc = os.O_TRUNC if self.settings.existing == "overwrite" else 0
-        fd = os.open(self._path, os.O_RDWR | os.O_CREAT | trunc, 0o644)
+        fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | trunc, 0o644)
         try:
-            end = os.lseek(fd, 0, os.SEEK_END)
+            end = os.lseek(fd, 0, os.SEEK_END) if stat.S_ISREG(os.fstat(fd).st_mode) else None  # None: a pipe
             if end:  # an earlier run's records: continue after them, on a line of their own
-                sep = b"" if os.pread(fd, 1, end - 1) == b"\n" else b"\n"
+                with open(self._path, "rb") as f:
+                    f.seek(end - 1)
+                    sep = b"" if f.read(1) == b"\n" else b"\n"
                 marker = json.dumps({"type": "run_start", "created_at": time.time()}) + "\n"
                 end = append_record(fd, sep + marker.encode(), end, fsync=self.settings.fsync)
         except BaseException:
