@@ -51,8 +51,9 @@ def demo_config(out: Path, model: str, port: int, status: str = "auto") -> dict:
     return {
         "engine": {"model": model, "device": "cpu", "dtype": "float32", "seed": 0},
         "sinks": [
-            {"kind": "srt", "path": str(out / "captions.srt")},
-            {"kind": "jsonl", "path": str(out / "captions.jsonl")},
+            # the demo's own folder: each demo replaces the previous one's files (the message names them)
+            {"kind": "srt", "path": str(out / "captions.srt"), "existing": "overwrite"},
+            {"kind": "jsonl", "path": str(out / "captions.jsonl"), "existing": "overwrite"},
             {"kind": "burnin", "output": str(out / "burnin.mp4"), "ttl_s": 3.0},
             {"kind": "overlay"},
             {"kind": "console", "stream": "stdout"},

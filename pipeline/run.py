@@ -118,6 +118,10 @@ def execute(cfg, *, verbose: bool = False, model=None, on_started=None) -> int:
     if pipeline.error:
         print(f"livecc: error: {pipeline.error}", file=sys.stderr)
         return 1
+    lost = [f"{n} ({v['state']}: {v.get('last_error')})" for n, v in final.items() if v.get("state") in ("failed", "hung")]
+    if lost:  # the run went on without it (or abandoned it at the end): its output is incomplete
+        print(f"livecc: error: sink lost data: {'; '.join(lost)}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import re
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -82,3 +85,44 @@ def rtsp_server():
 def media_dir(tmp_path_factory):
     """A session-wide folder for generated media files."""
     return tmp_path_factory.mktemp("media")
+
+
+class SmallDisk:
+    """A mounted 2 MiB tmpfs (``.path``) that ``fill()`` fills up for real and ``free()`` empties again."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.ballast = path / ".ballast"
+
+    def fill(self) -> None:
+        """Write a ballast file until the disk refuses (ENOSPC): no free page is left."""
+        fd = os.open(self.ballast, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            while True:
+                os.write(fd, b"\0" * 65536)
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+        finally:
+            os.close(fd)
+
+    def free(self) -> None:
+        self.ballast.unlink()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 2 MiB tmpfs mounted for this test (disk-full tests: ``fill()`` / ``free()``); unmounted after."""
+    d = tmp_path / "small-disk"
+    d.mkdir()
+    try:
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(d)], capture_output=True, text=True)
+        why = r.stderr.strip() if r.returncode else ""
+    except FileNotFoundError:
+        why = "no mount command"
+    if why:
+        pytest.skip(f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): {why}")
+    try:
+        yield SmallDisk(d)
+    finally:
+        subprocess.run(["umount", "--lazy", str(d)], check=False)

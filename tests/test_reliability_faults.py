@@ -307,7 +307,10 @@ def test_secrets_appear_in_no_output(nginx_rtmp, publisher, stream_key, tmp_path
     finally:
         run.close()
         receiver.__exit__()
-    assert rc == 0, run.logs()[-3000:]
+    # exit 1: the dead webhook lost its captions, and one line says so (with its error, redacted)
+    assert rc == 1, run.logs()[-3000:]
+    lost = [line for line in run.logs().splitlines() if line.startswith("livecc: error:")]
+    assert len(lost) == 1 and "sink lost data: " in lost[0] and "webhook#2 (" in lost[0], run.logs()[-3000:]
     # the live webhook got the captions, its password as HTTP basic auth and its token in the query
     import base64
 

@@ -90,7 +90,7 @@ WRITER = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("ext", ["srt", "vtt"])
+@pytest.mark.parametrize("ext", ["srt", "vtt", "jsonl"])
 def test_killed_writer_leaves_valid_file(tmp_path, ext):
     path = tmp_path / f"crash.{ext}"
     proc = subprocess.Popen(
@@ -106,6 +106,10 @@ def test_killed_writer_leaves_valid_file(tmp_path, ext):
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
     assert n >= 40
+    if ext == "jsonl":
+        texts = [json.loads(line)["text"] for line in path.read_text().splitlines()]  # whole lines only
+        assert texts[:n] == [f"caption number {i}" for i in range(n)]
+        return
     if ext == "srt":
         subs = list(srt.parse(path.read_text(encoding="utf-8")))
         texts = [s.content for s in subs]

@@ -9,7 +9,9 @@ counted (``audio_dropped``); audio is never retried.
 
 A sink call that raises is logged and retried with exponential backoff (``retry``, a
 :class:`~pipeline.backoff.Backoff` whose ``max_attempts`` counts every attempt at one item); when the
-attempts run out the item is dropped and the sink reported ``failed`` until its next success.
+attempts run out the item is dropped and the sink reported ``failed`` until its next success. After
+``stop``, a sink that lost anything (an item given up, a start that never succeeded, a failed ``stop``)
+stays ``failed`` (with ``last_error``), the others are ``stopped``.
 Before each call the sink's ``deadline`` is set (see :class:`~pipeline.fanout.sink.Sink`): start
 of the call + ``call_timeout``, or the shutdown deadline when earlier. A call that runs longer
 than ``call_timeout`` marks the sink ``hung``; the dispatcher keeps going without
@@ -150,7 +152,9 @@ class _Worker:
     def _error(self, what: str, e: BaseException) -> None:
         self.counters["errors"] += 1
         self.last_error = redact(f"{what}: {type(e).__name__}: {e}")
-        log.warning("sink %s: %s", self.name, self.last_error, exc_info=self.counters["errors"] <= 1)
+        # the first error's traceback, for a bug; a disk or network error (OSError) says all in one line
+        log.warning("sink %s: %s", self.name, self.last_error,
+                    exc_info=self.counters["errors"] <= 1 and not isinstance(e, OSError))
 
     def _ensure_started(self) -> bool:
         attempt = 0
@@ -211,13 +215,17 @@ class _Worker:
                 except Exception as e:
                     self._error("on_frame", e)
         # drain done; close the sink
+        stop_failed = False
         if self.started:
             try:
                 self._call("stop", self.sink.stop)
             except Exception as e:
                 self._error("stop", e)
+                stop_failed = True
         if self.state != HUNG:
-            self.state = STOPPED
+            # what the run's summary and exit status go by: did this sink lose anything?
+            lost = self.counters["failed"] or stop_failed or (not self.started and self.counters["start_failures"])
+            self.state = FAILED if lost else STOPPED
 
     def status(self, now: float) -> dict:
         started = self.call_started

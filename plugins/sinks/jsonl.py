@@ -1,17 +1,25 @@
-"""JSONL sink: one JSON object per caption or stream event, flushed per line.
+"""JSONL sink: one JSON object per caption or stream event, each line written whole in one call.
 
 Caption lines are ``{"type": "caption", "start", "stop", "text", ..., "silence": bool}``
 (``Caption.to_json()`` plus ``type`` and ``silence``: the model's own text, so ``answer_prefix``
 does not apply; ``include_silence`` / ``include_answers`` choose the lines); event lines are
-``{"type": "event", "kind", "stream_time", "detail", "created_at"}``.
+``{"type": "event", "kind", "stream_time", "detail", "created_at"}``. A line that does not fit
+on the disk is not written at all (``pipeline/fanout/outputs.py``) and its call raises, so the
+dispatcher's retry writes it once when space returns. An existing file is continued by default
+(``existing: append``): a ``{"type": "run_start", "created_at"}`` line separates the new run's
+lines from the earlier ones (stream times and turns start again after it).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 import sys
+import time
+from pathlib import Path
 
+from pipeline.fanout.outputs import Existing, append_record, claim_output_path
 from pipeline.fanout.sink import CaptionText, Sink
 
 
@@ -21,26 +29,42 @@ class JsonlSink(Sink):
 
     class Settings(CaptionText):
         path: str = "events.jsonl"
-        append: bool = False
+        existing: Existing = "append"  # an earlier run's file: append (after a run_start line), new, overwrite
         include_silence: bool = True  # a log of every turn, marked "silence": true
         include_events: bool = True
         fsync: bool = False  # also fsync each line (slower; survives power loss)
 
+    _path: Path | None = None  # the file claimed by start
+    _fd: int | None = None
+
     def start(self) -> None:
         path = self.settings.path
         if path in ("-", "stdout"):
-            self._fh, self._own = sys.stdout, False
             return
-        d = os.path.dirname(os.path.abspath(path))
-        os.makedirs(d, exist_ok=True)
-        self._fh = open(path, "a" if self.settings.append else "w", encoding="utf-8")
-        self._own = True
+        if self._path is None:  # a retried start keeps the name it claimed
+            self._path = claim_output_path(path, self.settings.existing)
+        trunc = os.O_TRUNC if self.settings.existing == "overwrite" else 0
+        fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | trunc, 0o644)
+        try:
+            end = os.lseek(fd, 0, os.SEEK_END) if stat.S_ISREG(os.fstat(fd).st_mode) else None  # None: a pipe
+            if end:  # an earlier run's records: continue after them, on a line of their own
+                with open(self._path, "rb") as f:
+                    f.seek(end - 1)
+                    sep = b"" if f.read(1) == b"\n" else b"\n"
+                marker = json.dumps({"type": "run_start", "created_at": time.time()}) + "\n"
+                end = append_record(fd, sep + marker.encode(), end, fsync=self.settings.fsync)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd, self._end = fd, end
 
     def _write(self, obj: dict) -> None:
-        self._fh.write(json.dumps(obj, ensure_ascii=False) + "\n")
-        self._fh.flush()
-        if self.settings.fsync and self._own:
-            os.fsync(self._fh.fileno())
+        line = json.dumps(obj, ensure_ascii=False) + "\n"
+        if self.settings.path in ("-", "stdout"):
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            return
+        self._end = append_record(self._fd, line.encode(), self._end, fsync=self.settings.fsync)
 
     def on_caption(self, caption) -> None:
         if self.text_of(caption) is None:
@@ -60,7 +84,9 @@ class JsonlSink(Sink):
             )
 
     def stop(self) -> None:
-        fh = getattr(self, "_fh", None)
-        if fh is not None and self._own:
-            fh.close()
-        self._fh = None
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def stats(self) -> dict:
+        return {"path": str(self._path)} if self._path is not None else {}

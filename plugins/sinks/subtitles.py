@@ -1,19 +1,24 @@
 """Subtitle files (SRT and WebVTT) written incrementally: a crash loses nothing already produced.
 
 Each caption becomes a cue shown from its ``start`` until the next caption's start, or until
-its ``stop + linger_s`` when nothing follows. A cue is written (flushed and fsync'd) as soon as
+its ``stop + linger_s`` when nothing follows. A cue is written (in one piece, fsync'd) as soon as
 its caption arrives, with the ``stop + linger_s`` end; when the next caption starts earlier
 than that, the previous cue's end timestamp is overwritten in place (timestamps are fixed
 width, so the file is a valid subtitle file at every moment). Silence (empty text or the
-model's ' ...') writes no cue.
+model's ' ...') writes no cue. A cue that does not fit on the disk is not written at all
+(``pipeline/fanout/outputs.py``), the previous cue keeps its end, and the call raises so that the
+dispatcher's retry writes it once when space returns. An existing file is left as it is: the run
+writes ``name.1.srt`` (``existing: new``; ``overwrite`` replaces it).
 """
 
 from __future__ import annotations
 
 import os
 import textwrap
+from pathlib import Path
 from typing import Literal
 
+from pipeline.fanout.outputs import append_record, claim_output_path
 from pipeline.fanout.sink import CaptionText, Sink
 
 
@@ -36,6 +41,12 @@ class SubtitleSink(Sink):
         min_duration_s: float = 0.3
         max_line_chars: int = 42  # word-wrap width (0: no wrap)
         fsync: bool = True
+        # an earlier run's file: "new" leaves it and writes name.1.srt (its cue times are from another
+        # run's clock, so appending would interleave two timelines), "overwrite" replaces it
+        existing: Literal["new", "overwrite"] = "new"
+
+    _path: Path | None = None  # the file claimed by start
+    _fd: int | None = None
 
     # --- helpers ---------------------------------------------------------------------
     @property
@@ -53,29 +64,30 @@ class SubtitleSink(Sink):
         w = self.settings.max_line_chars
         return "\n".join(textwrap.wrap(text, w)) if w > 0 else text
 
-    def _write(self, data: bytes, offset: int | None = None) -> None:
-        if offset is None:
-            os.write(self._fd, data)
-            self._size += len(data)
-        else:
-            os.pwrite(self._fd, data, offset)
+    def _append(self, data: bytes) -> None:
+        self._size = append_record(self._fd, data, self._size, fsync=self.settings.fsync)
 
-    def _sync(self) -> None:
-        if self.settings.fsync:
-            os.fsync(self._fd)
+    def _set_end(self, stamp: float, offset: int) -> None:
+        """Rewrite a cue's end timestamp in place (same width: the file's size does not change)."""
+        os.pwrite(self._fd, _stamp(stamp, self._sep).encode(), offset)
 
     # --- sink ------------------------------------------------------------------------
     def start(self) -> None:
-        path = self.settings.path
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        if self._path is None:  # a retried start keeps the name it claimed
+            self._path = claim_output_path(self.settings.path, self.settings.existing)
+        trunc = os.O_TRUNC if self.settings.existing == "overwrite" else 0
+        self._fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | trunc, 0o644)
         self._size = 0
         self._sep = "." if self.fmt == "vtt" else ","
         self._count = 0
         self._prev: tuple[float, float, int] | None = None  # (start, end, offset of end stamp)
-        if self.fmt == "vtt":
-            self._write(b"WEBVTT\n\n")
-        self._sync()
+        try:
+            if self.fmt == "vtt":
+                self._append(b"WEBVTT\n\n")
+        except BaseException:
+            os.close(self._fd)
+            self._fd = None
+            raise
 
     def on_caption(self, caption) -> None:
         text = self.text_of(caption)
@@ -85,32 +97,40 @@ class SubtitleSink(Sink):
         if not text:
             return
         start = caption.start
+        cut = None  # the previous cue ends where this one begins
         if self._prev is not None:
             p_start, p_end, p_off = self._prev
             start = max(start, p_start + self.settings.min_duration_s)
-            if start < p_end:  # cut the previous cue where this one begins
-                new_end = _stamp(start, self._sep).encode()
-                if len(new_end) == len(_stamp(p_end, self._sep)):
-                    self._write(new_end, p_off)
+            if start < p_end and len(_stamp(start, self._sep)) == len(_stamp(p_end, self._sep)):
+                cut = (p_end, p_off)
         end = max(caption.stop + self.settings.linger_s, start + self.settings.min_duration_s)
-        self._count += 1
-        head = f"{self._count}\n" if self.fmt == "srt" else ""
-        a = _stamp(start, self._sep)
-        line = f"{head}{a} --> "
+        head = f"{self._count + 1}\n" if self.fmt == "srt" else ""
+        line = f"{head}{_stamp(start, self._sep)} --> "
         end_off = self._size + len(line.encode())
         cue = f"{line}{_stamp(end, self._sep)}\n{text}\n\n".encode()
-        self._write(cue)
-        self._sync()
+        # cut first, then add the cue: a crash in between leaves a shorter cue, never an overlap
+        if cut is not None:
+            self._set_end(start, cut[1])
+        try:
+            self._append(cue)  # whole or nothing (a full disk): the file ends where it did
+        except OSError:
+            if cut is not None:  # the cue is not there: the previous one keeps its end
+                self._set_end(*cut)
+            raise
+        self._count += 1
         self._prev = (start, end, end_off)
 
     def stop(self) -> None:
-        fd = getattr(self, "_fd", None)
+        fd, self._fd = self._fd, None
         if fd is not None:
             try:
-                self._sync()
+                if self.settings.fsync:
+                    os.fsync(fd)
             finally:
                 os.close(fd)
-                self._fd = None
+
+    def stats(self) -> dict:
+        return {"path": str(self._path)} if self._path is not None else {}
 
 
 class SrtSink(SubtitleSink):

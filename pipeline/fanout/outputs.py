@@ -1,0 +1,90 @@
+"""Output files that are never destroyed by a later run and never hold a partial record.
+
+Two rules every file sink follows:
+
+* ``claim_output_path(path, policy)``: what a run does with a file that is already there. The
+  policy is the sink's ``existing`` setting: ``"append"`` (continue the file: JSONL),
+  ``"new"`` (leave it alone and write ``name.1.ext``, ``name.2.ext``, ...: subtitles and
+  video, whose timestamps restart with every run) or ``"overwrite"`` (the operator asked for
+  it). Nothing is ever truncated unless the policy says ``"overwrite"``.
+* ``append_record(fd, data, offset)``: a record is written whole or not at all. A full disk
+  gives a short write or ``ENOSPC`` part-way through a record; the file is then cut back to
+  where the record began, so a retry of the same record does not leave a fragment or a copy.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from pathlib import Path
+from typing import Literal
+
+log = logging.getLogger(__name__)
+
+#: The ``existing`` setting of a file sink: what to do when its output file is already there.
+Existing = Literal["append", "new", "overwrite"]
+
+
+def claim_output_path(path: str | os.PathLike, policy: Existing) -> Path:
+    """The file a run writes for the configured ``path``, given what is already on disk.
+
+    ``"append"`` and ``"overwrite"`` return ``path`` itself (the caller opens it for appending,
+    or truncates it). ``"new"`` returns ``path`` when it is absent or empty, else the first free
+    ``stem.N.suffix`` (``N`` = 1, 2, ...), created empty with ``O_EXCL`` so that two writers
+    never claim the same name; the choice is logged. Parent folders are created.
+
+    Raises ``IsADirectoryError`` when ``path`` is a folder, ``OSError`` when the parent
+    cannot be created (a path under a regular file: ``NotADirectoryError``), ``ValueError``
+    for an unknown policy.
+    """
+    if policy not in ("append", "new", "overwrite"):
+        raise ValueError(f"unknown existing-file policy {policy!r} (append, new, overwrite)")
+    p = Path(path)
+    if p.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a folder, not a file", str(p))
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # a regular file where a folder should be
+        raise NotADirectoryError(errno.ENOTDIR, "a file is in the way of its folder", str(p.parent)) from None
+    if policy != "new":
+        return p
+    for n in range(0, 100_000):
+        cand = p if n == 0 else p.with_name(f"{p.stem}.{n}{p.suffix}")
+        try:
+            os.close(os.open(cand, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        except FileExistsError:
+            if cand.is_file() and cand.stat().st_size == 0:
+                return cand  # an earlier run that wrote nothing: nothing to keep
+            continue
+        if n:
+            log.warning("%s exists: leaving it as it is and writing %s", p, cand)
+        return cand
+    raise FileExistsError(errno.EEXIST, "no free numbered name next to it", str(p))
+
+
+def append_record(fd: int, data: bytes, offset: int | None, *, fsync: bool = False) -> int | None:
+    """Write ``data`` at ``offset`` of the open file ``fd`` whole, or leave the file as it was.
+
+    ``offset`` must be the file's current end (the caller keeps it). Short writes are
+    continued; any ``OSError`` (``ENOSPC``, ``EDQUOT``, ``EIO``, or from the ``fsync`` when
+    asked for) truncates the file back to ``offset`` and is raised again, with ``ENOSPC``
+    for a write that made no progress. Returns the new end, ``offset + len(data)``.
+    ``offset=None`` is for a pipe or a device (``os.fstat`` not a regular file): written in
+    order, with nothing to cut back; returns None.
+    """
+    done = 0
+    try:
+        while done < len(data):
+            rest = data[done:]
+            n = os.write(fd, rest) if offset is None else os.pwrite(fd, rest, offset + done)
+            if n <= 0:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            done += n
+        if fsync and offset is not None:
+            os.fsync(fd)
+    except OSError:
+        if offset is not None:
+            os.ftruncate(fd, offset)
+        raise
+    return None if offset is None else offset + done
