@@ -41,6 +41,7 @@ BUILTIN: dict[str, dict[str, str]] = {
         "twitch": "plugins.sinks.twitch:TwitchSink",
         "webhook": "plugins.sinks.webhook:WebhookSink",
         "burnin": "plugins.sinks.burnin:BurninSink",
+        "restream": "plugins.sinks.burnin:RestreamSink",
     },
     SOURCES: {},
 }

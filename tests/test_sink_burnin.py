@@ -145,9 +145,9 @@ def test_renderer_wraps_unicode_inside_the_frame():
     y0, x0, premul, inv = r.render("Ünïcödé façade — " + "wörd " * 40, W, H)
     assert premul.shape[1] <= W * 0.9 + 1 and y0 + premul.shape[0] <= H
     assert 0 < inv.min() < 1 or inv.min() == 0  # box and glyphs
-    font = r._font(max(12, round(H / 18)))
+    font = r.chain(max(12, round(H / 18)))
     lines = r.wrap("Ünïcödé façade — " + "wörd " * 40, font, W * 0.9)
-    assert all(font.getlength(line) <= W * 0.9 for line in lines)
+    assert all(font.length(line) <= W * 0.9 for line in lines)
     assert r.render("   ", W, H) is None
 
 
