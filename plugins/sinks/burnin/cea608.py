@@ -10,9 +10,12 @@ Three parts:
   its basic substitute, as CEA-608 requires (a decoder that knows it backspaces over it).
 - ``Cea608Track``: the caption channel CC1 (field 1) as a stream of byte pairs, one video frame at a
   time, at the 608 rate (about 30 pairs a second: ``30 / fps`` a frame, carried over). Roll-up
-  (RU2-RU4, the default) writes each new caption on the bottom row(s) as it arrives; pop-on loads
+  (RU2-RU4, the default; the mode is sent when the track starts) begins each new caption with a
+  carriage return on the frame it is due and writes its rows on the bottom row as they arrive
+  (older rows scroll up); pop-on loads
   the next caption into the hidden buffer ahead of time and shows it with End Of Caption on the
-  exact frame it becomes due. Control codes are sent twice (the 608 redundancy rule); an expired
+  exact frame it becomes due. A new caption supersedes what is still unsent of the previous one
+  (it starts on its frame instead of queueing behind it). Control codes are sent twice (the 608 redundancy rule); an expired
   caption is erased (EDM).
 - ``sei_nal`` / ``insert_sei``: a cc_data() block in an SEI user_data_registered_itu_t_t35 message
   (country 0xB5, provider 0x0031, "GA94", type 0x03, per ATSC A/53 Part 4 Table 6.9 and CTA-708
@@ -72,8 +75,8 @@ def map_char(ch: str) -> list[str]:
     return out
 
 
-def encode_text(text: str, max_rows: int) -> tuple[list[list[int]], int]:
-    """Caption text -> (the last ``max_rows`` rows of byte pairs, characters dropped).
+def encode_text(text: str, max_rows: int | None) -> tuple[list[list[int]], int]:
+    """Caption text -> (the last ``max_rows`` rows (None: all) of byte pairs, characters dropped).
 
     Words wrap at 32 columns (longer words are cut). Each row is a list of 16-bit pairs:
     basic characters two to a pair (padded with 0x80), special/extended ones a pair each."""
@@ -105,7 +108,7 @@ def encode_text(text: str, max_rows: int) -> tuple[list[list[int]], int]:
         cur += cols
     if cur:
         rows.append(cur)
-    return [_pairs(r) for r in rows[-max_rows:]], dropped
+    return [_pairs(r) for r in (rows if max_rows is None else rows[-max_rows:])], dropped
 
 
 def _pairs(columns: list[list[str]]) -> list[int]:
@@ -157,6 +160,8 @@ class Cea608Track:
         self._loading: str | None = None  # pop-on: text in (or going into) the hidden buffer
         self.shown: str | None = None
         self.dropped = 0  # characters without a 608 equivalent
+        if mode == "rollup":  # the mode first, so the first caption's CR lands on its frame
+            self._out.extend(_control(ROLL_UP[rows]))
 
     def _load(self, text: str) -> list[int]:
         rows, dropped = encode_text(text, self.rows)
@@ -167,11 +172,11 @@ class Cea608Track:
         return seq
 
     def _roll(self, text: str) -> list[int]:
-        rows, dropped = encode_text(text, self.rows)
+        rows, dropped = encode_text(text, None)
         self.dropped += dropped
         seq: list[int] = []
-        for row in rows:
-            seq += _control(ROLL_UP[self.rows]) + _control(CR) + _control(_pac(BOTTOM_ROW)) + row
+        for row in rows:  # CR first: the caption starts on the frame it is due
+            seq += _control(CR) + _control(_pac(BOTTOM_ROW)) + row
         return seq
 
     def prepare(self, text: str) -> None:
@@ -189,6 +194,10 @@ class Cea608Track:
     def frame(self, active: str | None) -> list[int]:
         """Byte pairs for the next output frame, given the caption that is due on screen now."""
         if active != self.shown:
+            # what is still unsent of the previous caption is superseded (the mode command stays)
+            modes = [p for p in self._out if p in ROLL_UP.values()]
+            self._out.clear()
+            self._out.extend(modes)
             if not active:
                 self._out.extend(_control(EDM))
             elif self.mode == "rollup":

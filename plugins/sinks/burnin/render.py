@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import subprocess
+import unicodedata
 
 import av
 import numpy as np
@@ -146,7 +147,8 @@ class FontChain:
         self.missing: set[str] = set()
 
     def face_for(self, ch: str) -> _Face:
-        if self.first_charset is None or ch in self.first_charset or not ch.isprintable() or ch.isspace():
+        if self.first_charset is None or ch in self.first_charset or ch.isspace() \
+                or unicodedata.category(ch) in ("Cc", "Cf"):  # controls and format marks draw nothing
             return self.first
         for key, face in self._faces.items():
             if ch in _charset_of(*key):

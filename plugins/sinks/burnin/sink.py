@@ -265,6 +265,7 @@ class _Encoder:
                 sink.counters["frames_captioned"] += 1
             if self.fresh and muxed:  # connected: only now is it a reconnect, and the backoff reset
                 self.fresh = False
+                sink.output_starts.append(self.pts_base * self.period)
                 self.failures = 0
                 if self.connected_once:
                     sink.counters["reconnects"] += 1
@@ -336,6 +337,8 @@ class BurninSink(Sink):
         self.codec: str | None = None
         self.size: tuple[int, int] | None = None
         self.t0: float | None = None  # monotonic time of output pts 0
+        # seconds after t0 of each connected output's first frame (pts 0 of that connection), newest last
+        self.output_starts: collections.deque[float] = collections.deque(maxlen=16)
         self.renderer = CaptionRenderer(self.settings) if self.settings.draw else None
         self.wants_audio = self.settings.audio  # the dispatcher reads it when the sink is added
         # AudioChunks in order; bounded: the oldest go first
