@@ -42,6 +42,8 @@ BUILTIN: dict[str, dict[str, str]] = {
         "webhook": "plugins.sinks.webhook:WebhookSink",
         "burnin": "plugins.sinks.burnin:BurninSink",
         "restream": "plugins.sinks.burnin:RestreamSink",
+        "youtube": "plugins.sinks.youtube:YoutubeSink",
+        "obs": "plugins.sinks.obs:ObsSink",
     },
     SOURCES: {},
 }
