@@ -8,7 +8,7 @@ from pipeline import plugins
 from pipeline.plugins import SINKS, Registry, make_sink, parse_spec
 from pipeline.fanout.sink import Sink, SinkSettings
 
-BUILTINS = {"console", "jsonl", "subtitles", "srt", "vtt", "overlay", "twitch", "webhook", "burnin"}
+BUILTINS = {"console", "jsonl", "subtitles", "srt", "vtt", "overlay", "twitch", "webhook", "burnin", "restream", "youtube", "obs"}
 
 
 class EchoSink(Sink):
