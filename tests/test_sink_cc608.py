@@ -7,7 +7,6 @@ import random
 import re
 import shutil
 import subprocess
-import threading
 import time
 
 import av

@@ -88,8 +88,7 @@ class SrtRelay:
                                   "which is not on PATH (or LIVECC_FFMPEG)")
         args = (ffmpeg.input("pipe:0", f="mpegts", fflags="nobuffer", probesize=65536, analyzeduration=200000)
                 .output(target, c="copy", f="mpegts")
-                .global_args("-nostdin", "-hide_banner", "-loglevel", "error").compile(cmd=exe))
-        args.remove("-nostdin")  # it reads the stream from stdin
+                .global_args("-hide_banner", "-loglevel", "error").compile(cmd=exe))
         self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
         self.stdin = self.proc.stdin
 
