@@ -17,7 +17,7 @@ import srt
 from pipeline.plugins import make_sink
 from pipeline.types import Caption, Frame
 from plugins.sinks.burnin import Output, RestreamSettings, RestreamSink
-from plugins.sinks.burnin.cea608 import Cea608Track, encode_text
+from plugins.sinks.burnin.cea608 import EOC, Cea608Track, encode_text
 from test_sink_burnin import NginxRtmp, free_port, needs_nginx
 
 FPS = 30
@@ -199,3 +199,15 @@ def test_restream_608_two_minutes_matches_srt_sink(tmp_path):
     n = compare(recs, starts, caps, srt_path)
     print(f"608 vs SRT sink: {n} of {len(caps)} captions compared over {len(recs)} RTMP connections")
     assert n >= len(caps) - 4  # all but the ones around the outage
+
+
+def test_popon_captions_replaced_before_they_showed_do_not_block_the_next():
+    """Captions replaced in the sink before they reached a frame (several due on one tick) must
+    not be preloaded in place of the next one that will show."""
+    track = Cea608Track("popon", 2, FPS)
+    for t in ("a", "b", "c", "d", "e"):
+        track.prepare(t)
+    for text in (None, "a", "d"):  # b and c never shown
+        for _ in range(60):
+            track.frame(text)
+    assert track.frame("e") == [EOC]  # "e" was loaded ahead: it shows on its frame

@@ -211,8 +211,9 @@ class Cea608Track:
                     self._preload.clear()
                 self._loading = None
                 self._out.extend(_control(EOC))
-                while active in self._prepared:
-                    self._prepared.remove(active)
+                if active in self._prepared:  # it and any older ones (replaced unseen) are done
+                    while self._prepared.popleft() != active:
+                        pass
             self.shown = active or None
         if self.mode == "popon" and not self._out:
             self._next_preload()

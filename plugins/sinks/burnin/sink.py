@@ -234,7 +234,8 @@ class _Encoder:
         self.cache_key = None
         if self.s.cc == "608":  # a new viewer's decoder starts empty: start the caption channel again
             self.cc = Cea608Track(self.s.cc_mode, self.s.cc_rows, self.s.fps)
-            for text in sink._take_prepared():
+            sink._take_prepared()  # shown while offline: only the captions still to come are loaded
+            for text in sink._pending_texts():
                 self.cc.prepare(text)
         return True
 
@@ -418,6 +419,10 @@ class BurninSink(Sink):
             self.error = e
         finally:
             enc.close()
+
+    def _pending_texts(self) -> list[str]:
+        with self._lock:
+            return [text for text, _, _ in self._pending]
 
     def _take_prepared(self) -> list[str]:
         with self._lock:
