@@ -207,7 +207,8 @@ class _Encoder:
     def _retry_later(self, what: str, e: BaseException) -> None:
         self.failures += 1
         delay = self.backoff.delay(self.failures + 1)
-        log.warning("burn-in output %s %s: %s; retry in %.1f s", redact(self.s.output), what, redact(str(e)), delay)
+        log.warning("%s output %s %s: %s; retry in %.1f s", self.sink.name, redact(self.s.output), what,
+                    redact(str(e)), delay)
         self.next_open = time.monotonic() + delay
 
     def ensure_open(self, now: float) -> bool:
@@ -270,7 +271,7 @@ class _Encoder:
                 self.failures = 0
                 if self.connected_once:
                     sink.counters["reconnects"] += 1
-                    log.info("burn-in output %s reconnected", redact(self.s.output))
+                    log.info("%s output %s reconnected", sink.name, redact(self.s.output))
                 self.connected_once = True
         except Exception as e:
             if not out.is_network:
@@ -312,7 +313,7 @@ class _Encoder:
         except Exception as e:
             if self.sink.error is None and not self.out.is_network:
                 self.sink.error = e
-            log.warning("burn-in output close: %s", redact(str(e)))
+            log.warning("%s output close: %s", self.sink.name, redact(str(e)))
         self.out = None
 
 
