@@ -1,7 +1,8 @@
 """OBS sink: obs-websocket v5 (Hello, Identify with the salted SHA-256 auth, SendStreamCaption).
 
 Against a protocol-level peer written here from the documented handshake (fast), and against real
-OBS Studio 29 headless under Xvfb, streaming to nginx-rtmp, killed and started again mid-run (~4 s)."""
+OBS Studio 29 headless under Xvfb, streaming to nginx-rtmp, killed and started again mid-run (~4 s); the
+captions are then found as CEA-608 in the H.264 SEI of what OBS streamed (nginx's recording)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import secrets
 import threading
 import time
 
+import av
 import pytest
 from aiohttp import WSCloseCode, web
 
@@ -100,10 +102,31 @@ def fake_obs():
     srv.loop.call_soon_threadsafe(srv.loop.stop)
 
 
-def send(sink, texts) -> None:
+def sei_608_text(path) -> str:
+    """The printable CEA-608 characters carried in the A/53 "GA94" SEI of an H.264 recording
+    (field 1; control codes skipped, parity stripped)."""
+    out = []
+    with av.open(str(path)) as c:
+        for packet in c.demux(video=0):
+            data = bytes(packet)
+            i = data.find(b"GA94")
+            if i < 0 or data[i + 4] != 3:
+                continue
+            count = data[i + 5] & 0x1F
+            cc = data[i + 7 : i + 7 + 3 * count]
+            for k in range(0, len(cc) - 2, 3):
+                if cc[k] & 0x07 != 0x04:  # cc_valid and field 1 (cc_type 0)
+                    continue
+                b1, b2 = cc[k + 1] & 0x7F, cc[k + 2] & 0x7F
+                if b1 >= 0x20:
+                    out += [chr(b) for b in (b1, b2) if b >= 0x20]
+    return "".join(out)
+
+
+def send(sink, texts, every: float = 0.05) -> None:
     for t in texts:
         sink.on_caption(Caption(0, 1, t))
-        time.sleep(0.05)
+        time.sleep(every)
 
 
 def test_obs_protocol_auth_captions_and_reconnect(fake_obs, monkeypatch):
@@ -149,7 +172,8 @@ def test_real_obs_acknowledges_captions_and_survives_a_restart(tmp_path, monkeyp
         obs.start_stream()
         sink.start()
         wait_until(lambda: sink.connected, 20, "identified by OBS")
-        send(sink, ["Hello from livecc", "The keeper dives left"])
+        # OBS replaces a caption still waiting to go out with a newer one: one a second, like a live run
+        send(sink, ["Hello from livecc", "The keeper dives left"], every=1.5)
         wait_until(lambda: sink.counters["acked"] == 2, 20, "OBS acks")
         obs.stop()  # OBS crashes
         wait_until(lambda: not sink.connected, 20, "disconnect seen")
@@ -159,8 +183,11 @@ def test_real_obs_acknowledges_captions_and_survives_a_restart(tmp_path, monkeyp
         send(sink, ["Back after the restart"])
         wait_until(lambda: sink.counters["acked"] == 3, 20, "OBS acks after restart")
         assert sink.counters["refused"] == 0 and sink.obs_version.startswith("5.")
+        time.sleep(1.0)  # OBS's stream carries the last caption
     finally:
         sink.stop()
         obs.stop()
         ngx.stop()
-    assert any(ngx.recordings()), "OBS did not stream"
+    carried = "".join(sei_608_text(rec) for rec in ngx.recordings())
+    for text in ("Hello from livecc", "The keeper dives left", "Back after the restart"):
+        assert text in carried, carried  # OBS put each caption into its stream as CEA-608
