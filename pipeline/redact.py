@@ -3,7 +3,8 @@
 What counts as a secret:
 - ``user:password@`` in any URL: the password (``user:***@``); a lone ``token@`` user part too.
 - query parameters whose name says key / token / pass / secret / auth / sig / streamid
-  (``?key=abc`` -> ``?key=***``), including SRT's ``passphrase`` and ``streamid``.
+  (``?key=abc`` -> ``?key=***``), including SRT's ``passphrase`` and ``streamid``, and YouTube's
+  caption-ingestion ``cid``.
 - an RTMP stream key: the last path segment after the application
   (``rtmp://host/live/KEY`` -> ``rtmp://host/live/***``); ``rtmp://host/app`` has no key.
 - outside URLs too: a ``?name=value`` / ``&name=value`` / ``;name=value`` pair with such a name
@@ -16,7 +17,7 @@ import re
 from urllib.parse import urlsplit, urlunsplit
 
 MASK = "***"
-SECRET_PARAM = re.compile(r"(key|token|pass|secret|auth|sig|streamid|credential|session)", re.I)
+SECRET_PARAM = re.compile(r"(key|token|pass|secret|auth|sig|streamid|credential|session|^cid$)", re.I)
 RTMP_SCHEMES = ("rtmp", "rtmps", "rtmpe", "rtmpt", "rtmpte", "rtmpts")
 # a URL inside free text: scheme://... up to whitespace or a quote
 _URL_IN_TEXT = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>]+")

@@ -11,6 +11,8 @@ APT_PACKAGES=(
   chromium                    # headless browser for the overlay tests
   ngircd                      # IRC server for the Twitch sink tests
   fonts-dejavu-core           # the burn-in sink's default TrueType font
+  fontconfig fonts-noto-cjk fonts-noto-color-emoji   # burn-in font fallback: CJK and emoji glyphs (fc-match picks them)
+  obs-studio xvfb             # the OBS sink's test against real OBS (headless under Xvfb)
   libgl1 libglib2.0-0         # opencv-python (the opencv: source, plugins/sources/opencv.py)
   python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good
   gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-libav   # RTSP server for tests

@@ -15,7 +15,8 @@ from pipeline.plugins import DIST, SINKS, SOURCES, Registry, make_sink, parse_sp
 from pipeline.fanout.sink import Sink, SinkSettings
 
 ROOT = Path(__file__).resolve().parent.parent
-BUILTINS = {"console", "jsonl", "subtitles", "srt", "vtt", "overlay", "twitch", "webhook", "burnin"}
+BUILTINS = {"console", "jsonl", "subtitles", "srt", "vtt", "overlay", "twitch", "webhook", "burnin", "restream",
+            "youtube", "obs"}
 SOURCE_KINDS = {"rtmp", "rtmps", "rtsp", "srt", "udp", "http", "https", "file", "lavfi", "v4l2", "avfoundation",
                 "dshow", "opencv"}
 

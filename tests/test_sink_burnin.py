@@ -145,9 +145,9 @@ def test_renderer_wraps_unicode_inside_the_frame():
     y0, x0, premul, inv = r.render("Ünïcödé façade — " + "wörd " * 40, W, H)
     assert premul.shape[1] <= W * 0.9 + 1 and y0 + premul.shape[0] <= H
     assert 0 < inv.min() < 1 or inv.min() == 0  # box and glyphs
-    font = r._font(max(12, round(H / 18)))
+    font = r.chain(max(12, round(H / 18)))
     lines = r.wrap("Ünïcödé façade — " + "wörd " * 40, font, W * 0.9)
-    assert all(font.getlength(line) <= W * 0.9 for line in lines)
+    assert all(font.length(line) <= W * 0.9 for line in lines)
     assert r.render("   ", W, H) is None
 
 
@@ -318,7 +318,7 @@ KILLED_WRITER = """
 import sys, time, numpy as np
 from pipeline.plugins import make_sink
 from pipeline.types import Frame
-sink = make_sink(sys.argv[1], fps=30, fragmented_mp4=True, gop_s=0.5)
+sink = make_sink(sys.argv[1], fps=30, gop_s=0.5)  # fragmented MP4 is the default
 sink.start()
 img = np.full((96, 160, 3), 100, np.uint8)
 i = 0
@@ -343,3 +343,40 @@ def test_fragmented_mp4_survives_sigkill(tmp_path):
         proc.wait(10)
     info = ffprobe(path)
     assert info["streams"][0]["codec_name"] == "h264" and int(info["streams"][0]["nb_read_frames"]) >= 30
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 2 MiB tmpfs (needs root and mount); unmounted afterwards."""
+    d = tmp_path / "disk"
+    d.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(d)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield d
+    subprocess.run(["umount", "-l", str(d)], check=False)
+
+
+def test_disk_full_leaves_a_playable_mp4_and_the_sink_failed(small_disk):
+    path = small_disk / "full.mp4"
+    sink = make_sink(f"burnin:{path}", fps=FPS, gop_s=0.5, bitrate="20M", audio=False)
+    sink.start()
+    rng = np.random.default_rng(0)
+    noise = [rng.integers(0, 255, (H, W, 3), dtype=np.uint8) for _ in range(8)]  # incompressible
+    t0 = time.monotonic()
+    i = 0
+    while sink.error is None and time.monotonic() - t0 < 15:
+        sink.on_frame(Frame(noise[i % 8], i / FPS, index=i))
+        i += 1
+        time.sleep(max(0.0, t0 + i / FPS - time.monotonic()))
+    assert isinstance(sink.error, OSError), sink.error  # ENOSPC, not a silent stop
+    with pytest.raises(Exception, match="No space left|ENOSPC|Errno 28"):
+        sink.on_caption(Caption(0, 1, "reported"))
+    sink.stop_timeout_s = 5
+    try:
+        sink.stop()
+    except Exception:
+        pass  # the same error again
+    assert path.stat().st_size > 1_000_000
+    frames = int(ffprobe(path)["streams"][0]["nb_read_frames"])
+    assert frames >= 15, frames  # everything up to the last complete fragment decodes

@@ -10,6 +10,9 @@ import numpy as np
 
 from pipeline.fanout.dispatch import Dispatcher
 from pipeline.plugins import make_sink
+from plugins.sinks.burnin import RestreamSink
+from plugins.sinks.obs import ObsSink
+from plugins.sinks.youtube import YoutubeSink
 from pipeline.types import Caption, Frame, StreamEvent
 
 
@@ -29,6 +32,10 @@ def test_start_stop_cycles_leak_nothing(tmp_path):
             # nothing listens there: keeps reconnecting in its own thread until stopped
             make_sink("twitch:#x", host="127.0.0.1", port=1, tls=False, reconnect_initial_s=0.05),
             make_sink("webhook:http://127.0.0.1:1/hook", retries=0, timeout_s=0.5),
+            # classes, not names: an install made before these existed has no entry points for them
+            RestreamSink(output=f"{tmp_path}/r.ts", fps=10, width=160, height=96),
+            YoutubeSink(url="http://127.0.0.1:1/closedcaption", key_env="PATH", timeout_s=0.5, stop_timeout_s=0.5),
+            ObsSink(url="ws://127.0.0.1:1", backoff_initial_s=0.05),
         ]
 
     def cycle():
@@ -47,6 +54,7 @@ def test_start_stop_cycles_leak_nothing(tmp_path):
         st = d.stop(timeout=10)
         assert all(s["state"] in ("stopped", "failed") for s in st.values()), st
         assert st["webhook"]["failed"] == 5 and st["srt"]["state"] == "stopped"
+        assert live["obs"]["detail"]["connected"] is False
 
     cycle()  # warm-up: imports, lazily created pools
     time.sleep(0.2)

@@ -1,0 +1,228 @@
+"""YouTube live caption ingestion: captions POSTed to the stream's caption-ingestion URL.
+
+Protocol (YouTube Help, "Add closed captions to your live stream" -> "HTTP POST" captions, the
+documented caption-ingestion format): ``POST {url}?cid={KEY}&seq={N}`` with a ``text/plain`` body of
+one or more captions, each a line ``YYYY-MM-DDTHH:MM:SS.mmm`` (UTC, milliseconds) followed by
+a line of text (line breaks inside a caption as ``<br>``), and a final newline. ``seq`` grows by
+one with every accepted request. The answer's body is the server's clock, a timestamp in the same
+format: the sink keeps ``server - local`` (minus half the round trip) and stamps later captions
+with the server's time, so a local clock that is off does not move captions against the video.
+
+A caption's time is the wall-clock time of its ``start`` in the stream (its production time minus
+its latency and its clip length) + ``offset_s`` (the delay of your encoder to YouTube, if any).
+
+Delivery: a sender thread posts whatever is pending in order. A request that fails (connection
+error, timeout, 5xx, 429) is repeated unchanged (same ``seq`` and body, so a server that did get
+it can tell) with ``pipeline.backoff.Backoff`` until it is accepted; captions that arrive meanwhile
+go into the next request. Other 4xx (a wrong key) are not retried: that request's captions are
+counted ``lost`` and the next caption raises ``DeliveryError``. On stop the sender gets up to
+``stop_timeout_s`` to send what is pending; anything left is counted lost and reported.
+
+The key (``cid``) is read from the environment (``key_env``, default ``YOUTUBE_CAPTION_KEY``),
+never from the config, and never appears in logs, errors or the status (``redact`` hides ``cid``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+from pydantic import field_validator
+
+from pipeline.backoff import Backoff
+from pipeline.fanout.sink import DeliveryError, Sink, SinkSettings
+from pipeline.redact import redact
+
+log = logging.getLogger(__name__)
+
+STAMP = "%Y-%m-%dT%H:%M:%S"
+
+
+def stamp(unix: float) -> str:
+    """Unix seconds -> 'YYYY-MM-DDTHH:MM:SS.mmm' (UTC)."""
+    t = dt.datetime.fromtimestamp(unix, dt.timezone.utc)
+    return t.strftime(STAMP) + f".{t.microsecond // 1000:03d}"
+
+
+def parse_stamp(text: str) -> float | None:
+    """The first 'YYYY-MM-DDTHH:MM:SS(.mmm)' in ``text`` as unix seconds (UTC); None if none."""
+    for line in text.splitlines():
+        line = line.strip()
+        try:
+            t = dt.datetime.strptime(line[:23] if "." in line else line[:19], STAMP + (".%f" if "." in line else ""))
+        except ValueError:
+            continue
+        return t.replace(tzinfo=dt.timezone.utc).timestamp()
+    return None
+
+
+class YoutubeSink(Sink):
+    name = "youtube"
+    target_field = "url"
+
+    class Settings(SinkSettings):
+        url: str = "http://upload.youtube.com/closedcaption"
+        key_env: str = "YOUTUBE_CAPTION_KEY"  # the ingestion URL's cid= value
+        offset_s: float = 0.0  # added to every caption time (your encoder's delay)
+        timeout_s: float = 5.0
+        backoff_initial_s: float = 0.5
+        backoff_max_s: float = 10.0
+        max_batch: int = 50  # captions in one request at most
+        answer_prefix: str = "A: "
+        stop_timeout_s: float = 10.0
+
+        @field_validator("url")
+        @classmethod
+        def _url(cls, v: str) -> str:
+            if not v.lower().startswith(("http://", "https://")):
+                raise ValueError("the caption ingestion URL must start with http:// or https://")
+            if "cid=" in v:
+                raise ValueError("put the ingestion key (cid=...) in the environment (key_env), not in the URL")
+            return v
+
+    def __init__(self, *a, **kw) -> None:
+        super().__init__(*a, **kw)
+        self.counters = {"sent": 0, "requests": 0, "retries": 0, "lost": 0}
+        self.seq = 1
+        self.clock_offset = 0.0  # server clock - local clock, seconds
+        self._pending: list[tuple[float, str]] = []  # (unix time, text) not yet in a request
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._key = ""
+        self.error: str | None = None  # a refusal that retrying cannot fix
+        self.connected = False
+
+    # --- sink API --------------------------------------------------------------------
+    def start(self) -> None:
+        key = os.environ.get(self.settings.key_env, "")
+        if not key:
+            raise DeliveryError(f"youtube: set {self.settings.key_env} to the caption ingestion key (cid)")
+        self._key = key
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="youtube-captions", daemon=True)
+        self._thread.start()
+
+    def on_caption(self, caption) -> None:
+        if caption.is_silence:
+            return
+        text = "\n".join(" ".join(line.split()) for line in caption.text.splitlines() if line.strip())
+        if caption.kind == "answer":
+            text = self.settings.answer_prefix + text
+        when = caption.created_at - caption.latency_s - max(0.0, caption.stop - caption.start) + self.settings.offset_s
+        with self._cond:
+            self._pending.append((when, text))
+            self._cond.notify()
+        if self.error:
+            raise DeliveryError(self.error)
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stop.set()
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(self.settings.stop_timeout_s + self.settings.timeout_s)
+        with self._cond:
+            left = len(self._pending)
+            self._pending.clear()
+        self.counters["lost"] += left
+        if self.counters["lost"]:
+            raise DeliveryError(f"youtube: {self.counters['lost']} caption(s) not delivered"
+                                + (f" ({self.error})" if self.error else ""))
+
+    def describe(self) -> str:
+        return f"youtube:{self.settings.url}"
+
+    def stats(self) -> dict:
+        return {**self.counters, "seq": self.seq, "connected": self.connected,
+                "clock_offset_s": round(self.clock_offset, 3), "pending": len(self._pending)}
+
+    # --- sender thread ---------------------------------------------------------------
+    def body(self, batch: list[tuple[float, str]]) -> bytes:
+        """The request body: for each caption its server-clock stamp line and its text line."""
+        lines = []
+        for when, text in batch:
+            lines.append(stamp(when + self.clock_offset))
+            lines.append(text.replace("\r", "").replace("\n", "<br>"))
+        return ("\n".join(lines) + "\n").encode()
+
+    def _post(self, body: bytes) -> tuple[int, str]:
+        """POST one body with the current seq; (HTTP status, answer text). Raises OSError."""
+        query = urllib.parse.urlencode({"cid": self._key, "seq": self.seq})
+        sep = "&" if "?" in self.settings.url else "?"
+        req = urllib.request.Request(f"{self.settings.url}{sep}{query}", data=body, method="POST",
+                                     headers={"Content-Type": "text/plain; charset=utf-8"})
+        sent = time.time()
+        try:
+            with urllib.request.urlopen(req, timeout=self.settings.timeout_s) as r:
+                status, answer = r.status, r.read(4096).decode("utf-8", "replace")
+        except urllib.error.HTTPError as e:
+            return e.code, ""
+        server = parse_stamp(answer)
+        if server is not None:  # the server's clock at about the middle of the round trip
+            self.clock_offset = server - (sent + time.time()) / 2
+        return status, answer
+
+    def _safe(self, e: BaseException) -> str:
+        text = f"{type(e).__name__}: {e}"
+        if self._key:
+            text = text.replace(self._key, "***")
+        return redact(text)
+
+    def _run(self) -> None:
+        s = self.settings
+        backoff = Backoff(initial=s.backoff_initial_s, max_delay=s.backoff_max_s)
+        deadline: float | None = None
+        while True:
+            with self._cond:
+                while not self._pending and not self._stop.is_set():
+                    self._cond.wait()
+                if not self._pending:
+                    return
+                batch = self._pending[: s.max_batch]
+            if self._stop.is_set() and deadline is None:
+                deadline = time.monotonic() + s.stop_timeout_s
+            if deadline is not None and time.monotonic() >= deadline:
+                return
+            body = self.body(batch)  # fixed for every retry of this seq
+            attempt = 1
+            while True:
+                self.counters["requests"] += 1
+                try:
+                    status, _ = self._post(body)
+                    err = None if status < 300 else f"HTTP {status}"
+                except OSError as e:
+                    status, err = 0, self._safe(e)
+                if err is None:
+                    self.connected = True
+                    self.counters["sent"] += len(batch)
+                    self.seq += 1
+                    break
+                self.connected = False
+                if 400 <= status < 500 and status not in (408, 429):
+                    self.error = f"youtube: caption ingestion refused ({err}); check {s.key_env}"
+                    log.error("%s; %d caption(s) lost", self.error, len(batch))
+                    self.counters["lost"] += len(batch)
+                    break
+                attempt += 1
+                self.counters["retries"] += 1
+                if attempt == 2 or attempt % 10 == 0:
+                    log.warning("youtube captions: %s; retrying (seq %d)", err, self.seq)
+                delay = backoff.delay(attempt)
+                if deadline is None:
+                    self._stop.wait(delay)  # a stop request ends the wait and starts the deadline
+                    if self._stop.is_set():
+                        deadline = time.monotonic() + s.stop_timeout_s
+                else:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return  # stop() counts what is left
+                    time.sleep(min(delay, left))
+            with self._cond:
+                del self._pending[: len(batch)]

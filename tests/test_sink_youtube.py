@@ -1,0 +1,161 @@
+"""YouTube caption-ingestion sink against a real aiohttp server on loopback that checks the
+documented format (cid and seq in the URL; body of UTC 'YYYY-MM-DDTHH:MM:SS.mmm' lines, each
+followed by a text line with <br> breaks), answers with its own (skewed) clock, and fails for a
+while: nothing lost, nothing accepted twice, seq in order, stamps on the server's clock."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import threading
+import time
+
+import pytest
+from aiohttp import web
+
+from pipeline.fanout.sink import DeliveryError
+from pipeline.types import Caption
+from plugins.sinks.youtube import YoutubeSink, parse_stamp, stamp
+
+KEY = "abcd-efgh-ijkl-mnop"
+SKEW = 37.0  # the server's clock is this far ahead of ours
+STAMP_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}$")
+
+
+class IngestionServer:
+    """POST /closedcaption?cid=KEY&seq=N; 503 while ``failing``; records accepted captions."""
+
+    def __init__(self) -> None:
+        self.accepted: list[tuple[int, float, str]] = []  # (seq, stamp, text)
+        self.seqs: list[int] = []  # every request's seq, in arrival order
+        self.errors: list[str] = []
+        self.fail_until = 0.0
+        self.loop = asyncio.new_event_loop()
+        ready = threading.Event()
+
+        async def handler(request: web.Request) -> web.Response:
+            if request.query.get("cid") != KEY:
+                return web.Response(status=403)
+            seq = int(request.query["seq"])
+            self.seqs.append(seq)
+            if time.monotonic() < self.fail_until:
+                return web.Response(status=503)
+            body = await request.text()
+            if request.content_type != "text/plain" or not body.endswith("\n"):
+                self.errors.append(f"bad body/type: {request.content_type} {body!r}")
+                return web.Response(status=400)
+            lines = body[:-1].split("\n")
+            if len(lines) % 2 or any(not STAMP_LINE.match(ln) for ln in lines[0::2]):
+                self.errors.append(f"bad lines: {lines}")
+                return web.Response(status=400)
+            last = self.accepted[-1][0] if self.accepted else 0
+            if seq <= last:
+                self.errors.append(f"seq {seq} after {last}")  # a repeat of an accepted request
+                return web.Response(status=400)
+            for st, text in zip(lines[0::2], lines[1::2]):
+                self.accepted.append((seq, parse_stamp(st), text))
+            return web.Response(text=stamp(time.time() + SKEW) + "\n")
+
+        async def boot() -> None:
+            app = web.Application()
+            app.router.add_post("/closedcaption", handler)
+            self.runner = web.AppRunner(app, access_log=None)
+            await self.runner.setup()
+            site = web.TCPSite(self.runner, "127.0.0.1", 0)
+            await site.start()
+            self.port = site._server.sockets[0].getsockname()[1]
+
+        def run() -> None:
+            asyncio.set_event_loop(self.loop)
+            self.loop.run_until_complete(boot())
+            ready.set()
+            self.loop.run_forever()
+            self.loop.run_until_complete(self.runner.cleanup())
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        assert ready.wait(10)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/closedcaption"
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+@pytest.fixture
+def server():
+    srv = IngestionServer()
+    yield srv
+    srv.close()
+
+
+def run_captions(server, monkeypatch, caplog, outage_s: float, n: int = 16, every: float = 0.25):
+    monkeypatch.setenv("YOUTUBE_CAPTION_KEY", KEY)
+    sink = YoutubeSink(url=server.url, backoff_initial_s=0.2, backoff_max_s=1.0, stop_timeout_s=outage_s + 5)
+    sink.start()
+    sent = []
+    with caplog.at_level(logging.DEBUG):
+        for i in range(n):
+            if i == 4:
+                server.fail_until = time.monotonic() + outage_s
+            text = f"caption {i}: the keeper\ndives left"
+            now = time.time()
+            sink.on_caption(Caption(i, i + 0.5, text, created_at=now, latency_s=0.2))
+            sent.append((now - 0.2 - 0.5, text))
+            time.sleep(every if i != n // 2 else max(every, outage_s / 2))
+        sink.stop()
+    return sink, sent
+
+
+def check(server, sink, sent, caplog) -> None:
+    assert not server.errors, server.errors
+    texts = [t for _, _, t in server.accepted]
+    assert texts == [t.replace("\n", "<br>") for _, t in sent]  # every caption once, in order
+    seqs = [s for s, _, _ in server.accepted]
+    assert sorted(set(seqs)) == list(range(1, max(seqs) + 1))  # accepted seqs 1, 2, 3, ... no gaps
+    assert sink.counters["retries"] >= 1 and sink.counters["lost"] == 0
+    # after the first answer the stamps follow the server's clock, not ours
+    first_seq = seqs[0]
+    for (seq, st, _), (local, _) in zip(server.accepted, sent):
+        if seq > first_seq:
+            assert abs(st - (local + SKEW)) < 0.5, (seq, st - local)
+    assert KEY not in caplog.text and KEY not in str(sink.stats()) and KEY not in sink.describe()
+
+
+def test_youtube_captions_survive_an_outage_without_loss_or_repeats(server, monkeypatch, caplog):
+    sink, sent = run_captions(server, monkeypatch, caplog, outage_s=3.0)
+    check(server, sink, sent, caplog)
+    assert len(server.seqs) > len(set(server.seqs))  # the failed request was repeated with its seq
+
+
+@pytest.mark.slow  # the documented 20 s outage
+def test_youtube_captions_survive_a_20s_outage(server, monkeypatch, caplog):
+    sink, sent = run_captions(server, monkeypatch, caplog, outage_s=20.0)
+    check(server, sink, sent, caplog)
+
+
+def test_youtube_wrong_key_is_reported_not_retried(server, monkeypatch):
+    monkeypatch.setenv("YOUTUBE_CAPTION_KEY", "wrong")
+    sink = YoutubeSink(url=server.url, backoff_initial_s=0.1)
+    sink.start()
+    sink.on_caption(Caption(0, 1, "first"))
+    deadline = time.monotonic() + 5
+    while sink.error is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with pytest.raises(DeliveryError, match="refused.*HTTP 403"):
+        sink.on_caption(Caption(1, 2, "second"))
+    with pytest.raises(DeliveryError):
+        sink.stop()
+    assert "wrong" not in str(sink.error)
+
+
+def test_youtube_needs_the_key_in_the_environment(monkeypatch):
+    monkeypatch.delenv("YOUTUBE_CAPTION_KEY", raising=False)
+    with pytest.raises(DeliveryError, match="YOUTUBE_CAPTION_KEY"):
+        YoutubeSink().start()
+    with pytest.raises(ValueError, match="environment"):
+        YoutubeSink(url="http://upload.youtube.com/closedcaption?cid=SECRET")
