@@ -171,6 +171,43 @@ class StreamingSession:
         self.sent_query = None  # commentary resumes with its instruction restated
         return self._caption(at, at, out, "answer", question, None, self.last_stats, t0=t0)
 
+    def turn(self, content: list[str | np.ndarray], max_new: int, at: float = 0.0) -> Caption:
+        """One user turn of text and video items in the given order, answered from the same cache.
+
+        ``content`` items: ``str`` (text) or ``np.ndarray`` (a video item: T x H x W x 3 uint8 RGB, T even,
+        H and W multiples of 28). The session's first turn carries the system prompt and gets 3-D mRoPE
+        positions; a later one opens with ``<|im_end|>\\n`` and continues per ``positions`` (as ``step``).
+        Decodes at most ``max_new`` tokens; the last one stays out of the context. Raises ContextFullError,
+        before the vision tower runs, when the turn plus ``max_new`` does not fit. Returns kind "answer"
+        with the last text item as ``query``.
+        """
+        t0 = time.perf_counter()
+        m = self.model.patches.merge
+        items, grids, counts, videos = [], [], [], []
+        for part in content:
+            if isinstance(part, str):
+                items.append({"type": "text", "text": part})
+                continue
+            t, h, w, _ = part.shape
+            p = self.model.patches.patch
+            grids.append((t // self.model.patches.temporal, h // p // m, w // p // m))
+            counts.append(grids[-1][0] * grids[-1][1] * grids[-1][2])
+            items.append({"type": "video"})
+            videos.append(part)
+        text = self.prompt.user_text(items, first=self.turns == 0)
+        ids = self.prompt.encode(text, counts).ids
+        if self.context_length + len(ids) + max_new > self.decoder.cache.capacity:
+            raise ContextFullError(f"a turn of {len(ids)} tokens plus {max_new} new ones does not fit: "
+                                   f"{self.context_length} of {self.decoder.cache.capacity} context tokens in use")
+        vision = None
+        if videos:
+            vision = torch.cat([self.vision(*patchify(v, self.model.patches, self.model.device)) for v in videos])
+        self.last_prompt_text = text
+        stats = TurnStats(vision_s=self._elapsed(t0))
+        out = self._turn(ids, grids, vision, max_new, stats, at)
+        question = next((part for part in reversed(content) if isinstance(part, str)), None)
+        return self._caption(at, at, out, "answer", question, None, stats, t0=t0)
+
     def _turn(self, ids: list[int], grids, vision, max_new: int, stats: TurnStats, at: float) -> list[int]:
         dec = self.decoder
         start, pos_start = dec.cache.length, self.next_pos
