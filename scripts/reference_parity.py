@@ -346,11 +346,17 @@ def whole_video_main(args, repo: Path, infer_mod, deviations: list, liger_calls:
         "turns": turns,
         **extra,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1, ensure_ascii=False)
-        f.write("\n")
+    write_golden(args.out, result)
     print(f"wrote {args.out}: {len(turns)} turns, {os.path.getsize(args.out)} bytes", file=sys.stderr)
+
+
+def write_golden(path: Path, result: dict) -> None:
+    """Indented JSON with one compact line per turn (token id lists would otherwise take a line per id)."""
+    head = json.dumps({k: v for k, v in result.items() if k != "turns"}, indent=1, ensure_ascii=False)
+    head = re.sub(r"\[\s*(-?[\d.]+(?:,\s*-?[\d.]+)*)\s*\]", lambda m: "[" + re.sub(r",\s*", ", ", m.group(1)) + "]", head)
+    turns = ",\n".join("  " + json.dumps(t, ensure_ascii=False) for t in result["turns"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(head[:-2] + ',\n "turns": [\n' + turns + "\n ]\n}\n")
 
 
 def main():

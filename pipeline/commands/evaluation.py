@@ -36,7 +36,7 @@ def selected(args) -> bool:
         return True
     given = [f"--{k.replace('_', '-')}" for k in _ONLY_EVALUATION if getattr(args, k) is not None]
     if given:
-        raise UserError(f"{', '.join(given)} only apply with --protocol evaluation")
+        raise UserError(f"{', '.join(given)}: only with --protocol evaluation")
     return False
 
 
