@@ -85,7 +85,8 @@ def argv_answers(video, model, tmp_path_factory) -> list[dict]:
     assert r.returncode == 0, r.stderr
     answers = read_jsonl(out)
     assert [a["question"] for a in answers] == [Q1, Q2]
-    assert r.stdout == "".join(a["answer"].strip() + "\n" for a in answers)
+    printed = "".join(a["answer"].strip() + "\n" for a in answers)
+    assert r.stdout == printed.replace("\r\n", "\n").replace("\r", "\n")  # (text=True reads universal newlines)
     assert all(a["token_ids"] for a in answers)
     return answers
 
@@ -148,7 +149,8 @@ def test_evaluation_protocol_command(video, model, tmp_path):
     assert (record["begin"], record["end"]) == (4.0, 12.0) and record["pred"].endswith("...")
     cues = srt.read_text().strip().split("\n\n")
     assert len(cues) == 6  # 16 frames (8 s at 2 fps): a 3-s opener and 5 one-second turns
-    assert "00:00:04,000 --> 00:00:07,000" in cues[0] and "00:00:11,000 --> 00:00:12,000" in cues[-1]
+    starts = [cue.splitlines()[1].split(" --> ")[0] for cue in cues]
+    assert starts == ["00:00:04,000", "00:00:07,000", "00:00:08,000", "00:00:09,000", "00:00:10,000", "00:00:11,000"]
 
 
 def test_evaluation_options_need_the_protocol(video, model):
