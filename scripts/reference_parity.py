@@ -270,7 +270,11 @@ def whole_video_main(args, repo: Path, infer_mod, deviations: list, liger_calls:
         if mask is not None and mask.shape[1] != ids.shape[1]:
             k["attention_mask"] = torch.ones_like(ids)  # the full mask: what flash attention on CUDA amounts to
             rec["mask_widened_to"] = int(ids.shape[1])
+        k["output_scores"] = True  # read back only: the processed scores of every step
         out = orig_generate(*a, **k)
+        margins = [float(v[0] - v[1]) for v in (torch.topk(sc[0].float(), 2).values for sc in out.scores)]
+        step = min(range(len(margins)), key=margins.__getitem__)
+        rec["min_margin"], rec["min_margin_step"] = round(margins[step], 6), step
         new = cur["new_ids"]
         pads = [i for i, x in enumerate(new) if x == video_token_id]
         rec["prompt_ids_head"] = new[:pads[0]] if pads else new
@@ -292,6 +296,8 @@ def whole_video_main(args, repo: Path, infer_mod, deviations: list, liger_calls:
                 "checkpoint_generation_config": model.generation_config.to_dict()}
     deviations.append("device passed explicitly as 'cpu', so attn_implementation=None (sdpa) instead of "
                       "flash_attention_2")
+    deviations.append("generate(output_scores=True) to record each turn's smallest top-1/top-2 gap of the processed "
+                      "scores (min_margin); nothing generated changes")
     if args.mode == "qa":
         settings.update(call="video_qa(message=q, history=[], state=state) per question, its defaults: "
                              "do_sample=False, repetition_penalty=1.05, max_new_tokens=512 (hard-coded)",

@@ -153,8 +153,12 @@ def test_evaluation_protocol_command(video, model, tmp_path):
     assert starts == ["00:00:04,000", "00:00:07,000", "00:00:08,000", "00:00:09,000", "00:00:10,000", "00:00:11,000"]
 
 
-def test_evaluation_options_need_the_protocol(video, model):
-    r = subprocess.run(LIVECC + ["caption", str(video), "--title", "x", "--model", str(model)],
+@pytest.mark.parametrize("args, error", [
+    (["--title", "x"], "--title: only with --protocol evaluation"),
+    (["--protocol", "evaluation", "--query", "q", "--previous", "p"], "--query replaces the evaluation's query"),
+])
+def test_evaluation_option_errors(args, error, video, model):
+    r = subprocess.run(LIVECC + ["caption", str(video), *args, "--model", str(model)],
                        capture_output=True, text=True, timeout=60, env=ENV)
     assert r.returncode == 2
-    assert r.stderr.strip() == "livecc: error: --title: only with --protocol evaluation"
+    assert r.stderr.startswith("livecc: error: " + error) and len(r.stderr.strip().splitlines()) == 1

@@ -114,6 +114,9 @@ def test_video_qa_reproduces_reference(vocab, length):
     _check_frames(frames, turns[0], model)
     session = StreamingSession(model, EngineConfig(greedy=True, repetition_penalty=1.05, context="none"))
     assert len(turns) == 3
+    # a step where the reference's top two logits are closer than this is a tie that float32 kernels may break
+    # either way (one was 2e-6 apart): such a golden tests nothing; make it with other questions
+    assert min(t["min_margin"] for t in turns) > 1e-4
     for i, want in enumerate(turns):
         answer = session.turn(([frames] if i == 0 else []) + [want["question"]], max_new=512)
         assert list(answer.token_ids) == want["token_ids"], f"answer {i + 1} differs"

@@ -66,8 +66,9 @@ class Conversation:
         self.session, self.frames, self.max_new, self.jsonl = session, frames, max_new, jsonl
 
     def ask(self, question: str) -> str:
-        content = [question] if self.session.turns else [self.frames, question]
+        content = [question] if self.frames is None else [self.frames, question]
         answer = self.session.turn(content, self.max_new)
+        self.frames = None  # in the context now
         if self.jsonl is not None:
             self.jsonl.write(json.dumps({"question": question, "answer": answer.text,
                                          "token_ids": list(answer.token_ids)}, ensure_ascii=False) + "\n")
@@ -76,8 +77,6 @@ class Conversation:
 
 
 def main(args) -> int:
-    from dataclasses import replace
-
     from ..capture.whole_video import plan, read_frames
     from ..cli import UserError
     from ..engine import ContextFullError, EngineConfig, StreamingSession, load_model
@@ -86,9 +85,8 @@ def main(args) -> int:
     if args.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1")
     try:
-        cfg = replace(EngineConfig(), model=args.model, device=args.device, dtype=args.dtype, greedy=args.greedy,
-                      seed=args.seed, repetition_penalty=args.repetition_penalty, max_context=args.max_context,
-                      context="none")
+        cfg = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, greedy=args.greedy, seed=args.seed,
+                           repetition_penalty=args.repetition_penalty, max_context=args.max_context, context="none")
     except ValueError as e:
         raise UserError(str(e)) from None
     p = plan(args.video)

@@ -20,7 +20,8 @@ def add_arguments(p) -> None:
     g = p.add_argument_group("evaluation protocol (--protocol evaluation)")
     g.add_argument("--protocol", choices=PROTOCOLS, default="live",
                    help="live: the live loop, turn by turn as the video plays (default); evaluation: LiveCC's "
-                        "LiveSports-3K loop (the clip read at once, 32 tokens per turn, penalty 1.15)")
+                        "LiveSports-3K loop (the clip read at once, 32 tokens per turn, penalty 1.15; --jsonl "
+                        "then gets the record its judge reads)")
     g.add_argument("--start", type=float, default=None, help="clip start in seconds (default: the video's start)")
     g.add_argument("--end", type=float, default=None, help="clip end in seconds (default: the video's end)")
     g.add_argument("--title", default=None, help="event title, put in the query")
@@ -48,6 +49,8 @@ def main(args) -> int:
     from ..plugins import make_sink
     from ..types import Caption
 
+    if args.query and (args.title or args.previous):
+        raise UserError("--query replaces the evaluation's query: give it or --title/--previous, not both")
     if args.start is not None and args.end is not None and args.end <= args.start:
         raise UserError(f"--end {args.end:g} is not after --start {args.start:g}")
     cfg = _engine_config(args, EngineConfig(max_new_tokens=evaluation.MAX_NEW_TOKENS,
