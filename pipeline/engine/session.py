@@ -182,15 +182,15 @@ class StreamingSession:
         with the last text item as ``query``.
         """
         t0 = time.perf_counter()
-        m = self.model.patches.merge
+        spec = self.model.patches
+        cell = spec.patch * spec.merge
         items, grids, counts, videos = [], [], [], []
         for part in content:
             if isinstance(part, str):
                 items.append({"type": "text", "text": part})
                 continue
             t, h, w, _ = part.shape
-            p = self.model.patches.patch
-            grids.append((t // self.model.patches.temporal, h // p // m, w // p // m))
+            grids.append((t // spec.temporal, h // cell, w // cell))
             counts.append(grids[-1][0] * grids[-1][1] * grids[-1][2])
             items.append({"type": "video"})
             videos.append(part)
@@ -201,7 +201,7 @@ class StreamingSession:
                                    f"{self.context_length} of {self.decoder.cache.capacity} context tokens in use")
         vision = None
         if videos:
-            vision = torch.cat([self.vision(*patchify(v, self.model.patches, self.model.device)) for v in videos])
+            vision = torch.cat([self.vision(*patchify(v, spec, self.model.device)) for v in videos])
         self.last_prompt_text = text
         stats = TurnStats(vision_s=self._elapsed(t0))
         out = self._turn(ids, grids, vision, max_new, stats, at)
