@@ -47,6 +47,10 @@ def _engine_config(args, base=None):
 
 
 def cmd_caption(args) -> int:
+    from .commands import evaluation
+
+    if evaluation.selected(args):
+        return evaluation.main(args)
     from .engine import StreamingSession, load_model
     from .plugins import make_sink
     from .capture.files import file_clips, probe
@@ -113,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--vtt", help="also write WebVTT subtitles here")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     _engine_args(c)
+    from .commands import evaluation
+
+    evaluation.add_arguments(c)
     c.set_defaults(func=cmd_caption)
     for extra in _extra_commands:
         extra(sub)
@@ -130,6 +137,15 @@ def _live_commands(sub) -> None:
 
 
 _extra_commands.append(_live_commands)
+
+
+def _ask_command(sub) -> None:
+    from .commands import ask
+
+    ask.add_parser(sub)
+
+
+_extra_commands.append(_ask_command)
 
 
 def main(argv: list[str] | None = None) -> int:

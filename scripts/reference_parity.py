@@ -195,6 +195,176 @@ def check_pixel_values(processor, clip, pv, grid_thw):
     return r
 
 
+
+def evaluation_query(title: str, previous: str) -> str:
+    """The query evaluation/livesports3kcc/distributed_generate_livecc.py builds for an instruct model."""
+    query = ("You are an expert video commentator providing real-time, insightful, "
+             "and engaging commentary on visual content.\n")
+    if title:
+        query += f'This is a video titled "{title}".\n'
+    if previous:
+        query += f"Here is previous commentary of the video:\n\n{previous}\n\nPlease continue to comment the video."
+    return query
+
+
+def whole_video_main(args, repo: Path, infer_mod, deviations: list, liger_calls: list):
+    """``--mode qa`` (LiveCCDemoInfer.video_qa, one call per question on the same state) or ``--mode evaluation``
+    (live_cc_once_for_evaluation with the LiveSports-3K script's arguments). Records per generate() call the frames
+    the processor got (uint8 THWC sha256), pixel_values_videos (sha256), the prompt ids around the video pads and
+    the new token ids."""
+    import decord
+    import numpy as np
+    import torch
+    import transformers
+
+    from demo.infer import LiveCCDemoInfer
+
+    torch.set_num_threads(args.threads)
+    ckpt, video = args.checkpoint.resolve(), args.video.resolve()
+    fetched: list[list[int]] = []  # the frame indices of every decord get_batch call, in order
+    orig_batch = decord.VideoReader.get_batch
+
+    def get_batch(self, indices):
+        fetched.append([int(i) for i in indices])
+        return orig_batch(self, indices)
+
+    decord.VideoReader.get_batch = get_batch
+    infer = LiveCCDemoInfer(model_path=str(ckpt), device=args.device)
+    model, processor = infer.model, infer.processor
+    video_token_id = int(model.config.video_token_id)
+    eos_ids = model.generation_config.eos_token_id
+    eos_ids = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids or [])
+    cur: dict = {}
+    turns: list[dict] = []
+
+    proc_cls = type(processor)
+    orig_call = proc_cls.__call__
+
+    def call_wrapper(self, *a, **k):
+        out = orig_call(self, *a, **k)
+        cur.clear()
+        cur["new_ids"] = out["input_ids"][0].tolist()
+        cur["processor_attention_mask"] = "attention_mask" in out
+        vids = k.get("videos")
+        if vids:
+            v = vids[0]
+            u8 = v.to(torch.uint8)
+            assert torch.equal(u8.to(v.dtype), v), "frames fed to the processor are not whole numbers in 0..255"
+            cur["frames"] = {"fed_as": str(v.dtype).replace("torch.", "") + " TCHW",
+                             "shape_thwc": [v.shape[0], v.shape[2], v.shape[3], v.shape[1]],
+                             "sha256_thwc_uint8": sha256_bytes(u8.permute(0, 2, 3, 1).contiguous().numpy().tobytes())}
+            pv = out["pixel_values_videos"]
+            cur["pixel_values_videos"] = {"shape": list(pv.shape), "dtype": str(pv.dtype).replace("torch.", ""),
+                                          "sha256": sha256_bytes(pv.contiguous().numpy().tobytes())}
+            cur["video_grid_thw"] = out["video_grid_thw"].tolist()
+        return out
+
+    proc_cls.__call__ = call_wrapper
+    orig_generate = model.generate
+
+    def generate_wrapper(*a, **k):
+        ids = k["input_ids"]
+        mask = k.get("attention_mask")
+        rec = {"past_len": int(ids.shape[1] - len(cur["new_ids"])), "input_len": int(ids.shape[1]),
+               "mask_given": None if mask is None else int(mask.shape[1])}
+        if mask is not None and mask.shape[1] != ids.shape[1]:
+            k["attention_mask"] = torch.ones_like(ids)  # the full mask: what flash attention on CUDA amounts to
+            rec["mask_widened_to"] = int(ids.shape[1])
+        k["output_scores"] = True  # read back only: the processed scores of every step
+        out = orig_generate(*a, **k)
+        margins = [float(v[0] - v[1]) for v in (torch.topk(sc[0].float(), 2).values for sc in out.scores)]
+        step = min(range(len(margins)), key=margins.__getitem__)
+        rec["min_margin"], rec["min_margin_step"] = round(margins[step], 6), step
+        new = cur["new_ids"]
+        pads = [i for i, x in enumerate(new) if x == video_token_id]
+        rec["prompt_ids_head"] = new[:pads[0]] if pads else new
+        rec["num_video_tokens"] = len(pads)
+        rec["prompt_ids_tail"] = new[pads[-1] + 1:] if pads else []
+        for key in ("frames", "pixel_values_videos", "video_grid_thw"):
+            if key in cur:
+                rec[key] = cur[key]
+        rec["token_ids"] = out.sequences[0, ids.shape[1]:].tolist()
+        last = rec["token_ids"][-1]
+        rec["ended_with"] = "eos" if last in eos_ids else "cap"
+        turns.append(rec)
+        return out
+
+    model.generate = generate_wrapper
+    settings = {"device": args.device, "torch_threads": args.threads,
+                "model_dtype": str(model.dtype).replace("torch.", ""),
+                "attn_implementation": getattr(model.config, "_attn_implementation", None),
+                "checkpoint_generation_config": model.generation_config.to_dict()}
+    deviations.append("device passed explicitly as 'cpu', so attn_implementation=None (sdpa) instead of "
+                      "flash_attention_2")
+    deviations.append("generate(output_scores=True) to record each turn's smallest top-1/top-2 gap of the processed "
+                      "scores (min_margin); nothing generated changes")
+    if args.mode == "qa":
+        settings.update(call="video_qa(message=q, history=[], state=state) per question, its defaults: "
+                             "do_sample=False, repetition_penalty=1.05, max_new_tokens=512 (hard-coded)",
+                        questions=args.question)
+        state = {"video_path": str(video)}
+        for q in args.question:
+            n = len(turns)
+            response, state = infer.video_qa(message=q, history=[], state=state)
+            assert len(turns) == n + 1
+            turns[-1].update(question=q, text=response)
+            print(f"qa {len(turns)}: in={turns[-1]['input_len']} new={len(turns[-1]['token_ids'])} "
+                  f"{turns[-1]['ended_with']}: {response[:60]!r}", file=sys.stderr, flush=True)
+        extra = {}
+    else:
+        query = evaluation_query(args.title, args.previous)
+        settings.update(call="live_cc_once_for_evaluation(query, video, video_start, video_end, max_new_tokens=32, "
+                             "repetition_penalty=1.15), as evaluation/livesports3kcc/distributed_generate_livecc.py "
+                             "calls it (its default --repetition_penalty); sampling per the checkpoint's "
+                             "generation_config (the call passes no do_sample)",
+                        query=query, title=args.title, previous=args.previous, video_start=args.start,
+                        video_end=args.end, seed=args.seed)
+        deviations.append(
+            "attention_mask widened to the full sequence (torch.ones_like(input_ids)) in every generate() call whose "
+            "mask covered only the new turn: on CPU/SDPA the reference's short mask is left-padded with zeros, so a "
+            "later turn would attend to almost none of the past; flash attention on CUDA (how the published results "
+            "were made) attends to all of it")
+        deviations.append(f"torch.manual_seed({args.seed}) right before the call (it samples with the global RNG)")
+        torch.manual_seed(args.seed)
+        responses = infer.live_cc_once_for_evaluation(
+            query=query, video=str(video), video_start=args.start, video_end=args.end,
+            max_new_tokens=32, repetition_penalty=1.15)
+        assert len(responses) == len(turns)
+        for rec, (start, stop, text) in zip(turns, responses):
+            rec.update(start=float(start), stop=float(stop), text=text)
+        pred = " ".join(cc.replace(" ...", "") for _, _, cc in responses if cc).strip() + "..."
+        extra = {"pred": pred}
+        print(f"evaluation: {len(turns)} turns, pred {pred[:80]!r}", file=sys.stderr)
+    vr = decord.VideoReader(str(video))
+    ckpt_hash, ckpt_files = checkpoint_hash(ckpt)
+    result = {
+        "format": f"livecc-reference-golden-{args.mode}/1",
+        "checkpoint": {"name": args.name or ckpt.name, "sha256": ckpt_hash},
+        "video": {"name": video.name, "sha256": sha256_file(video), "num_frames": len(vr),
+                  "avg_fps": float(vr.get_avg_fps()), "frame_indices": fetched[0] if fetched else None},
+        "versions": {"transformers": transformers.__version__, "torch": torch.__version__,
+                     "livecc-utils": version("livecc-utils"), "qwen-vl-utils": version("qwen-vl-utils"),
+                     "decord": version("decord"), "livecc_commit": livecc_commit(repo, args.livecc_commit),
+                     "demo_infer_py_sha256": sha256_file(repo / "demo" / "infer.py")},
+        "generation": settings,
+        "deviations": deviations,
+        "liger_stub_calls": len(liger_calls),
+        "turns": turns,
+        **extra,
+    }
+    write_golden(args.out, result)
+    print(f"wrote {args.out}: {len(turns)} turns, {os.path.getsize(args.out)} bytes", file=sys.stderr)
+
+
+def write_golden(path: Path, result: dict) -> None:
+    """Indented JSON with one compact line per turn (token id lists would otherwise take a line per id)."""
+    head = json.dumps({k: v for k, v in result.items() if k != "turns"}, indent=1, ensure_ascii=False)
+    head = re.sub(r"\[\s*(-?[\d.]+(?:,\s*-?[\d.]+)*)\s*\]", lambda m: "[" + re.sub(r",\s*", ", ", m.group(1)) + "]", head)
+    turns = ",\n".join("  " + json.dumps(t, ensure_ascii=False) for t in result["turns"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(head[:-2] + ',\n "turns": [\n' + turns + "\n ]\n}\n")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--livecc-repo", required=True, type=Path, help="work tree of showlab/livecc")
@@ -214,6 +384,15 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--prompt-text-turns", type=int, default=1000, help="keep prompt_text only for the first N turns")
     ap.add_argument("--verbose", action="store_true", help="print the debug facts of the first 3 turns")
+    ap.add_argument("--mode", choices=["live", "qa", "evaluation"], default="live",
+                    help="live: live_cc as demo/cli.py drives it (default); qa: video_qa, one call per --question; "
+                         "evaluation: live_cc_once_for_evaluation as the LiveSports-3K script calls it")
+    ap.add_argument("--question", action="append", default=[], help="qa: a question (repeat for follow-ups)")
+    ap.add_argument("--start", type=float, default=0.0, help="evaluation: video_start (s)")
+    ap.add_argument("--end", type=float, default=None, help="evaluation: video_end (s)")
+    ap.add_argument("--title", default="", help="evaluation: the event title")
+    ap.add_argument("--previous", default="", help="evaluation: the previous commentary (preasr_text)")
+    ap.add_argument("--seed", type=int, default=0, help="evaluation: torch.manual_seed before the call (it samples)")
     args = ap.parse_args()
 
     deviations: list[str] = []
@@ -231,6 +410,9 @@ def main():
     sys.path.insert(0, str(repo))  # demo/cli.py runs from the repo root: `from demo.infer import LiveCCDemoInfer`
     import demo.infer as infer_mod  # noqa: E402
     from demo.infer import LiveCCDemoInfer  # noqa: E402
+
+    if args.mode != "live":
+        return whole_video_main(args, repo, infer_mod, deviations, liger_calls)
 
     ckpt = args.checkpoint.resolve()
     video = args.video.resolve()

@@ -53,7 +53,8 @@ class TurnRequest:
 
     ``ids``: the turn's prompt token ids with each video item's pads expanded; ``positions`` (3, T) int64 their
     mRoPE positions; ``frames`` (T, H, W, 3) uint8 for the vision tower (None for a question turn);
-    ``next_pos`` the position of the first generated token; ``max_new`` the token cap. Before the prefill the
+    ``next_pos`` the position of the first generated token; ``max_new`` the token cap. ``frames`` may also be
+    a list of video items (their visual tokens fill the pads in order). Before the prefill the
     core applies the context edits: ``reset`` (a fresh context) or ``evict`` = (start, end, shift) with
     ``evict_ids`` leaving the repetition-penalty counts. ``due`` (monotonic s) orders waiting turns."""
 
@@ -62,7 +63,7 @@ class TurnRequest:
     positions: torch.Tensor
     next_pos: int
     max_new: int
-    frames: np.ndarray | None = None
+    frames: np.ndarray | list[np.ndarray] | None = None
     due: float = field(default_factory=time.monotonic)
     reset: bool = False
     evict: tuple[int, int, int] | None = None
@@ -271,8 +272,12 @@ class EngineCore:
                     r.evict(req.slot, *req.evict)
                     if req.evict_ids:
                         ch.remove(req.slot, torch.tensor(req.evict_ids, dtype=torch.long))
-            with_video = [q for q in reqs if q.frames is not None]
-            tokens = dict(zip(map(id, with_video), r.encode_videos([q.frames for q in with_video])))
+            items = [(id(q), v) for q in reqs if q.frames is not None
+                     for v in (q.frames if isinstance(q.frames, list) else [q.frames])]
+            encoded = r.encode_videos([v for _, v in items])
+            tokens: dict[int, torch.Tensor] = {}
+            for (key, _), vis in zip(items, encoded):
+                tokens[key] = torch.cat([tokens[key], vis]) if key in tokens else vis
             r.synchronize()
             t1 = time.perf_counter()
             logits = r.prefill([(q.slot, q.ids, q.positions, tokens.get(id(q))) for q in reqs])

@@ -45,7 +45,7 @@ class PromptBuilder:
             raise ValueError(f"text is not valid Unicode at character {e.start}") from None
         return text
 
-    def _caller(self, text: str) -> str:
+    def plain(self, text: str) -> str:
         """Caller text as it goes into the template: as is, unless it contains a control-token string; then a
         placeholder that ``encode`` replaces with the text tokenized as plain text."""
         if any(s in text for s in self.specials) or CALLER in text:
@@ -64,11 +64,11 @@ class PromptBuilder:
     def video_turn(self, start: float, stop: float, query: str | None, first: bool) -> str:
         content = [{"type": "text", "text": f"Time={start:.1f}-{stop:.1f}s"}, {"type": "video"}]
         if query:
-            content.append({"type": "text", "text": self._caller(query)})
+            content.append({"type": "text", "text": self.plain(query)})
         return self.user_text(content, first)
 
     def question_turn(self, question: str, first: bool) -> str:
-        return self.user_text([{"type": "text", "text": self._caller(question)}], first)
+        return self.user_text([{"type": "text", "text": self.plain(question)}], first)
 
     def encode(self, text: str, video_tokens: list[int]) -> TurnTokens:
         """Token ids of ``text`` with its k-th ``<|video_pad|>`` expanded to ``video_tokens[k]`` pads."""

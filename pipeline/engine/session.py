@@ -169,6 +169,32 @@ class StreamingSession:
         self._evicting = 0
         return req
 
+    def content_request(self, content: list, max_new: int, at: float = 0.0) -> Turn:
+        """A user turn of text and video items in the given order (``livecc ask``, the evaluation protocol).
+
+        ``content`` items: ``str`` (text, always tokenized as plain text) or ``np.ndarray`` (a video item:
+        T x H x W x 3 uint8 RGB, T even, H and W multiples of 28). The session's first turn carries the system
+        prompt and gets 3-D mRoPE positions; a later one opens with ``<|im_end|>\\n`` and continues per
+        ``positions``. Raises ContextFullError, before any vision work, when the turn plus ``max_new`` does
+        not fit. Its caption is kind "answer" with the last text item as ``query``."""
+        spec = self.model.patches
+        cell = spec.patch * spec.merge
+        items, grids, counts, videos = [], [], [], []
+        for part in content:
+            if isinstance(part, str):
+                items.append({"type": "text", "text": self.prompt.plain(self.prompt.check_text(part))})
+                continue
+            t, h, w, _ = part.shape
+            grids.append((t // spec.temporal, h // cell, w // cell))
+            counts.append(grids[-1][0] * grids[-1][1] * grids[-1][2])
+            items.append({"type": "video"})
+            videos.append(part)
+        text = self.prompt.user_text(items, first=self.turns == 0)
+        req = self._request(text, counts, grids, max_new, videos or None, time.monotonic())
+        question = next((part for part in reversed(content) if isinstance(part, str)), None)
+        req.kind, req.query, req.start, req.stop = "answer", question, at, at
+        return req
+
     # -- finishing turns -----------------------------------------------------------------------------------
     def finish(self, req: Turn, result: TurnResult) -> Caption:
         """Record a served turn and return its caption (or answer)."""
@@ -201,6 +227,11 @@ class StreamingSession:
     def ask(self, question: str, at: float = 0.0) -> Caption:
         """Answer a question about what has been seen so far, from the same cache."""
         req = self.question_request(question, at)
+        return self.finish(req, self.core.run([req])[0])
+
+    def turn(self, content: list, max_new: int, at: float = 0.0) -> Caption:
+        """A turn of text and video items (see ``content_request``), answered from the same cache."""
+        req = self.content_request(content, max_new, at)
         return self.finish(req, self.core.run([req])[0])
 
     # -- context policy --------------------------------------------------------------------------------------

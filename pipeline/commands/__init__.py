@@ -1,0 +1,1 @@
+"""The ``livecc`` subcommands, one module each (``add_parser(subparsers)`` + ``main(args)``)."""

@@ -1,0 +1,132 @@
+"""``livecc ask VIDEO "question" ["follow-up" ...]``: questions about a whole recorded video.
+
+LiveCC's ``video_qa`` (showlab/livecc ``demo/infer.py``, commit fdaa91e): the video goes once, in the first
+turn before the first question, read as ``capture/whole_video.py`` reads it (2 fps, at most 480 frames, a total
+pixel budget of 24,576·28² spread over them); every question is one more turn on the same KV cache (the
+history is kept); greedy, at most 512 new tokens, repetition penalty 1.05 (the reference's defaults).
+With no question on the command line, questions are read from standard input (a prompt on a terminal) until
+end of input (Ctrl-D).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+MAX_QUESTION_CHARS = 2000  # the control API's default limit for a question (server.max_text_chars)
+MAX_NEW_TOKENS = 512  # video_qa's max_new_tokens
+REPETITION_PENALTY = 1.05  # video_qa's default
+PROMPT = "? "
+
+
+def add_parser(sub) -> None:
+    from ..engine.config import DEFAULT_MODEL
+
+    p = sub.add_parser("ask", help="answer questions about a whole recorded video (LiveCC's video_qa)")
+    p.add_argument("video")
+    p.add_argument("questions", nargs="*", metavar="QUESTION",
+                   help="questions, asked in order on one context; none: read them from standard input")
+    p.add_argument("--jsonl", help='append {"question", "answer", "token_ids"} per answer to this file')
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=DEFAULT_MODEL, help=f"Hugging Face id or local folder (default {DEFAULT_MODEL})")
+    g.add_argument("--device", default=None, help="cuda, cuda:1, mps or cpu (default: best available)")
+    g.add_argument("--dtype", default="auto", help="auto (bf16 on GPU), bfloat16, float16, float32")
+    pick = g.add_mutually_exclusive_group()
+    pick.add_argument("--greedy", dest="greedy", action="store_true", default=True,
+                      help="greedy decoding (the default, as video_qa)")
+    pick.add_argument("--sample", dest="greedy", action="store_false",
+                      help="sample with the checkpoint's generation_config instead")
+    g.add_argument("--seed", type=int, default=None, help="sampling seed")
+    g.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS,
+                   help=f"answer length cap (default {MAX_NEW_TOKENS})")
+    g.add_argument("--repetition-penalty", type=float, default=REPETITION_PENALTY,
+                   help=f"default {REPETITION_PENALTY}")
+    g.add_argument("--max-context", type=int, default=32768,
+                   help="KV cache size in tokens (default 32768, LiveCC's window); the video and every "
+                        "question and answer must fit")
+    p.set_defaults(func=main)
+
+
+def check_question(question: str) -> str:
+    """The question stripped; UserError when it is empty or over MAX_QUESTION_CHARS characters."""
+    from ..cli import UserError
+
+    q = question.strip()
+    if not q:
+        raise UserError("the question is empty")
+    if len(q) > MAX_QUESTION_CHARS:
+        raise UserError(f"the question is {len(q)} characters long, over the limit of {MAX_QUESTION_CHARS}")
+    return q
+
+
+class Conversation:
+    """The video's conversation: the first question carries the frames, each answer stays in the context."""
+
+    def __init__(self, session, frames, max_new: int, jsonl):
+        self.session, self.frames, self.max_new, self.jsonl = session, frames, max_new, jsonl
+
+    def ask(self, question: str) -> str:
+        content = [question] if self.frames is None else [self.frames, question]
+        answer = self.session.turn(content, self.max_new)
+        self.frames = None  # in the context now
+        if self.jsonl is not None:
+            self.jsonl.write(json.dumps({"question": question, "answer": answer.text,
+                                         "token_ids": list(answer.token_ids)}, ensure_ascii=False) + "\n")
+            self.jsonl.flush()
+        return answer.text
+
+
+def main(args) -> int:
+    from ..capture.whole_video import plan, read_frames
+    from ..cli import UserError
+    from ..engine import ContextFullError, EngineConfig, StreamingSession, load_model
+
+    questions = [check_question(q) for q in args.questions]
+    if args.max_new_tokens < 1:
+        raise UserError("--max-new-tokens must be at least 1")
+    try:
+        cfg = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, greedy=args.greedy, seed=args.seed,
+                           repetition_penalty=args.repetition_penalty, max_context=args.max_context, context="none")
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    p = plan(args.video)
+    if p.video_tokens + args.max_new_tokens > args.max_context:
+        raise UserError(f"{args.video}: too long for the context: its {len(p.indices)} frames make {p.video_tokens} "
+                        f"video tokens, which with {args.max_new_tokens} answer tokens is over the "
+                        f"{args.max_context}-token context (--max-context)")
+    frames = read_frames(args.video, p)
+    model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    session = StreamingSession(model, cfg)
+    jsonl = open(args.jsonl, "a", encoding="utf-8") if args.jsonl else None
+    try:
+        chat = Conversation(session, frames, args.max_new_tokens, jsonl)
+        for q in questions:
+            print(chat.ask(q).strip(), flush=True)
+        if not questions:
+            _interactive(chat, UserError, ContextFullError)
+    finally:
+        if jsonl is not None:
+            jsonl.close()
+    return 0
+
+
+def _interactive(chat: Conversation, *recoverable) -> None:
+    """Questions from standard input, one per line, until end of input; a bad one is reported and skipped."""
+    tty = sys.stdin.isatty()
+    if tty:
+        import readline  # noqa: F401  (line editing and history for input())
+    while True:
+        try:
+            line = input(PROMPT) if tty else sys.stdin.readline()
+        except EOFError:
+            break
+        if not tty and not line:
+            break
+        if not line.strip():
+            continue
+        try:
+            print(chat.ask(check_question(line)).strip(), flush=True)
+        except recoverable as e:
+            print(f"livecc: error: {e}", file=sys.stderr, flush=True)
+    if tty:
+        print(file=sys.stderr)
