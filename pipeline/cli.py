@@ -148,6 +148,15 @@ def _ask_command(sub) -> None:
 _extra_commands.append(_ask_command)
 
 
+def _serve_command(sub) -> None:
+    from .commands import serve
+
+    serve.add_parser(sub)
+
+
+_extra_commands.append(_serve_command)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,

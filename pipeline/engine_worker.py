@@ -20,12 +20,12 @@ MEMORY_FRACTION = 0.85  # of the device memory free after loading, given to KV-c
 WORKSPACE_BYTES = 4 << 30  # kept free for activations, CUDA graphs and the vision tower (bytes)
 
 
-def slots_that_fit(model, cfg: EngineConfig) -> int:
-    """KV-cache rows of ``cfg.max_context`` tokens that fit in the device's free memory (CUDA), else 1.
+def slots_that_fit(model, cfg: EngineConfig, elsewhere: int = 1) -> int:
+    """KV-cache rows of ``cfg.max_context`` tokens that fit in the device's free memory (CUDA), else ``elsewhere``.
 
     Per token: layers · 2 · kv_heads · head_dim · itemsize bytes (LiveCC-7B bf16: 56 KiB; 1.75 GiB a row)."""
     if model.device.type != "cuda":
-        return 1
+        return elsewhere
     import torch
 
     from .engine.model import text_config
@@ -41,10 +41,10 @@ def slots_that_fit(model, cfg: EngineConfig) -> int:
 class EngineWorker:
     """A model, its core and the core's thread. ``open_session`` gives each stream its own cache row."""
 
-    def __init__(self, cfg: EngineConfig, model=None, slots: int | None = None):
+    def __init__(self, cfg: EngineConfig, model=None, slots: int | None = None, cpu_slots: int = 1):
         self.cfg = cfg
         self.model = model if model is not None else load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
-        want = slots or cfg.max_streams or slots_that_fit(self.model, cfg)
+        want = slots or cfg.max_streams or slots_that_fit(self.model, cfg, cpu_slots)
         self.core: EngineCore = make_core(self.model, cfg, slots=want)
         self.slots = want
         log.info("engine: %d stream%s of up to %d context tokens", want, "" if want == 1 else "s", cfg.max_context)

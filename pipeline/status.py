@@ -167,22 +167,51 @@ class StatusDisplay:
             except Exception:
                 log.exception("status snapshot failed")
                 continue
-            log.info("%s", one_line(s), extra={"status": _status_extra(s)})
+            for one in s["streams"].values() if "streams" in s else [s]:
+                prefix = f"[{one['stream']}] " if "streams" in s else ""
+                log.info("%s%s", prefix, one_line(one), extra={"status": _status_extra(one)})
 
     def _table(self):
         from rich.table import Table
         from rich.text import Text
 
+        try:
+            snap = self.snapshot()
+        except Exception as e:  # the display must never take the pipeline down
+            snap = {"status": f"unavailable ({type(e).__name__})"}
+        if "streams" in snap:
+            return streams_table(snap)
         t = Table(show_header=False, box=None, pad_edge=False, title="livecc run", title_justify="left")
         t.add_column(style="bold cyan", no_wrap=True)
         t.add_column(overflow="fold")
         try:
-            f = summary(self.snapshot())
-        except Exception as e:  # the display must never take the pipeline down
+            f = summary(snap) if "status" not in snap else snap
+        except Exception as e:
             f = {"status": f"unavailable ({type(e).__name__})"}
         for k, v in f.items():
             t.add_row(k, Text(v))  # captions are model output: never rich markup
         return t
+
+
+STREAM_COLUMNS = ("stream", "state", "input fps", "turns/s", "latency p50 / p95", "drops", "context", "last caption")
+
+
+def streams_table(snap: dict):
+    """``livecc serve``: one row per stream (``Service.snapshot()``), and the engine's free rows in the title."""
+    from rich.table import Table
+    from rich.text import Text
+
+    t = Table(title=f"livecc serve: {len(snap['streams'])} streams, {snap.get('free', 0)} more fit",
+              title_justify="left", box=None, pad_edge=False)
+    for c in STREAM_COLUMNS:
+        t.add_column(c, overflow="fold", no_wrap=c != "last caption")
+    for sid, s in snap["streams"].items():
+        try:
+            f = summary(s)
+        except Exception as e:  # noqa: BLE001 - one stream's snapshot must not hide the others
+            f = {"state": f"unavailable ({type(e).__name__})"}
+        t.add_row(Text(sid), *(Text(str(f.get(c, ""))) for c in STREAM_COLUMNS[1:]))
+    return t
 
 
 def _status_extra(s: dict) -> dict:

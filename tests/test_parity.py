@@ -121,7 +121,7 @@ def test_video_qa_reproduces_reference(vocab, length):
     for i, want in enumerate(turns):
         answer = session.turn(([frames] if i == 0 else []) + [want["question"]], max_new=512)
         assert list(answer.token_ids) == want["token_ids"], f"answer {i + 1} differs"
-        assert answer.text == want["text"]
+        assert answer.text == want["text"].replace("\ufffd", "")  # no half characters (issue 13)
         assert session.context_length == want["input_len"] + len(want["token_ids"]) - 1
 
 
@@ -152,8 +152,8 @@ def test_evaluation_protocol_reproduces_reference(vocab):
         _check_frames(got[k][2], want, model)
         assert (turn.start, turn.stop) == (want["start"], want["stop"])
         assert list(turn.token_ids) == want["token_ids"], f"turn {k + 1} differs"
-        assert turn.text == want["text"]
+        assert turn.text == want["text"].replace("\ufffd", "")
         texts.append(turn.text)
         ends.add(want["ended_with"])
     assert ends == {"eos", "cap"}
-    assert evaluation.prediction(texts) == golden["pred"]
+    assert evaluation.prediction(texts) == golden["pred"].replace("\ufffd", "")

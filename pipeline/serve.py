@@ -1,0 +1,325 @@
+"""Many live streams in one process: one model and engine core (``engine_worker.py``), one HTTP server, one
+``Pipeline`` per stream (its own capture, sampler, clip queue, session, sinks, metrics).
+
+A streams file is a ``livecc run`` config (``engine``, ``server``, ``status``, ``log``, ``shutdown``, and
+defaults for ``capture``, ``sampler``, ``sinks``) plus ``streams:``, a list of
+
+    {id: court1, source: rtmp://..., query: "...", sinks: [...], capture: {...}, sampler: {...}}
+
+(``id``: letters, digits, ``-``, ``_``; ``query`` sets ``engine.query`` for that stream; ``capture`` and
+``sampler`` are merged over the shared blocks; ``sinks`` replaces them). Streams can be added and removed
+while it runs:
+
+    GET    /api/streams                    every stream's status
+    POST   /api/streams                    {"id", "source", ...} as in the file -> 201
+    DELETE /api/streams/{id}
+    GET    /api/streams/{id}/status        POST /api/streams/{id}/query | ask | pause | resume (as /api/...)
+    GET    /overlay/{id}                   the stream's overlay page (an ``overlay`` sink of that stream)
+    GET    /metrics                        every stream's families, labelled ``stream="{id}"``
+    GET    /health                         {"live", "ready", "streams", "capacity", "free"}
+
+A stream that does not fit (every KV-cache row taken: ``engine.max_streams`` or what the GPU's memory
+allows at ``engine.max_context``) is refused with a message saying how many fit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import re
+import threading
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import Metric
+
+from .app import Pipeline, PipelineError
+from .config import ConfigError, RunConfig, validate
+from .control import ControlAPI
+from .metrics import CONTENT_TYPE
+from .server import HttpServer, Route, bad_request, error, read_json
+
+log = logging.getLogger("livecc.serve")
+
+STREAM_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+STREAM_KEYS = {"id", "source", "query", "sinks", "capture", "sampler"}
+
+
+def stream_config(shared: dict, spec: Any, where: str) -> tuple[str, RunConfig]:
+    """(id, the stream's RunConfig) from the shared sections and one ``streams:`` entry.
+
+    Raises ConfigError naming ``where`` and the key."""
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{where}: expected a mapping with id and source")
+    unknown = set(spec) - STREAM_KEYS
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r} (a stream takes {', '.join(sorted(STREAM_KEYS))})")
+    sid = spec.get("id")
+    if not isinstance(sid, str) or not STREAM_ID.match(sid):
+        raise ConfigError(f"{where}.id: {sid!r} is not a stream id (letters, digits, '-', '_'; at most 64)")
+    if not spec.get("source"):
+        raise ConfigError(f"{where}.source: missing")
+    data = copy.deepcopy(shared)
+    for key in ("capture", "sampler"):
+        if spec.get(key) is not None:
+            if not isinstance(spec[key], dict):
+                raise ConfigError(f"{where}.{key}: expected a mapping")
+            data[key] = {**(data.get(key) or {}), **spec[key]}
+    data.setdefault("capture", {})["source"] = spec["source"]
+    if spec.get("query") is not None:
+        data.setdefault("engine", {})["query"] = spec["query"]
+    if spec.get("sinks") is not None:
+        data["sinks"] = spec["sinks"]
+    return sid, validate(data, f"{where} ({sid})")
+
+
+class _StreamRoutes:
+    """What a stream's sinks mount on: routes go into this stream's own table (served through the service's
+    ``/overlay/{id}...`` routes, which exist from the start, so streams can come and go); anything else
+    (the event loop, the URL) is the real server's."""
+
+    def __init__(self, server: HttpServer):
+        self._server = server
+        self.table: dict[tuple[str, str], Route] = {}
+
+    def mount(self, routes) -> None:
+        for r in routes:
+            key = (r.method.upper(), r.path)
+            if key in self.table:
+                raise ValueError(f"{r.method} {r.path} is mounted twice")
+            self.table[key] = r
+
+    def __getattr__(self, name):
+        return getattr(self._server, name)
+
+
+class _Merged:
+    """Every stream's metric families, each sample labelled with its stream id (one Prometheus exposition)."""
+
+    def __init__(self, service: "Service"):
+        self.service = service
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        families: dict[str, Metric] = {}
+        for sid, p in list(self.service.streams.items()):
+            for fam in p.metrics.registry.collect():
+                out = families.get(fam.name)
+                if out is None:
+                    out = families[fam.name] = Metric(fam.name, fam.documentation, fam.type, fam.unit)
+                for s in fam.samples:
+                    out.add_sample(s.name, {**s.labels, "stream": sid}, s.value, s.timestamp, s.exemplar)
+        yield from families.values()
+
+
+class Service:
+    """``start()``, ``add_stream``/``remove_stream`` at any time, ``wait()``, ``stop()``."""
+
+    def __init__(self, shared: dict, streams: list, *, where: str = "streams file", engine=None):
+        self.shared = {k: v for k, v in shared.items() if k != "streams"}
+        self.cfg = validate(dict(self.shared), where)
+        self.where = where
+        self.specs = list(streams or [])
+        self.engine = engine
+        self.streams: dict[str, Pipeline] = {}
+        self.routes: dict[str, _StreamRoutes] = {}
+        self.server: HttpServer | None = None
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_Merged(self))
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self.ended: dict[str, dict] = {}  # streams that ended by themselves: their sinks' final status
+        for i, spec in enumerate(self.specs):  # every stream checked before the model loads
+            stream_config(self.shared, spec, f"{where}: streams[{i}]")
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+    def start(self) -> "Service":
+        from .engine_worker import EngineWorker
+
+        if self.cfg.server.enabled:
+            self._start_server()
+        if self.engine is None:
+            ecfg = self.cfg.engine_config()
+            log.info("loading %s", ecfg.model)
+            self.engine = EngineWorker(ecfg, slots=ecfg.max_streams or None, cpu_slots=max(4, len(self.specs)))
+        self.engine.start()
+        for i, spec in enumerate(self.specs):
+            self.add_stream(spec, f"{self.where}: streams[{i}]")
+        return self
+
+    def _start_server(self) -> None:
+        srv = self.cfg.server
+        server = HttpServer(srv.host, srv.port, token=srv.token, cors_origins=srv.cors_origins,
+                            max_request_bytes=srv.max_request_bytes, max_connections=srv.max_connections,
+                            request_timeout_s=srv.request_timeout_s, idle_timeout_s=srv.idle_timeout_s)
+        server.mount(self._routes())
+        try:
+            server.start()
+        except OSError as e:
+            raise PipelineError(f"server: {e} (is another livecc running? set --port)") from None
+        self.server = server
+        log.info("control API and metrics at %s (streams at %s/api/streams)", server.url, server.url)
+
+    def add_stream(self, spec: dict, where: str = "stream") -> Pipeline:
+        """Start a stream from a ``streams:`` entry. Raises ConfigError (bad entry) or PipelineError (id taken,
+        no free KV-cache row, a source that cannot be resolved)."""
+        sid, scfg = stream_config(self.shared, spec, where)
+        with self._lock:
+            if sid in self.streams:
+                raise PipelineError(f"stream {sid!r} exists already")
+            if self.engine.free_slots <= 0:
+                raise PipelineError(f"no room for stream {sid!r}: all {self.engine.slots} streams of "
+                                    f"{self.engine.cfg.max_context} context tokens are taken on this GPU "
+                                    "(engine.max_streams / engine.max_context)")
+        from .plugins import make_sink
+
+        sinks = []
+        for block in scfg.sinks or [{"kind": "console"}]:
+            block = dict(block)
+            if block.get("kind") == "overlay" and not block.get("name"):
+                block["name"] = sid  # /overlay/{id}
+            sinks.append(make_sink(block))
+        mounts = _StreamRoutes(self.server) if self.server is not None else None
+        if mounts is not None:
+            for sink in sinks:
+                sink.mount(mounts)
+        p = Pipeline(scfg, engine=self.engine, stream_id=sid, sinks=sinks, server=mounts)
+        with self._lock:
+            self.streams[sid] = p
+            if mounts is not None:
+                self.routes[sid] = mounts
+        try:
+            p.start()
+        except Exception:
+            with self._lock:
+                self.streams.pop(sid, None)
+                self.routes.pop(sid, None)
+            p.stop()
+            raise
+        threading.Thread(target=self._watch, args=(sid, p), name=f"livecc-watch-{sid}", daemon=True).start()
+        log.info("stream %s: %s", sid, p.source.display)
+        return p
+
+    def _watch(self, sid: str, p: Pipeline) -> None:
+        """A stream whose source ended (or failed) is stopped and removed; the service goes on."""
+        p.wait()
+        with self._lock:
+            mine = self.streams.get(sid) is p
+        if mine and not self._done.is_set():
+            final = self.remove_stream(sid)
+            self.ended[sid] = final
+            log.info("stream %s ended%s", sid, f" ({p.error})" if p.error else "")
+
+    def remove_stream(self, sid: str) -> dict:
+        """Stop a stream (its sinks finalise their files) and free its KV-cache row; KeyError if unknown."""
+        with self._lock:
+            p = self.streams.pop(sid)
+            self.routes.pop(sid, None)
+        return p.stop()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._done.wait(timeout)
+
+    def request_stop(self) -> None:
+        self._done.set()
+
+    def stop(self) -> dict:
+        """Stop every stream, the engine and the server; returns {stream: {sink: final status}}."""
+        self._done.set()
+        out = dict(self.ended)
+        for sid in list(self.streams):
+            try:
+                out[sid] = self.remove_stream(sid)
+            except KeyError:
+                pass
+        if self.engine is not None:
+            self.engine.stop(self.cfg.shutdown.turn_timeout_s)
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+        return out
+
+    # -- reporting -----------------------------------------------------------------------------------------
+    def snapshot(self) -> dict:
+        return {"streams": {sid: p.snapshot() for sid, p in list(self.streams.items())},
+                "capacity": self.engine.slots if self.engine else 0,
+                "free": self.engine.free_slots if self.engine else 0}
+
+    # -- HTTP ------------------------------------------------------------------------------------------------
+    def _routes(self) -> list[Route]:
+        return [
+            Route("GET", "/health", self._health, public=True),
+            Route("GET", "/metrics", self._metrics),
+            Route("GET", "/api/streams", self._list),
+            Route("POST", "/api/streams", self._add),
+            Route("DELETE", "/api/streams/{id}", self._remove),
+            Route("GET", "/api/streams/{id}/status", self._control("status")),
+            Route("POST", "/api/streams/{id}/query", self._control("query")),
+            Route("POST", "/api/streams/{id}/ask", self._control("ask")),
+            Route("POST", "/api/streams/{id}/pause", self._control("pause")),
+            Route("POST", "/api/streams/{id}/resume", self._control("resume")),
+            Route("GET", "/overlay/{id}/overlay.js", self._stream_route, public=True),
+            Route("GET", "/overlay/{id}/overlay.css", self._stream_route, public=True),
+            Route("GET", "/overlay/{id}", self._stream_route, public=True),
+            Route("GET", "/overlay/{id}/{tail:.+}", self._stream_route),
+        ]
+
+    def _stream(self, request: web.Request) -> Pipeline:
+        p = self.streams.get(request.match_info["id"])
+        if p is None:
+            raise web.HTTPNotFound(text=f"no stream {request.match_info['id']!r}")
+        return p
+
+    async def _health(self, request: web.Request) -> web.Response:
+        snaps = [p for p in list(self.streams.values())]
+        ready = bool(snaps) and all(p.ready for p in snaps)
+        live = self.engine is not None and self.engine.core.alive
+        return web.json_response({"live": live, "ready": ready, "streams": len(snaps),
+                                  "capacity": self.engine.slots if self.engine else 0,
+                                  "free": self.engine.free_slots if self.engine else 0},
+                                 status=200 if live else 503)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        body = await asyncio.get_running_loop().run_in_executor(None, generate_latest, self.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+    async def _list(self, request: web.Request) -> web.Response:
+        snap = await asyncio.get_running_loop().run_in_executor(None, self.snapshot)
+        return web.json_response(snap)
+
+    async def _add(self, request: web.Request) -> web.Response:
+        srv = self.cfg.server
+        spec = await read_json(request, srv.max_request_bytes, srv.request_timeout_s)
+        try:
+            p = await asyncio.get_running_loop().run_in_executor(None, self.add_stream, spec, "POST /api/streams")
+        except ConfigError as e:
+            raise bad_request(str(e)) from None
+        except PipelineError as e:
+            status = 409 if "exists already" in str(e) else 503
+            return error(status, str(e))
+        return web.json_response({"id": p.stream_id, "source": p.source.display}, status=201)
+
+    async def _remove(self, request: web.Request) -> web.Response:
+        sid = request.match_info["id"]
+        try:
+            final = await asyncio.get_running_loop().run_in_executor(None, self.remove_stream, sid)
+        except KeyError:
+            return error(404, f"no stream {sid!r}")
+        return web.json_response({"id": sid, "sinks": final})
+
+    def _control(self, name: str):
+        async def handler(request: web.Request) -> web.StreamResponse:
+            return await getattr(ControlAPI(self._stream(request), self.cfg.server), name)(request)
+        return handler
+
+    async def _stream_route(self, request: web.Request) -> web.StreamResponse:
+        self._stream(request)
+        table = self.routes.get(request.match_info["id"])
+        route = table.table.get((request.method, request.path)) if table is not None else None
+        if route is None:
+            raise web.HTTPNotFound()
+        return await route.handler(request)
