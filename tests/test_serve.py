@@ -1,7 +1,7 @@
 """``livecc serve``: many streams in one process on one engine core (tiny model, CPU).
 
-- In process, two files of different sizes paced in real time: each stream's captions equal ``livecc
-  caption``'s of the same file (token ids), though their turns were batched together.
+- In process, two files of different sizes paced in real time: each stream's captions equal (token ids) those
+  of a session of its own fed the same clips, though their turns were batched together.
 - ``livecc serve`` as a subprocess with three live RTMP streams from nginx-rtmp: a fourth added through
   the API mid-run and one removed; each stream's JSONL holds its own turns (numbered 1, 2, ... without
   gaps or repeats), /metrics labels every family by stream, a stream beyond the capacity is refused,
@@ -62,29 +62,40 @@ def wait_until(pred, timeout: float, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_each_stream_equals_livecc_caption_of_its_file(tmp_path):
-    from pipeline.capture.files import file_clips
+def test_each_stream_served_together_equals_the_stream_alone(tmp_path, monkeypatch):
+    """Two files of different sizes paced in real time through one engine core: each stream's token ids equal
+    those of a session of its own (a batch of one) fed the same clips."""
     from pipeline.engine import EngineConfig, StreamingSession, load_model
     from pipeline.fixtures.testvideo import test_video
     from pipeline.fixtures.tiny import tiny_checkpoint
     from pipeline.serve import Service
 
+    seen: dict[int, list] = {}
+    build = StreamingSession.video_request
+
+    def record(self, clip):  # the clips each stream's session was given, in order
+        seen.setdefault(id(self), []).append(clip)
+        return build(self, clip)
+
+    monkeypatch.setattr(StreamingSession, "video_request", record)
     ckpt = str(tiny_checkpoint("small"))
     videos = {"wide": test_video(seconds=8, width=320, height=180), "tall": test_video(seconds=8, width=180, height=320)}
     shared = {"engine": {"model": ckpt, "device": "cpu", "greedy": True, "max_streams": 2},
-              "sampler": {"queue_size": 100}, "server": {"enabled": False}}
+              "sampler": {"queue_size": 64}, "server": {"enabled": False}}
     streams = [{"id": k, "source": str(v), "sinks": [f"jsonl:{tmp_path / k}.jsonl"]} for k, v in videos.items()]
     service = Service(shared, streams).start()
+    sessions = {sid: p.session for sid, p in service.streams.items()}
     try:
         wait_until(lambda: set(service.ended) == set(videos), 240, "both files to be captioned")
     finally:
         service.stop()
+    monkeypatch.undo()
     model = load_model(ckpt, device="cpu")
-    for sid, video in videos.items():
+    for sid in videos:
         got = [c["token_ids"] for c in captions(tmp_path / f"{sid}.jsonl")]
-        session = StreamingSession(model, EngineConfig(greedy=True))
-        want = [list(session.step(clip).token_ids) for clip in file_clips(video)]
-        assert got == want, f"stream {sid}: served together != captioned alone"
+        alone = StreamingSession(model, EngineConfig(greedy=True))
+        want = [list(alone.step(clip).token_ids) for clip in seen[id(sessions[sid])]]
+        assert got == want, f"stream {sid}: served together != alone"
         assert len(got) >= 5
 
 
