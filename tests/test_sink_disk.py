@@ -20,7 +20,8 @@ import srt
 import webvtt
 
 import servers
-from pipeline.fanout.dispatch import Dispatcher, RetryPolicy
+from pipeline.backoff import Backoff
+from pipeline.fanout.dispatch import Dispatcher
 from pipeline.fanout.outputs import claim_output_path
 from pipeline.plugins import make_sink
 from pipeline.types import Caption
@@ -55,7 +56,7 @@ def test_disk_full_whole_records_nothing_duplicated(small_disk, tmp_path):
     on_disk = {"jsonl": small_disk.path / "c.jsonl", "srt": small_disk.path / "c.srt", "vtt": small_disk.path / "c.vtt"}
     other = tmp_path / "other.jsonl"
     sinks = [make_sink(f"{k}:{p}", **({} if k == "jsonl" else {"max_line_chars": 0})) for k, p in on_disk.items()]
-    d = Dispatcher([*sinks, make_sink(f"jsonl:{other}")], retry=RetryPolicy(retries=2, initial_s=0.01))
+    d = Dispatcher([*sinks, make_sink(f"jsonl:{other}")], retry=Backoff(initial=0.01, max_attempts=3))
     d.start()
     sent: list[str] = []
 
