@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from pipeline.engine import EngineConfig, StreamingSession, load_model, make_core
 from pipeline.fixtures.tiny import tiny_checkpoint
@@ -20,9 +21,13 @@ pytestmark = pytest.mark.timeout(300)
 TURNS = 12
 
 
-@pytest.fixture(scope="module")
-def model():
-    return load_model(str(tiny_checkpoint("small")), device="cpu")
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))
+
+
+@pytest.fixture(scope="module", params=["cpu", CUDA])
+def model(request):
+    """float32 everywhere: on CUDA the decode steps replay CUDA graphs per batch size."""
+    return load_model(str(tiny_checkpoint("small")), device=request.param, dtype="float32")
 
 
 def clips(h, w, seed):

@@ -42,7 +42,7 @@ def stream(n_turns, h=112, w=168, seed=0):
         yield Clip(rng.integers(0, 256, (2, h, w, 3), dtype=np.uint8), (t, t + 0.5))
 
 
-def check_last_turn(model, session, clips_by_turn, out, positions):
+def check_last_turn(model, session, clips_by_turn, out, positions, prompt_ids):
     """The last turn's tokens equal greedy choices of a from-scratch forward over the kept tokens."""
     ids, pixels, grids = [], [], []
     for seg in session.segments:
@@ -51,7 +51,7 @@ def check_last_turn(model, session, clips_by_turn, out, positions):
         pixels.append(pv)
         grids.append(list(g))
     last = session.segments[-1]
-    prompt_end = last.start + len(session.last_prompt_ids)
+    prompt_end = last.start + len(prompt_ids)
     ids.extend(out[-1:])  # not fed; only so indices line up
     first_len = session.segments[0].end - session.segments[0].start
     pos = reference_positions(model, ids, grids, positions, first_len)
@@ -76,9 +76,10 @@ def test_window_eviction_equals_forward_over_kept_tokens(one_layer, positions):
     clips_by_turn, checked = {}, 0
     for k, clip in enumerate(stream(14)):
         clips_by_turn[session.turns] = clip
-        cap = session.step(clip)
+        req = session.video_request(clip)
+        cap = session.finish(req, session.core.run([req])[0])
         if session.evicted_turns and k >= 5:
-            check_last_turn(model, session, clips_by_turn, list(cap.token_ids), positions)
+            check_last_turn(model, session, clips_by_turn, list(cap.token_ids), positions, req.ids)
             checked += 1
         assert len(session.segments) <= 1 + 6  # the first turn + about 3 s of turns (+ slack)
     assert session.evicted_turns >= 8 and checked >= 4

@@ -30,6 +30,11 @@ def synthetic_clips(n_turns, h=112, w=168, seed=0):
         yield Clip(rng.integers(0, 256, (2, h, w, 3), dtype=np.uint8), (t0, t0 + 0.5))
 
 
+def serve(session, req):
+    """One turn through the session's core (what ``step``/``ask`` do), keeping the request to inspect."""
+    return session.finish(req, session.core.run([req])[0])
+
+
 def run_conversation(model, positions, n_turns=22):
     """Run turns (query change at turn 8, a question at turn 14); record what the reference forward needs."""
     session = StreamingSession(model, EngineConfig(greedy=True, positions=positions, max_context=8192))
@@ -39,14 +44,16 @@ def run_conversation(model, positions, n_turns=22):
             session.set_query(QUERY2)
         if k == 14:
             before = session.context_length
-            ans = session.ask("What colour dominates so far?")
-            record.append((session.last_prompt_ids, list(ans.token_ids), None))
-            assert session.context_length == before + len(session.last_prompt_ids) + len(ans.token_ids) - 1
+            req = session.question_request("What colour dominates so far?")
+            ans = serve(session, req)
+            record.append((req.ids, list(ans.token_ids), None))
+            assert session.context_length == before + len(req.ids) + len(ans.token_ids) - 1
         before = session.context_length
-        cap = session.step(clip)
-        record.append((session.last_prompt_ids, list(cap.token_ids), clip))
+        req = session.video_request(clip)
+        cap = serve(session, req)
+        record.append((req.ids, list(cap.token_ids), clip))
         # the last generated token (EOS or the capped one) is not part of the context
-        assert session.context_length == before + len(session.last_prompt_ids) + len(cap.token_ids) - 1
+        assert session.context_length == before + len(req.ids) + len(cap.token_ids) - 1
     return session, record
 
 
@@ -114,8 +121,9 @@ def test_query_sent_only_when_changed(model):
     for k, clip in enumerate(synthetic_clips(5)):
         if k == 3:
             session.set_query(QUERY2)
-        session.step(clip)
-        texts.append(session.last_prompt_text)
+        req = session.video_request(clip)
+        serve(session, req)
+        texts.append(req.text)
     assert texts[0].startswith("<|im_start|>system") and "Please describe the video." in texts[0]
     assert "Time=0.0-3.0s" in texts[0]
     assert texts[1].startswith("<|im_end|>\n<|im_start|>user\nTime=3.0-4.0s")

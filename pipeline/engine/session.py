@@ -87,8 +87,6 @@ class StreamingSession:
         self.rollovers = 0
         self.evicted_turns = 0
         self.total_turns = 0  # stream-wide, across rollovers (captions and answers)
-        self.last_prompt_text = ""
-        self.last_prompt_ids: list[int] = []
         self._pending_reset = False
         self._opener_frames = 6  # frames of the stream's first turn (the sampler's opener); a rollover reuses it
         self._clear()
@@ -202,7 +200,6 @@ class StreamingSession:
         self.segments.append(Segment(req.ctx_start, result.stats.context, req.pos_start, req.next_pos + len(out) - 1,
                                      req.stop, req.ids + out[:-1], self.turns))
         self.next_pos = req.next_pos + len(out) - 1
-        self.last_prompt_text, self.last_prompt_ids = req.text, req.ids
         self.last_stats = result.stats
         self.turns += 1
         self.total_turns += 1
