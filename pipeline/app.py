@@ -33,6 +33,7 @@ from typing import Any
 
 from .capture import Backoff, CaptureThread, ClipQueue, LiveSampler, RingBuffer, SourceOptions, resolve
 from .config import RunConfig, is_loopback
+from .errors import PipelineError
 from .metrics import Metrics
 from .redact import redact
 from .types import Caption, Frame, StreamEvent
@@ -42,9 +43,6 @@ log = logging.getLogger("livecc.app")
 MAX_CONSECUTIVE_ERRORS = 3  # engine turns failing in a row before the pipeline gives up
 RECENT_CAPTIONS = 20  # kept for /api/status
 
-
-class PipelineError(RuntimeError):
-    """The pipeline cannot run (a source that won't open, an engine that keeps failing)."""
 
 
 class _TeeRing(RingBuffer):

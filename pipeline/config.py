@@ -29,17 +29,14 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
-from .cli import UserError
 from .engine.config import EngineConfig
+from .errors import ConfigError
 from .redact import redact
 
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 TOKEN_ENV = "LIVECC_API_TOKEN"
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
-
-class ConfigError(UserError):
-    """A configuration that can't be used; the message names the file and the key."""
 
 
 class _Block(BaseModel):

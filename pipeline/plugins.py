@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
+from .errors import PluginError  # noqa: F401  (re-exported)
 log = logging.getLogger(__name__)
 
 SINKS = "livecc.sinks"
@@ -45,9 +46,6 @@ BUILTIN: dict[str, dict[str, str]] = {
     SOURCES: {},
 }
 
-
-class PluginError(LookupError):
-    """An unknown plugin name, or one that failed to import."""
 
 
 @dataclass

@@ -19,14 +19,12 @@ import numpy as np
 
 from .frames import MAX_PIXELS, MAX_RATIO, resize_frames
 from ..types import Clip, Frame
+from ..errors import VideoFileError  # noqa: F401  (re-exported)
 
 FPS = 2.0
 OPENER_FRAMES = 6
 TURN_FRAMES = 2
 
-
-class VideoFileError(RuntimeError):
-    """The file cannot be captioned; the message says why."""
 
 
 def probe(path: str | Path) -> tuple[float, float]:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..types import Caption, Clip
+from ..errors import ContextFullError  # noqa: F401  (re-exported)
 from .config import EngineConfig
 from .context import History, Segment, rollover_query, window_cut
 from .decoder import TextDecoder
@@ -26,9 +27,6 @@ from .sampling import TokenChooser
 from .vision import patchify
 from .vision_tower import VisionTower
 
-
-class ContextFullError(RuntimeError):
-    """The turn does not fit in what is left of the context window."""
 
 
 @dataclass

@@ -65,10 +65,10 @@ def demo_config(out: Path, model: str, port: int, status: str = "auto") -> dict:
 
 
 def cmd_demo(args) -> int:
-    from . import config
+    from .. import config
+    from ..fixtures.testvideo import test_video
+    from ..fixtures.tiny import tiny_checkpoint
     from .run import execute
-    from .fixtures.testvideo import test_video
-    from .fixtures.tiny import tiny_checkpoint
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)

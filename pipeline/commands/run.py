@@ -1,17 +1,23 @@
-"""``livecc run SOURCE``: the command line of the live pipeline (the pipeline itself is ``app.py``)."""
+"""``livecc run SOURCE``: the command line of the live pipeline (the pipeline itself is ``pipeline/app.py``)."""
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import signal
 import sys
 
+from ..errors import UserError
+from .options import add_engine_args, engine_overrides, set_cpu_threads
+
 log = logging.getLogger("livecc.run")
 
 RUN_EPILOG = """\
 examples:
-  livecc run rtmp://127.0.0.1/live/match --config configs/sports.yaml --sink burnin:rtmp://a.rtmp.youtube.com/live2/KEY
+  livecc run rtmp://127.0.0.1/live/match --config sports --sink overlay
+  export LIVECC_RESTREAM_URL=rtmp://...   # the stream key stays out of the command line and shell history
+  livecc run rtmp://127.0.0.1/live/match --config restream
   livecc run v4l2:/dev/video0 --config configs/webcam-narration.yaml
   livecc run srt://0.0.0.0:9000?mode=listener --sink overlay --sink srt:match.srt
   livecc run match.mp4 --sink jsonl:events.jsonl --set engine.repetition_penalty=1.15
@@ -21,11 +27,9 @@ control API, metrics and the overlay page: http://127.0.0.1:8765 (/api/status, /
 
 
 def add_parser(sub) -> None:
-    from .cli import _engine_args
-
     p = sub.add_parser("run", help="caption a live stream (RTMP, RTSP, SRT, HLS, webcam, file)",
                        description="Caption a live stream: capture -> 2 fps sampler -> LiveCC -> sinks.",
-                       epilog=RUN_EPILOG, formatter_class=_Formatter)
+                       epilog=RUN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", nargs="?", help="rtmp://..., rtsp://..., srt://..., https://.../x.m3u8, "
                    "v4l2:/dev/video0, lavfi:testsrc2, a file (default: capture.source of the config)")
     p.add_argument("-c", "--config", help="YAML config (a path, or a preset name: sports, esports, "
@@ -41,40 +45,32 @@ def add_parser(sub) -> None:
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.add_argument("--status", choices=["auto", "rich", "plain", "off"],
                    help="live status: rich on a terminal, plain log lines otherwise (default auto)")
-    _engine_args(p)
+    add_engine_args(p)
     p.set_defaults(func=cmd_run)
 
 
-class _Formatter(__import__("argparse").RawDescriptionHelpFormatter):
-    pass
-
-
-def _engine_overrides(args) -> dict:
-    return dict(model=args.model, device=args.device, dtype=args.dtype, query=args.query, greedy=args.greedy,
-                max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty,
-                positions=args.positions, seed=args.seed)
-
-
 def cmd_run(args) -> int:
-    from . import config
+    from .. import config
 
     overrides = list(args.overrides)
     for key, value in (("server.host", args.host), ("server.port", args.port), ("log.format", args.log_format),
                        ("log.level", args.log_level), ("status.mode", args.status)):
         if value is not None:
             overrides.append(f"{key}={value}")
-    cfg = config.load(args.config, overrides=overrides, sinks=args.sink, engine=_engine_overrides(args),
+    cfg = config.load(args.config, overrides=overrides, sinks=args.sink, engine=engine_overrides(args),
                       source=args.source)
-    return execute(cfg, verbose=args.verbose)
+    return execute(cfg, verbose=args.verbose, threads=args.threads)
 
 
-def execute(cfg, *, verbose: bool = False, model=None, on_started=None) -> int:
-    """Run a validated config until the source ends or SIGINT/SIGTERM; the process's exit status."""
-    from .app import Pipeline, PipelineError
-    from .cli import UserError
-    from .status import StatusDisplay, setup_logging
+def execute(cfg, *, verbose: bool = False, model=None, on_started=None, threads: int | None = None) -> int:
+    """Run a validated config until the source ends or SIGINT/SIGTERM; the process's exit status.
+
+    ``threads``: torch's CPU thread count (``set_cpu_threads``; None: its default)."""
+    from ..app import Pipeline, PipelineError
+    from ..status import StatusDisplay, setup_logging
 
     setup_logging(cfg.log.format, "debug" if verbose else cfg.log.level)
+    set_cpu_threads(threads)
     if cfg.log.format == "json" or not sys.stderr.isatty():
         _quiet_progress_bars()  # keep stderr one log record per line
     try:
