@@ -147,6 +147,13 @@ class Pipeline:
                 self._sinks = [make_sink(dict(b)) for b in blocks]
             except ValueError as e:
                 raise PipelineError(str(e)) from None
+        if cfg.server.enabled:  # bound before the model loads: a port in use fails in a second, not after a minute
+            port = cfg.server.port or _free_port(cfg.server.host)
+            if cfg.server.port == 0:  # port 0: overlay sinks that share the server follow the port picked
+                for sink in self._sinks:
+                    if getattr(sink, "name", "") == "overlay" and (sink.host, sink.port) == (cfg.server.host, 0):
+                        sink.port = port
+            self._start_server(port)
         if self.model is None:
             from .engine import load_model
 
@@ -161,13 +168,6 @@ class Pipeline:
 
             self._session_factory = StreamingSession
         self.session = self._session_factory(self.model, self.engine_cfg)
-        if cfg.server.enabled:
-            port = cfg.server.port or _free_port(cfg.server.host)
-            if cfg.server.port == 0:  # port 0: overlay sinks that share the server follow the port picked
-                for sink in self._sinks:
-                    if getattr(sink, "name", "") == "overlay" and (sink.host, sink.port) == (cfg.server.host, 0):
-                        sink.port = port
-            self._start_server(port)
         self.dispatcher = Dispatcher(self._sinks)
         self.dispatcher.start()
         log.info("captions to %s", ", ".join(s.describe() for s in self._sinks))
@@ -214,7 +214,8 @@ class Pipeline:
             self.server.acquire()
         except OSError as e:
             self.server = None
-            raise PipelineError(f"server: {e} (is another livecc running? set server.port)") from None
+            raise PipelineError(f"server {srv.host}:{port}: {e.strerror or e} (is another livecc running? "
+                                f"choose another port: --port N, or server.port in the config)") from None
         log.info("control API and metrics at %s (overlay page %s/overlay)", self.server.url, self.server.url)
 
     def wait(self, timeout: float | None = None) -> bool:

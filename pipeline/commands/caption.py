@@ -6,7 +6,7 @@ import logging
 import sys
 import time
 
-from .options import add_engine_args, engine_overrides, set_cpu_threads
+from .options import add_engine_args, check_model, engine_overrides, set_cpu_threads
 
 log = logging.getLogger("livecc.caption")
 
@@ -49,6 +49,7 @@ def cmd_caption(args) -> int:
     cfg = config.validate({"engine": engine_overrides(args), "sinks": blocks or ["console"]}, "command line")
     engine_cfg = cfg.engine_config()
     duration, _ = probe(args.video)  # a clear error before the model loads
+    check_model(engine_cfg.model)
     sinks = [make_sink(dict(b)) for b in cfg.sinks]
 
     set_cpu_threads(args.threads)

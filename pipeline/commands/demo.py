@@ -73,9 +73,15 @@ def cmd_demo(args) -> int:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     print(BANNER.format(seconds=args.seconds), file=sys.stderr, flush=True)
-    print("preparing the test video and the tiny model (first run only) ...", file=sys.stderr, flush=True)
-    video = test_video(seconds=args.seconds)
-    ckpt = tiny_checkpoint(args.vocab)
+    said: list[str] = []
+
+    def preparing() -> None:  # only when the cache lacks them: the first run (or a new --seconds / --vocab)
+        if not said:
+            said.append("yes")
+            print("preparing the test video and the tiny model (first run only) ...", file=sys.stderr, flush=True)
+
+    video = test_video(seconds=args.seconds, on_build=preparing)
+    ckpt = tiny_checkpoint(args.vocab, on_build=preparing)
     port = _port(args.port)
     cfg = config.validate(demo_config(out, str(ckpt), port, args.status), "demo")
     cfg.capture.source = str(video)

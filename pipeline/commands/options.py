@@ -52,6 +52,54 @@ def set_cpu_threads(threads: int | None) -> int:
     return threads
 
 
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+def check_model(name: str) -> None:
+    """Fail in seconds, before torch and transformers load, where loading ``name`` cannot work.
+
+    A local path (``./X``, ``/X``, ``~/X``) that does not exist: "does not exist". A Hub id with the Hub out
+    of reach (``$HF_HUB_OFFLINE`` set, or no TCP connection to ``$HF_ENDPOINT``/huggingface.co:443 within
+    3 s): fine when the model is in the local Hub cache (``HF_HUB_OFFLINE=1`` is then set so nothing retries),
+    else one line saying how to bring it here. Without this, transformers retried for about a minute
+    and logged dozens of warnings before failing.
+
+    Raises:
+        UserError: the model cannot be loaded; the message says what to do.
+    """
+    import socket
+    from pathlib import Path
+    from urllib.parse import urlparse
+
+    from ..errors import UserError
+
+    local = Path(name).expanduser()
+    if local.exists():
+        return
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise UserError(f"--model {name}: does not exist (expected a local checkpoint folder, "
+                        f"or a Hugging Face id like chenjoya/LiveCC-7B-Instruct)")
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    why = "HF_HUB_OFFLINE is set"
+    if not offline:
+        endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+        host, port = endpoint.hostname or "huggingface.co", endpoint.port or (80 if endpoint.scheme == "http" else 443)
+        try:
+            socket.create_connection((host, port), timeout=HUB_PROBE_TIMEOUT_S).close()
+            return
+        except OSError as e:
+            offline, why = True, f"the Hugging Face Hub ({host}:{port}) is unreachable: {e.strerror or e}"
+            os.environ["HF_HUB_OFFLINE"] = "1"  # the cache only, no retries (read when huggingface_hub loads)
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return  # in the local cache: transformers loads it from there
+    folder = name.rsplit("/", 1)[-1]
+    raise UserError(f"model {name!r} is not on this machine and cannot be downloaded ({why}). Download it where "
+                    f"there is internet (`hf download {name} --local-dir {folder}`), copy the folder here and pass "
+                    f"--model ./{folder}")
+
+
 def engine_overrides(args: argparse.Namespace) -> dict:
     """The engine flags given on the command line: ``{field: value}`` (flags not given are left out)."""
     return {k: getattr(args, k) for k in ENGINE_FLAGS if getattr(args, k, None) is not None}

@@ -9,7 +9,7 @@ import signal
 import sys
 
 from ..errors import UserError
-from .options import add_engine_args, engine_overrides, set_cpu_threads
+from .options import add_engine_args, check_model, engine_overrides, set_cpu_threads
 
 log = logging.getLogger("livecc.run")
 
@@ -71,6 +71,8 @@ def execute(cfg, *, verbose: bool = False, model=None, on_started=None, threads:
 
     setup_logging(cfg.log.format, "debug" if verbose else cfg.log.level)
     set_cpu_threads(threads)
+    if model is None:
+        check_model(cfg.engine.model)  # seconds, not a minute of Hub retries
     if cfg.log.format == "json" or not sys.stderr.isatty():
         _quiet_progress_bars()  # keep stderr one log record per line
     try:
@@ -104,10 +106,12 @@ def execute(cfg, *, verbose: bool = False, model=None, on_started=None, threads:
             log.warning("%s: stopping (finishing the turn in progress, closing sinks; again to quit at once)",
                         restore.signal_name)
     finally:
-        if status is not None:
-            status.stop()
-        final = pipeline.stop()
-        restore()
+        try:
+            final = pipeline.stop()
+        finally:
+            if status is not None:
+                status.stop()  # after the pipeline: the table's last frame shows "stopped", not "running"
+            restore()
     snap = pipeline.snapshot()
     log.info("done: %d turns, %d clips dropped, sinks: %s", snap["turns"], snap["queue"].get("dropped", 0),
              ", ".join(f"{n} {v.get('state')}" for n, v in final.items()))
@@ -118,14 +122,21 @@ def execute(cfg, *, verbose: bool = False, model=None, on_started=None, threads:
 
 
 def _install_signals(pipeline):
-    """SIGINT / SIGTERM: a graceful stop; a second one: exit at once (status 130)."""
-    hits = {"n": 0}
+    """SIGINT / SIGTERM: a graceful stop; a second SIGINT (Ctrl-C again): exit at once (status 130).
+
+    More SIGTERMs are the same stop request: ``timeout``, systemd and Docker send SIGTERM to the process
+    and to its process group, so one ``timeout`` expiry arrives twice (GNU coreutils ``timeout.c``:
+    ``send_sig(monitored_pid, sig)`` then ``send_sig(0, sig)``); only a person presses Ctrl-C twice."""
+    hits = {"interrupts": 0}
 
     def handler(signum, frame):
-        hits["n"] += 1
-        if hits["n"] > 1:
-            os.write(2, b"livecc: stopping now\n")
-            os._exit(130)
+        if signum == signal.SIGINT:
+            hits["interrupts"] += 1
+            if hits["interrupts"] > 1:
+                os.write(2, b"livecc: stopping now\n")
+                os._exit(130)
+        if hits.get("name"):  # a stop is already under way
+            return
         hits["name"] = signal.Signals(signum).name
         if not hits.get("waiting"):  # loading / starting: start nothing more. Not once the main thread
             pipeline.request_stop()  # waits: Event.set takes a lock the interrupted Event.wait may hold

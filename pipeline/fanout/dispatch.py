@@ -29,6 +29,7 @@ from ..types import AudioChunk, Caption, Frame, StreamEvent
 log = logging.getLogger(__name__)
 
 OK, RETRYING, FAILED, HUNG, STOPPED, STARTING = "ok", "retrying", "failed", "hung", "stopped", "starting"
+DISCONNECTED = "disconnected"  # reported (never set): a sink whose stats() say connected: False
 
 
 @dataclass
@@ -240,8 +241,11 @@ class _Worker:
             detail = self.sink.stats()
         except Exception as e:  # a reporting bug must not break the status display
             detail = {"error": redact(f"{type(e).__name__}: {e}")}
+        state = self.state
+        if state == OK and isinstance(detail, dict) and detail.get("connected") is False:
+            state = DISCONNECTED  # its calls succeed (it queues), but nothing reaches anyone: never "ok"
         return {
-            "state": self.state,
+            "state": state,
             "sink": redact(self.sink.describe()),
             "queued": queued,
             "captions": self.counters["captions"],
