@@ -157,6 +157,11 @@ class _Restore:
         return self.hits.get("name")
 
     def __call__(self) -> None:
+        if self.signal_name and self.old:  # the process is on its way out: a repeated SIGTERM (timeout and
+            # systemd send it twice) must not kill it while it finishes (Python resets its own handlers to the
+            # default at exit, which kills; it keeps SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            self.old.pop(signal.SIGTERM, None)
         for s, h in (self.old or {}).items():
             signal.signal(s, h)
 
