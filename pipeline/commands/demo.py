@@ -98,7 +98,7 @@ done. Look at:
   {srt}    SubRip subtitles (load next to the video: e.g. mpv {video} --sub-file={srt})
   {out / 'captions.jsonl'}  one JSON object per turn (start, stop, text, latency_s, ...)
 The words are random: the tiny model has random weights. For real captions, on a GPU machine:
-  pip install '.[gpu]'
+  LIVECC_EXTRAS=gpu bash scripts/install.sh
   livecc run YOUR_STREAM_URL --model chenjoya/LiveCC-7B-Instruct --config configs/sports.yaml --sink overlay
 """, file=sys.stderr, flush=True)
     return code
