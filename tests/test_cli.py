@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import glob
+import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from pipeline.commands.options import ENGINE_FLAGS
 
+ROOT = Path(__file__).resolve().parent.parent
 LIVECC = [sys.executable, "-c", "import sys; from pipeline.cli import main; sys.exit(main())"]
 
 
@@ -70,3 +74,23 @@ def test_engine_flags_are_engine_config_fields_with_the_defaults_their_help_name
         assert action.default is None  # a flag not given leaves the config alone
         if flag in ("model", "query", "max_new_tokens", "repetition_penalty"):
             assert str(default) in action.help, (flag, default, action.help)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/usr/bin/python3") or not glob.glob("/usr/lib/python3*/EXTERNALLY-MANAGED"),
+                    reason="no distribution python3 with PEP 668 here")
+def test_install_works_with_the_distributions_python(tmp_path):
+    """PEP 668: pip refuses to install into Debian's /usr/bin/python3; install.sh makes and uses a venv.
+    (PIP_NO_DEPS=1 keeps it to the package itself: seconds, not 6 GiB of torch and CUDA.)"""
+    venv = tmp_path / "venv"
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    env.update(PYTHON="/usr/bin/python3", LIVECC_VENV=str(venv), PIP_NO_DEPS="1")
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "install.sh")], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"installed in {venv}" in r.stdout
+    v = subprocess.run([str(venv / "bin" / "livecc"), "--version"], capture_output=True, text=True, env=env)
+    assert v.returncode == 0 and v.stdout.startswith("livecc "), v.stderr
+    base = subprocess.run([str(venv / "bin" / "python"), "-c", "import sys; print(sys.base_prefix)"],
+                          capture_output=True, text=True).stdout.strip()
+    assert base == "/usr"
