@@ -6,7 +6,7 @@ import logging
 import sys
 import time
 
-from .options import add_engine_args, check_model, engine_overrides, set_cpu_threads
+from .options import add_engine_args, check_model, engine_overrides, quiet_progress_bars, set_cpu_threads
 
 log = logging.getLogger("livecc.caption")
 
@@ -53,6 +53,8 @@ def cmd_caption(args) -> int:
     sinks = [make_sink(dict(b)) for b in cfg.sinks]
 
     set_cpu_threads(args.threads)
+    if not sys.stderr.isatty():
+        quiet_progress_bars()  # as `livecc run`: stderr holds log records and the result line only
     from ..engine import StreamingSession, load_model
 
     log.info("loading %s", engine_cfg.model)

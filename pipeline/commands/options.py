@@ -100,6 +100,18 @@ def check_model(name: str) -> None:
                     f"--model ./{folder}")
 
 
+def quiet_progress_bars() -> None:
+    """No download / weight-loading progress bars from huggingface_hub and transformers (for a pipe or a log
+    file, where each redraw would be a line of its own)."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except Exception:  # an older or absent transformers: nothing to quiet
+        pass
+
+
 def engine_overrides(args: argparse.Namespace) -> dict:
     """The engine flags given on the command line: ``{field: value}`` (flags not given are left out)."""
     return {k: getattr(args, k) for k in ENGINE_FLAGS if getattr(args, k, None) is not None}

@@ -9,7 +9,7 @@ import signal
 import sys
 
 from ..errors import UserError
-from .options import add_engine_args, check_model, engine_overrides, set_cpu_threads
+from .options import add_engine_args, check_model, engine_overrides, quiet_progress_bars, set_cpu_threads
 
 log = logging.getLogger("livecc.run")
 
@@ -74,7 +74,7 @@ def execute(cfg, *, verbose: bool = False, model=None, on_started=None, threads:
     if model is None:
         check_model(cfg.engine.model)  # seconds, not a minute of Hub retries
     if cfg.log.format == "json" or not sys.stderr.isatty():
-        _quiet_progress_bars()  # keep stderr one log record per line
+        quiet_progress_bars()  # keep stderr one log record per line
     try:
         pipeline = Pipeline(cfg, model=model)
     except PipelineError as e:
@@ -164,13 +164,3 @@ class _Restore:
             self.old.pop(signal.SIGTERM, None)
         for s, h in (self.old or {}).items():
             signal.signal(s, h)
-
-
-def _quiet_progress_bars() -> None:
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    except Exception:  # an older or absent transformers: nothing to quiet
-        pass
