@@ -1,6 +1,7 @@
-"""The engine flags (``--model``, ``--device``, ...), defined once for every command that loads a model.
+"""What every command that loads a model shares: the engine flags (``--model``, ``--device``, ...), defined
+once, and what to do before the model loads (CPU threads, a model that cannot be there, progress bars).
 
-Each flag maps onto the field of the same name in :class:`pipeline.engine.EngineConfig` (the YAML
+Each engine flag maps onto the field of the same name in :class:`pipeline.engine.EngineConfig` (the YAML
 ``engine:`` block); a flag not given is ``None`` and leaves the config's value alone.
 """
 
@@ -43,7 +44,8 @@ def set_cpu_threads(threads: int | None) -> int:
     import torch
 
     if threads is None:
-        threads = int(os.environ.get("OMP_NUM_THREADS") or 1)
+        env = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()  # OpenMP allows "4,2" (nesting)
+        threads = int(env) if env.isdigit() else 1
     if threads < 1:
         from ..errors import UserError
 
