@@ -142,7 +142,7 @@ def reference_clips(frames: Iterable[tuple[Frame, float]], max_pixels: int = MAX
             look.pop(0)  # the next turn searches from the frame after the last one used
         images = [f.image for f in chosen[:keep]]
         if len({im.shape for im in images}) > 1:  # the resolution changed inside this turn
-            from .capture.sampler import conform
+            from .sampler import conform
             images = conform(images)
         images = np.stack(images)
         yield Clip(resize_frames(images, max_pixels=max_pixels), tuple(times[:keep]))
