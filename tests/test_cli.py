@@ -133,3 +133,12 @@ def test_no_import_cycle():
     for m in sorted(edges):
         if m not in state:
             visit(m, [m])
+
+
+def test_a_caption_with_newlines_stays_on_one_status_line():
+    """The model may emit newlines: the status table row and the plain status log line stay one line."""
+    from pipeline.status import one_line, summary
+
+    snap = {"state": "running", "last_caption": {"text": "a goal!\nwhat a shot\r\n  replay"}}
+    assert summary(snap)["last caption"] == "a goal! what a shot replay"
+    assert "\n" not in one_line(snap) and "\r" not in one_line(snap)
