@@ -35,10 +35,11 @@ def set_cpu_threads(threads: int | None) -> int:
     """Fix torch's intra-op thread count before the model loads; returns the count used.
 
     Default 1 (unless ``$OMP_NUM_THREADS`` says otherwise): a decode step is hundreds of small operations
-    (a sampling step alone sorts, masks and softmaxes the 151,936-entry vocabulary several times), and each
-    one forks and joins OpenMP's thread team. On a busy machine a join waits for a descheduled worker:
-    ``livecc caption``, which ran the engine on the main thread with torch's default (one thread per core),
-    took 2-4x longer per turn than ``livecc run`` with 65 % of it in sampling (docs/performance.md).
+    (a sampling step alone sorts, masks and softmaxes the 151,936-entry vocabulary several times), each a
+    fork/join of OpenMP's thread team, and between two of them libgomp's idle workers spin (its default wait
+    policy) on cores the calling thread needs. On a busy machine ``livecc caption`` (the engine on the main
+    thread, torch's default of one thread per core) took 2-4x longer per turn than ``livecc run``, 65 % of it
+    in sampling; one thread, or ``OMP_WAIT_POLICY=PASSIVE``, removed the difference (docs/performance.md).
     Raise it for a large model on an idle many-core CPU; a GPU does the model's work itself either way.
     """
     import torch
