@@ -124,7 +124,7 @@ def test_slow_and_fast_agree(qwen_ckpt):
 
     slow = AutoTokenizer.from_pretrained(qwen_ckpt, use_fast=False)
     fast = AutoTokenizer.from_pretrained(qwen_ckpt, use_fast=True)
-    text = (Path(__file__).read_text() + (ROOT / "pipeline" / "tiny.py").read_text())[:20000]
+    text = (Path(__file__).read_text() + (ROOT / "pipeline" / "fixtures" / "tiny.py").read_text())[:20000]
     assert slow(text).input_ids == fast(text).input_ids
 
 
