@@ -36,6 +36,7 @@ from typing import Any
 
 from .capture import Backoff, CaptureThread, ClipQueue, LiveSampler, RingBuffer, SourceOptions, resolve
 from .config import RunConfig
+from .errors import PipelineError
 from .metrics import RATE_WINDOW_S, Metrics
 from .redact import redact
 from .snapshot import Snapshot
@@ -46,9 +47,6 @@ log = logging.getLogger("livecc.app")
 MAX_CONSECUTIVE_ERRORS = 3  # engine turns failing in a row before the pipeline gives up
 RECENT_CAPTIONS = 20  # kept for /api/status
 
-
-class PipelineError(RuntimeError):
-    """The pipeline cannot run (a source that won't open, an engine that keeps failing)."""
 
 
 class _TeeRing(RingBuffer):
@@ -161,6 +159,8 @@ class Pipeline:
                 self._sinks = [make_sink(dict(b)) for b in blocks]
             except ValueError as e:
                 raise PipelineError(str(e)) from None
+        if cfg.server.enabled and self._own_server:  # bound before the model loads: a port in use fails at once
+            self._start_server()
         if self.engine is None:
             from .engine_worker import EngineWorker
 
@@ -181,8 +181,6 @@ class Pipeline:
                 self.session = self.engine.open_session(self.engine_cfg)
             except RuntimeError as e:
                 raise PipelineError(str(e)) from None
-        if cfg.server.enabled and self._own_server:
-            self._start_server()
         self.dispatcher = Dispatcher(self._sinks)
         self.dispatcher.start()
         log.info("captions to %s", ", ".join(s.describe() for s in self._sinks))
@@ -228,7 +226,8 @@ class Pipeline:
         try:
             server.start()
         except OSError as e:
-            raise PipelineError(f"server: {e} (is another livecc running? set server.port)") from None
+            raise PipelineError(f"server {srv.host}:{srv.port}: {e.strerror or e} (is another livecc running? "
+                                f"choose another port: --port N, or server.port in the config)") from None
         self.server = server
         log.info("control API and metrics at %s", server.url)
 

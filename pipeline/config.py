@@ -28,17 +28,14 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
-from .cli import UserError
 from .engine.config import EngineConfig
+from .errors import ConfigError
 from .redact import redact
 from .server import is_loopback
 
 TOKEN_ENV = "LIVECC_API_TOKEN"
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
-
-class ConfigError(UserError):
-    """A configuration that can't be used; the message names the file and the key."""
 
 
 class _Block(BaseModel):
@@ -179,29 +176,90 @@ def _expand_env(obj: Any, path: str, where: str) -> Any:
     return obj
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a config is a few KiB; a bigger file is a mistake or an attack
+MAX_CONFIG_NODES = 100_000  # values after YAML aliases are expanded ("billion laughs": 10 aliases of 10 ...)
+MAX_CONFIG_DEPTH = 32  # nesting of mappings / lists
+
+
+def presets() -> list[str]:
+    """The preset names ``--config NAME`` accepts (``configs/NAME.yaml``)."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
 def read_yaml(path: str | os.PathLike) -> dict:
-    """``yaml.safe_load`` of a config file; a clear error for a missing file or bad YAML."""
+    """``yaml.safe_load`` of a config file, within ``MAX_CONFIG_*``.
+
+    Raises:
+        ConfigError: one line: a missing file (with the presets and the closest name), not UTF-8, too big,
+            bad YAML, aliases or nesting beyond the limits, or a top level that is not a mapping.
+    """
     p = Path(path)
     if not p.exists() and not p.suffix and (CONFIG_DIR / f"{p.name}.yaml").exists():
         p = CONFIG_DIR / f"{p.name}.yaml"  # ``--config sports`` names a preset
     try:
-        text = p.read_text(encoding="utf-8")
+        if p.is_file() and p.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: {p.stat().st_size} bytes: too big for a config (at most {MAX_CONFIG_BYTES})")
+        raw = p.read_bytes()
     except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
+        import difflib
+
+        names = presets()
+        close = difflib.get_close_matches(Path(path).stem, names, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(f"{path}: no such config file ({hint}presets: {', '.join(names)})") from None
     except OSError as e:
         raise ConfigError(f"{path}: {e.strerror or e}") from None
     try:
-        data = yaml.safe_load(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x})") from None
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is not None:
+            _check_shape(node, str(path))
+        data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f"line {mark.line + 1}: " if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(f"{path}: {at}not valid YAML ({problem})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply (at most {MAX_CONFIG_DEPTH} levels)") from None
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        raise ConfigError(f"{path}: {str(e).splitlines()[0]}") from None
+    finally:
+        loader.dispose()
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, not {type(data).__name__}")
     return data
+
+
+def _check_shape(root: yaml.Node, where: str) -> None:
+    """Depth and expanded size of a composed YAML document, counted per node once (an alias is the same node)."""
+    sizes: dict[int, int] = {}
+
+    def size(node: yaml.Node, depth: int) -> int:
+        if depth > MAX_CONFIG_DEPTH:
+            raise ConfigError(f"{where}: line {node.start_mark.line + 1}: nested too deeply "
+                              f"(at most {MAX_CONFIG_DEPTH} levels)")
+        if id(node) in sizes:
+            return sizes[id(node)]
+        n = 1
+        if isinstance(node, yaml.MappingNode):
+            n += sum(size(k, depth + 1) + size(v, depth + 1) for k, v in node.value)
+        elif isinstance(node, yaml.SequenceNode):
+            n += sum(size(v, depth + 1) for v in node.value)
+        if n > MAX_CONFIG_NODES:
+            raise ConfigError(f"{where}: more than {MAX_CONFIG_NODES} values once its aliases are expanded "
+                              "(a YAML alias bomb?)")
+        sizes[id(node)] = n
+        return n
+
+    size(root, 0)
 
 
 def _loc(loc: tuple) -> str:
@@ -283,6 +341,9 @@ def validate(data: dict, where: str = "config", cli_sinks: int = 0) -> RunConfig
     if problems:
         raise ConfigError("\n".join(problems))
     cfg.sinks = sinks
+    if len(cfg.engine.query) > cfg.server.max_text_chars:
+        raise ConfigError(f"{where}: engine.query: {len(cfg.engine.query)} characters: at most "
+                          f"{cfg.server.max_text_chars} (server.max_text_chars, as for a query sent to the API)")
     try:
         cfg.engine_config()  # the engine's own checks (positions, context policy, ...) with the file's name
     except ConfigError as e:
@@ -309,17 +370,80 @@ def validate_sink(block: Any, label: str = "sinks[0]") -> dict:
     try:
         cls = sink_class(kind)
     except PluginError as e:
-        raise ConfigError(f"{label}.kind: {e}") from None
+        import difflib
+
+        from .plugins import SINKS, registry
+
+        key = "" if label.startswith("--sink ") else ".kind"  # --sink KIND:TARGET names the flag, not a key
+        names = registry.names(SINKS)
+        if kind in names:  # known, but it failed to import
+            raise ConfigError(f"{label}{key}: {e}") from None
+        close = difflib.get_close_matches(kind, names, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(f"{label}{key}: unknown sink {kind!r} ({hint}known: {', '.join(names)})") from None
     if target is not None:
         tf = getattr(cls, "target_field", None)
         if not tf:
             raise ConfigError(f"{label}: sink {kind!r} takes no target")
         settings.setdefault(tf, target)
     try:
-        cls.Settings.model_validate(settings)
+        checked = cls.Settings.model_validate(settings)
     except ValidationError as e:
         raise ConfigError("\n".join(f"{label}({kind}).{m}" for m in _messages(e, candidates=list(cls.Settings.model_fields)))) from None
+    for field in OUTPUT_FIELDS:
+        value = getattr(checked, field, None)
+        if isinstance(value, str):
+            problem = output_path_problem(value)
+            if problem:
+                raise ConfigError(f"{label}({kind}).{field}: {problem}")
+    if kind == "twitch":
+        _check_twitch(checked, label)
     return {"kind": kind, **settings}
+
+
+#: sink settings that name a file the sink writes (a URL there is left to the sink)
+OUTPUT_FIELDS = ("path", "output")
+
+
+def output_path_problem(target: str) -> str | None:
+    """Why a file cannot be created at ``target`` (None: it can, as far as can be told before writing).
+
+    Caught here, before the model loads, rather than by a sink that retries forever: a directory, a path
+    under a regular file, a folder with no write permission. A target with ``://`` is a URL: not checked.
+    """
+    if "://" in target:
+        return None
+    p = Path(target).expanduser()
+    if p.is_dir():
+        return f"{target} is a directory (give a file name in it)"
+    parent = p.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{target}: {parent} is a file, not a folder"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{target}: no permission to write in {parent}"
+    if p.exists() and not os.access(p, os.W_OK):
+        return f"{target}: no permission to write it"
+    return None
+
+
+TWITCH_HOST_SUFFIX = "twitch.tv"
+
+
+def _check_twitch(settings: Any, label: str) -> None:
+    """Twitch drops what an anonymous (token-less) user posts: refuse to start a sink that would post nothing.
+
+    Plain IRC servers (``host`` not ``*.twitch.tv``) accept anonymous users: no token needed there."""
+    host = str(getattr(settings, "host", "")).lower().rstrip(".")
+    if not (host == TWITCH_HOST_SUFFIX or host.endswith("." + TWITCH_HOST_SUFFIX)):
+        return
+    token = getattr(settings, "token", None)
+    env = getattr(settings, "token_env", "TWITCH_OAUTH_TOKEN")
+    if token is None and not os.environ.get(env):
+        raise ConfigError(f"{label}(twitch): no OAuth token: Twitch drops every message of an anonymous user, "
+                          f"so nothing would be posted. Set ${env} (or token: in the config; a bot account's "
+                          "token from https://dev.twitch.tv/docs/irc/authenticate-bot)")
 
 
 def check_security(cfg: RunConfig, where: str = "config") -> None:
@@ -395,6 +519,9 @@ def load(path: str | os.PathLike | None = None, *, overrides: list[str] = (), si
                 kind, target, _ = parse_spec(spec)
             except ValueError as e:
                 raise ConfigError(f"--sink {redact(spec)}: {e}") from None
+            if spec.strip().endswith(":") and target is None:
+                raise ConfigError(f"--sink {redact(spec)}: empty target after ':' (give one, e.g. "
+                                  f"{kind}:TARGET, or write --sink {kind} for the sink's default)")
             blocks.append({"kind": kind, **({"target": target} if target is not None else {})})
         data["sinks"] = list(data.get("sinks") or []) + blocks
     for item in overrides:

@@ -40,6 +40,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10: the installed metadata only
     tomllib = None
 
+from .errors import PluginError  # noqa: F401  (re-exported)
 log = logging.getLogger(__name__)
 
 SOURCES = "livecc.sources"
@@ -50,9 +51,6 @@ DIST = "livecc-pipeline"
 #: this package's own pyproject.toml when running from a source tree (absent in an installed wheel)
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 
-
-class PluginError(LookupError):
-    """An unknown plugin name, or one that failed to import."""
 
 
 @dataclass

@@ -96,7 +96,8 @@ def summary(s: dict) -> dict:
         "gpu memory": _fmt_bytes(s.get("gpu", {}).get("allocated")),
         "context": f"{s.get('context_tokens', 0)} tokens, {s.get('turns', 0)} turns",
         "sinks": ", ".join(f"{n}: {v.get('state')}" for n, v in sinks.items()) + (f"  ({', '.join(bad)} unhealthy)" if bad else ""),
-        "last caption": ((s.get("last_caption") or {}).get("text") or "").strip()[:120],
+        # one line whatever the model wrote (a newline in a caption must not break the table or a log line)
+        "last caption": " ".join(((s.get("last_caption") or {}).get("text") or "").split())[:120],
     }
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -19,7 +18,6 @@ from pipeline.fixtures.tiny import SPECIAL_TOKENS, build_tiny_checkpoint, greedy
 ROOT = Path(__file__).resolve().parents[1]
 SYSTEM_PROMPT = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
 SYSTEM_PROMPT_IDS = [151644, 8948, 198, 2610, 525, 264, 10950, 17847, 13, 151645, 198, 151644, 872, 198]
-HAVE_TORCHVISION = importlib.util.find_spec("torchvision") is not None
 
 
 def _hashes(folder: Path) -> dict[str, str]:
@@ -126,7 +124,7 @@ def test_slow_and_fast_agree(qwen_ckpt):
 
     slow = AutoTokenizer.from_pretrained(qwen_ckpt, use_fast=False)
     fast = AutoTokenizer.from_pretrained(qwen_ckpt, use_fast=True)
-    text = (Path(__file__).read_text() + (ROOT / "pipeline" / "tiny.py").read_text())[:20000]
+    text = (Path(__file__).read_text() + (ROOT / "pipeline" / "fixtures" / "tiny.py").read_text())[:20000]
     assert slow(text).input_ids == fast(text).input_ids
 
 
@@ -171,10 +169,9 @@ def test_model_loads_and_logits(vocab):
     assert int(logits[-1].argmax()) < len(tok)
 
 
-@pytest.mark.skipif(not HAVE_TORCHVISION, reason="transformers' Qwen2-VL processors (4.57 and 5.x) need torchvision "
-                    "for the video processor; not installed here")
 @pytest.mark.parametrize("use_fast", [False, None])
 def test_auto_processor_loads(qwen_ckpt, use_fast):
+    """transformers' whole Qwen2-VL processor (its video part needs torchvision: in the test extra)."""
     from transformers import AutoProcessor
 
     kw = {} if use_fast is None else {"use_fast": use_fast}

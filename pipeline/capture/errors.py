@@ -1,15 +1,3 @@
-"""The one exception type capture raises: a one-line message a user can act on (secrets redacted)."""
+"""The one exception type capture raises (defined with the other user-facing errors in ``pipeline.errors``)."""
 
-from __future__ import annotations
-
-
-class CaptureError(RuntimeError):
-    """The source cannot be captured: dead URL, no video stream, unsupported codec, not video, ...
-
-    ``transient`` is True for failures a retry may cure (refused, timed out, network reset);
-    False for ones it will not (no such file, no video stream, not a media file).
-    """
-
-    def __init__(self, message: str, *, transient: bool = False):
-        super().__init__(" ".join(str(message).split()))  # always one line
-        self.transient = transient
+from ..errors import CaptureError  # noqa: F401  (re-exported)

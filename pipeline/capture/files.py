@@ -21,10 +21,8 @@ import numpy as np
 from .frames import MAX_PIXELS, MAX_RATIO, resize_frames
 from .sampler import FPS, OPENER_FRAMES, TURN_FRAMES, conform
 from ..types import Clip, Frame
+from ..errors import VideoFileError  # noqa: F401  (re-exported)
 
-
-class VideoFileError(RuntimeError):
-    """The file cannot be captioned; the message says why."""
 
 
 def probe(path: str | Path) -> tuple[float, float]:

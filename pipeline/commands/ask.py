@@ -49,7 +49,7 @@ def add_parser(sub) -> None:
 
 def check_question(question: str) -> str:
     """The question stripped; UserError when it is empty or over MAX_QUESTION_CHARS characters."""
-    from ..cli import UserError
+    from ..errors import UserError
 
     q = question.strip()
     if not q:
@@ -78,7 +78,7 @@ class Conversation:
 
 def main(args) -> int:
     from ..capture.whole_video import plan, read_frames
-    from ..cli import UserError
+    from ..errors import UserError
     from ..engine import ContextFullError, EngineConfig, StreamingSession, load_model
 
     questions = [check_question(q) for q in args.questions]

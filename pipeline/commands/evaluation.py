@@ -31,7 +31,7 @@ def add_arguments(p) -> None:
 
 def selected(args) -> bool:
     """Whether the evaluation protocol runs; UserError for its options without it."""
-    from ..cli import UserError
+    from ..errors import UserError
 
     if args.protocol == "evaluation":
         return True
@@ -44,7 +44,10 @@ def selected(args) -> bool:
 def main(args) -> int:
     from .. import evaluation
     from ..capture.whole_video import plan, read_frames
-    from ..cli import UserError, _engine_config
+    import dataclasses
+
+    from ..errors import UserError
+    from .options import engine_overrides
     from ..engine import EngineConfig, StreamingSession, load_model
     from ..plugins import make_sink
     from ..types import Caption
@@ -53,8 +56,12 @@ def main(args) -> int:
         raise UserError("--query replaces the evaluation's query: give it or --title/--previous, not both")
     if args.start is not None and args.end is not None and args.end <= args.start:
         raise UserError(f"--end {args.end:g} is not after --start {args.start:g}")
-    cfg = _engine_config(args, EngineConfig(max_new_tokens=evaluation.MAX_NEW_TOKENS,
-                                            repetition_penalty=evaluation.REPETITION_PENALTY, context="none"))
+    base = EngineConfig(max_new_tokens=evaluation.MAX_NEW_TOKENS, repetition_penalty=evaluation.REPETITION_PENALTY,
+                        context="none")
+    try:
+        cfg = dataclasses.replace(base, **engine_overrides(args))
+    except ValueError as e:
+        raise UserError(str(e)) from None
     query = args.query or evaluation.evaluation_query(args.title or "", args.previous or "")
     p = plan(args.video, args.start or 0.0, args.end)  # start 0 = the first frame, as the reference
     turns = 1 + max(0, len(p.indices) - evaluation.OPENER_FRAMES) // evaluation.TURN_FRAMES

@@ -43,10 +43,10 @@ def add_parser(sub) -> None:
 def main(args) -> int:
     from .. import config
     from ..app import PipelineError
-    from ..cli import UserError
+    from ..errors import UserError
     from ..serve import Service
     from ..status import StatusDisplay, setup_logging
-    from ..run import _install_signals
+    from .run import _install_signals
 
     data = config.read_yaml(args.streams_file)
     for key, value in (("server.host", args.host), ("server.port", args.port), ("log.format", args.log_format),

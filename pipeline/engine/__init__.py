@@ -4,12 +4,24 @@
     core.py     EngineCore: continuous batching, one thread per device -> TurnResult
     runner.py   ModelRunner: vision, prefill, one decode step for many rows (CUDA graphs: cuda_graphs.py)
     model.py    TextModel: the weights and one layer function;  kv_cache.py: one row per stream
+
+Names are imported on first use, so ``pipeline.engine.config`` (read by the config loader) costs no torch import.
 """
 
-from .config import DEFAULT_MODEL, DEFAULT_QUERY, EngineConfig
-from .core import EngineCore, TurnRequest, TurnResult, TurnStats
-from .loading import LoadedModel, ModelLoadError, load_model
-from .session import ContextFullError, StreamingSession, make_core
+from __future__ import annotations
 
-__all__ = ["DEFAULT_MODEL", "DEFAULT_QUERY", "EngineConfig", "LoadedModel", "ModelLoadError", "load_model",
-           "ContextFullError", "EngineCore", "StreamingSession", "TurnRequest", "TurnResult", "TurnStats", "make_core"]
+import importlib
+
+_EXPORTS = {
+    "DEFAULT_MODEL": ".config", "DEFAULT_QUERY": ".config", "EngineConfig": ".config",
+    "EngineCore": ".core", "TurnRequest": ".core", "TurnResult": ".core", "TurnStats": ".core",
+    "LoadedModel": ".loading", "ModelLoadError": ".loading", "load_model": ".loading",
+    "ContextFullError": ".session", "StreamingSession": ".session", "make_core": ".session",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name], __name__), name)

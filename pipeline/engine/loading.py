@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ModelLoadError  # noqa: F401  (re-exported)
 from .vision import PatchSpec
 
 log = logging.getLogger(__name__)
@@ -17,9 +18,6 @@ log = logging.getLogger(__name__)
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
 SILENCE_TEXT = " ..."  # LiveCC's streaming EOS: "nothing new to say"
 
-
-class ModelLoadError(RuntimeError):
-    """A model could not be loaded; the message says why and what to do."""
 
 
 @dataclass

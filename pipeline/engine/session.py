@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..types import Caption, Clip
+from ..errors import ContextFullError  # noqa: F401  (re-exported)
 from .config import EngineConfig
 from .context import History, Segment, rollover_query, window_cut
 from .core import EngineCore, TurnRequest, TurnResult, TurnStats
@@ -33,9 +34,6 @@ __all__ = ["ContextFullError", "StreamingSession", "Turn", "TurnStats", "make_co
 
 TEXT_SLACK_PER_FRAME = 32  # tokens budgeted per frame for the turn's text when checking what fits
 
-
-class ContextFullError(RuntimeError):
-    """The turn does not fit in what is left of the context window."""
 
 
 @dataclass

@@ -35,6 +35,7 @@ from ..types import AudioChunk, Caption, Frame, StreamEvent
 log = logging.getLogger(__name__)
 
 OK, RETRYING, FAILED, HUNG, STOPPED, STARTING = "ok", "retrying", "failed", "hung", "stopped", "starting"
+DISCONNECTED = "disconnected"  # reported (never set): a sink whose stats() say connected: False
 
 
 #: 4 attempts per item: at once, then after 0.2, 0.4 and 0.8 s (a failed start: forever, up to 10 s apart)
@@ -239,8 +240,11 @@ class _Worker:
             detail = self.sink.stats()
         except Exception as e:  # a reporting bug must not break the status display
             detail = {"error": redact(f"{type(e).__name__}: {e}")}
+        state = self.state
+        if state == OK and isinstance(detail, dict) and detail.get("connected") is False:
+            state = DISCONNECTED  # its calls succeed (it queues), but nothing reaches anyone: never "ok"
         return {
-            "state": self.state,
+            "state": state,
             "sink": redact(self.sink.describe()),
             "queued": queued,
             "captions": self.counters["captions"],

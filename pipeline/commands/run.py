@@ -1,17 +1,23 @@
-"""``livecc run SOURCE``: the command line of the live pipeline (the pipeline itself is ``app.py``)."""
+"""``livecc run SOURCE``: the command line of the live pipeline (the pipeline itself is ``pipeline/app.py``)."""
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import signal
 import sys
 
+from ..errors import UserError
+from .options import add_engine_args, check_model, engine_overrides, quiet_progress_bars, set_cpu_threads
+
 log = logging.getLogger("livecc.run")
 
 RUN_EPILOG = """\
 examples:
-  livecc run rtmp://127.0.0.1/live/match --config configs/sports.yaml --sink burnin:rtmp://a.rtmp.youtube.com/live2/KEY
+  livecc run rtmp://127.0.0.1/live/match --config sports --sink overlay
+  export LIVECC_RESTREAM_URL=rtmp://...   # the stream key stays out of the command line and shell history
+  livecc run rtmp://127.0.0.1/live/match --config restream
   livecc run v4l2:/dev/video0 --config configs/webcam-narration.yaml
   livecc run srt://0.0.0.0:9000?mode=listener --sink overlay --sink srt:match.srt
   livecc run match.mp4 --sink jsonl:events.jsonl --set engine.repetition_penalty=1.15
@@ -21,11 +27,9 @@ control API, metrics and the overlay page: http://127.0.0.1:8765 (/api/status, /
 
 
 def add_parser(sub) -> None:
-    from .cli import _engine_args
-
     p = sub.add_parser("run", help="caption a live stream (RTMP, RTSP, SRT, HLS, webcam, file)",
                        description="Caption a live stream: capture -> 2 fps sampler -> LiveCC -> sinks.",
-                       epilog=RUN_EPILOG, formatter_class=_Formatter)
+                       epilog=RUN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", nargs="?", help="rtmp://..., rtsp://..., srt://..., https://.../x.m3u8, "
                    "v4l2:/dev/video0, lavfi:testsrc2, a file (default: capture.source of the config)")
     p.add_argument("-c", "--config", help="YAML config (a path, or a preset name: sports, esports, "
@@ -41,42 +45,36 @@ def add_parser(sub) -> None:
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.add_argument("--status", choices=["auto", "rich", "plain", "off"],
                    help="live status: rich on a terminal, plain log lines otherwise (default auto)")
-    _engine_args(p)
+    add_engine_args(p)
     p.set_defaults(func=cmd_run)
 
 
-class _Formatter(__import__("argparse").RawDescriptionHelpFormatter):
-    pass
-
-
-def _engine_overrides(args) -> dict:
-    return dict(model=args.model, device=args.device, dtype=args.dtype, query=args.query, greedy=args.greedy,
-                max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty,
-                positions=args.positions, seed=args.seed)
-
-
 def cmd_run(args) -> int:
-    from . import config
+    from .. import config
 
     overrides = list(args.overrides)
     for key, value in (("server.host", args.host), ("server.port", args.port), ("log.format", args.log_format),
                        ("log.level", args.log_level), ("status.mode", args.status)):
         if value is not None:
             overrides.append(f"{key}={value}")
-    cfg = config.load(args.config, overrides=overrides, sinks=args.sink, engine=_engine_overrides(args),
+    cfg = config.load(args.config, overrides=overrides, sinks=args.sink, engine=engine_overrides(args),
                       source=args.source)
-    return execute(cfg, verbose=args.verbose)
+    return execute(cfg, verbose=args.verbose, threads=args.threads)
 
 
-def execute(cfg, *, verbose: bool = False, model=None, on_started=None) -> int:
-    """Run a validated config until the source ends or SIGINT/SIGTERM; the process's exit status."""
-    from .app import Pipeline, PipelineError
-    from .cli import UserError
-    from .status import StatusDisplay, setup_logging
+def execute(cfg, *, verbose: bool = False, model=None, on_started=None, threads: int | None = None) -> int:
+    """Run a validated config until the source ends or SIGINT/SIGTERM; the process's exit status.
+
+    ``threads``: torch's CPU thread count (``set_cpu_threads``; None: its default)."""
+    from ..app import Pipeline, PipelineError
+    from ..status import StatusDisplay, setup_logging
 
     setup_logging(cfg.log.format, "debug" if verbose else cfg.log.level)
+    set_cpu_threads(threads)
+    if model is None:
+        check_model(cfg.engine.model)  # seconds, not a minute of Hub retries
     if cfg.log.format == "json" or not sys.stderr.isatty():
-        _quiet_progress_bars()  # keep stderr one log record per line
+        quiet_progress_bars()  # keep stderr one log record per line
     try:
         pipeline = Pipeline(cfg, model=model)
     except PipelineError as e:
@@ -108,10 +106,12 @@ def execute(cfg, *, verbose: bool = False, model=None, on_started=None) -> int:
             log.warning("%s: stopping (finishing the turn in progress, closing sinks; again to quit at once)",
                         restore.signal_name)
     finally:
-        if status is not None:
-            status.stop()
-        final = pipeline.stop()
-        restore()
+        try:
+            final = pipeline.stop()
+        finally:
+            if status is not None:
+                status.stop()  # after the pipeline: the table's last frame shows "stopped", not "running"
+            restore()
     snap = pipeline.snapshot()
     log.info("done: %d turns, %d clips dropped, sinks: %s", snap["turns"], snap["queue"].get("dropped", 0),
              ", ".join(f"{n} {v.get('state')}" for n, v in final.items()))
@@ -126,14 +126,21 @@ def execute(cfg, *, verbose: bool = False, model=None, on_started=None) -> int:
 
 
 def _install_signals(pipeline):
-    """SIGINT / SIGTERM: a graceful stop; a second one: exit at once (status 130)."""
-    hits = {"n": 0}
+    """SIGINT / SIGTERM: a graceful stop; a second SIGINT (Ctrl-C again): exit at once (status 130).
+
+    More SIGTERMs are the same stop request: ``timeout``, systemd and Docker send SIGTERM to the process
+    and to its process group, so one ``timeout`` expiry arrives twice (GNU coreutils ``timeout.c``:
+    ``send_sig(monitored_pid, sig)`` then ``send_sig(0, sig)``); only a person presses Ctrl-C twice."""
+    hits = {"interrupts": 0}
 
     def handler(signum, frame):
-        hits["n"] += 1
-        if hits["n"] > 1:
-            os.write(2, b"livecc: stopping now\n")
-            os._exit(130)
+        if signum == signal.SIGINT:
+            hits["interrupts"] += 1
+            if hits["interrupts"] > 1:
+                os.write(2, b"livecc: stopping now\n")
+                os._exit(130)
+        if hits.get("name"):  # a stop is already under way
+            return
         hits["name"] = signal.Signals(signum).name
         if not hits.get("waiting"):  # loading / starting: start nothing more. Not once the main thread
             pipeline.request_stop()  # waits: Event.set takes a lock the interrupted Event.wait may hold
@@ -154,15 +161,10 @@ class _Restore:
         return self.hits.get("name")
 
     def __call__(self) -> None:
+        if self.signal_name and self.old:  # the process is on its way out: a repeated SIGTERM (timeout and
+            # systemd send it twice) must not kill it while it finishes (Python resets its own handlers to the
+            # default at exit, which kills; it keeps SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            self.old.pop(signal.SIGTERM, None)
         for s, h in (self.old or {}).items():
             signal.signal(s, h)
-
-
-def _quiet_progress_bars() -> None:
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    except Exception:  # an older or absent transformers: nothing to quiet
-        pass

@@ -66,17 +66,23 @@ def demo_config(out: Path, model: str, port: int, status: str = "auto") -> dict:
 
 
 def cmd_demo(args) -> int:
-    from . import config
+    from .. import config
+    from ..fixtures.testvideo import test_video
+    from ..fixtures.tiny import tiny_checkpoint
     from .run import execute
-    from .fixtures.testvideo import test_video
-    from .fixtures.tiny import tiny_checkpoint
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     print(BANNER.format(seconds=args.seconds), file=sys.stderr, flush=True)
-    print("preparing the test video and the tiny model (first run only) ...", file=sys.stderr, flush=True)
-    video = test_video(seconds=args.seconds)
-    ckpt = tiny_checkpoint(args.vocab)
+    said: list[str] = []
+
+    def preparing() -> None:  # only when the cache lacks them: the first run (or a new --seconds / --vocab)
+        if not said:
+            said.append("yes")
+            print("preparing the test video and the tiny model (first run only) ...", file=sys.stderr, flush=True)
+
+    video = test_video(seconds=args.seconds, on_build=preparing)
+    ckpt = tiny_checkpoint(args.vocab, on_build=preparing)
     port = _port(args.port)
     cfg = config.validate(demo_config(out, str(ckpt), port, args.status), "demo")
     cfg.capture.source = str(video)
@@ -93,7 +99,7 @@ done. Look at:
   {srt}    SubRip subtitles (load next to the video: e.g. mpv {video} --sub-file={srt})
   {out / 'captions.jsonl'}  one JSON object per turn (start, stop, text, latency_s, ...)
 The words are random: the tiny model has random weights. For real captions, on a GPU machine:
-  pip install '.[gpu]'
+  LIVECC_EXTRAS=gpu bash scripts/install.sh
   livecc run YOUR_STREAM_URL --model chenjoya/LiveCC-7B-Instruct --config configs/sports.yaml --sink overlay
 """, file=sys.stderr, flush=True)
     return code
