@@ -131,6 +131,7 @@ class Pipeline:
         self._idle = threading.Condition(self._lock)  # notified when the turn in flight ends
         self._errors_in_row = 0
         self._rollovers = 0
+        self._ending: StreamEvent | None = None  # source_ended / source_error, held until the queue is drained
         self._done = threading.Event()  # the stream ended, or a stop was requested
         self.metrics.bind(self.snapshot)
 
@@ -264,6 +265,9 @@ class Pipeline:
             elif self.session is not None and hasattr(self.session, "close"):
                 self.session.close()  # the cache row is free for another stream
         self._fail_commands("the pipeline is stopping")
+        ending, self._ending = self._ending, None
+        if ending is not None:  # stopped before the queue drained: the end is still told
+            self._tell(ending)
         if self._own_engine and self.engine is not None:
             self.engine.stop(max(0.0, sd.turn_timeout_s - (time.monotonic() - t0)))
         status = self.dispatcher.stop(sd.sinks_timeout_s) if self.dispatcher is not None else {}
@@ -291,6 +295,17 @@ class Pipeline:
             d.frame(frame)
 
     def _on_event(self, ev: StreamEvent) -> None:
+        held, self._ending = self._ending, None
+        if held is not None:
+            self._tell(held)
+        if ev.kind in ("source_ended", "source_error") and not self._done.is_set() and self.queue is not None:
+            self._ending = ev  # told once the clips still queued are captioned (see _check_ended)
+            if ev.kind == "source_error":
+                self.error = ev.detail
+            return
+        self._tell(ev)
+
+    def _tell(self, ev: StreamEvent) -> None:
         self.metrics.event(ev.kind)
         if ev.kind == "source_error":
             self.error = ev.detail
@@ -415,8 +430,12 @@ class Pipeline:
         q = self.queue
         with self._lock:
             idle = self._inflight is False and not self._commands
-        if q is not None and q.closed and len(q) == 0 and idle:
-            self._end()
+        if q is not None and len(q) == 0 and idle:
+            ending, self._ending = self._ending, None
+            if ending is not None:  # the end of the source, after its last caption
+                self._tell(ending)
+            if q.closed:
+                self._end()
 
     def _end(self) -> None:
         if self._attached and self.engine is not None:

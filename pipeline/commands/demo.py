@@ -54,7 +54,7 @@ def demo_config(out: Path, model: str, port: int, status: str = "auto") -> dict:
             # the demo's own folder: each demo replaces the previous one's files (the message names them)
             {"kind": "srt", "path": str(out / "captions.srt"), "existing": "overwrite"},
             {"kind": "jsonl", "path": str(out / "captions.jsonl"), "existing": "overwrite"},
-            {"kind": "burnin", "output": str(out / "burnin.mp4"), "ttl_s": 3.0},
+            {"kind": "burnin", "output": str(out / "burnin.mp4"), "ttl_s": 3.0, "existing": "overwrite"},
             {"kind": "overlay"},
             {"kind": "console", "stream": "stdout"},
         ],

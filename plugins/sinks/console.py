@@ -29,8 +29,9 @@ class ConsoleSink(Sink):
         text = self.text_of(caption)
         if text is None:
             return
+        text = " ".join(text.split())  # one caption, one line (the model may emit newlines)
         if caption.kind == "answer":
-            text = f"Q: {caption.query or ''}\n{text}"
+            text = f"Q: {' '.join((caption.query or '').split())}\n{text}"
         prefix = f"[{_ts(caption.start)}-{_ts(caption.stop)}] " if self.settings.timestamps else ""
         print(prefix + text, file=self._out(), flush=True)
 

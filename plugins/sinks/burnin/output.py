@@ -18,7 +18,6 @@ import subprocess
 from fractions import Fraction
 
 import av
-import ffmpeg
 
 from pipeline.capture.sources import system_ffmpeg
 from pipeline.redact import redact
@@ -86,9 +85,9 @@ class SrtRelay:
         if exe is None:
             raise ConnectionError("srt:// output needs the system ffmpeg (the PyAV wheel lacks libsrt), "
                                   "which is not on PATH (or LIVECC_FFMPEG)")
-        args = (ffmpeg.input("pipe:0", f="mpegts", fflags="nobuffer", probesize=65536, analyzeduration=200000)
-                .output(target, c="copy", f="mpegts")
-                .global_args("-hide_banner", "-loglevel", "error").compile(cmd=exe))
+        args = [exe, "-hide_banner", "-loglevel", "error", "-f", "mpegts", "-fflags", "nobuffer",
+                "-probesize", "65536", "-analyzeduration", "200000", "-i", "pipe:0",
+                "-c", "copy", "-f", "mpegts", target]  # an argv list: no shell
         self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
         self.stdin = self.proc.stdin
 

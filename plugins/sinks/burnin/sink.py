@@ -50,10 +50,11 @@ from PIL import ImageColor
 from pydantic import field_validator
 
 from pipeline.backoff import Backoff
+from pipeline.fanout.outputs import Existing, claim_output_path
 from pipeline.fanout.sink import DeliveryError, Sink, SinkSettings, redact
 
 from .cea608 import Cea608Track
-from .output import Output, is_network, nvenc_available
+from .output import Output, is_network, nvenc_available, resolve
 from .render import CaptionRenderer, fit_into
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ class BurninSettings(SinkSettings):
     crf: int = 23
     gop_s: float = 2.0
     fragmented_mp4: bool = True  # MP4 playable up to the last keyframe after a crash or a full disk
+    existing: Existing = "new"  # an earlier run's file: new (name.1.mp4, the old one left alone), overwrite
     hls_time: float = 2.0
     hls_list_size: int = 6
     # caption look (drawn)
@@ -349,9 +351,16 @@ class BurninSink(Sink):
         self._offsets: collections.deque = collections.deque(maxlen=90)  # recent frames' arrival - pts
         self._audio_seen = False
         self.has_audio = False  # the current output has an audio stream
+        self._claimed: str | None = None  # the file name start() took (kept across retried starts)
 
     # --- sink API (called from the dispatcher's worker thread) -------------------------
     def start(self) -> None:
+        out = self.settings.output
+        if self._claimed is None and resolve(self.settings)[1] not in ("hls", "flv", "mpegts") \
+                and not is_network(out):  # a file: an earlier run's is never overwritten silently
+            self._claimed = str(claim_output_path(out, self.settings.existing))
+            if self._claimed != out:
+                self.settings = self.settings.model_copy(update={"output": self._claimed})
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name=f"{self.name}-encoder", daemon=True)
         self._thread.start()
