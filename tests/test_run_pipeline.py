@@ -100,3 +100,24 @@ def test_an_engine_that_keeps_failing_ends_the_run_with_an_error():
         p.stop()
     assert p.exit_code == 1 and "3 turns in a row" in p.error
     assert p.metrics.turn_errors._value.get() == 3
+
+
+def test_the_end_of_the_source_comes_after_its_last_caption():
+    """A file that ends while clips still wait for the engine: source_ended reaches the sinks after the last
+    caption (it was printed before it)."""
+    cfg = config.validate({"capture": {"source": "lavfi:testsrc2=size=160x120:rate=10:duration=6"},
+                           "sampler": {"queue_size": 16}, "server": {"enabled": False},
+                           "shutdown": {"turn_timeout_s": 1.0, "sinks_timeout_s": 5.0}}, "test")
+    rec = Recorder()
+    order: list[str] = []
+    rec.on_caption = lambda c, f=rec.on_caption: (order.append("caption"), f(c))
+    rec.on_event = lambda e, f=rec.on_event: (order.append(e.kind), f(e))
+    p = Pipeline(cfg, sinks=[rec], engine=ScriptedEngine().start(),
+                 session_factory=lambda m, c, e: FakeSession(m, c, lambda turn: time.sleep(0.4)))
+    p.start()
+    try:
+        assert p.wait(60)
+    finally:
+        p.stop()
+    assert "source_ended" in order and order.count("caption") >= 3
+    assert order.index("source_ended") > max(i for i, k in enumerate(order) if k == "caption")

@@ -380,3 +380,24 @@ def test_disk_full_leaves_a_playable_mp4_and_the_sink_failed(small_disk):
     assert path.stat().st_size > 1_000_000
     frames = int(ffprobe(path)["streams"][0]["nb_read_frames"])
     assert frames >= 15, frames  # everything up to the last complete fragment decodes
+
+
+def test_a_second_run_does_not_overwrite_an_earlier_mp4(tmp_path):
+    """existing: new (the default for files): the first run's MP4 stays as it was; the second writes out.1.mp4."""
+    path = tmp_path / "out.mp4"
+    for _ in range(2):
+        sink = make_sink(f"burnin:{path}", fps=FPS)
+        sink.start()
+        feeder = Feeder(sink, 1.0)
+        feeder.start()
+        feeder.join()
+        sink.stop()
+    first = path.read_bytes()
+    assert 0.8 <= float(ffprobe(path)["format"]["duration"]) <= 1.3
+    second = tmp_path / "out.1.mp4"
+    assert second.exists() and 0.8 <= float(ffprobe(second)["format"]["duration"]) <= 1.3
+    assert path.read_bytes() == first
+    sink = make_sink(f"burnin:{path}", fps=FPS, existing="overwrite")
+    sink.start()
+    sink.stop()
+    assert not (tmp_path / "out.2.mp4").exists()

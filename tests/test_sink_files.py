@@ -163,6 +163,12 @@ def test_console(capsys):
     ]
 
 
+def test_console_keeps_a_caption_on_one_line(capsys):
+    run(make_sink("console", timestamps=False), [Caption(0, 1, "first line\nsecond  line\r\nthird"),
+                                                 Caption(1, 2, "a\nb", kind="answer", query="what\nnow?")])
+    assert capsys.readouterr().out.splitlines() == ["first line second line third", "Q: what now?", "A: a b"]
+
+
 def test_one_caption_text_policy(tmp_path, capsys):
     """include_silence / include_answers / answer_prefix mean the same in every text sink (Sink.text_of)."""
     answer = Caption(5, 6, "two\n goals", kind="answer", query="score?")
