@@ -211,12 +211,10 @@ class Pipeline:
     def _start_server(self) -> None:
         """The HTTP server: the control API's routes and every sink's (``Sink.mount``), then listen."""
         from .control import ControlAPI
-        from .server import HttpServer
+        from .server import from_settings
 
         srv = self.cfg.server
-        server = HttpServer(srv.host, srv.port, token=srv.token, cors_origins=srv.cors_origins,
-                            max_request_bytes=srv.max_request_bytes, max_connections=srv.max_connections,
-                            request_timeout_s=srv.request_timeout_s, idle_timeout_s=srv.idle_timeout_s)
+        server = from_settings(srv)
         self.control = ControlAPI(self, srv)
         try:
             server.mount(self.control.routes())

@@ -39,7 +39,7 @@ from .app import Pipeline, PipelineError
 from .config import ConfigError, RunConfig, validate
 from .control import ControlAPI
 from .metrics import CONTENT_TYPE
-from .server import HttpServer, Route, bad_request, error, read_json
+from .server import HttpServer, Route, bad_request, error, from_settings, read_json
 
 log = logging.getLogger("livecc.serve")
 
@@ -153,9 +153,7 @@ class Service:
 
     def _start_server(self) -> None:
         srv = self.cfg.server
-        server = HttpServer(srv.host, srv.port, token=srv.token, cors_origins=srv.cors_origins,
-                            max_request_bytes=srv.max_request_bytes, max_connections=srv.max_connections,
-                            request_timeout_s=srv.request_timeout_s, idle_timeout_s=srv.idle_timeout_s)
+        server = from_settings(srv)
         server.mount(self._routes())
         try:
             server.start()

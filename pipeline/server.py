@@ -423,6 +423,13 @@ def _accepted_hosts(host: str, extra: Iterable[str]) -> frozenset[str]:
     return frozenset(names)
 
 
+def from_settings(srv) -> "HttpServer":
+    """The process's server for a config's ``server:`` block (``pipeline.config.ServerSection``)."""
+    return HttpServer(srv.host, srv.port, token=srv.token, cors_origins=srv.cors_origins,
+                      max_request_bytes=srv.max_request_bytes, max_connections=srv.max_connections,
+                      request_timeout_s=srv.request_timeout_s, idle_timeout_s=srv.idle_timeout_s)
+
+
 def _bind(host: str, port: int) -> socket.socket:
     family, _, _, _, addr = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
                                                flags=socket.AI_PASSIVE)[0]
