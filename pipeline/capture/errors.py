@@ -13,3 +13,11 @@ class CaptureError(RuntimeError):
     def __init__(self, message: str, *, transient: bool = False):
         super().__init__(" ".join(str(message).split()))  # always one line
         self.transient = transient
+
+
+class NoVideoYet(CaptureError):
+    """A live source is up but has shown only audio: joined between keyframes (servers like
+    nginx-rtmp hold the video back until the next one), or a stream without video. Transient."""
+
+    def __init__(self, message: str):
+        super().__init__(message, transient=True)

@@ -17,7 +17,8 @@ from pathlib import Path
 import av
 import numpy as np
 
-from .frames import MAX_PIXELS, MAX_RATIO, resize_frames
+from .frames import MAX_PIXELS, MAX_RATIO, Upright, resize_frames
+from .sampler import conform
 from ..types import Clip, Frame
 
 FPS = 2.0
@@ -70,7 +71,8 @@ def _open(path: str | Path):
 
 
 def decode_frames(path: str | Path) -> Iterator[tuple[Frame, float]]:
-    """(frame, end time) for every decoded frame, pts from 0. Corrupt packets are skipped."""
+    """(frame, end time) for every decoded frame, pts from 0, upright as players show it (the
+    display rotation applied: :class:`~pipeline.capture.frames.Upright`). Corrupt packets are skipped."""
     container = _open(path)
     try:
         stream = container.streams.video[0]
@@ -79,6 +81,7 @@ def decode_frames(path: str | Path) -> Iterator[tuple[Frame, float]]:
         first = None
         end = None  # the previous frame's end time
         index = 0
+        upright = Upright()
         try:
             for frame in _decode_skipping_damage(container, stream):
                 if frame.pts is None:
@@ -91,7 +94,7 @@ def decode_frames(path: str | Path) -> Iterator[tuple[Frame, float]]:
                 if end is not None and t < end - dur:  # timestamps went back (concatenated files): continue
                     first, t = frame.pts * tb - end, end
                 end = t + dur
-                img = frame.to_ndarray(format="rgb24")
+                img = upright.image(frame)
                 yield Frame(img, float(t), time.monotonic(), index), float(t + dur)
                 index += 1
         except av.error.InvalidDataError:
@@ -144,20 +147,10 @@ def reference_clips(frames: Iterable[tuple[Frame, float]], max_pixels: int = MAX
             look.pop(0)  # the next turn searches from the frame after the last one used
         images = [f.image for f in chosen[:keep]]
         if len({im.shape for im in images}) > 1:  # the resolution changed inside this turn
-            from .capture.sampler import conform
             images = conform(images)
         images = np.stack(images)
         yield Clip(resize_frames(images, max_pixels=max_pixels), tuple(times[:keep]))
         grid, n = times[keep - 1] + 1 / FPS, TURN_FRAMES
-
-
-def _resized(frames: list[Frame], max_pixels: int) -> np.ndarray:
-    """The clip's frames at the model's size; a resolution change inside the clip takes the last frame's size."""
-    if len({f.image.shape for f in frames}) == 1:
-        return resize_frames(np.stack([f.image for f in frames]), max_pixels=max_pixels)
-    from .sampler import conform
-
-    return np.stack(conform([resize_frames(f.image[None], max_pixels=max_pixels)[0] for f in frames]))
 
 
 def file_clips(path: str | Path, max_pixels: int = MAX_PIXELS) -> Iterator[Clip]:

@@ -1,10 +1,13 @@
-"""Frame geometry for the model: LiveCC's resize rules (qwen-vl-utils' smart_resize + bicubic)."""
+"""Frame geometry: frames upright as players show them, and LiveCC's resize rules for the model
+(qwen-vl-utils' smart_resize + bicubic)."""
 
 from __future__ import annotations
 
 import math
 
+import av
 import numpy as np
+from av.sidedata.sidedata import Type as _SideData
 import torch
 import torch.nn.functional as F
 
@@ -12,6 +15,31 @@ FACTOR = 28  # patch 14 x spatial merge 2
 MIN_PIXELS = 100 * FACTOR * FACTOR
 MAX_PIXELS = 384 * FACTOR * FACTOR  # LiveCC's default per frame
 MAX_RATIO = 200
+
+
+class Upright:
+    """Decoded frames -> RGB images turned the way players show them.
+
+    A phone stores its video as the sensor sees it and records how to turn it for display: an MP4
+    track matrix (``ffmpeg -metadata:s:v rotate=90``), or an H.264/HEVC display-orientation SEI in a
+    live stream. FFmpeg exports either as DISPLAYMATRIX side data on the decoded frames (libavutil
+    display.h), which PyAV reads as ``VideoFrame.rotation``: degrees counterclockwise, what FFmpeg's
+    own autorotation (the ``ffmpeg``/``ffplay`` default) applies. An SEI comes with one frame and
+    holds until another says otherwise, so the last rotation seen applies to the frames after it.
+    Rotations are rounded to quarter turns; a flip in the matrix is not applied.
+    """
+
+    def __init__(self) -> None:
+        self.degrees = 0  # counterclockwise, one of 0, 90, 180, 270
+
+    def image(self, frame: av.VideoFrame) -> np.ndarray:
+        """``frame`` -> H x W x 3 uint8 RGB, turned upright (H and W swap for 90 / 270)."""
+        if _SideData.DISPLAYMATRIX in frame.side_data:
+            self.degrees = round(frame.rotation / 90) % 4 * 90
+        image = frame.to_ndarray(format="rgb24")
+        if self.degrees:  # np.rot90 turns counterclockwise, as the matrix does
+            image = np.ascontiguousarray(np.rot90(image, self.degrees // 90))
+        return image
 
 
 def smart_resize(height: int, width: int, factor: int = FACTOR, min_pixels: int = MIN_PIXELS,
