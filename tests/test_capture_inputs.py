@@ -319,3 +319,22 @@ def test_livecc_run_ends_with_the_hls_playlist(tmp_path):
     caps = [r for r in servers.read_jsonl(tmp_path / "o.jsonl") if r.get("kind") == "caption"]
     stops = [c["stop"] for c in caps]
     assert stops and stops == sorted(stops) and stops[-1] <= 17, stops  # no replayed segment, no stream-time jump
+
+
+@pytest.mark.timeout(120)
+def test_livecc_run_burns_in_a_rotated_file_upright(landscape, tmp_path):
+    """The burn-in of a phone video (rotate=90) is portrait and shows what ffmpeg shows."""
+    rot = tmp_path / "rot90.mp4"
+    subprocess.run([servers.FFMPEG, "-nostdin", "-loglevel", "error", "-y", "-i", str(landscape), "-c", "copy",
+                    "-metadata:s:v:0", "rotate=90", str(rot)], check=True)
+    out = tmp_path / "out.mp4"
+    proc, _, log_path = _livecc_run(str(rot), tmp_path, "--sink", f"burnin:{out}")
+    try:
+        assert proc.wait(90) == 0, log_path.read_text()[-3000:]
+    finally:
+        servers.kill(proc)
+    v = servers.probe_video(str(out))
+    assert (v["width"], v["height"]) == (180, 320) and not v.get("side_data_list"), v
+    top = slice(0, 160)  # above the caption box
+    diff = np.abs(_shown(out, 180, 320)[top].astype(int) - _shown(rot, 180, 320)[top]).mean()
+    assert diff < 12, diff  # x264 at the burn-in's bitrate; sideways would not even have this shape
