@@ -7,7 +7,6 @@ import math
 
 import av
 import numpy as np
-from av.sidedata.sidedata import Type as _SideData
 import torch
 import torch.nn.functional as F
 
@@ -18,15 +17,17 @@ MAX_RATIO = 200
 
 
 class Upright:
-    """Decoded frames -> RGB images turned the way players show them.
+    """Decoded frames -> RGB images turned the way players show them (one per stream or session).
 
     A phone stores its video as the sensor sees it and records how to turn it for display: an MP4
     track matrix (``ffmpeg -metadata:s:v rotate=90``), or an H.264/HEVC display-orientation SEI in a
     live stream. FFmpeg exports either as DISPLAYMATRIX side data on the decoded frames (libavutil
     display.h), which PyAV reads as ``VideoFrame.rotation``: degrees counterclockwise, what FFmpeg's
     own autorotation (the ``ffmpeg``/``ffplay`` default) applies. An SEI comes with one frame and
-    holds until another says otherwise, so the last rotation seen applies to the frames after it.
-    Rotations are rounded to quarter turns; a flip in the matrix is not applied.
+    holds for the frames after it; PyAV says 0 both for "no matrix" and "a matrix of 0", so a
+    non-zero rotation holds until another non-zero one. Rotations are rounded to quarter turns; a
+    flip in the matrix is not applied. (``VideoFrame.side_data`` would tell the two apart, but reading
+    it on every frame made PyAV 18 start native threads without end on a live H.264 stream.)
     """
 
     def __init__(self) -> None:
@@ -34,8 +35,9 @@ class Upright:
 
     def image(self, frame: av.VideoFrame) -> np.ndarray:
         """``frame`` -> H x W x 3 uint8 RGB, turned upright (H and W swap for 90 / 270)."""
-        if _SideData.DISPLAYMATRIX in frame.side_data:
-            self.degrees = round(frame.rotation / 90) % 4 * 90
+        rotation = round(frame.rotation / 90) % 4 * 90
+        if rotation:
+            self.degrees = rotation
         image = frame.to_ndarray(format="rgb24")
         if self.degrees:  # np.rot90 turns counterclockwise, as the matrix does
             image = np.ascontiguousarray(np.rot90(image, self.degrees // 90))

@@ -90,7 +90,7 @@ class CaptureThread:
         self._last_pts: float | None = None
         self._last_arrival = 0.0
         self._last_format: tuple | None = None
-        self._upright = Upright()  # the display rotation holds across reconnects until a frame says otherwise
+        self._upright = Upright()  # the display rotation: per session (a new publisher may hold its phone otherwise)
         self.first_arrival: float | None = None  # monotonic time of the first frame (stream time 0)
         self._read_timeout = 0.0  # the open input's (an HLS playlist's stall timeout can be longer)
         self._connected = False  # a frame has come: later failures are losses, retried
@@ -211,6 +211,7 @@ class CaptureThread:
                 long_probe = False
                 self.stats["sessions"] += 1
                 self._input = inp
+                self._upright = Upright()
                 self._read_timeout = inp.read_timeout
                 frames_before = self.stats["frames"]
                 try:
