@@ -5,6 +5,7 @@ served by nginx-rtmp or a local HTTP server; what players show is ffmpeg's own (
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -66,8 +67,11 @@ def test_rotated_live_stream_is_upright(nginx_rtmp, publisher, stream_key, tmp_p
     with CaptureThread(url, ring, wait_for_source=True) as cap:
         publisher(url, input_file=str(src))
         assert cap.wait_ready(20)
+        threads = len(os.listdir("/proc/self/task"))
         servers.wait_until(lambda: cap.stats["frames"] >= 45, 20, "3 s of frames")
         frames = ring.snapshot()[-15:]  # the last second: after an SEI whichever frame we joined at
+        # reading VideoFrame.side_data per frame made PyAV start native threads without end (+200 in 3 s)
+        assert len(os.listdir("/proc/self/task")) <= threads + 4
     assert all(f.image.shape == (320, 180, 3) for f in frames), {f.image.shape for f in frames}
     diff = min(np.abs(f.image.astype(int) - shown).mean() for f in frames)
     assert diff < 10, diff  # the loop's first frame (testsrc2 moves a little); sideways would be > 50
