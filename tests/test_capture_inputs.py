@@ -292,9 +292,9 @@ def test_livecc_run_started_before_the_encoder(nginx_rtmp, stream_key, tmp_path)
         assert proc.poll() is None, log_path.read_text()[-3000:]
         assert "nothing published yet" in status()["capture"]["state_reason"]
         msgs = _messages(log_path)
-        first_try = next(i for i, m in enumerate(msgs) if "attempt 1 failed" in m)
-        loaded = next(i for i, m in enumerate(msgs) if m.startswith("captions to"))
-        assert first_try < loaded, msgs  # the source was tried before the model was ready
+        opening = next(i for i, m in enumerate(msgs) if m.startswith("opening rtmp://"))
+        loaded = next(i for i, m in enumerate(msgs) if m.startswith("loaded "))
+        assert opening < loaded, msgs  # the source was tried while the model loaded
         with servers.Publisher(url, size="320x240", fps=15):
             servers.wait_until(lambda: any(r.get("kind") == "caption" for r in servers.read_jsonl(tmp_path / "o.jsonl"))
                                or proc.poll() is not None, 60, "a caption")

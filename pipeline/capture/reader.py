@@ -173,6 +173,7 @@ class CaptureThread:
     def _run(self) -> None:
         src = self.source
         long_probe = False  # the source showed only audio: probe long enough for a keyframe
+        log.info("opening %s", src.display)
         try:
             while not self._stop.is_set():
                 try:
