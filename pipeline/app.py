@@ -162,6 +162,19 @@ class Pipeline:
                 raise PipelineError(str(e)) from None
         if cfg.server.enabled and self._own_server:  # bound before the model loads: a port in use fails at once
             self._start_server()
+        # the source opens while the model loads (an encoder may not be up yet: the capture thread waits for it,
+        # see capture.wait_for_source); the ring keeps the newest frames until the sampler starts. A file
+        # starts with the sampler instead (it plays paced: frames read during the load would be skipped)
+        wants_audio = any(getattr(sink, "wants_audio", False) for sink in self._sinks)
+        ring = _TeeRing(cap.ring_size, self._on_frame)
+        self.capture = CaptureThread(
+            self.source, ring, on_event=self._on_event, wait_for_source=cap.wait_for_source,
+            wait_after_end=cap.wait_after_end,
+            on_audio=(lambda chunk: self.dispatcher and self.dispatcher.audio(chunk)) if wants_audio else None,
+            backoff=Backoff(initial=cap.reconnect_initial_s, max_delay=cap.reconnect_max_s,
+                            max_attempts=cap.reconnect_max_attempts))
+        if self.source.live:
+            self.capture.start()
         if self.engine is None:
             from .engine_worker import EngineWorker
 
@@ -187,12 +200,6 @@ class Pipeline:
         log.info("captions to %s", ", ".join(s.describe() for s in self._sinks))
         core = self.engine.core
         self.queue = _Inbox(cfg.sampler.queue_size, core.wake)
-        ring = _TeeRing(cap.ring_size, self._on_frame)
-        self.capture = CaptureThread(
-            self.source, ring, on_event=self._on_event, wait_for_source=cap.wait_for_source,
-            on_audio=self.dispatcher.audio if self.dispatcher.wants_audio else None,
-            backoff=Backoff(initial=cap.reconnect_initial_s, max_delay=cap.reconnect_max_s,
-                            max_attempts=cap.reconnect_max_attempts))
         s = cfg.sampler
         self.sampler = LiveSampler(ring, self.queue, fps=s.fps, opener_frames=s.opener_frames,
                                    turn_frames=s.turn_frames, max_pixels=self.engine_cfg.max_pixels,
@@ -201,7 +208,8 @@ class Pipeline:
             self.engine.start()
         core.attach(self)
         self._attached = True
-        self.capture.start()
+        if not self.source.live:
+            self.capture.start()
         self._t_start = time.monotonic()
         self.sampler.start()
         self.state = "running"

@@ -59,7 +59,8 @@ EngineSection = _engine_model()
 
 class CaptureSection(_Block):
     source: str | None = None  # used when SOURCE is not given on the command line
-    wait_for_source: bool = False  # False: a source that can't be opened at start is an error
+    wait_for_source: bool | None = None  # None: retry a network source not up yet (files fail at once)
+    wait_after_end: bool = False  # an HLS playlist that ends (#EXT-X-ENDLIST): end the run (False) or wait
     ring_size: int = Field(16, ge=1, le=1024)  # frames held between capture and sampler
     pace: bool | None = None  # files / lavfi: real time (default) or as fast as decoded
     listen: bool | None = None  # rtmp / rtsp: wait for an encoder to push to us

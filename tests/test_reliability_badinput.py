@@ -15,7 +15,8 @@ with timestamps continuing), very tall (64x4000), very small (16x16) and over-th
 
 Network sources on loopback: connection refused (RTSP, HLS), a silent UDP port, a wrong stream key
 on nginx-rtmp, HTML served where a playlist / a video should be; through the capture API and
-through ``livecc run`` (exit 1, one ``livecc: error:`` line, the key redacted).
+through ``livecc run`` (exit 1, one ``livecc: error:`` line, the key redacted), told not to wait
+(``capture.wait_for_source=false``; by default a network source not up yet is retried: test_capture_inputs.py).
 
 Already covered elsewhere (not repeated): missing/empty/text/audio-only/truncated-mkv files in
 test_vod.py; dead RTMP/RTSP/SRT URLs, retries that give up, a non-video URL and an audio-only live
@@ -212,7 +213,7 @@ def test_capture_thread_reads_or_fails_once(name, corpus):
 def _open_fails(url: str, want: str, bound: float = OPEN_BOUND_S) -> CaptureError:
     events = []
     t0 = time.monotonic()
-    cap = CaptureThread(url, RingBuffer(2), on_event=events.append).start()
+    cap = CaptureThread(url, RingBuffer(2), on_event=events.append, wait_for_source=False).start()
     try:
         with pytest.raises(CaptureError) as ei:
             cap.wait_ready(bound + 5)
@@ -252,7 +253,8 @@ def test_html_where_a_playlist_should_be(tmp_path):
 def _livecc_run(source: str, model: Path, tmp_path: Path, bound: float) -> tuple[subprocess.CompletedProcess, float]:
     t0 = time.monotonic()
     r = subprocess.run(LIVECC + ["run", source, "--model", str(model), "--device", "cpu", "--port",
-                                 str(servers.free_port()), "--status", "plain", "--sink", f"jsonl:{tmp_path / 'o.jsonl'}"],
+                                 str(servers.free_port()), "--status", "plain", "--sink", f"jsonl:{tmp_path / 'o.jsonl'}",
+                                 "--set", "capture.wait_for_source=false"],
                        cwd=tmp_path, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=bound + 30)
     took = time.monotonic() - t0
     assert took < bound, f"{took:.1f} s\n{r.stderr[-2000:]}"

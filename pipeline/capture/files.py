@@ -18,7 +18,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from .frames import MAX_PIXELS, MAX_RATIO, resize_frames
+from .frames import MAX_PIXELS, MAX_RATIO, Upright, resize_frames
 from .sampler import FPS, OPENER_FRAMES, TURN_FRAMES, conform
 from ..types import Clip, Frame
 from ..errors import VideoFileError  # noqa: F401  (re-exported)
@@ -66,7 +66,8 @@ def _open(path: str | Path):
 
 
 def decode_frames(path: str | Path) -> Iterator[tuple[Frame, float]]:
-    """(frame, end time) for every decoded frame, pts from 0. Corrupt packets are skipped."""
+    """(frame, end time) for every decoded frame, pts from 0, upright as players show it (the
+    display rotation applied: :class:`~pipeline.capture.frames.Upright`). Corrupt packets are skipped."""
     container = _open(path)
     try:
         stream = container.streams.video[0]
@@ -75,6 +76,7 @@ def decode_frames(path: str | Path) -> Iterator[tuple[Frame, float]]:
         first = None
         end = None  # the previous frame's end time
         index = 0
+        upright = Upright()
         try:
             for frame in _decode_skipping_damage(container, stream):
                 if frame.pts is None:
@@ -87,7 +89,7 @@ def decode_frames(path: str | Path) -> Iterator[tuple[Frame, float]]:
                 if end is not None and t < end - dur:  # timestamps went back (concatenated files): continue
                     first, t = frame.pts * tb - end, end
                 end = t + dur
-                img = frame.to_ndarray(format="rgb24")
+                img = upright.image(frame)
                 yield Frame(img, float(t), time.monotonic(), index), float(t + dur)
                 index += 1
         except av.error.InvalidDataError:

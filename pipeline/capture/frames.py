@@ -1,9 +1,11 @@
-"""Frame geometry for the model: LiveCC's resize rules (qwen-vl-utils' smart_resize + bicubic)."""
+"""Frame geometry: frames upright as players show them, and LiveCC's resize rules for the model
+(qwen-vl-utils' smart_resize + bicubic)."""
 
 from __future__ import annotations
 
 import math
 
+import av
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -12,6 +14,40 @@ FACTOR = 28  # patch 14 x spatial merge 2
 MIN_PIXELS = 100 * FACTOR * FACTOR
 MAX_PIXELS = 384 * FACTOR * FACTOR  # LiveCC's default per frame
 MAX_RATIO = 200
+
+
+class Upright:
+    """Decoded frames -> RGB images turned the way players show them (one per stream or session).
+
+    A phone stores its video as the sensor sees it and records how to turn it for display: an MP4
+    track matrix (``ffmpeg -metadata:s:v rotate=90``), or an H.264/HEVC display-orientation SEI in a
+    live stream. FFmpeg exports either as DISPLAYMATRIX side data on the decoded frames (libavutil
+    display.h), which PyAV reads as ``VideoFrame.rotation``: degrees counterclockwise, what FFmpeg's
+    own autorotation (the ``ffmpeg``/``ffplay`` default) applies. An SEI comes with one frame and
+    holds for the frames after it; PyAV says 0 both for "no matrix" and "a matrix of 0", so a
+    non-zero rotation holds until another non-zero one. Rotations are rounded to quarter turns; a
+    flip in the matrix is not applied. (``VideoFrame.side_data`` would tell the two apart, but reading
+    it on every frame made PyAV 18 start native threads without end on a live H.264 stream.)
+    """
+
+    def __init__(self) -> None:
+        self.degrees = 0  # counterclockwise, one of 0, 90, 180, 270
+
+    def turn(self, frame: av.VideoFrame) -> int:
+        """The quarter turn (degrees counterclockwise) that ``frame`` is shown with."""
+        rotation = round(frame.rotation / 90) % 4 * 90
+        if rotation:
+            self.degrees = rotation
+        return self.degrees
+
+    def image(self, frame: av.VideoFrame, turn: int | None = None) -> np.ndarray:
+        """``frame`` -> H x W x 3 uint8 RGB, turned upright (H and W swap for 90 / 270); ``turn`` from
+        :meth:`turn` (None: work it out here)."""
+        degrees = self.turn(frame) if turn is None else turn
+        image = frame.to_ndarray(format="rgb24")
+        if degrees:  # np.rot90 turns counterclockwise, as the matrix does
+            image = np.ascontiguousarray(np.rot90(image, degrees // 90))
+        return image
 
 
 def smart_resize(height: int, width: int, factor: int = FACTOR, min_pixels: int = MIN_PIXELS,

@@ -11,17 +11,18 @@ from __future__ import annotations
 import errno
 import logging
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, Iterator, Protocol
 
 import av
 import numpy as np
 
-from pipeline.capture.errors import CaptureError
+from pipeline.capture import hls
+from pipeline.capture.errors import CaptureError, NoVideoYet
 from pipeline.capture.relay import Relay
 from pipeline.capture.sources import LOW_LATENCY_OPTIONS, Source
-from pipeline.capture.frames import MAX_RATIO
+from pipeline.capture.frames import MAX_RATIO, Upright
 from pipeline.redact import redact
 
 log = logging.getLogger(__name__)
@@ -49,39 +50,61 @@ class Input(Protocol):
 
     relay: Relay | None  # a relay process the capture thread kills to unblock a read, or None
     interval: float  # nominal seconds between frames (1/30 when unknown)
+    playlist: "hls.Playlist | None"  # an HLS source's playlist at the open (None for anything else)
+    read_timeout: float  # seconds without a packet before a read fails (0: the source's own)
 
-    def read(self, audio: bool) -> Iterator[Picture | av.Packet | Exception]: ...
+    def read(self, audio: bool, seen: Callable[[av.Packet], bool] | None = None
+             ) -> Iterator[Picture | av.Packet | Exception]: ...
 
     def close(self) -> None: ...
 
 
 @dataclass
 class PyAVInput:
-    """An open PyAV container with its video stream; ``close()`` frees the container and any relay."""
+    """An open PyAV container with its video stream; ``close()`` frees the container and any relay.
+    ``playlist``: an HLS source's playlist as it was at the open."""
 
     container: av.container.InputContainer
     stream: av.video.stream.VideoStream
     relay: Relay | None = None
+    playlist: hls.Playlist | None = None
+    read_timeout: float = 0.0  # seconds without a packet before a read fails (an HLS playlist's stall timeout)
+    upright: Upright = field(default_factory=Upright)  # the display rotation: per open (a new publisher may differ)
 
     @property
     def interval(self) -> float:
         rate = self.stream.average_rate
         return 1.0 / float(rate) if rate else 1.0 / 30
 
-    def read(self, audio: bool) -> Iterator[Picture | av.Packet | Exception]:
+    def read(self, audio: bool, seen: Callable[[av.Packet], bool] | None = None
+             ) -> Iterator[Picture | av.Packet | Exception]:
+        """See :class:`Input`. Pictures are turned upright (``Upright``). With ``seen`` and an HLS playlist,
+        video packets ``seen`` reports as captured before (a re-read segment) are decoded, since later frames
+        refer to them, but their frames are not yielded again."""
         vs = self.stream
-        aus = self.container.streams.audio[0] if audio and self.container.streams.audio else None
+        try:
+            aus = self.container.streams.audio[0] if audio and self.container.streams.audio else None
+        except Exception:  # noqa: BLE001 - an audio stream PyAV cannot describe: captions need only the video
+            aus = None
+        dedupe = seen is not None and self.playlist is not None
+        replayed_to = None  # the newest pts of a video packet captured before
         for packet in self.container.demux(*((vs, aus) if aus is not None else (vs,))):
             if aus is not None and packet.stream_index == aus.index:
                 yield packet
                 continue
+            if dedupe and packet.pts is not None and packet.size and seen(packet):
+                replayed_to = packet.pts if replayed_to is None else max(replayed_to, packet.pts)
             try:
                 frames = packet.decode()
             except (av.error.InvalidDataError, av.error.PatchWelcomeError) as e:
                 yield e
                 continue
             for f in frames:
-                yield Picture(f.time, (f.width, f.height, f.format.name), partial(f.to_ndarray, format="rgb24"))
+                if replayed_to is not None and f.pts is not None and f.pts <= replayed_to:
+                    continue
+                turn = self.upright.turn(f)
+                w, h = (f.height, f.width) if turn in (90, 270) else (f.width, f.height)
+                yield Picture(f.time, (w, h, f.format.name), partial(self.upright.image, f, turn))
 
     def close(self) -> None:
         try:
@@ -102,16 +125,35 @@ def describe(source: Source, err: BaseException) -> str:
     return redact(f"{source.display}: {msg}")
 
 
-REPROBE_US = 3_000_000  # the second probe of a live input that showed only audio (a GOP of up to ~3 s)
+REPROBE_US = 3_000_000  # the probe of a live input that showed only audio (finds a keyframe up to 3 s away)
+# the probe while waiting for the video of such an input, repeated back to back while the input is up (a
+# keyframe 8-10 s away, OBS "auto" and phones, comes within the second or third); it bounds stop() meanwhile
+VIDEO_WAIT_US = 5_000_000
 
 
-def open_input(source: Source, *, relay: bool | None = None,
-               on_relay: Callable[[Relay], None] | None = None) -> PyAVInput:
+def open_input(source: Source, *, relay: bool | None = None, on_relay: Callable[[Relay], None] | None = None,
+               probe_us: int | None = None) -> PyAVInput:
     """Open ``source`` and find its video stream; raise :class:`CaptureError` on any failure.
 
     ``on_relay`` gets the relay as soon as it runs, so another thread can kill it to abort an
     open that waits on it (an SRT listener waits for its caller without any timeout).
+    A live input that shows only audio within the short low-latency probe is probed once more for
+    ``REPROBE_US``, then raises :class:`NoVideoYet`; ``probe_us`` probes that long at once (the open
+    timeout grows by as much: FFmpeg's probe runs inside the open). A live HTTP source
+    that answers 404 raises a transient error (a playlist the encoder has not written yet). An HLS
+    source's playlist is read first (``Input.playlist``), and its read timeout is
+    :func:`hls.stall_timeout` (a playlist of 6 s segments has packets 6 s apart).
     """
+    if probe_us is not None:
+        # without fflags=nobuffer: the packets the probe read (the keyframe it waited for) are kept
+        opts = {k: v for k, v in source.options.items() if not (k == "fflags" and v == "nobuffer")}
+        source = dataclasses.replace(source, options={**opts, "analyzeduration": str(probe_us)},
+                                     open_timeout=source.open_timeout + probe_us / 1e6)
+    playlist = None
+    if source.kind == "hls":
+        playlist = hls.fetch(source.url, source.open_timeout)
+        if source.live:
+            source = dataclasses.replace(source, read_timeout=hls.stall_timeout(playlist, source.read_timeout))
     use_relay = source.relay if relay is None else relay
     rel = Relay(source) if use_relay else None
     if rel is not None and on_relay is not None:
@@ -139,7 +181,8 @@ def open_input(source: Source, *, relay: bool | None = None,
         msg = describe(source, e)
         if isinstance(e, av.error.InvalidDataError):
             msg += " (not a media stream FFmpeg can read)"
-        raise CaptureError(msg) from None
+        # a live stream's URL that is not there yet (an HLS playlist before the encoder's first segment)
+        raise CaptureError(msg, transient=source.live and isinstance(e, av.error.HTTPNotFoundError)) from None
     except (av.error.FFmpegError, OSError, EOFError) as e:
         tail = rel.error_tail() if rel is not None else ""
         if rel is not None:
@@ -156,23 +199,22 @@ def open_input(source: Source, *, relay: bool | None = None,
     try:
         stream = _video_stream(source, container)
     except BaseException as e:
-        joined_mid_gop = (isinstance(e, CaptureError) and rel is None and source.live
-                          and bool(container.streams.audio)
-                          and int(source.options.get("analyzeduration", 5_000_000)) < REPROBE_US)
+        only_audio = (isinstance(e, CaptureError) and rel is None and source.live
+                      and bool(container.streams.audio))
         container.close()
         if rel is not None:
             rel.close()
-        if joined_mid_gop:
+        if only_audio and probe_us is None:
             # a live stream joined between keyframes (nginx-rtmp & co. hold the video back until
             # the next one, the audio flows at once): the short low-latency probe saw only audio.
-            # Probe once more, long enough for a keyframe; a stream that really has no video
-            # still fails, a few seconds later
+            # Probe once more, long enough for a keyframe a few seconds away
             log.info("%s: only audio within the short probe; probing %g s for the video",
                      source.display, REPROBE_US / 1e6)
-            opts = {**source.options, "analyzeduration": str(REPROBE_US)}
-            return open_input(dataclasses.replace(source, options=opts), relay=relay, on_relay=on_relay)
+            return open_input(source, relay=relay, on_relay=on_relay, probe_us=REPROBE_US)
+        if only_audio:
+            raise NoVideoYet(str(e)) from None
         raise
-    return PyAVInput(container, stream, rel)
+    return PyAVInput(container, stream, rel, playlist, source.read_timeout)
 
 
 def _video_stream(source: Source, container) -> av.video.stream.VideoStream:

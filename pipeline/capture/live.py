@@ -23,12 +23,12 @@ class LiveCapture:
     def __init__(self, source: str | Source, *, options: SourceOptions | None = None,
                  on_event: Callable[[StreamEvent], None] | None = None, max_pixels: int = MAX_PIXELS,
                  fps: float = FPS, queue_size: int = DEFAULT_MAXSIZE, ring_size: int = DEFAULT_SIZE,
-                 backoff: Backoff = Backoff(), wait_for_source: bool = False):
+                 backoff: Backoff = Backoff(), wait_for_source: bool | None = None, wait_after_end: bool = False):
         src = source if isinstance(source, Source) else resolve(source, options)
         self.ring = RingBuffer(ring_size)
         self.clips = ClipQueue(queue_size)
         self.capture = CaptureThread(src, self.ring, on_event=on_event, backoff=backoff,
-                                     wait_for_source=wait_for_source)
+                                     wait_for_source=wait_for_source, wait_after_end=wait_after_end)
         self.sampler = LiveSampler(self.ring, self.clips, fps=fps, max_pixels=max_pixels, on_event=on_event)
 
     @property

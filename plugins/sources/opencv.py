@@ -73,13 +73,18 @@ class OpenCVInput:
     cap: cv2.VideoCapture
     source: Source
     relay: None = None
+    playlist: None = None  # (an HLS playlist: only for FFmpeg's inputs)
+
+    @property
+    def read_timeout(self) -> float:
+        return self.source.read_timeout
 
     @property
     def interval(self) -> float:
         fps = self.cap.get(cv2.CAP_PROP_FPS)
         return 1.0 / fps if 0 < fps < 1000 else 1.0 / 30
 
-    def read(self, audio: bool) -> Iterator[Picture]:
+    def read(self, audio: bool, seen=None) -> Iterator[Picture]:
         file_times = not self.source.live  # a file's own clock; a camera's: the wall clock
         while True:
             ok, bgr = self.cap.read()
