@@ -80,7 +80,9 @@ class ControlAPI:
 
     async def health(self, request: web.Request) -> web.Response:
         p = self.pipeline
-        return web.json_response({"live": p.live, "ready": p.ready, "state": p.state},
+        cap = p.capture
+        source = {"state": cap.state, "reason": cap.state_reason} if cap is not None else {"state": "new", "reason": ""}
+        return web.json_response({"live": p.live, "ready": p.ready, "state": p.state, "source": source},
                                  status=200 if p.ready else 503)
 
     async def health_live(self, request: web.Request) -> web.Response:

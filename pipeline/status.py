@@ -84,7 +84,7 @@ def summary(s: dict) -> dict:
     sink_drops = sum(v.get("dropped", 0) for v in sinks.values())
     bad = [n for n, v in sinks.items() if v.get("state") not in ("ok", "starting", "stopped")]
     return {
-        "state": s.get("state", "?") + (" (paused)" if s.get("paused") else ""),
+        "state": s.get("state", "?") + (" (paused)" if s.get("paused") else "") + _source_state(c),
         "source": s.get("source", ""),
         "input fps": f"{s.get('input_fps', 0):.1f}",
         "sampled fps": f"{s.get('sampled_fps', 0):.1f}",
@@ -99,6 +99,15 @@ def summary(s: dict) -> dict:
         # one line whatever the model wrote (a newline in a caption must not break the table or a log line)
         "last caption": " ".join(((s.get("last_caption") or {}).get("text") or "").split())[:120],
     }
+
+
+def _source_state(c: dict) -> str:
+    """' (waiting_for_source: connection refused)' while the capture is not delivering frames; else ''."""
+    state = c.get("state")
+    if state in (None, "running", "stopped"):
+        return ""
+    reason = c.get("state_reason")
+    return f" ({state}: {reason})" if reason else f" ({state})"
 
 
 def one_line(s: dict) -> str:

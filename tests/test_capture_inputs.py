@@ -291,6 +291,10 @@ def test_livecc_run_started_before_the_encoder(nginx_rtmp, stream_key, tmp_path)
                            or proc.poll() is not None, 60, "waiting for the source")
         assert proc.poll() is None, log_path.read_text()[-3000:]
         assert "nothing published yet" in status()["capture"]["state_reason"]
+        code, body = servers.http_get(f"http://127.0.0.1:{port}/health", 2)
+        health = json.loads(body)
+        assert code == 503 and health["source"]["state"] == "waiting_for_source", health
+        assert "nothing published yet" in health["source"]["reason"]
         msgs = _messages(log_path)
         opening = next(i for i, m in enumerate(msgs) if m.startswith("opening rtmp://"))
         loaded = next(i for i, m in enumerate(msgs) if m.startswith("loaded "))
