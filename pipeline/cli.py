@@ -6,6 +6,7 @@ Imports nothing heavy (no torch, no model code): ``livecc --help`` and a configu
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from . import __version__
@@ -29,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # torchao (where installed) registers enums with torch's pytree at import, and torch >= 2.14 logs a
+    # deprecation line for each: noise on every command's stderr, which is for one-line errors and logs
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:  # a bare `livecc`: what it can do, not an argparse complaint
