@@ -149,9 +149,10 @@ _extra_commands.append(_ask_command)
 
 
 def _serve_command(sub) -> None:
-    from .commands import serve
+    from .commands import drain, serve
 
     serve.add_parser(sub)
+    drain.add_parser(sub)
 
 
 _extra_commands.append(_serve_command)
