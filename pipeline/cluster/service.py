@@ -3,8 +3,8 @@ cluster, behind the same HTTP API as the one-process ``livecc serve`` (``pipelin
 
 - A ``GpuWorker`` actor (``worker.py``) per unit of the worker resource (``GPU`` by default: one per GPU) on
   every node that has it, made as nodes join; a ``StreamActor`` (``stream.py``) per stream, on the head node
-  (where sources are read from) unless Ray must put it elsewhere (soft affinity), restarted by Ray if its
-  process dies.
+  (where ``livecc serve`` runs and sources are read from; Ray's soft affinity spreads actors even when the
+  node has room, so it is a hard one), restarted by Ray if its process dies.
 - Placement: a stream is pinned to one worker (its KV-cache row lives there); a new stream goes to the ready
   worker with the most free rows; a stream that fits nowhere is refused (``PipelineError``, HTTP 503).
 - Failure: a worker that does not answer a ping within ``PING_TIMEOUT_S`` (its process or node killed) is
@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import signal
 import threading
 import time
 
@@ -161,7 +162,8 @@ class ClusterService:
         self.streams: dict[str, _Stream] = {}
         self.ended: dict[str, dict] = {}
         self.events: list[dict] = []
-        self.drained: set[str] = set()  # node ids
+        self.drained: set[str] = set()  # node ids: no new workers there
+        self.lost: set[str] = set()  # node ids whose worker died: none made there again (a node back is a new id)
         self.server: HttpServer | None = None
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))
@@ -175,10 +177,14 @@ class ClusterService:
     def start(self, ready_timeout: float = 600.0) -> "ClusterService":
         import ray
 
+        handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             ray.init(address=self.address, namespace=NAMESPACE, logging_level=logging.WARNING)
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise PipelineError(f"--cluster {self.address}: {e}") from None
+        if threading.current_thread() is threading.main_thread():
+            for s, h in handlers.items():  # ray.init puts its own in place: SIGTERM must stop the streams cleanly
+                signal.signal(s, h)
         self._Worker = ray.remote(max_restarts=0, max_concurrency=64)(_worker_class())
         self._Stream = ray.remote(max_restarts=-1, max_task_retries=0, max_concurrency=16)(_stream_class())
         self._head_node = next((n["NodeID"] for n in ray.nodes() if n.get("Alive")
@@ -273,7 +279,7 @@ class ClusterService:
                 raise PipelineError(f"no room for stream {sid!r}: every KV-cache row is taken ({self._capacity()}; "
                                     "add a GPU node, or engine.max_streams / engine.max_context)")
             handle = self._Stream.options(
-                num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(self._head_node, soft=True),
+                num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(self._head_node, soft=False),
             ).remote(sid, scfg, list(scfg.sinks or [{"kind": "console"}]))
             st = self.streams[sid] = _Stream(sid, handle, w.name)
         try:
@@ -382,7 +388,7 @@ class ClusterService:
         for n in ray.nodes():
             want = int(n.get("Resources", {}).get(self.resource, 0))
             nid = n["NodeID"]
-            if not n.get("Alive") or want == 0 or nid in self.drained:
+            if not n.get("Alive") or want == 0 or nid in self.drained or nid in self.lost:
                 continue
             for i in range(want):
                 name = f"{n.get('NodeManagerAddress', '?')}/{nid[:8]}/{i}"
@@ -418,8 +424,12 @@ class ClusterService:
         for w, why in dead:
             with self._lock:
                 self.workers.pop(w.name, None)
+                self.lost.add(w.node)
             ray.kill(w.handle, no_restart=True)
-            self._event("worker_lost", None, worker=w.name, detail=why)
+            if w.ready:
+                self._event("worker_lost", None, worker=w.name, detail=why)
+            else:
+                log.warning("worker %s did not start: %s", w.name, why)
         for w, why in dead:
             for sid in self.placed_on(w.name):
                 self._move(sid, f"worker {w.name} lost ({why})", exclude=w.name)
@@ -445,7 +455,8 @@ class ClusterService:
                 continue
             st.ping = None
             w = self.workers.get(st.worker)
-            if not info["started"] and w is not None and w.ready:
+            restarted = st.incarnation and info["incarnation"] != st.incarnation and not info["started"]
+            if restarted and w is not None and w.ready:
                 info = ray.get(st.handle.start.remote(w.handle, w.name), timeout=START_TIMEOUT_S)
                 st.incarnation = info["incarnation"]
                 self._event("stream_restarted", st.sid, worker=w.name)

@@ -261,10 +261,13 @@ class StreamActor:
         self.pipeline = None
         self.engine: RemoteEngine | None = None
         self.incarnation = time.time()
+        self.started = False
 
     def start(self, worker, worker_name: str) -> dict:
         from ..app import Pipeline
         from ..plugins import make_sink
+
+        self.started = True
 
         sinks = []
         for block in self.blocks:
@@ -279,7 +282,7 @@ class StreamActor:
         return self.ping()
 
     def move(self, worker, worker_name: str) -> dict:
-        if self.pipeline is None:  # restarted by Ray before the service saw it: start afresh there
+        if not self.started:  # restarted by Ray before the service saw it: start afresh there
             return self.start(worker, worker_name)
         self.engine.move(worker, worker_name)
         return self.ping()
@@ -289,7 +292,7 @@ class StreamActor:
         import os
 
         p = self.pipeline
-        return {"started": p is not None, "incarnation": self.incarnation, "pid": os.getpid(),
+        return {"started": self.started, "incarnation": self.incarnation, "pid": os.getpid(),
                 "paused": p is not None and p.paused,
                 "worker": self.engine.worker_name if self.engine else None,
                 "ended": p is not None and p.wait(0), "error": p.error if p is not None else None}
