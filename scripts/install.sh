@@ -31,6 +31,6 @@ else
 fi
 
 PY=${PYTHON:-python3}
-extras="test${LIVECC_EXTRAS:+,$LIVECC_EXTRAS}"
+extras="test,cluster${LIVECC_EXTRAS:+,$LIVECC_EXTRAS}"  # cluster: Ray, for tests/test_cluster.py
 $PY -m pip install -q --disable-pip-version-check -e ".[${extras}]"
 echo "livecc-pipeline installed: $($PY -c 'import pipeline; print(pipeline.__version__)')"

@@ -2,8 +2,8 @@
 
 A head and GPU nodes started with ``ray start`` (separate processes, one ``gpu_slot`` resource each), three
 live RTMP streams from nginx-rtmp, ``livecc serve`` as a subprocess. One node's processes are killed mid-run:
-its streams go on on the other node within 10 s (an event says where); a node added at run time gets a
-worker; ``livecc drain`` moves every stream onto it; a stream beyond the capacity is refused; each JSONL
+its streams go on on the other node within 10 s (an event says where); a stream actor's process killed is
+made again by Ray and goes on appending to its files; a node added at run time gets a worker; ``livecc drain`` moves every stream onto it; a stream beyond the capacity is refused; each JSONL
 numbers its turns without gaps or repeats across the moves.
 
 Three streams, not the issue's six: this machine has 2 cores shared with other work.
@@ -93,8 +93,15 @@ def ray_cluster(tmp_path):
         c.stop()
 
 
-def node_of(nodes: dict, worker_part: str) -> tuple[str, dict]:
-    return next((nid, n) for nid, n in nodes.items() if any(worker_part in w for w in n["workers"]))
+def runs(path: Path) -> list[list[dict]]:
+    """The caption lines of a JSONL sink's file, split at its run_start lines (a restarted stream actor)."""
+    out: list[list[dict]] = [[]]
+    for r in servers.read_jsonl(path) if path.exists() else []:
+        if r.get("type") == "run_start":
+            out.append([])
+        elif r.get("type") == "caption" and r.get("kind") == "caption":
+            out[-1].append(r)
+    return out
 
 
 def test_streams_move_off_a_killed_node_and_a_drained_one(nginx_rtmp, publisher, ray_cluster, tmp_path):
@@ -147,6 +154,15 @@ def test_streams_move_off_a_killed_node_and_a_drained_one(nginx_rtmp, publisher,
         assert all(e["to"].split("/")[1] == survivor[:8] for e in events if e["kind"] == "moved")
         assert any(r.get("kind") == "stream_moved" for r in servers.read_jsonl(jsonl[moved[0]]))
 
+        # a stream actor's process killed: Ray makes it again, the service starts it on its worker, its JSONL
+        # goes on after a run_start line
+        pid = request("GET", f"{base}/api/streams/c3/status")[1]["pid"]
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: len(runs(jsonl["c3"])) == 2 and len(runs(jsonl["c3"])[1]) >= 2, 60,
+                   "the restarted stream actor's captions")
+        assert any(e["kind"] == "stream_restarted" and e["stream"] == "c3"
+                   for e in request("GET", f"{base}/api/events")[1])
+
         # a node added at run time gets a worker; draining the survivor moves every stream onto it
         ray_cluster.start()
         wait_until(lambda: any(n["alive"] and n["workers"] and all(w["ready"] for w in n["workers"].values())
@@ -174,5 +190,7 @@ def test_streams_move_off_a_killed_node_and_a_drained_one(nginx_rtmp, publisher,
         log.close()
     assert code == 0, (tmp_path / "serve.log").read_text()[-3000:]
     for k in keys:  # each file: its own turns, numbered without gaps or repeats across the moves
-        turns = [c["turn"] for c in captions(jsonl[k])]
-        assert turns == list(range(1, len(turns) + 1)), (k, turns)
+        for run in runs(jsonl[k]):
+            turns = [c["turn"] for c in run]
+            assert turns == list(range(1, len(turns) + 1)), (k, turns)
+    assert len(runs(jsonl["c1"])) == 1 and len(runs(jsonl["c3"])) == 2

@@ -353,7 +353,7 @@ class ClusterService:
                 return None
             old, st.worker = st.worker, w.name  # counted there from now on
         try:
-            ray.get(st.handle.move.remote(w.handle, w.name), timeout=30)
+            st.incarnation = ray.get(st.handle.move.remote(w.handle, w.name), timeout=30)["incarnation"]
         except Exception as e:  # noqa: BLE001 - tried again next round
             log.warning("stream %s: move to %s failed: %s", sid, w.name, e)
             st.worker = old

@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import os
 import threading
 import time
 
@@ -288,9 +289,7 @@ class StreamActor:
         return self.ping()
 
     def ping(self) -> dict:
-        """{started, incarnation, worker, ended, error, pid}."""
-        import os
-
+        """{started, incarnation, pid, paused, worker, ended, error}."""
         p = self.pipeline
         return {"started": self.started, "incarnation": self.incarnation, "pid": os.getpid(),
                 "paused": p is not None and p.paused,
@@ -301,6 +300,7 @@ class StreamActor:
         snap = dict(self.pipeline.snapshot()) if self.pipeline is not None else {"stream": self.sid, "state": "new"}
         snap["worker"] = self.engine.worker_name if self.engine else None
         snap["moves"] = self.engine.moves if self.engine else 0
+        snap["pid"] = os.getpid()
         return snap
 
     def metrics(self) -> bytes:
