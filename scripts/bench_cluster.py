@@ -152,7 +152,8 @@ def main(argv=None) -> int:
     cuda = a.device.startswith("cuda")
     if a.address:
         ray.init(address=a.address)
-    else:
+    else:  # a private instance on loopback: no token file written to ~/.ray (Ray 2.60 makes one by default)
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(resources=None if cuda else {"gpu_slot": max(a.gpus)}, include_dashboard=False)
     opts = {"num_gpus": 1} if cuda else {"resources": {"gpu_slot": 1}}
     Worker = ray.remote(max_restarts=0, max_concurrency=4 * a.per_gpu + 8)(BenchWorker)

@@ -35,7 +35,8 @@ class RayCluster:
 
     def __init__(self, tmp: Path):
         self.port = servers.free_port()
-        self.env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
+        # RAY_AUTH_MODE: a token file left in ~/.ray by a local ray.init must not turn token checks on here
+        self.env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
         self.tmp = tmp
         self.nodes = 0
 
@@ -48,7 +49,8 @@ class RayCluster:
         self.nodes += 1
         cmd += ([f"--port={self.port}", "--head", "--include-dashboard=false"] if head
                 else [f"--address=127.0.0.1:{self.port}", f"--node-ip-address=127.0.0.{1 + self.nodes}"])
-        subprocess.run(cmd, env=self.env, check=True, capture_output=True, timeout=120)
+        out = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
         return nm
 
     def kill(self, node_manager_port: int) -> int:
@@ -178,9 +180,17 @@ def test_streams_move_off_a_killed_node_and_a_drained_one(nginx_rtmp, publisher,
         placed = {s for n in nodes.values() for w in n["workers"].values() for s in w["streams"]}
         assert placed == set(keys) and not any(n["workers"] for nid, n in nodes.items() if nid in busy), nodes
 
+        # the per-stream control routes reach the stream through its actor
+        status, ans = request("POST", f"{base}/api/streams/c2/ask", {"question": "What happens?"}, timeout=60)
+        assert status == 200 and isinstance(ans["answer"], str), ans
+        assert request("POST", f"{base}/api/streams/c2/pause")[1] == {"paused": True}
+        assert request("POST", f"{base}/api/streams/c2/resume")[1] == {"paused": False}
+
         # no room: the one live worker holds three rows, all taken
         status, body = request("POST", f"{base}/api/streams", {"id": "c4", "source": nginx_rtmp.url("cluster-c1")})
         assert status == 503 and "no room" in body["error"], body
+        health = request("GET", f"{base}/health")[1]
+        assert health["workers"] == 1 and health["capacity"] == 3 and health["free"] == 0, health
         status, metrics = request("GET", f"{base}/metrics")
         for k in keys:
             assert f'stream="{k}"' in metrics and "livecc_worker_streams{" in metrics
