@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -40,8 +39,8 @@ class RayCluster:
         self.tmp = tmp
         self.nodes = 0
 
-    def start(self, head: bool = False, gpu: int = 1) -> int:
-        """Start a node; returns its node-manager port (which names it in /api/nodes)."""
+    def start(self, head: bool = False, gpu: int = 1) -> None:
+        """Start a node (its node-manager port, in its address in /api/nodes, is how ``kill`` finds it)."""
         nm = servers.free_port()
         cmd = ["ray", "start", "--num-cpus=1", f"--node-manager-port={nm}", "--disable-usage-stats",
                f"--resources={{\"gpu_slot\": {gpu}}}"]
@@ -51,7 +50,6 @@ class RayCluster:
                 else [f"--address=127.0.0.1:{self.port}", f"--node-ip-address=127.0.0.{1 + self.nodes}"])
         out = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-        return nm
 
     def kill(self, node_manager_port: int) -> int:
         """SIGKILL the raylet of that node and its descendants (workers, agents); how many processes."""
@@ -113,7 +111,8 @@ def test_streams_move_off_a_killed_node_and_a_drained_one(nginx_rtmp, publisher,
     for k in keys:
         publisher(nginx_rtmp.url(f"cluster-{k}"), size="320x180", fps=10)
     ray_cluster.start(head=True, gpu=0)
-    nm = [ray_cluster.start(), ray_cluster.start()]
+    ray_cluster.start()
+    ray_cluster.start()
     port = servers.free_port()
     jsonl = {k: tmp_path / f"{k}.jsonl" for k in keys}
     spec = {
