@@ -10,7 +10,7 @@ import logging
 import sys
 
 from . import __version__
-from .commands import ask, caption, demo, run, serve
+from .commands import ask, caption, demo, drain, run, serve
 from .errors import USER_ERRORS
 
 
@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_parser(sub)
     run.add_parser(sub)
     serve.add_parser(sub)
+    drain.add_parser(sub)
     ask.add_parser(sub)
     demo.add_parser(sub)
     return p

@@ -23,7 +23,8 @@ PHASE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0)
 RATE_WINDOW_S = 5.0  # rates (fps, turns/s) are averaged over this many seconds
 LATENCY_WINDOW = 120  # percentiles over the last this many captions
 EVENT_KINDS = ("source_lost", "source_back", "source_error", "source_ended", "format_changed",
-               "sampling_paused", "sampling_resumed", "context_reset", "context_rollover", "captioning_paused", "captioning_resumed")
+               "sampling_paused", "sampling_resumed", "context_reset", "context_rollover", "captioning_paused", "captioning_resumed",
+               "stream_moved")
 
 
 class WindowRate:

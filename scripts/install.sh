@@ -68,7 +68,7 @@ if [ -n "${LIVECC_TORCH_INDEX:-}" ]; then
   pip_install torch --index-url "$LIVECC_TORCH_INDEX"   # e.g. CPU-only wheels: no CUDA libraries
 fi
 extras="${LIVECC_EXTRAS:-}"
-[ "$TEST" = 1 ] && extras="test${extras:+,$extras}"
+[ "$TEST" = 1 ] && extras="test,cluster${extras:+,$extras}"  # cluster: Ray, for tests/test_cluster.py
 pip_install -e ".${extras:+[$extras]}"
 
 version=$("$PY" -c 'import pipeline; print(pipeline.__version__)')

@@ -37,6 +37,11 @@ def add_parser(sub) -> None:
     p.add_argument("--status", choices=["auto", "rich", "plain", "off"], help="live status (default auto)")
     p.add_argument("--log-format", choices=["text", "json"])
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--cluster", metavar="ADDRESS",
+                   help="spread the streams over the GPUs of a Ray cluster: ray://HOST:PORT, HOST:PORT, or auto "
+                        "(needs pip install 'livecc-pipeline[cluster]'; docs/cluster.md)")
+    p.add_argument("--worker-resource", default="GPU", metavar="NAME",
+                   help="with --cluster: the Ray resource one engine worker takes (default GPU: one per GPU)")
     p.set_defaults(func=main)
 
 
@@ -61,7 +66,10 @@ def main(args) -> int:
     streams = data.pop("streams", None) or []
     if not isinstance(streams, list):
         raise config.ConfigError(f"{args.streams_file}: streams: must be a list")
-    service = Service(data, streams, where=args.streams_file)  # every stream checked before the model loads
+    if args.cluster:
+        service = _cluster_service(data, streams, args)
+    else:
+        service = Service(data, streams, where=args.streams_file)  # every stream checked before the model loads
     cfg = service.cfg
     setup_logging(cfg.log.format, "debug" if args.verbose else cfg.log.level)
     restore = _install_signals(service)
@@ -91,3 +99,17 @@ def main(args) -> int:
         print(f"livecc: error: sink lost data: {'; '.join(lost)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _cluster_service(data: dict, streams: list, args):
+    """The Ray form of ``Service`` (``pipeline/cluster/``); ray is imported only here."""
+    from ..errors import UserError
+
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise UserError("--cluster needs Ray: pip install 'livecc-pipeline[cluster]'") from None
+    from ..cluster.service import ClusterService
+
+    return ClusterService(data, streams, address=args.cluster, resource=args.worker_resource,
+                          where=args.streams_file)
