@@ -28,6 +28,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--positions", choices=["seed", "exact"], default=None,
                    help="seed: the reference's positions (default); exact: training-consistent 3-D positions")
     g.add_argument("--seed", type=int, default=None, help="sampling seed")
+    g.add_argument("--quantize", choices=["none", "int8", "int4", "fp8"], default=None,
+                   help="language-model weights: none (default), int8, int4 (CUDA), fp8 (CUDA, compute capability 8.9+)")
 
 
 def _engine_config(args, base=None):
@@ -39,7 +41,7 @@ def _engine_config(args, base=None):
     over = {k: v for k, v in dict(model=args.model, device=args.device, dtype=args.dtype, query=args.query,
                                    greedy=args.greedy, max_new_tokens=args.max_new_tokens,
                                    repetition_penalty=args.repetition_penalty, positions=args.positions,
-                                   seed=args.seed).items() if v is not None}
+                                   seed=args.seed, quantize=args.quantize).items() if v is not None}
     try:
         return replace(cfg, **over)
     except ValueError as e:
@@ -64,7 +66,7 @@ def cmd_caption(args) -> int:
         sinks.append(make_sink({"kind": "vtt", "path": args.vtt}))
     if not sinks:
         sinks.append(make_sink("console"))
-    model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, quantize=cfg.quantize)
     session = StreamingSession(model, cfg)
     for s in sinks:
         s.start()

@@ -52,7 +52,7 @@ class _Formatter(__import__("argparse").RawDescriptionHelpFormatter):
 def _engine_overrides(args) -> dict:
     return dict(model=args.model, device=args.device, dtype=args.dtype, query=args.query, greedy=args.greedy,
                 max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty,
-                positions=args.positions, seed=args.seed)
+                positions=args.positions, seed=args.seed, quantize=args.quantize)
 
 
 def cmd_run(args) -> int:
