@@ -4,6 +4,7 @@ paths with quantized weights, not caption quality."""
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -88,3 +89,26 @@ def test_config_key_and_flag(tmp_path):
     assert load(None, engine={"quantize": "int4"}).engine_config().quantize == "int4"  # what --quantize sets
     for argv in (["run", "x.mp4", "--quantize", "int4"], ["caption", "x.mp4", "--quantize", "fp8"]):
         assert build_parser().parse_args(argv).quantize == argv[-1]
+
+
+def test_status_api_and_metrics_say_the_mode_and_weight_bytes(int8, tmp_path):
+    """A live pipeline (ffmpeg test source, the real HTTP server) on the int8 model."""
+    from test_control import call, start_pipeline
+
+    from pipeline.status import summary
+
+    p, rec, _, base = start_pipeline(int8, tmp_path, extra={"engine": {"model": "tiny", "device": "cpu", "seed": 0,
+                                                                       "quantize": "int8"}})
+    try:
+        rec.wait(lambda c: len(c) >= 1)
+        status, body = call(base + "/api/status")
+        snap = json.loads(body)
+        assert status == 200 and snap["quantize"] == "int8" and snap["weight_bytes"] == int8.weight_bytes > 0
+        _, out = call(base + "/metrics")
+        text = out.decode()
+        value = next(line.split()[-1] for line in text.splitlines() if line.startswith("livecc_weight_bytes "))
+        assert float(value) == int8.weight_bytes
+        assert 'livecc_quantize{mode="int8"} 1.0' in text
+        assert summary(snap)["weights"].startswith("int8, ")
+    finally:
+        p.stop()
