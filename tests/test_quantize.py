@@ -112,3 +112,16 @@ def test_status_api_and_metrics_say_the_mode_and_weight_bytes(int8, tmp_path):
         assert summary(snap)["weights"].startswith("int8, ")
     finally:
         p.stop()
+
+
+def test_cli_mode_the_device_cannot_run_is_one_line(ckpt):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "pipeline", "run", "lavfi:testsrc2=size=320x240:rate=15", "--model",
+                        ckpt, "--device", "cpu", "--quantize", "int4", "--status", "off"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == \
+        "livecc: error: quantize=int4 needs a CUDA GPU (this engine runs on cpu); use int8 or none"
+    assert "Traceback" not in r.stderr and "_pytree" not in r.stderr

@@ -98,7 +98,8 @@ def load_model(name: str, device: str | None = None, dtype: str = "auto", attent
 
     Raises ``ModelLoadError`` (one line) for a checkpoint that cannot load or a quantize mode this device cannot
     run; the latter before anything is downloaded or loaded."""
-    from transformers import AutoImageProcessor, AutoTokenizer, Qwen2VLForConditionalGeneration
+    with quantization.quiet_torchao_import():
+        from transformers import AutoImageProcessor, AutoTokenizer, Qwen2VLForConditionalGeneration
 
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)

@@ -21,6 +21,7 @@ language model never sits on the GPU whole: int4 loads on an 8 GiB card.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -34,6 +35,19 @@ MODES = ("none", "int8", "int4", "fp8")
 INT4_GROUP = 128  # weights per int4 scale/zero pair (torchao's default; hidden 3584 = 28 groups)
 
 
+@contextlib.contextmanager
+def quiet_torchao_import():
+    """Around the first import of torchao (transformers imports it too, when installed): torch >= 2.14 logs two
+    deprecation warnings about how torchao 0.18 registers its enums, on every start."""
+    pytree_log = logging.getLogger("torch.utils._pytree")
+    level = pytree_log.level
+    pytree_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        pytree_log.setLevel(level)
+
+
 class QuantizeError(RuntimeError):
     """A quantization mode that cannot run here (the message is one line saying why and what to use)."""
 
@@ -45,7 +59,8 @@ def check(mode: str, device: torch.device, dtype: torch.dtype) -> None:
     if mode == "none":
         return
     try:
-        import torchao  # noqa: F401
+        with quiet_torchao_import():
+            import torchao  # noqa: F401
     except ImportError:
         raise QuantizeError(f"quantize={mode} needs torchao: pip install 'torchao>=0.18'") from None
     if mode == "int8" and device.type not in ("cuda", "cpu"):
