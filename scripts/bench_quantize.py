@@ -16,6 +16,8 @@ Weights are random (no download on the lent machines): this measures memory, spe
 not caption quality.
 
     python3 scripts/bench_quantize.py --tokenizer .bench/tokenizer --out bench-out/quantize
+    python3 scripts/bench_quantize.py --tokenizer .bench/tokenizer --steps 0          # the table and the 8-GiB case
+    python3 scripts/bench_quantize.py --tokenizer .bench/tokenizer --contexts --cap-gib 0   # the logits check only
     python3 scripts/bench_quantize.py --shape tiny --device cpu --modes none int8 --seconds 6 --steps 50 \
         --tokenizer .bench/tokenizer   # a dry run anywhere (CPU: float32, no graphs, memory figures 0)
 """
@@ -131,7 +133,7 @@ def main() -> int:
     ap.add_argument("--shape", choices=["7b", "tiny"], default="7b")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--modes", nargs="+", default=["none", "int8", "int4", "fp8"])
-    ap.add_argument("--contexts", type=int, nargs="+", default=[16384, 32768])
+    ap.add_argument("--contexts", type=int, nargs="*", default=[16384, 32768], help="none: no engine runs")
     ap.add_argument("--seconds", type=int, default=40, help="seconds of video per run")
     ap.add_argument("--steps", type=int, default=1000, help="decode steps of the logits check")
     ap.add_argument("--cap-gib", type=float, default=8.0, help="the small card: int4 at a 16k context in this much")
@@ -173,7 +175,8 @@ def main() -> int:
         print(f"int4 under {args.cap_gib:g} GiB at a 16k context: {json.dumps(results['capped'])}", flush=True)
     if args.steps:
         results["agreement"] = agreement(args, [m for m in modes if m != "none"])
-    print(table(results["modes"], args.contexts))
+    if args.contexts:
+        print(table(results["modes"], args.contexts))
     (Path(args.out) / "quantize.json").write_text(json.dumps(results, indent=1, default=str))
     return 0
 
