@@ -29,7 +29,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="seed: the reference's positions (default); exact: training-consistent 3-D positions")
     g.add_argument("--seed", type=int, default=None, help="sampling seed")
     g.add_argument("--quantize", choices=["none", "int8", "int4", "fp8"], default=None,
-                   help="language-model weights: none (default), int8, int4 (CUDA), fp8 (CUDA, compute capability 8.9+)")
+                   help="language-model weights: none (default), int8, int4 (CUDA), fp8 (CUDA, compute capability "
+                        "8.9+)")
 
 
 def _engine_config(args, base=None):

@@ -86,7 +86,8 @@ def run_turns(model, clips, max_context: int) -> dict:
     peak = torch.cuda.max_memory_allocated() / GiB if CUDA else 0.0
     steady = [t for t in turns[1:] if not t["captured"]]
     out = summarize([turns[0]] + steady, peak)
-    out.update(captures=sum(t["captured"] for t in turns), compiled=bool(graphs) and graphs.compile, rollovers=session.rollovers)
+    out.update(captures=sum(t["captured"] for t in turns), compiled=bool(graphs) and graphs.compile,
+               rollovers=session.rollovers)
     out.pop("turns")
     session.close()
     del session, graphs
