@@ -4,6 +4,7 @@ paths with quantized weights, not caption quality."""
 
 from __future__ import annotations
 
+import gc
 import json
 import random
 
@@ -34,6 +35,12 @@ def int8(ckpt):
     return load_model(ckpt, device="cpu", quantize="int8")
 
 
+def ref_ptrs(model) -> set[int]:
+    return {p.data_ptr() for p in model.hf.parameters()} | {
+        getattr(layer, a).data_ptr() for layer in language_parts(model.hf)[0].layers
+        for a in ("qkv_weight", "gate_up_weight") if hasattr(layer, a)}
+
+
 def test_int8_decode_logits_stay_close_and_weights_shrink(reference, int8):
     text, lm_head = language_parts(reference.hf)
     linear = sum(m.weight.numel() * m.weight.element_size() for layer in text.layers
@@ -42,6 +49,13 @@ def test_int8_decode_logits_stay_close_and_weights_shrink(reference, int8):
     # float32 -> int8 (+ one float32 scale per row): at least 70% of the linear weights' bytes are gone
     assert int8.quantize == "int8" and reference.quantize == "none"
     assert int8.weight_bytes <= reference.weight_bytes - 0.7 * linear
+    # and the float32 matrices are gone, not just uncounted: no plain tensor of a quantized shape is alive
+    gc.collect()
+    layer = ModelRunner(int8, slots=1, capacity=64).model.layers[0]
+    shapes = {tuple(w.shape) for w in (layer.qkv_w, layer.o_w, layer.gate_up_w, layer.down_w)}
+    alive = [o for o in gc.get_objects() if type(o) in (torch.Tensor, torch.nn.Parameter) and tuple(o.shape) in shapes
+             and o.device.type == "cpu" and o.dtype == torch.float32 and o.data_ptr() not in ref_ptrs(reference)]
+    assert not alive, [tuple(o.shape) for o in alive]
     random.seed(0)
     prompt = [random.randrange(4000) for _ in range(64)]
     got = decode_agreement(ModelRunner(reference, slots=1, capacity=1024), ModelRunner(int8, slots=1, capacity=1024),
