@@ -64,8 +64,15 @@ def test_quantized_decode_agrees_with_bfloat16(mode):
     from pipeline.fixtures.tiny import tiny_checkpoint
     from pipeline.types import Clip
 
+    from pipeline.engine.quantize import QuantizeError, check
+
     if mode == "fp8" and torch.cuda.get_device_capability() < (8, 9):
-        pytest.skip("fp8 needs compute capability 8.9")
+        with pytest.raises(QuantizeError, match="needs CUDA compute capability 8.9"):
+            check(mode, torch.device("cuda"), torch.bfloat16)
+        pytest.skip("fp8 needs compute capability 8.9: refused at start, as it should be")
+    if mode != "int8":
+        with pytest.raises(QuantizeError, match="runs in bfloat16"):
+            check(mode, torch.device("cuda"), torch.float32)
     ckpt = str(tiny_checkpoint("small"))
     ref = load_model(ckpt, device="cuda", dtype="bfloat16")
     q = load_model(ckpt, device="cuda", dtype="bfloat16", quantize=mode)

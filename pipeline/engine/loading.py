@@ -98,8 +98,7 @@ def load_model(name: str, device: str | None = None, dtype: str = "auto", attent
 
     Raises ``ModelLoadError`` (one line) for a checkpoint that cannot load or a quantize mode this device cannot
     run; the latter before anything is downloaded or loaded."""
-    with quantization.quiet_torchao_import():
-        from transformers import AutoImageProcessor, AutoTokenizer, Qwen2VLForConditionalGeneration
+    from transformers import AutoImageProcessor, AutoTokenizer, Qwen2VLForConditionalGeneration
 
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
@@ -130,7 +129,12 @@ def load_model(name: str, device: str | None = None, dtype: str = "auto", attent
             raise ModelLoadError(f"could not load the checkpoint in {name}: {type(e).__name__}: {e}") from None
         raise ModelLoadError(_offline_message(name, e)) from None
     hf.eval().requires_grad_(False)
-    quantization.to_device(hf, dev, quantize)
+    try:
+        quantization.to_device(hf, dev, quantize)
+    except torch.OutOfMemoryError:
+        smaller = "int4" if quantize != "int4" else None
+        raise ModelLoadError(f"the model does not fit in {dev}'s memory with quantize={quantize}"
+                             + (f"; try --quantize {smaller}" if smaller else "")) from None
     gen = hf.generation_config
     stop = set(tokenizer.convert_tokens_to_ids(t) for t in STOP_TOKENS)
     eos = gen.eos_token_id

@@ -21,7 +21,6 @@ language model never sits on the GPU whole: int4 loads on an 8 GiB card.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 
 import torch
@@ -35,19 +34,6 @@ MODES = ("none", "int8", "int4", "fp8")
 INT4_GROUP = 128  # weights per int4 scale/zero pair (torchao's default; hidden 3584 = 28 groups)
 
 
-@contextlib.contextmanager
-def quiet_torchao_import():
-    """Around the first import of torchao (transformers imports it too, when installed): torch >= 2.14 logs two
-    deprecation warnings about how torchao 0.18 registers its enums, on every start."""
-    pytree_log = logging.getLogger("torch.utils._pytree")
-    level = pytree_log.level
-    pytree_log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        pytree_log.setLevel(level)
-
-
 class QuantizeError(RuntimeError):
     """A quantization mode that cannot run here (the message is one line saying why and what to use)."""
 
@@ -59,16 +45,15 @@ def check(mode: str, device: torch.device, dtype: torch.dtype) -> None:
     if mode == "none":
         return
     try:
-        with quiet_torchao_import():
-            import torchao  # noqa: F401
+        import torchao  # noqa: F401
     except ImportError:
         raise QuantizeError(f"quantize={mode} needs torchao: pip install 'torchao>=0.18'") from None
     if mode == "int8" and device.type not in ("cuda", "cpu"):
         raise QuantizeError(f"quantize=int8 runs on CUDA or CPU, not {device.type}; use quantize=none")
     if mode in ("int4", "fp8"):
-        if device.type != "cuda":
-            raise QuantizeError(f"quantize={mode} needs a CUDA GPU (this engine runs on {device.type}); "
-                                "use int8 or none")
+        if device.type != "cuda" or not torch.cuda.is_available():
+            where = device.type if device.type != "cuda" else "cuda, but no CUDA GPU is available"
+            raise QuantizeError(f"quantize={mode} needs a CUDA GPU (this engine runs on {where}); use int8 or none")
         if dtype != torch.bfloat16:
             raise QuantizeError(f"quantize={mode} runs in bfloat16, not {str(dtype).removeprefix('torch.')}; "
                                 "use dtype auto or bfloat16")
