@@ -15,8 +15,8 @@ tower and the KV cache (an FP8 KV cache is reported to corrupt Qwen2-VL output i
 
 The quantized weights are torchao tensor subclasses: ``F.linear`` dispatches to their kernels, so the
 model code (``model.py``) is the same for every mode, under CUDA graphs and torch.compile too.
-Quantizing happens layer by layer as the weights move to the device (``to_device``), so the bfloat16
-language model never sits on the GPU whole: int4 loads on an 8 GiB card.
+Quantizing happens matrix by matrix as the weights move to the device (``to_device``), so the bfloat16
+language model never sits on the GPU whole: int4 can load on an 8 GiB card.
 """
 
 from __future__ import annotations
@@ -116,24 +116,33 @@ def _quantize_layer(layer, config) -> None:
 @torch.no_grad()
 def to_device(hf_model: nn.Module, device: torch.device, mode: str = "none") -> None:
     """Move a loaded Qwen2-VL (on the CPU) to ``device``, quantizing the language model's linear weights on the
-    way (see the module doc). Layers go one at a time: the device holds at most one bfloat16 layer besides the
-    quantized ones. Call ``check`` first."""
+    way (see the module doc). Call ``check`` first.
+
+    Order, for the smallest peak on the device: the lm_head first, while the device is empty (quantizing a
+    152k x 3.6k matrix needs several times its size in scratch: padded copies, int32 codes), then the layers
+    one at a time (at most one bfloat16 layer besides the quantized ones), then the rest (vision tower,
+    embeddings, norms) as it is."""
     if mode == "none":
         hf_model.to(device)
         return
     config = _config(mode)
     text, lm_head = language_parts(hf_model)
     layers = text.layers
-    text.layers = nn.ModuleList()  # the rest (vision, embeddings, norms, lm_head) moves as it is
+    tied = lm_head.weight is text.embed_tokens.weight
+    if not tied:
+        lm_head.to(device)
+        _quantize_linear(lm_head, config)
+    for layer in layers:
+        layer.to(device)
+        _quantize_layer(layer, config)
+    text.layers = nn.ModuleList()  # quantized already: kept out of the move of the rest
+    if not tied:
+        hf_model.lm_head = nn.Identity()
     try:
         hf_model.to(device)
     finally:
         text.layers = layers
-    for layer in layers:
-        layer.to(device)
-        _quantize_layer(layer, config)
-    if lm_head.weight is not text.embed_tokens.weight:
-        _quantize_linear(lm_head, config)
+        hf_model.lm_head = lm_head
     log.info("quantized the language model's linear weights to %s", mode)
 
 
