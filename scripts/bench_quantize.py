@@ -71,6 +71,7 @@ def run_turns(model, clips, max_context: int) -> dict:
     free()
     if CUDA:
         torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated() / GiB if CUDA else 0.0  # the weights (and anything left over)
     session = StreamingSession(model, EngineConfig(greedy=True, max_context=max_context))
     graphs = session.core.runner.graphs
     turns = []
@@ -86,7 +87,7 @@ def run_turns(model, clips, max_context: int) -> dict:
     peak = torch.cuda.max_memory_allocated() / GiB if CUDA else 0.0
     steady = [t for t in turns[1:] if not t["captured"]]
     out = summarize([turns[0]] + steady, peak)
-    out.update(captures=sum(t["captured"] for t in turns), compiled=bool(graphs) and graphs.compile,
+    out.update(allocated_before_gib=before, captures=sum(t["captured"] for t in turns), compiled=bool(graphs) and graphs.compile,
                rollovers=session.rollovers)
     out.pop("turns")
     session.close()
