@@ -3,7 +3,8 @@
     none  the checkpoint's dtype (bfloat16 on CUDA)
     int8  weight-only int8, one scale per output row (torchao ``Int8WeightOnlyConfig``); CUDA or CPU
     int4  weight-only int4, groups of 128 (torchao ``Int4WeightOnlyConfig``, packed for the tinygemm kernel that
-          ships with PyTorch, ``aten._weight_int4pack_mm``); CUDA only, bfloat16 activations
+          ships with PyTorch, ``aten._weight_int4pack_mm``); CUDA compute capability >= 8.0 (Ampere and later),
+          bfloat16 activations
     fp8   float8 e4m3 weights and per-token dynamic float8 activations, one scale per row (torchao
           ``Float8DynamicActivationFloat8WeightConfig(PerRow())``, ``torch._scaled_mm``); CUDA compute
           capability >= 8.9 (Ada, Hopper and later), bfloat16
@@ -57,11 +58,13 @@ def check(mode: str, device: torch.device, dtype: torch.dtype) -> None:
         if dtype != torch.bfloat16:
             raise QuantizeError(f"quantize={mode} runs in bfloat16, not {str(dtype).removeprefix('torch.')}; "
                                 "use dtype auto or bfloat16")
-    if mode == "fp8":
+    if mode in ("int4", "fp8"):
+        # int4: torchao's tinygemm packing refuses < 8.0; fp8: float8 tensor cores (torch._scaled_mm)
+        need, gpus, other = {"int4": ((8, 0), "Ampere", "int8"), "fp8": ((8, 9), "Ada, Hopper", "int8 or int4")}[mode]
         cap = torch.cuda.get_device_capability(device)
-        if cap < (8, 9):
-            raise QuantizeError(f"quantize=fp8 needs CUDA compute capability 8.9 or newer (Ada, Hopper); "
-                                f"{torch.cuda.get_device_name(device)} has {cap[0]}.{cap[1]}: use int8 or int4")
+        if cap < need:
+            raise QuantizeError(f"quantize={mode} needs CUDA compute capability {need[0]}.{need[1]} or newer ({gpus}); "
+                                f"{torch.cuda.get_device_name(device)} has {cap[0]}.{cap[1]}: use {other}")
 
 
 def _config(mode: str):
