@@ -84,7 +84,7 @@ def test_modes_this_device_cannot_run_fail_at_start(ckpt):
         with pytest.raises(ModelLoadError, match=why) as e:
             load_model(ckpt, device="cpu", quantize=mode)
         assert "\n" not in str(e.value)
-    with pytest.raises(ValueError, match="quantize must be none, int8, int4 or fp8"):
+    with pytest.raises(ValueError, match="quantize must be none, int8, int4, fp8"):
         EngineConfig(quantize="int3")
 
 
@@ -100,7 +100,7 @@ def test_config_key_and_flag(tmp_path):
 
     p = tmp_path / "c.yaml"
     p.write_text("engine:\n  quantize: int3\n")
-    with pytest.raises(ConfigError, match="quantize must be none, int8, int4 or fp8"):
+    with pytest.raises(ConfigError, match="quantize must be none, int8, int4, fp8"):
         load(p).engine_config()
     p.write_text("engine:\n  quantize: int8\n")
     assert load(p).engine_config().quantize == "int8"

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 DEFAULT_MODEL = "chenjoya/LiveCC-7B-Instruct"
 DEFAULT_QUERY = "Please describe the video."
+QUANTIZE_MODES = ("none", "int8", "int4", "fp8")  # engine.quantize (pipeline/engine/quantize.py)
 
 
 @dataclass
@@ -43,8 +44,8 @@ class EngineConfig:
             raise ValueError(f"positions must be 'seed' or 'exact', not {self.positions!r}")
         if self.context not in ("rollover", "window", "none"):
             raise ValueError(f"context must be rollover, window or none, not {self.context!r}")
-        if self.quantize not in ("none", "int8", "int4", "fp8"):
-            raise ValueError(f"quantize must be none, int8, int4 or fp8, not {self.quantize!r}")
+        if self.quantize not in QUANTIZE_MODES:
+            raise ValueError(f"quantize must be {', '.join(QUANTIZE_MODES)}, not {self.quantize!r}")
         if self.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be at least 1")
         if self.repetition_penalty <= 0:

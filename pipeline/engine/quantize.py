@@ -27,11 +27,11 @@ import logging
 import torch
 from torch import nn
 
+from .config import QUANTIZE_MODES as MODES
 from .model import fuse_projections, language_parts
 
 log = logging.getLogger(__name__)
 
-MODES = ("none", "int8", "int4", "fp8")
 INT4_GROUP = 128  # weights per int4 scale/zero pair (torchao's default; hidden 3584 = 28 groups)
 
 
@@ -42,7 +42,7 @@ class QuantizeError(RuntimeError):
 def check(mode: str, device: torch.device, dtype: torch.dtype) -> None:
     """Raise ``QuantizeError`` (one line) if ``mode`` cannot run on ``device`` with ``dtype``; before any loading."""
     if mode not in MODES:
-        raise QuantizeError(f"quantize must be one of {', '.join(MODES)}, not {mode!r}")
+        raise QuantizeError(f"quantize must be {', '.join(MODES)}, not {mode!r}")
     if mode == "none":
         return
     try:
