@@ -582,6 +582,8 @@ class Pipeline:
             "capture": cstats,
             "sampler": dict(self.sampler.stats) if self.sampler is not None else {},
             "gpu": gpu,
+            "quantize": getattr(self.model, "quantize", self.engine_cfg.quantize),
+            "weight_bytes": getattr(self.model, "weight_bytes", 0),
             "last_caption": last.to_json(tokens=False) if last is not None else None,
             "recent": [c.to_json(tokens=False) for c in list(self.recent)[-5:]],
             "sinks": self.dispatcher.status() if self.dispatcher is not None else {},

@@ -43,7 +43,8 @@ class EngineWorker:
 
     def __init__(self, cfg: EngineConfig, model=None, slots: int | None = None, cpu_slots: int = 1):
         self.cfg = cfg
-        self.model = model if model is not None else load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+        self.model = model if model is not None else load_model(
+            cfg.model, device=cfg.device, dtype=cfg.dtype, quantize=cfg.quantize)
         want = slots or cfg.max_streams or slots_that_fit(self.model, cfg, cpu_slots)
         self.core: EngineCore = make_core(self.model, cfg, slots=want)
         self.slots = want

@@ -182,6 +182,10 @@ class _LiveCollector:
         yield gauge("livecc_gpu_memory_bytes", "GPU memory allocated by the engine (0 on CPU)", g.get("allocated"))
         yield gauge("livecc_gpu_memory_reserved_bytes", "GPU memory reserved by the engine (0 on CPU)",
                     g.get("reserved"))
+        yield gauge("livecc_weight_bytes", "Device memory held by the model's weights", s.get("weight_bytes"))
+        mode = GaugeMetricFamily("livecc_quantize", "1 for the weight mode in use (engine.quantize)", labels=["mode"])
+        mode.add_metric([s.get("quantize") or "none"], 1.0)
+        yield mode
         yield gauge("livecc_ready", "1 once the model is loaded and the source delivers frames", s.get("ready"))
         sinks = s.get("sinks", {})
         fam = {k: CounterMetricFamily(f"livecc_sink_{k}", doc, labels=["sink"]) for k, doc in (

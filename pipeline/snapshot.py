@@ -33,6 +33,8 @@ class Snapshot(TypedDict):
     capture: dict[str, Any]  # the capture thread's counters (frames, sessions, lost, ...)
     sampler: dict[str, Any]
     gpu: dict[str, int]  # allocated, reserved (bytes; empty on CPU)
+    quantize: str  # the language model's weights: none | int8 | int4 | fp8 (engine.quantize)
+    weight_bytes: int  # device memory held by the model's weights (0 before the model is loaded)
     last_caption: dict | None  # Caption.to_json(tokens=False)
     recent: list[dict]
     sinks: dict[str, dict]  # per sink: state, captions, dropped, errors, ...

@@ -94,6 +94,7 @@ def summary(s: dict) -> dict:
         "drops": f"{q.get('dropped', 0)} clips, {sink_drops} sink items",
         "reconnects": str(c.get("reconnects", 0)),
         "gpu memory": _fmt_bytes(s.get("gpu", {}).get("allocated")),
+        "weights": f"{s.get('quantize') or 'none'}, {_fmt_bytes(s.get('weight_bytes'))}",
         "context": f"{s.get('context_tokens', 0)} tokens, {s.get('turns', 0)} turns",
         "sinks": ", ".join(f"{n}: {v.get('state')}" for n, v in sinks.items()) + (f"  ({', '.join(bad)} unhealthy)" if bad else ""),
         # one line whatever the model wrote (a newline in a caption must not break the table or a log line)

@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.engine import EngineConfig, LoadedModel, StreamingSession  # noqa: E402
+from pipeline.engine.quantize import to_device, weight_bytes  # noqa: E402
 from pipeline.engine.vision import PatchSpec  # noqa: E402
 from pipeline.capture.frames import resize_frames  # noqa: E402
 from pipeline.types import Clip  # noqa: E402
@@ -75,16 +76,29 @@ def random_model(shape: str, device: torch.device, dtype: torch.dtype):
     return model.to(dtype).eval().requires_grad_(False)
 
 
-def loaded(shape: str, tokenizer_dir: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+def loaded(shape: str, tokenizer_dir: str, device: torch.device, dtype: torch.dtype,
+           quantize: str = "none") -> LoadedModel:
+    """The random model as the engine loads a checkpoint; ``quantize`` as ``engine.quantize`` (the model goes
+    to the CPU first and is quantized layer by layer onto the device, as ``load_model`` does)."""
+    hf = random_model(shape, device, dtype)
+    if quantize != "none":
+        hf = hf.cpu()
+        torch.cuda.empty_cache()
+        to_device(hf, device, quantize)
+    return wrap(hf, tokenizer_dir, shape, device, dtype, quantize)
+
+
+def wrap(hf, tokenizer_dir: str, shape: str, device: torch.device, dtype: torch.dtype, quantize: str) -> LoadedModel:
+    """A ``LoadedModel`` around a model already on ``device``."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    hf = random_model(shape, device, dtype)
     stop = tuple(tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_end|>"))
     return LoadedModel(hf=hf, tokenizer=tok, patches=PatchSpec(), stop_ids=stop,
                        silence_id=tok(" ...", add_special_tokens=False).input_ids[-1],
                        sampling={"temperature": 0.7, "top_k": 20, "top_p": 0.8}, name=f"random-{shape}",
-                       device=device, dtype=dtype, attention="sdpa")
+                       device=device, dtype=dtype, attention="sdpa", quantize=quantize,
+                       weight_bytes=weight_bytes(hf))
 
 
 def synthetic_clips(seconds: int, height=1080, width=1920, pool_s: int = 60):

@@ -181,11 +181,13 @@ def main(argv=None) -> int:
     ap.add_argument("--probe", type=int, nargs="*", metavar="CONTEXT",
                     help="first time one decode step and one prefill for 1..N rows at these context lengths")
     ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--quantize", choices=["none", "int8", "int4", "fp8"], default="none",
+                    help="the language model's weights (engine.quantize)")
     a = ap.parse_args(argv)
     if a.processes:
         return side_by_side(a)
     dev = torch.device(a.device)
-    model = loaded(a.shape, a.tokenizer, dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    model = loaded(a.shape, a.tokenizer, dev, torch.bfloat16 if dev.type == "cuda" else torch.float32, a.quantize)
     pool = list(synthetic_clips(64))
     if a.probe:
         print(probe(model, a.streams, a.probe, pool), flush=True)

@@ -65,7 +65,7 @@ def cmd_caption(args) -> int:
     from ..engine import StreamingSession, load_model
 
     log.info("loading %s", engine_cfg.model)
-    model = load_model(engine_cfg.model, device=engine_cfg.device, dtype=engine_cfg.dtype)
+    model = load_model(engine_cfg.model, device=engine_cfg.device, dtype=engine_cfg.dtype, quantize=engine_cfg.quantize)
     session = StreamingSession(model, engine_cfg)
     for s in sinks:
         s.start()

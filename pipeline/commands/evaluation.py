@@ -75,7 +75,7 @@ def main(args) -> int:
         sinks.append(make_sink({"kind": "vtt", "path": args.vtt}))
     if not sinks:
         sinks.append(make_sink("console"))
-    model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, quantize=cfg.quantize)
     session = StreamingSession(model, cfg)
     texts = []
     for s in sinks:

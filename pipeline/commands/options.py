@@ -12,7 +12,7 @@ import os
 
 #: flag destination == EngineConfig field
 ENGINE_FLAGS = ("model", "device", "dtype", "query", "greedy", "max_new_tokens", "repetition_penalty",
-                "positions", "seed")
+                "positions", "seed", "quantize")
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -27,6 +27,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--positions", choices=["seed", "exact"],
                    help="seed: the reference's positions (default); exact: training-consistent 3-D positions")
     g.add_argument("--seed", type=int, help="sampling seed")
+    g.add_argument("--quantize", choices=["none", "int8", "int4", "fp8"],
+                   help="language-model weights: none (default), int8, int4 (CUDA), fp8 (CUDA, compute capability 8.9+)")
     g.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads for the model's tensor operations (default 1, or $OMP_NUM_THREADS)")
 

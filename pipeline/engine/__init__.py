@@ -4,6 +4,7 @@
     core.py     EngineCore: continuous batching, one thread per device -> TurnResult
     runner.py   ModelRunner: vision, prefill, one decode step for many rows (CUDA graphs: cuda_graphs.py)
     model.py    TextModel: the weights and one layer function;  kv_cache.py: one row per stream
+    quantize.py engine.quantize: the language model's linear weights in int8 / int4 / fp8 (torchao)
 
 Names are imported on first use, so ``pipeline.engine.config`` (read by the config loader) costs no torch import.
 """

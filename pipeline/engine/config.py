@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 DEFAULT_MODEL = "chenjoya/LiveCC-7B-Instruct"
 DEFAULT_QUERY = "Please describe the video."
+QUANTIZE_MODES = ("none", "int8", "int4", "fp8")  # engine.quantize (pipeline/engine/quantize.py)
 
 
 @dataclass
@@ -29,6 +30,7 @@ class EngineConfig:
     fast: bool | None = None  # CUDA-graph decode; None = on when running on CUDA
     compile: bool | None = None  # fuse the decode step's small kernels (torch.compile); None = on with CUDA graphs
     seed: int | None = None  # sampling seed
+    quantize: str = "none"  # language-model weights: none | int8 | int4 | fp8 (see pipeline/engine/quantize.py)
     max_streams: int | None = None  # KV-cache rows (streams) per device; None = 1 for run, what fits for serve
     # context policy for unbounded streams (see pipeline/engine/context.py)
     context: str = "rollover"  # rollover | window | none
@@ -42,6 +44,8 @@ class EngineConfig:
             raise ValueError(f"positions must be 'seed' or 'exact', not {self.positions!r}")
         if self.context not in ("rollover", "window", "none"):
             raise ValueError(f"context must be rollover, window or none, not {self.context!r}")
+        if self.quantize not in QUANTIZE_MODES:
+            raise ValueError(f"quantize must be {', '.join(QUANTIZE_MODES)}, not {self.quantize!r}")
         if self.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be at least 1")
         if self.repetition_penalty <= 0:

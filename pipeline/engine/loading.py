@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelLoadError  # noqa: F401  (re-exported)
+from . import quantize as quantization
 from .vision import PatchSpec
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,8 @@ class LoadedModel:
     dtype: torch.dtype = torch.float32
     attention: str = "sdpa"
     liger: bool = False
+    quantize: str = "none"  # the language model's weights: none | int8 | int4 | fp8 (quantize.py)
+    weight_bytes: int = 0  # device memory held by all the weights (quantize.weight_bytes)
 
     @property
     def visual(self):
@@ -87,12 +90,20 @@ def _offline_message(name: str, err: Exception) -> str:
 
 
 def load_model(name: str, device: str | None = None, dtype: str = "auto", attention: str | None = None,
-               liger: bool | None = None) -> LoadedModel:
-    """``from_pretrained`` on a hub id or a local folder, with the fastest kernels available."""
+               liger: bool | None = None, quantize: str = "none") -> LoadedModel:
+    """``from_pretrained`` on a hub id or a local folder, with the fastest kernels available; the language
+    model's linear weights in ``quantize`` (none | int8 | int4 | fp8, see ``quantize.py``).
+
+    Raises ``ModelLoadError`` (one line) for a checkpoint that cannot load or a quantize mode this device cannot
+    run; the latter before anything is downloaded or loaded."""
     from transformers import AutoImageProcessor, AutoTokenizer, Qwen2VLForConditionalGeneration
 
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
+    try:
+        quantization.check(quantize, dev, torch_dtype)
+    except quantization.QuantizeError as e:
+        raise ModelLoadError(str(e)) from None
     local = Path(name).expanduser()
     is_local = local.exists() or name.startswith((".", "/", "~"))
     if is_local:
@@ -115,7 +126,13 @@ def load_model(name: str, device: str | None = None, dtype: str = "auto", attent
         if is_local:
             raise ModelLoadError(f"could not load the checkpoint in {name}: {type(e).__name__}: {e}") from None
         raise ModelLoadError(_offline_message(name, e)) from None
-    hf.to(dev).eval().requires_grad_(False)
+    hf.eval().requires_grad_(False)
+    try:
+        quantization.to_device(hf, dev, quantize)
+    except torch.OutOfMemoryError:
+        smaller = "int4" if quantize != "int4" else None
+        raise ModelLoadError(f"the model does not fit in {dev}'s memory with quantize={quantize}"
+                             + (f"; try --quantize {smaller}" if smaller else "")) from None
     gen = hf.generation_config
     stop = set(tokenizer.convert_tokens_to_ids(t) for t in STOP_TOKENS)
     eos = gen.eos_token_id
@@ -125,8 +142,10 @@ def load_model(name: str, device: str | None = None, dtype: str = "auto", attent
                         std=tuple(image_proc.image_std))
     silence = tokenizer(SILENCE_TEXT, add_special_tokens=False).input_ids[-1]
     sampling = {k: getattr(gen, k, None) for k in ("temperature", "top_k", "top_p")}
-    log.info("loaded %s on %s (%s, attention=%s, liger=%s)", name, dev, torch_dtype, attention, use_liger)
+    weights = quantization.weight_bytes(hf)
+    log.info("loaded %s on %s (%s, quantize=%s, weights %.2f GiB, attention=%s, liger=%s)", name, dev, torch_dtype,
+             quantize, weights / 2**30, attention, use_liger)
     return LoadedModel(hf=hf, tokenizer=tokenizer, patches=patches, stop_ids=tuple(sorted(stop)), silence_id=silence,
                        sampling=sampling, name=name, device=dev, dtype=torch_dtype, attention=attention,
-                       liger=use_liger)
+                       liger=use_liger, quantize=quantize, weight_bytes=weights)
 

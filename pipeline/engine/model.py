@@ -29,7 +29,8 @@ MASKED_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class LayerWeights(NamedTuple):
-    """One decoder layer's weights (bf16/fp32 as loaded). Shapes for the 7B: hidden 3584, q 3584, kv 512."""
+    """One decoder layer's weights (bf16/fp32 as loaded; the four matrices may be torchao tensors of
+    ``engine.quantize``, which ``F.linear`` dispatches). Shapes for the 7B: hidden 3584, q 3584, kv 512."""
 
     ln1: torch.Tensor  # (hidden,) input RMSNorm
     qkv_w: torch.Tensor  # (q + 2·kv, hidden) fused q|k|v projection
@@ -136,7 +137,7 @@ class TextModel:
         self.head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
         self.hidden = tc.hidden_size
         theta, self.mrope_section = _rope_settings(tc)
-        p = next(self.lm_head.parameters())
+        p = self.embed.weight  # never quantized (the lm_head may be: quantize.py)
         self.dtype, self.device = p.dtype, p.device
         self.vocab = self.lm_head.weight.shape[0]
         self.inv_freq = (1.0 / (theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float) / self.head_dim))

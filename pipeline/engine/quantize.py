@@ -1,0 +1,206 @@
+"""Low-bit weights for the language model (``engine.quantize``), through torchao.
+
+    none  the checkpoint's dtype (bfloat16 on CUDA)
+    int8  weight-only int8, one scale per output row (torchao ``Int8WeightOnlyConfig``); CUDA or CPU
+    int4  weight-only int4, groups of 128 (torchao ``Int4WeightOnlyConfig``, packed for the tinygemm kernel that
+          ships with PyTorch, ``aten._weight_int4pack_mm``); CUDA compute capability >= 8.0 (Ampere and later),
+          bfloat16 activations
+    fp8   float8 e4m3 weights and per-token dynamic float8 activations, one scale per row (torchao
+          ``Float8DynamicActivationFloat8WeightConfig(PerRow())``, ``torch._scaled_mm``); CUDA compute
+          capability >= 8.9 (Ada, Hopper and later), bfloat16
+
+What is quantized: every decoder layer's fused q|k|v, o, fused gate|up and down projections, and the
+lm_head (it is read once per decode step like the rest; 1 GiB in bf16 for the 7B) unless it is tied to
+the embeddings. What stays in the model dtype: the embeddings, the norms, the q|k|v bias, the vision
+tower and the KV cache (an FP8 KV cache is reported to corrupt Qwen2-VL output in another engine).
+
+The quantized weights are torchao tensor subclasses: ``F.linear`` dispatches to their kernels, so the
+model code (``model.py``) is the same for every mode, under CUDA graphs and torch.compile too.
+Quantizing happens matrix by matrix as the weights move to the device (``to_device``), so the bfloat16
+language model never sits on the GPU whole: int4 can load on an 8 GiB card.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from .config import QUANTIZE_MODES as MODES
+from .model import fuse_projections, language_parts
+
+log = logging.getLogger(__name__)
+
+INT4_GROUP = 128  # weights per int4 scale/zero pair (torchao's default; hidden 3584 = 28 groups)
+
+
+class QuantizeError(RuntimeError):
+    """A quantization mode that cannot run here (the message is one line saying why and what to use)."""
+
+
+def check(mode: str, device: torch.device, dtype: torch.dtype) -> None:
+    """Raise ``QuantizeError`` (one line) if ``mode`` cannot run on ``device`` with ``dtype``; before any loading."""
+    if mode not in MODES:
+        raise QuantizeError(f"quantize must be {', '.join(MODES)}, not {mode!r}")
+    if mode == "none":
+        return
+    try:
+        import torchao  # noqa: F401
+    except ImportError:
+        raise QuantizeError(f"quantize={mode} needs torchao: pip install 'torchao>=0.18'") from None
+    if mode == "int8" and device.type not in ("cuda", "cpu"):
+        raise QuantizeError(f"quantize=int8 runs on CUDA or CPU, not {device.type}; use quantize=none")
+    if mode in ("int4", "fp8"):
+        if device.type != "cuda" or not torch.cuda.is_available():
+            where = device.type if device.type != "cuda" else "cuda, but no CUDA GPU is available"
+            raise QuantizeError(f"quantize={mode} needs a CUDA GPU (this engine runs on {where}); use int8 or none")
+        if dtype != torch.bfloat16:
+            raise QuantizeError(f"quantize={mode} runs in bfloat16, not {str(dtype).removeprefix('torch.')}; "
+                                "use dtype auto or bfloat16")
+    if mode in ("int4", "fp8"):
+        # int4: torchao's tinygemm packing refuses < 8.0; fp8: float8 tensor cores (torch._scaled_mm)
+        need, gpus, other = {"int4": ((8, 0), "Ampere", "int8"), "fp8": ((8, 9), "Ada, Hopper", "int8 or int4")}[mode]
+        cap = torch.cuda.get_device_capability(device)
+        if cap < need:
+            raise QuantizeError(f"quantize={mode} needs CUDA compute capability {need[0]}.{need[1]} or newer ({gpus}); "
+                                f"{torch.cuda.get_device_name(device)} has {cap[0]}.{cap[1]}: use {other}")
+
+
+def _config(mode: str):
+    from torchao.quantization import (Float8DynamicActivationFloat8WeightConfig, Int4WeightOnlyConfig,
+                                      Int8WeightOnlyConfig, PerRow)
+
+    # set_inductor_config=False: keep the engine's own torch.compile settings in every mode
+    if mode == "int8":
+        return Int8WeightOnlyConfig(set_inductor_config=False)
+    if mode == "int4":
+        return Int4WeightOnlyConfig(group_size=INT4_GROUP, int4_packing_format="tile_packed_to_4d",
+                                    set_inductor_config=False)
+    return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
+
+
+def _quantize_linear(linear: nn.Linear, config) -> None:
+    from torchao.quantization import quantize_
+
+    quantize_(linear, config)
+
+
+def _quantized(weight: torch.Tensor, config) -> nn.Parameter:
+    """``weight`` (out, in) as a quantized parameter (through a throw-away ``nn.Linear``)."""
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    lin.weight = nn.Parameter(weight, requires_grad=False)
+    _quantize_linear(lin, config)
+    return lin.weight
+
+
+class FusedAway(nn.Module):
+    """Stands in for a q/k/v or gate/up projection whose weight now exists only fused and quantized in its layer
+    (``layer.qkv_weight`` / ``layer.gate_up_weight``): the quantized language model runs through ``TextModel``."""
+
+    def forward(self, x):
+        raise RuntimeError("this projection's weight is fused and quantized: run the language model through "
+                           "pipeline.engine.model.TextModel")
+
+
+@torch.no_grad()
+def _quantize_layer(layer, config) -> None:
+    fuse_projections(layer)
+    attn, mlp = layer.self_attn, layer.mlp
+    layer.qkv_weight = _quantized(layer.qkv_weight, config)
+    layer.gate_up_weight = _quantized(layer.gate_up_weight, config)
+    _quantize_linear(attn.o_proj, config)
+    _quantize_linear(mlp.down_proj, config)
+    for owner, names in ((attn, ("q_proj", "k_proj", "v_proj")), (mlp, ("gate_proj", "up_proj"))):
+        for name in names:
+            setattr(owner, name, FusedAway())
+
+
+@torch.no_grad()
+def to_device(hf_model: nn.Module, device: torch.device, mode: str = "none") -> None:
+    """Move a loaded Qwen2-VL (on the CPU) to ``device``, quantizing the language model's linear weights on the
+    way (see the module doc). Call ``check`` first.
+
+    Order, for the smallest peak on the device: the lm_head first, while the device is empty (quantizing a
+    152k x 3.6k matrix needs several times its size in scratch: padded copies, int32 codes), then the layers
+    one at a time (at most one bfloat16 layer besides the quantized ones), then the rest (vision tower,
+    embeddings, norms) as it is."""
+    if mode == "none":
+        hf_model.to(device)
+        return
+    config = _config(mode)
+    text, lm_head = language_parts(hf_model)
+    layers = text.layers
+    tied = lm_head.weight is text.embed_tokens.weight
+    if not tied:
+        lm_head.to(device)
+        _quantize_linear(lm_head, config)
+    for layer in layers:
+        layer.to(device)
+        _quantize_layer(layer, config)
+    text.layers = nn.ModuleList()  # quantized already: kept out of the move of the rest
+    if not tied:
+        hf_model.lm_head = nn.Identity()
+    try:
+        hf_model.to(device)
+    finally:
+        text.layers = layers
+        hf_model.lm_head = lm_head
+    log.info("quantized the language model's linear weights to %s", mode)
+
+
+def _leaves(t: torch.Tensor):
+    """The plain tensors holding ``t``'s data (a torchao tensor subclass holds several)."""
+    if hasattr(t, "__tensor_flatten__") and type(t) not in (torch.Tensor, nn.Parameter):
+        names, _ = t.__tensor_flatten__()
+        for name in names:
+            yield from _leaves(getattr(t, name))
+    else:
+        yield t
+
+
+def weight_bytes(hf_model: nn.Module) -> int:
+    """Bytes of device memory held by the model's weights (every parameter and buffer, plus the fused
+    projections), each storage counted once."""
+    tensors = list(hf_model.parameters()) + list(hf_model.buffers())
+    text, _ = language_parts(hf_model)
+    for layer in text.layers:
+        tensors += [getattr(layer, a) for a in ("qkv_weight", "qkv_bias", "gate_up_weight") if hasattr(layer, a)]
+    seen: dict[tuple[str, int], int] = {}
+    for t in tensors:
+        for leaf in _leaves(t):
+            if leaf.device.type == "meta" or leaf.numel() == 0:
+                continue
+            s = leaf.untyped_storage()
+            seen[(str(leaf.device), s.data_ptr())] = s.nbytes()
+    return sum(seen.values())
+
+
+@torch.inference_mode()
+def decode_agreement(reference, candidate, prompt: list[int], steps: int) -> dict:
+    """Compare two ``ModelRunner``s (one cache row each) over ``steps`` greedy decode steps on the same inputs.
+
+    Both prefill ``prompt`` (token ids, text only), then both are fed the reference's argmax token at every
+    step (teacher forcing, so one disagreement does not change the inputs after it). Returns
+    ``{"steps", "cosine_min", "cosine_mean", "argmax_agree"}``: the cosine similarity of the two float32 logit
+    vectors per step (min and mean) and the fraction of steps (and the prefill) whose argmax is the same."""
+    n = len(prompt)
+    pos = torch.arange(n).expand(3, n)
+    slot_r, slot_c = reference.cache.alloc(), candidate.cache.alloc()
+    try:
+        lr = reference.prefill([(slot_r, prompt, pos, None)])
+        lc = candidate.prefill([(slot_c, prompt, pos, None)])
+        cos, same = [], []
+        for i in range(steps + 1):
+            cos.append(torch.nn.functional.cosine_similarity(lr.float(), lc.float().to(lr.device), dim=-1).item())
+            tok = lr.argmax(-1)
+            same.append(bool((tok.cpu() == lc.argmax(-1).cpu()).all()))
+            if i == steps:
+                break
+            lr = reference.decode([slot_r], tok.to(reference.device), [n + i])
+            lc = candidate.decode([slot_c], tok.to(candidate.device), [n + i])
+    finally:
+        reference.cache.free(slot_r)
+        candidate.cache.free(slot_c)
+    return {"steps": steps, "cosine_min": min(cos), "cosine_mean": sum(cos) / len(cos),
+            "argmax_agree": sum(same) / len(same)}
