@@ -84,7 +84,8 @@ def summary(s: dict) -> dict:
     sink_drops = sum(v.get("dropped", 0) for v in sinks.values())
     bad = [n for n, v in sinks.items() if v.get("state") not in ("ok", "starting", "stopped")]
     return {
-        "state": s.get("state", "?") + (" (paused)" if s.get("paused") else "") + _source_state(c),
+        "state": s.get("state", "?") + (" (paused)" if s.get("paused") else "")
+        + (_source_state(c) if s.get("state") in ("loading", "starting", "running") else ""),
         "source": s.get("source", ""),
         "input fps": f"{s.get('input_fps', 0):.1f}",
         "sampled fps": f"{s.get('sampled_fps', 0):.1f}",

@@ -58,7 +58,7 @@ def test_opencv_spec_errors_and_registry():
     with pytest.raises(CaptureError, match="expected opencv:"):
         resolve("opencv:0?fps=3")
     ring = RingBuffer(2)
-    cap = CaptureThread(resolve("opencv:/dev/video-none-here?api=v4l2"), ring).start()
+    cap = CaptureThread(resolve("opencv:/dev/video-none-here?api=v4l2"), ring, wait_for_source=False).start()
     with pytest.raises(CaptureError, match="cannot open"):
         cap.wait_ready(10)
 

@@ -38,12 +38,14 @@ def test_worker_turns_equal_the_session_and_a_moved_stream_opens_on_its_commenta
         history = ["The striker runs down the wing.", "A shot, saved!"]
         info = w.open("b", cfg, history)
         assert info["free"] == 0 and info["streams"] == ["a", "b"]
-        cap, fig = w.turn("b", clips[0])
         s = w.streams["b"].session
-        assert PREVIOUS.split("\n")[0] in s.last_prompt_text and "A shot, saved!" in s.last_prompt_text
+        prompts, finish = [], s.finish
+        s.finish = lambda req, res: (prompts.append(req.text), finish(req, res))[1]  # each turn's prompt text
+        cap, fig = w.turn("b", clips[0])
+        assert PREVIOUS.split("\n")[0] in prompts[-1] and "A shot, saved!" in prompts[-1]
         assert fig["query"] == cfg.query and fig["sent_query"] == cfg.query  # not sent again next turn
         w.turn("b", clips[1])
-        assert "previous commentary" not in s.last_prompt_text and cfg.query not in s.last_prompt_text
+        assert "previous commentary" not in prompts[-1] and cfg.query not in prompts[-1]
 
         with pytest.raises(RuntimeError, match="the engine is full: 2 streams"):
             w.open("c", cfg)

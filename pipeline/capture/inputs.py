@@ -18,7 +18,7 @@ from typing import Callable, Iterator, Protocol
 import av
 import numpy as np
 
-from pipeline.capture import hls
+import pipeline.capture.hls as hls
 from pipeline.capture.errors import CaptureError, NoVideoYet
 from pipeline.capture.relay import Relay
 from pipeline.capture.sources import LOW_LATENCY_OPTIONS, Source

@@ -41,7 +41,7 @@ from typing import Callable
 import av
 
 from pipeline.backoff import Backoff
-from pipeline.capture import hls
+import pipeline.capture.hls as hls
 from pipeline.capture.errors import CaptureError, NoVideoYet
 from pipeline.capture.inputs import VIDEO_WAIT_US, Input, Picture, describe, open_input
 from pipeline.capture.ringbuffer import RingBuffer

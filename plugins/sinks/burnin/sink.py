@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import threading
 import time
 from typing import Literal
@@ -410,6 +411,8 @@ class BurninSink(Sink):
             t.join(self.settings.stop_timeout_s)
             if t.is_alive():
                 log.error("%s encoder did not finish within %.1f s", self.name, self.settings.stop_timeout_s)
+            elif self._claimed is not None and os.path.isfile(self._claimed) and os.path.getsize(self._claimed) == 0:
+                os.unlink(self._claimed)  # stopped before the first frame: no empty file that no player opens
         self._check()
 
     def describe(self) -> str:
