@@ -75,6 +75,20 @@ def stream_config(shared: dict, spec: Any, where: str) -> tuple[str, RunConfig]:
     return sid, validate(data, f"{where} ({sid})")
 
 
+def start_server(settings, routes: list[Route]) -> HttpServer:
+    """The service's HTTP server (``settings``: the ``server:`` block) with ``routes``, listening.
+
+    Raises PipelineError when it cannot listen (the port is taken, a bad address)."""
+    server = from_settings(settings)
+    server.mount(routes)
+    try:
+        server.start()
+    except OSError as e:
+        raise PipelineError(f"server: {e} (is another livecc running? set --port)") from None
+    log.info("control API and metrics at %s (streams at %s/api/streams)", server.url, server.url)
+    return server
+
+
 class _StreamRoutes:
     """What a stream's sinks mount on: routes go into this stream's own table (served through the service's
     ``/overlay/{id}...`` routes, which exist from the start, so streams can come and go); anything else
@@ -152,15 +166,7 @@ class Service:
         return self
 
     def _start_server(self) -> None:
-        srv = self.cfg.server
-        server = from_settings(srv)
-        server.mount(self._routes())
-        try:
-            server.start()
-        except OSError as e:
-            raise PipelineError(f"server: {e} (is another livecc running? set --port)") from None
-        self.server = server
-        log.info("control API and metrics at %s (streams at %s/api/streams)", server.url, server.url)
+        self.server = start_server(self.cfg.server, self._routes())
 
     def add_stream(self, spec: dict, where: str = "stream") -> Pipeline:
         """Start a stream from a ``streams:`` entry. Raises ConfigError (bad entry) or PipelineError (id taken,

@@ -36,7 +36,7 @@ from ..app import PipelineError
 from ..config import ConfigError, validate
 from ..control import ControlAPI
 from ..metrics import CONTENT_TYPE
-from ..serve import stream_config
+from ..serve import start_server, stream_config
 from ..server import HttpServer, Route, bad_request, error, read_json
 
 log = logging.getLogger("livecc.cluster")
@@ -207,17 +207,7 @@ class ClusterService:
         return self
 
     def _start_server(self) -> None:
-        srv = self.cfg.server
-        server = HttpServer(srv.host, srv.port, token=srv.token, cors_origins=srv.cors_origins,
-                            max_request_bytes=srv.max_request_bytes, max_connections=srv.max_connections,
-                            request_timeout_s=srv.request_timeout_s, idle_timeout_s=srv.idle_timeout_s)
-        server.mount(self._routes())
-        try:
-            server.start()
-        except OSError as e:
-            raise PipelineError(f"server: {e} (is another livecc running? set --port)") from None
-        self.server = server
-        log.info("control API and metrics at %s", server.url)
+        self.server = start_server(self.cfg.server, self._routes())
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._done.wait(timeout)
