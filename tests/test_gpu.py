@@ -7,22 +7,35 @@ import torch.nn.functional as F
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-def test_flash_prefill_equals_masked_attention():
+def test_varlen_prefill_equals_masked_attention():
+    """The CUDA prefill (one FlashAttention varlen call per layer over every row, in place in the cache) against
+    the masked row-by-row SDPA path: three rows of different pasts, given out of slot order, two prefills."""
     from pipeline.engine import load_model
-    from pipeline.engine.model import TextModel
+    from pipeline.engine.runner import ModelRunner
     from pipeline.fixtures.tiny import tiny_checkpoint
 
-    m = TextModel(load_model(str(tiny_checkpoint("small")), device="cuda", dtype="bfloat16").hf)
-    H, KV, D, g_ = m.n_heads, m.n_kv, m.head_dim, m.n_heads // m.n_kv
-    g = torch.Generator(device="cuda").manual_seed(0)
-    r = lambda *s: torch.randn(*s, device="cuda", dtype=torch.bfloat16, generator=g)  # noqa: E731
-    q, kn, vn, kp, vp = r(1, H, 386, D), r(1, KV, 386, D), r(1, KV, 386, D), r(1, KV, 8000, D), r(1, KV, 8000, D)
-    got = m.attend_flash(q, kn, vn, kp, vp).float().transpose(1, 2)  # (1, T, H, d) -> (1, H, T, d)
-    keys = torch.cat([kp, kn], 2).repeat_interleave(g_, 1).float()
-    values = torch.cat([vp, vn], 2).repeat_interleave(g_, 1).float()
-    mask = torch.arange(8386, device="cuda")[None] <= torch.arange(8000, 8386, device="cuda")[:, None]
-    want = F.scaled_dot_product_attention(q.float(), keys, values, attn_mask=mask)
-    assert (got - want).abs().max().item() < 2e-2  # bf16 inputs; fp32 reference
+    model = load_model(str(tiny_checkpoint("small")), device="cuda", dtype="bfloat16")
+    gen = torch.Generator().manual_seed(0)
+
+    def turn(slot, start, n):
+        return slot, torch.randint(0, 4000, (n,), generator=gen).tolist(), torch.arange(start, start + n).expand(3, n), None
+
+    first = [turn(2, 0, 700), turn(0, 0, 90)]
+    second = [turn(1, 0, 33), turn(2, 700, 386), turn(0, 90, 386)]
+    out = []
+    for flash in (True, False):
+        r = ModelRunner(model, slots=3, capacity=2048, graphs=False)
+        assert r.flash_prefill
+        r.flash_prefill = flash
+        out.append((r.prefill(first), r.prefill(second), r.cache))
+    (a1, a2, ca), (b1, b2, cb) = out
+    for got, want in ((a1, b1), (a2, b2)):
+        cos = F.cosine_similarity(got, want, dim=-1)
+        assert cos.min().item() > 0.999, cos
+        assert (got.argmax(-1) == want.argmax(-1)).all()
+    assert ca.lengths == cb.lengths == [476, 33, 1086]
+    for slot, n in enumerate(ca.lengths):
+        assert torch.equal(ca.k[:1, slot, :, :n], cb.k[:1, slot, :, :n])  # layer 0's keys: same inputs, same scatter
 
 
 @pytest.mark.parametrize("compile", [False, True])
@@ -78,7 +91,8 @@ def test_quantized_decode_agrees_with_bfloat16(mode):
     ckpt = str(tiny_checkpoint("small"))
     ref = load_model(ckpt, device="cuda", dtype="bfloat16")
     q = load_model(ckpt, device="cuda", dtype="bfloat16", quantize=mode)
-    assert q.weight_bytes < ref.weight_bytes
+    if mode != "int4":  # int4 pads each input dimension to 1,024 for tinygemm: the tiny model's 128 grows 8x
+        assert q.weight_bytes < ref.weight_bytes
     runner = ModelRunner(q, slots=2, capacity=4096, graphs=True, compile=True)
     random.seed(0)
     prompt = [random.randrange(4000) for _ in range(200)]

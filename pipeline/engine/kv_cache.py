@@ -4,7 +4,9 @@ Keys are stored rotated (mRoPE applied), values as computed. Storage per tensor:
 ``(layers, slots, kv_heads, capacity, head_dim)`` in the model dtype; a token costs
 ``layers · 2 · kv_heads · head_dim · itemsize`` bytes (LiveCC-7B in bfloat16: 28·2·4·128·2 = 56 KiB,
 so 1.75 GiB per 32k-token slot). The cache is the only owner of the lengths: writers go through
-``prefill_write`` / ``decode_write`` and ``advance``; ``evict`` drops a span and moves the rest down.
+``write`` (any tokens of any rows) / ``decode_write`` and ``advance``; ``evict`` drops a span and moves the
+rest down. ``varlen`` views a layer as the packed key/value sequence of FlashAttention's variable-length
+kernel, so one kernel call attends over many rows in place.
 """
 
 from __future__ import annotations
@@ -69,11 +71,11 @@ class KVCache:
         self.lengths[slot] += n
 
     # -- writes and views --------------------------------------------------------------------------------
-    def prefill_write(self, layer: int, slot: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store one stream's new keys/values (1, kv_heads, T, head_dim) at positions start..start+T."""
-        end = start + k.shape[2]
-        self.k[layer, slot:slot + 1, :, start:end] = k
-        self.v[layer, slot:slot + 1, :, start:end] = v
+    def write(self, layer: int, rows: torch.Tensor, at: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Token ``n`` of ``k``/``v`` (N, kv_heads, head_dim) into slot ``rows[n]`` at position ``at[n]`` (device int64,
+        (N,)): one scatter per tensor for every row of a prefill; no host sync."""
+        self.k[layer].transpose(1, 2).index_put_((rows, at), k)  # (slots, capacity, kv_heads, d) view
+        self.v[layer].transpose(1, 2).index_put_((rows, at), v)
 
     def row(self, layer: int, slot: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views (1, kv_heads, end, head_dim) of one slot's first ``end`` positions."""
@@ -82,8 +84,22 @@ class KVCache:
     def decode_write(self, layer: int, rows: torch.Tensor, at: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """One token per row: ``k``/``v`` (B, kv_heads, 1, head_dim) into slot ``rows[b]`` at position ``at[b]``
         (device int64 tensors, (B,)); no host sync, so it can be captured in a CUDA graph."""
-        self.k[layer].transpose(1, 2).index_put_((rows, at), k[:, :, 0])  # (slots, capacity, kv_heads, d) view
-        self.v[layer].transpose(1, 2).index_put_((rows, at), v[:, :, 0])
+        self.write(layer, rows, at, k[:, :, 0], v[:, :, 0])
+
+    def varlen(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``layer``'s keys and values as one packed sequence (L, kv_heads, head_dim) for FlashAttention's
+        variable-length kernel: no copy, a strided view in which slot ``s`` position ``p`` is entry
+        ``s * varlen_stride + p`` (token stride head_dim, head stride capacity·head_dim). A row is given to
+        the kernel by its start ``slot * varlen_stride`` and its length (``seqused_k``)."""
+        d, cap = self.k.shape[-1], self.capacity
+        n = (self.slots - 1) * self.varlen_stride + cap  # the last slot's last position ends the layer's storage
+        size, stride = (n, self.k.shape[2], d), (d, cap * d, 1)
+        return self.k[layer].as_strided(size, stride), self.v[layer].as_strided(size, stride)
+
+    @property
+    def varlen_stride(self) -> int:
+        """Entries of ``varlen`` between the starts of two consecutive slots (kv_heads · capacity)."""
+        return self.k.shape[2] * self.capacity
 
     def window(self, layer: int, rows: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views (rows, kv_heads, width, head_dim) of slots 0..rows-1, positions 0..width-1."""

@@ -6,7 +6,7 @@
     x -> pre_attention (norm, fused q|k|v, mRoPE) -> attend(q, k, v) -> post_attention (o, MLP)
 
 and ``forward`` runs every layer with an ``attend`` callback that the caller chooses: prefill writes
-one stream's new keys into its cache row and attends over that row; a decode step writes one key per
+its streams' new keys into their cache rows and attends over them; a decode step writes one key per
 stream and attends over every row at once. Prefill and decode share the same layer code.
 
 Weights come from the checkpoint's own modules (transformers' Qwen2-VL, with Liger applied if it
@@ -210,22 +210,17 @@ class TextModel:
             o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask)
         return o.reshape(1, H, T, D).transpose(1, 2)
 
-    def attend_flash(self, q, k_new, v_new, k_past, v_past):
-        """Prefill on CUDA without a mask: flash attention over the cached past (every new token sees all of it,
-        query heads grouped per KV head) and, causally, over the new tokens; merged by log-sum-exp.
-        q (1, H, T, d), new (1, KV, T, d), past (1, KV, P, d) -> (1, T, H, d)."""
-        _, H, T, D = q.shape
-        g = H // self.n_kv
-        flash = torch.ops.aten._scaled_dot_product_flash_attention
-        new = flash(q, k_new.repeat_interleave(g, dim=1), v_new.repeat_interleave(g, dim=1), 0.0, True)
-        o_new, lse_new = new[0], new[1]
-        if k_past.shape[2] == 0:
-            return o_new.transpose(1, 2)
-        past = flash(q.reshape(1, self.n_kv, g * T, D), k_past, v_past, 0.0, False)
-        o_past, lse_past = past[0].reshape(1, H, T, D), past[1].reshape(1, H, T)
-        lse = torch.logaddexp(lse_new, lse_past)
-        w_new = torch.exp(lse_new - lse).unsqueeze(-1)
-        return (o_new.float() * w_new + o_past.float() * (1 - w_new)).to(q.dtype).transpose(1, 2)
+    def attend_varlen(self, q, keys, values, cu_q, cu_k, used, max_q: int, max_k: int):
+        """Prefill attention on CUDA for many rows in one FlashAttention-2 variable-length call (PyTorch's own
+        kernel, ``aten._flash_attention_forward``), grouped-query heads natively, no mask tensor.
+
+        q (N, H, d): the rows' new tokens packed, row b at ``cu_q[b]:cu_q[b+1]`` (int32 (B+1,)); keys/values
+        (L, KV, d), possibly strided (``KVCache.varlen``), row b starting at ``cu_k[b]`` with ``used[b]``
+        (int32 (B,)) valid keys: its cached past followed by its new tokens. Causal, aligned bottom-right as in
+        FlashAttention >= 2.1: new token t of a row sees keys 0 .. used - n + t. Returns (N, H, d)."""
+        out = torch.ops.aten._flash_attention_forward(q, keys, values, cu_q, cu_k, max_q, max_k, 0.0, True, False,
+                                                      seqused_k=used)
+        return out[0]
 
     def attend_rows(self, q, keys, values, masked):
         """A decode step's attention, one new token per row: q (B, H, 1, d) over keys/values (B, KV, W, d);

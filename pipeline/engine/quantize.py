@@ -77,12 +77,20 @@ def _config(mode: str):
     if mode == "int4":
         return Int4WeightOnlyConfig(group_size=INT4_GROUP, int4_packing_format="tile_packed_to_4d",
                                     set_inductor_config=False)
-    return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
+    # activation_value_lb: a token whose activations are all zero would get a zero scale, and 0/0 = NaN
+    return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), activation_value_lb=1e-12,
+                                                     set_inductor_config=False)
 
 
 def _quantize_linear(linear: nn.Linear, config) -> None:
-    from torchao.quantization import quantize_
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, quantize_
 
+    if isinstance(config, Float8DynamicActivationFloat8WeightConfig) and (linear.weight.abs().amax(dim=1) == 0).any():
+        # a row of zeros gets a zero per-row scale, and torchao's 0/0 makes the whole output column NaN
+        # (seen on the H200: the tiny checkpoint's lm_head has 510 unused, zero rows); such a matrix stays as it is
+        log.warning("a %s matrix has all-zero rows: kept in %s for fp8", tuple(linear.weight.shape),
+                    linear.weight.dtype)
+        return
     quantize_(linear, config)
 
 
@@ -134,7 +142,8 @@ def to_device(hf_model: nn.Module, device: torch.device, mode: str = "none") -> 
     tied = lm_head.weight is text.embed_tokens.weight
     if not tied:
         lm_head.to(device)
-        _quantize_linear(lm_head, config)
+        if mode != "fp8":  # fp8 keeps the lm_head in bfloat16, as vLLM's fp8 does: logits are the output itself
+            _quantize_linear(lm_head, config)
     for layer in layers:
         layer.to(device)
         _quantize_layer(layer, config)

@@ -2,9 +2,10 @@
 
 - ``encode_videos(clips)``: the vision tower over several clips (same-size clips in one call; a CUDA
   graph per shape on CUDA).
-- ``prefill(turns)``: several streams' new turns onto their cache rows in one pass over the weights;
-  logits of each turn's last token. Attention per row over the row's past plus its new tokens (flash
-  kernels on CUDA, merged by log-sum-exp; SDPA with a causal mask elsewhere).
+- ``prefill(turns)``: several streams' new turns, packed into one sequence, onto their cache rows in one
+  pass over the weights; logits of each turn's last token. Attention over each row's past plus its new
+  tokens: one FlashAttention variable-length call per layer for every row on CUDA (reading the rows in
+  place in the cache), SDPA with a causal mask row by row elsewhere.
 - ``decode(slots, tokens, positions)``: one token for each of B streams in one pass over the weights.
   The step always covers cache rows 0..nb-1 (nb = a batch-size bucket holding the highest slot), so
   its shapes depend only on (nb, attention window) and it is captured as a CUDA graph per pair
@@ -90,48 +91,78 @@ class ModelRunner:
         """New turns of several streams onto their cache rows, in one pass over the weights.
 
         Each turn is (slot, ids, positions (3, T), vision or None): ``ids`` with video pads expanded, which
-        ``vision`` fills in order. Rows are padded to the longest turn (pads compute, are never attended
-        to, and are not stored). Attention runs per row: over the row's cached past and,
-        causally, its new tokens. Returns float32 logits (B, V) of each turn's last token.
+        ``vision`` fills in order. The turns are packed into one sequence (no padding): the weights see every
+        new token at once, and each layer writes all new keys/values with one scatter. Attention, per row over
+        the row's cached past and causally over its new tokens: on CUDA in bf16/fp16 ONE FlashAttention
+        variable-length call per layer reads every row in place in the cache (``KVCache.varlen``; ``seqused_k``
+        = each row's length, causal alignment bottom-right); elsewhere SDPA with a causal mask, row by row.
+        Returns float32 logits (B, V) of each turn's last token, in the order of ``turns``.
 
         Raises RuntimeError if a row would pass the cache capacity."""
         m, cache, dev = self.model, self.cache, self.device
-        B, T = len(turns), max(len(t[1]) for t in turns)
         starts, lens = [cache.length(t[0]) for t in turns], [len(t[1]) for t in turns]
         for start, n in zip(starts, lens):
             if start + n > self.capacity:
                 raise RuntimeError(f"context full: {start + n} tokens > capacity {self.capacity}")
-        ids = torch.zeros(B, T, dtype=torch.long)
-        pos = torch.zeros(3, B, T, dtype=torch.long)
-        for b, (_, row_ids, row_pos, _) in enumerate(turns):
-            ids[b, :lens[b]] = torch.tensor(row_ids, dtype=torch.long)
-            pos[:, b, :lens[b]] = row_pos
-            pos[:, b, lens[b]:] = row_pos[:, -1:]
-        ids = ids.to(dev)
-        x = m.embed_ids(ids)
-        for b, (_, _, _, vision) in enumerate(turns):
-            if vision is not None:
-                x[b, ids[b] == self.video_token_id] = vision.to(x.dtype)
-        masks = [None if self.flash_prefill else self._causal_mask(start, n) for start, n in zip(starts, lens)]
+        offs = np.concatenate([[0], np.cumsum(lens)])
+        total = int(offs[-1])
+        ids = torch.tensor([i for t in turns for i in t[1]], dtype=torch.long)
+        pos = torch.cat([t[2] for t in turns], dim=1)[:, None]  # 3, 1, total
+        rows = torch.tensor(np.repeat([t[0] for t in turns], lens), device=dev)
+        at = torch.tensor(np.concatenate([np.arange(s, s + n) for s, n in zip(starts, lens)]), device=dev)
+        x = m.embed_ids(ids.to(dev))[None]  # 1, total, hidden
+        vision = [t[3] for t in turns if t[3] is not None]
+        if vision:
+            where = (ids == self.video_token_id).nonzero()[:, 0]  # host tensor: no device sync
+            x[0, where.to(dev)] = torch.cat(vision).to(x.dtype)
+        attend = self._attend_varlen(turns, starts, lens, offs) if self.flash_prefill else \
+            self._attend_rows(turns, starts, lens, offs)
 
-        def attend(i, q, k, v):
-            o = q.new_zeros(B, T, m.n_heads, m.head_dim)
-            for b, (slot, _, _, _) in enumerate(turns):
-                start, n = starts[b], lens[b]
-                qb, kb, vb = q[b:b + 1, :, :n], k[b:b + 1, :, :n], v[b:b + 1, :, :n]
-                cache.prefill_write(i, slot, start, kb, vb)
-                if self.flash_prefill:
-                    kp, vp = cache.row(i, slot, start)
-                    o[b, :n] = m.attend_flash(qb, kb, vb, kp, vp)[0]
-                else:
-                    kr, vr = cache.row(i, slot, start + n)
-                    o[b, :n] = m.attend_masked(qb, kr, vr, masks[b])[0]
-            return o
+        def attend_and_store(i, q, k, v):  # q (1, H, total, d), k/v (1, KV, total, d)
+            cache.write(i, rows, at, k[0].transpose(0, 1), v[0].transpose(0, 1))
+            return attend(i, q)
 
-        h = m.forward(x, pos.to(dev), attend)
+        h = m.forward(x, pos.to(dev), attend_and_store)
         for (slot, _, _, _), n in zip(turns, lens):
             cache.advance(slot, n)
-        return m.logits(h[torch.arange(B, device=dev), torch.tensor(lens, device=dev) - 1])
+        return m.logits(h[0, torch.tensor(offs[1:] - 1, device=dev)])
+
+    def _attend_varlen(self, turns, starts, lens, offs):
+        """attend(layer, q) for the packed turns: one FlashAttention varlen call over the cache rows."""
+        m, cache, dev = self.model, self.cache, self.device
+        order = sorted(range(len(turns)), key=lambda b: turns[b][0])  # the kernel wants rows in storage order
+        seg = torch.tensor(np.concatenate([np.arange(offs[b], offs[b + 1]) for b in order]), device=dev)
+        inverse = torch.empty_like(seg)
+        inverse[seg] = torch.arange(len(seg), device=dev)
+        lens_o = [lens[b] for b in order]
+        cu_q = torch.tensor(np.concatenate([[0], np.cumsum(lens_o)]), dtype=torch.int32, device=dev)
+        first = [turns[b][0] * cache.varlen_stride for b in order]
+        cu_k = torch.tensor(first + [first[-1] + self.capacity], dtype=torch.int32, device=dev)
+        used = torch.tensor([starts[b] + lens[b] for b in order], dtype=torch.int32, device=dev)
+        max_q, max_k = max(lens), max(s + n for s, n in zip(starts, lens))
+        in_order = order == sorted(order)
+
+        def attend(i, q):
+            qp = q[0].transpose(0, 1)  # total, H, d
+            if not in_order:
+                qp = qp.index_select(0, seg)
+            kf, vf = cache.varlen(i)
+            o = m.attend_varlen(qp.contiguous(), kf, vf, cu_q, cu_k, used, max_q, max_k)
+            return (o if in_order else o.index_select(0, inverse))[None]  # 1, total, H, d
+        return attend
+
+    def _attend_rows(self, turns, starts, lens, offs):
+        """attend(layer, q) for the packed turns, row by row: SDPA over the row's cache with a causal mask."""
+        m, cache = self.model, self.cache
+        masks = [self._causal_mask(start, n) for start, n in zip(starts, lens)]
+
+        def attend(i, q):
+            outs = []
+            for b, (slot, _, _, _) in enumerate(turns):
+                kr, vr = cache.row(i, slot, starts[b] + lens[b])
+                outs.append(m.attend_masked(q[:, :, offs[b]:offs[b + 1]], kr, vr, masks[b]))
+            return torch.cat(outs, dim=1)  # 1, total, H, d
+        return attend
 
     def _causal_mask(self, start: int, n: int) -> torch.Tensor | None:
         """Additive mask (g·n, start+n) for the masked kernel: causal, offset by the cached tokens, rows
