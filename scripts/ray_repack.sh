@@ -66,7 +66,11 @@ elif [ "$cmd" = unpack ]; then
   in=${2:?the tarball}; dir=$(realpath -m "${3:?the target folder}")
   work=$(mktemp -d)
   trap 'rm -rf "$work"' EXIT
-  xz -dc "$in" | tar -C "$work" -xf -
+  if command -v xz >/dev/null; then
+    xz -dc "$in" | tar -C "$work" -xf -
+  else  # Python's lzma: the same, without xz-utils
+    $PY -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' "$in" "$work"
+  fi
   mkdir -p "$dir"
   cp -a "$work/ray/." "$dir/"
   for whl in "$work"/deps/*.whl; do  # only the distributions this machine lacks
