@@ -8,7 +8,7 @@ defaults for ``capture``, ``sampler``, ``sinks``) plus ``streams:``, a list of
 
 (``id``: letters, digits, ``-``, ``_``; ``query`` sets ``engine.query`` for that stream; ``capture`` and
 ``sampler`` are merged over the shared blocks; ``sinks`` replaces them). Streams can be added and removed
-while it runs:
+while it runs (the routes, shared with ``--cluster``: ``streams_http.py``):
 
     GET    /api/streams                    every stream's status
     POST   /api/streams                    {"id", "source", ...} as in the file -> 201
@@ -24,7 +24,6 @@ allows at ``engine.max_context``) is refused with a message saying how many fit.
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import logging
 import re
@@ -32,14 +31,13 @@ import threading
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 
 from .app import Pipeline, PipelineError
 from .config import ConfigError, RunConfig, validate
-from .control import ControlAPI
-from .metrics import CONTENT_TYPE
-from .server import HttpServer, Route, bad_request, error, from_settings, read_json
+from .server import HttpServer, Route, from_settings
+from .streams_http import StreamsHTTP
 
 log = logging.getLogger("livecc.serve")
 
@@ -130,7 +128,7 @@ class _Merged:
         yield from families.values()
 
 
-class Service:
+class Service(StreamsHTTP):
     """``start()``, ``add_stream``/``remove_stream`` at any time, ``wait()``, ``stop()``."""
 
     def __init__(self, shared: dict, streams: list, *, where: str = "streams file", engine=None):
@@ -166,7 +164,7 @@ class Service:
         return self
 
     def _start_server(self) -> None:
-        self.server = start_server(self.cfg.server, self._routes())
+        self.server = start_server(self.cfg.server, self.http_routes())
 
     def add_stream(self, spec: dict, where: str = "stream") -> Pipeline:
         """Start a stream from a ``streams:`` entry. Raises ConfigError (bad entry) or PipelineError (id taken,
@@ -253,76 +251,25 @@ class Service:
                 "capacity": self.engine.slots if self.engine else 0,
                 "free": self.engine.free_slots if self.engine else 0}
 
-    # -- HTTP ------------------------------------------------------------------------------------------------
-    def _routes(self) -> list[Route]:
-        return [
-            Route("GET", "/health", self._health, public=True),
-            Route("GET", "/metrics", self._metrics),
-            Route("GET", "/api/streams", self._list),
-            Route("POST", "/api/streams", self._add),
-            Route("DELETE", "/api/streams/{id}", self._remove),
-            Route("GET", "/api/streams/{id}/status", self._control("status")),
-            Route("POST", "/api/streams/{id}/query", self._control("query")),
-            Route("POST", "/api/streams/{id}/ask", self._control("ask")),
-            Route("POST", "/api/streams/{id}/pause", self._control("pause")),
-            Route("POST", "/api/streams/{id}/resume", self._control("resume")),
-            Route("GET", "/overlay/{id}/overlay.js", self._stream_route, public=True),
-            Route("GET", "/overlay/{id}/overlay.css", self._stream_route, public=True),
-            Route("GET", "/overlay/{id}", self._stream_route, public=True),
-            Route("GET", "/overlay/{id}/{tail:.+}", self._stream_route),
-        ]
+    # -- HTTP (the routes: ``streams_http.StreamsHTTP``) -------------------------------------------------------
+    def health(self) -> dict:
+        ps = list(self.streams.values())
+        live = self.engine is not None and self.engine.core.alive
+        return {"live": live, "ready": bool(ps) and all(p.ready for p in ps), "streams": len(ps),
+                "capacity": self.engine.slots if self.engine else 0,
+                "free": self.engine.free_slots if self.engine else 0}
 
-    def _stream(self, request: web.Request) -> Pipeline:
-        p = self.streams.get(request.match_info["id"])
-        if p is None:
-            raise web.HTTPNotFound(text=f"no stream {request.match_info['id']!r}")
+    def added(self, p: Pipeline) -> dict:
+        return {"id": p.stream_id, "source": p.source.display}
+
+    def controlled(self, p: Pipeline) -> Pipeline:
         return p
 
-    async def _health(self, request: web.Request) -> web.Response:
-        snaps = [p for p in list(self.streams.values())]
-        ready = bool(snaps) and all(p.ready for p in snaps)
-        live = self.engine is not None and self.engine.core.alive
-        return web.json_response({"live": live, "ready": ready, "streams": len(snaps),
-                                  "capacity": self.engine.slots if self.engine else 0,
-                                  "free": self.engine.free_slots if self.engine else 0},
-                                 status=200 if live else 503)
+    def stream_status(self, p: Pipeline) -> dict:
+        return p.snapshot()
 
-    async def _metrics(self, request: web.Request) -> web.Response:
-        body = await asyncio.get_running_loop().run_in_executor(None, generate_latest, self.registry)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
-
-    async def _list(self, request: web.Request) -> web.Response:
-        snap = await asyncio.get_running_loop().run_in_executor(None, self.snapshot)
-        return web.json_response(snap)
-
-    async def _add(self, request: web.Request) -> web.Response:
-        srv = self.cfg.server
-        spec = await read_json(request, srv.max_request_bytes, srv.request_timeout_s)
-        try:
-            p = await asyncio.get_running_loop().run_in_executor(None, self.add_stream, spec, "POST /api/streams")
-        except ConfigError as e:
-            raise bad_request(str(e)) from None
-        except PipelineError as e:
-            status = 409 if "exists already" in str(e) else 503
-            return error(status, str(e))
-        return web.json_response({"id": p.stream_id, "source": p.source.display}, status=201)
-
-    async def _remove(self, request: web.Request) -> web.Response:
-        sid = request.match_info["id"]
-        try:
-            final = await asyncio.get_running_loop().run_in_executor(None, self.remove_stream, sid)
-        except KeyError:
-            return error(404, f"no stream {sid!r}")
-        return web.json_response({"id": sid, "sinks": final})
-
-    def _control(self, name: str):
-        async def handler(request: web.Request) -> web.StreamResponse:
-            return await getattr(ControlAPI(self._stream(request), self.cfg.server), name)(request)
-        return handler
-
-    async def _stream_route(self, request: web.Request) -> web.StreamResponse:
-        self._stream(request)
-        table = self.routes.get(request.match_info["id"])
+    async def sink_route(self, p: Pipeline, request: web.Request) -> web.StreamResponse:
+        table = self.routes.get(p.stream_id)
         route = table.table.get((request.method, request.path)) if table is not None else None
         if route is None:
             raise web.HTTPNotFound()

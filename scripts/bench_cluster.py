@@ -132,6 +132,24 @@ def run(workers: list, per_gpu: int, warmup: float, seconds: float, pool: list) 
             "max_ms": round(max(lat) * 1000, 1) if lat else None, "tokens_per_s": round(toks / seconds, 1)}
 
 
+def gone(workers: list, timeout: float = 60.0) -> None:
+    """Wait until killed actors are dead (a call on them fails), at most ``timeout`` seconds."""
+    import ray
+    from ray.exceptions import GetTimeoutError, RayActorError
+
+    end = time.monotonic() + timeout
+    for w in workers:
+        while time.monotonic() < end:
+            try:
+                ray.get(w.ping.remote(), timeout=max(0.1, min(2.0, end - time.monotonic())))
+            except RayActorError:
+                break
+            except GetTimeoutError:
+                pass
+            time.sleep(0.2)
+    time.sleep(1.0)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokenizer", required=True, help="a folder with the Qwen2 tokenizer files")
@@ -156,18 +174,27 @@ def main(argv=None) -> int:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(resources=None if cuda else {"gpu_slot": max(a.gpus)}, include_dashboard=False)
     opts = {"num_gpus": 1} if cuda else {"resources": {"gpu_slot": 1}}
+    have = ray.cluster_resources().get("GPU" if cuda else "gpu_slot", 0)
+    if have < max(a.gpus):  # the workers would wait for a GPU forever
+        print(f"Ray sees {have:g} GPU(s), --gpus asks for {max(a.gpus)}", file=sys.stderr)
+        ray.shutdown()
+        return 2
     Worker = ray.remote(max_restarts=0, max_concurrency=4 * a.per_gpu + 8)(BenchWorker)
     pool = list(synthetic_clips(64))
     rows = []
     for g in a.gpus:
         workers = [Worker.options(num_cpus=0, **opts).remote(a.shape, a.tokenizer, a.device, a.per_gpu, f"w{i}")
                    for i in range(g)]
+        t = time.monotonic()
         ray.get([w.ping.remote() for w in workers])  # models loaded
+        print(f"{g} worker(s) ready after {time.monotonic() - t:.1f} s", flush=True)
         rows.append(run(workers, a.per_gpu, a.warmup, a.seconds, pool))
         print(json.dumps(rows[-1]), flush=True)
+        if a.json:  # row by row: a run cut short still leaves what it measured
+            Path(a.json).write_text(json.dumps(rows, indent=1))
         for w in workers:
             ray.kill(w)
-        time.sleep(2.0)  # the GPU memory given back
+        gone(workers)  # their processes (and GPU memory) gone before the next row loads its models
     cols = ["gpus", "streams", "turns", "due", "dropped", "p50_ms", "p99_ms", "max_ms", "tokens_per_s"]
     print(f"### streams spread over GPUs through Ray ({a.shape}, {a.per_gpu} per GPU, warm-up {a.warmup:g} s, "
           f"{a.seconds:g} s measured)")

@@ -8,6 +8,9 @@
 #   bash scripts/ray_repack.sh unpack IN.tar.xz DIR       # there; then: export PYTHONPATH=DIR:$PYTHONPATH
 #                                                         #         and PATH=DIR/bin:$PATH (the ray command)
 # PY_VERSION (default: this python's, e.g. 3.11) picks the wheel for the other machine's Python.
+# PRESENT: the distributions that machine has already (default: those of the lent GPU machines' image, from the
+# workplace's package list), whose wheels are left out of the tarball; PRESENT= keeps every dependency.
+# The ELF files (raylet, gcs_server, _raylet.so, ...) are stripped of their symbol tables when `strip` exists.
 set -euo pipefail
 PY=${PYTHON:-python3}
 cmd=${1:?pack or unpack}
@@ -36,10 +39,20 @@ if [ "$cmd" = pack ]; then
   mkdir -p "$work/pack/ray" "$work/pack/deps"
   extract "$work"/wheels/ray-*.whl "$work/pack/ray"
   rm "$work"/wheels/ray-*.whl
-  mv "$work"/wheels/*.whl "$work/pack/deps/"
+  present=" ${PRESENT-attrs certifi charset-normalizer charset_normalizer click filelock idna msgpack packaging protobuf pyyaml PyYAML requests typing-extensions typing_extensions urllib3} "
+  for whl in "$work"/wheels/*.whl; do
+    dist=$(basename "$whl" | cut -d- -f1)
+    case "$present" in *" $dist "*) ;; *) mv "$whl" "$work/pack/deps/" ;; esac
+  done
   r="$work/pack/ray/ray"
   rm -rf "$r/jars" "$r/rllib" "$r/tune" "$r/train" "$r/data" "$r/llm" "$r/serve" "$r/air" "$r/workflow" \
-         "$r/util/dask" "$r/util/spark" "$r/util/joblib"
+         "$r/util/dask" "$r/util/spark" "$r/util/joblib" "$r/dashboard/client/build"  # the web UI: tolerated
+  if command -v strip >/dev/null; then  # symbols only: raylet 35 -> 23 MB, gcs_server and _raylet.so alike
+    find "$work/pack" -type f \( -name '*.so' -o -name '*.so.*' -o -perm -u+x \) -print0 |
+      while IFS= read -r -d '' f; do
+        if [ "$(head -c4 "$f" | od -An -c | tr -d ' ')" = '177ELF' ]; then strip --strip-unneeded "$f"; fi
+      done
+  fi
   find "$work/pack" -name __pycache__ -prune -exec rm -rf {} +
   # the ray command: a console script calling ray.scripts.scripts:main
   mkdir -p "$work/pack/ray/bin"
@@ -53,7 +66,11 @@ elif [ "$cmd" = unpack ]; then
   in=${2:?the tarball}; dir=$(realpath -m "${3:?the target folder}")
   work=$(mktemp -d)
   trap 'rm -rf "$work"' EXIT
-  xz -dc "$in" | tar -C "$work" -xf -
+  if command -v xz >/dev/null; then
+    xz -dc "$in" | tar -C "$work" -xf -
+  else  # Python's lzma: the same, without xz-utils
+    $PY -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' "$in" "$work"
+  fi
   mkdir -p "$dir"
   cp -a "$work/ray/." "$dir/"
   for whl in "$work"/deps/*.whl; do  # only the distributions this machine lacks

@@ -4,7 +4,8 @@ A head and GPU nodes started with ``ray start`` (separate processes, one ``gpu_s
 live RTMP streams from nginx-rtmp, ``livecc serve`` as a subprocess. One node's processes are killed mid-run:
 its streams go on on the other node within 10 s (an event says where); a stream actor's process killed is
 made again by Ray and goes on appending to its files; a node added at run time gets a worker; ``livecc drain`` moves every stream onto it; a stream beyond the capacity is refused; each JSONL
-numbers its turns without gaps or repeats across the moves.
+numbers its turns without gaps or repeats across the moves; a stream's overlay page (page, script, captions,
+event stream, WebSocket) is served through the head before and after its moves.
 
 Three streams, not the issue's six: this machine has 2 cores shared with other work.
 """
@@ -104,6 +105,36 @@ def runs(path: Path) -> list[list[dict]]:
     return out
 
 
+def overlay_through_head(base: str, sid: str) -> None:
+    """The stream's overlay page, its script, its recent captions, its event stream and its WebSocket, all
+    through the head's server (its actor serves them on a loopback port of its own)."""
+    import asyncio
+    import json
+    import urllib.request
+
+    import aiohttp
+
+    status, page = request("GET", f"{base}/overlay/{sid}")
+    assert status == 200 and "<html" in page.lower() and f"/overlay/{sid}" in page, page[:300]
+    status, js = request("GET", f"{base}/overlay/{sid}/overlay.js")
+    assert status == 200 and "WebSocket" in js
+    status, recent = request("GET", f"{base}/overlay/{sid}/captions.json")
+    assert status == 200 and recent["captions"], recent
+    with urllib.request.urlopen(f"{base}/overlay/{sid}/events", timeout=30) as r:
+        assert r.headers["Content-Type"].startswith("text/event-stream")
+        head = b""
+        while b"data:" not in head:
+            head += r.read1(4096)
+    assert head.startswith(b"retry: 1000"), head[:200]
+
+    async def hello() -> dict:
+        async with aiohttp.ClientSession() as s, s.ws_connect(f"{base.replace('http', 'ws')}/overlay/{sid}/ws") as ws:
+            return json.loads((await ws.receive(timeout=30)).data)
+
+    msg = asyncio.run(hello())
+    assert msg["type"] == "hello" and msg["recent"], msg
+
+
 def test_streams_move_off_a_killed_node_and_a_drained_one(nginx_rtmp, publisher, ray_cluster, tmp_path):
     from pipeline.fixtures.tiny import tiny_checkpoint
 
@@ -119,8 +150,8 @@ def test_streams_move_off_a_killed_node_and_a_drained_one(nginx_rtmp, publisher,
         "engine": {"model": str(tiny_checkpoint("small")), "device": "cpu", "greedy": True, "max_streams": 3,
                    "max_new_tokens": 4},
         "server": {"port": port},
-        "streams": [{"id": k, "source": nginx_rtmp.url(f"cluster-{k}"), "sinks": [f"jsonl:{jsonl[k]}"]}
-                    for k in keys],
+        "streams": [{"id": k, "source": nginx_rtmp.url(f"cluster-{k}"),
+                     "sinks": [f"jsonl:{jsonl[k]}"] + (["overlay"] if k == "c1" else [])} for k in keys],
     }
     (tmp_path / "streams.yaml").write_text(yaml.safe_dump(spec))
     log = open(tmp_path / "serve.log", "w")
@@ -130,6 +161,8 @@ def test_streams_move_off_a_killed_node_and_a_drained_one(nginx_rtmp, publisher,
     base = f"http://127.0.0.1:{port}"
     try:
         wait_until(lambda: all(len(captions(jsonl[k])) >= 2 for k in keys), 150, "captions from every stream")
+        overlay_through_head(base, "c1")
+        assert request("GET", f"{base}/overlay/c2")[0] == 404  # a stream without an overlay sink
         nodes = request("GET", f"{base}/api/nodes")[1]
         busy = {nid: n for nid, n in nodes.items() if any(w["streams"] for w in n["workers"].values())}
         assert len(busy) == 2, nodes  # spread: the worker with the most free rows takes the next stream
@@ -178,6 +211,8 @@ def test_streams_move_off_a_killed_node_and_a_drained_one(nginx_rtmp, publisher,
         nodes = request("GET", f"{base}/api/nodes")[1]
         placed = {s for n in nodes.values() for w in n["workers"].values() for s in w["streams"]}
         assert placed == set(keys) and not any(n["workers"] for nid, n in nodes.items() if nid in busy), nodes
+
+        overlay_through_head(base, "c1")  # moved twice: its actor (and its page) stayed on the head
 
         # the per-stream control routes reach the stream through its actor
         status, ans = request("POST", f"{base}/api/streams/c2/ask", {"question": "What happens?"}, timeout=60)

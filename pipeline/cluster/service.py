@@ -14,8 +14,9 @@ cluster, behind the same HTTP API as the one-process ``livecc serve`` (``pipelin
 - ``POST /api/nodes/{node}/drain`` (``livecc drain NODE``) moves a node's streams away and ends its workers;
   no new worker is made there.
 
-Routes beyond ``serve.py``'s: ``GET /api/nodes``, ``POST /api/nodes/{node}/drain``, ``GET /api/events``. Sink
-routes (the overlay page) are not served through the head in a cluster.
+The HTTP API is ``serve.py``'s (``streams_http.StreamsHTTP``) plus ``GET /api/nodes``,
+``POST /api/nodes/{node}/drain`` and ``GET /api/events``. A stream's sink pages (``/overlay/{id}...``) are served
+by its actor on a loopback server of its own (a random token) and passed through by the head (``proxy``).
 """
 
 from __future__ import annotations
@@ -28,16 +29,15 @@ import threading
 import time
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import GaugeMetricFamily, CounterMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from ..app import PipelineError
-from ..config import ConfigError, validate
-from ..control import ControlAPI
-from ..metrics import CONTENT_TYPE
+from ..config import validate
 from ..serve import start_server, stream_config
-from ..server import HttpServer, Route, bad_request, error, read_json
+from ..server import HttpServer, Route, error
+from ..streams_http import StreamsHTTP
 
 log = logging.getLogger("livecc.cluster")
 
@@ -66,6 +66,7 @@ class _Stream:
     worker: str  # where its session (KV-cache row) lives
     incarnation: float = 0.0
     ping: object = None
+    sinks: dict | None = None  # {port, token}: the loopback server of its sink pages, on the head node
 
 
 class _StreamControl:
@@ -145,7 +146,7 @@ class _Collector:
         yield from (up, slots, free, nstreams, turns)
 
 
-class ClusterService:
+class ClusterService(StreamsHTTP):
     """``start()``, ``add_stream``/``remove_stream``/``drain`` at any time, ``wait()``, ``stop()`` (as ``Service``).
 
     ``address``: ``ray://HOST:PORT``, ``HOST:PORT`` or ``auto`` (a running cluster this machine belongs to).
@@ -207,7 +208,7 @@ class ClusterService:
         return self
 
     def _start_server(self) -> None:
-        self.server = start_server(self.cfg.server, self._routes())
+        self.server = start_server(self.cfg.server, self.http_routes())
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._done.wait(timeout)
@@ -280,7 +281,7 @@ class ClusterService:
             ray.kill(handle, no_restart=True)
             cause = getattr(e, "cause", None) or e
             raise PipelineError(f"stream {sid!r}: {cause}") from None
-        st.incarnation = info["incarnation"]
+        st.incarnation, st.sinks = info["incarnation"], info.get("sinks")
         self._event("placed", sid, to=w.name)
         return st
 
@@ -343,7 +344,8 @@ class ClusterService:
                 return None
             old, st.worker = st.worker, w.name  # counted there from now on
         try:
-            st.incarnation = ray.get(st.handle.move.remote(w.handle, w.name), timeout=30)["incarnation"]
+            info = ray.get(st.handle.move.remote(w.handle, w.name), timeout=30)
+            st.incarnation, st.sinks = info["incarnation"], info.get("sinks")
         except Exception as e:  # noqa: BLE001 - tried again next round
             log.warning("stream %s: move to %s failed: %s", sid, w.name, e)
             st.worker = old
@@ -448,7 +450,7 @@ class ClusterService:
             restarted = st.incarnation and info["incarnation"] != st.incarnation and not info["started"]
             if restarted and w is not None and w.ready:
                 info = ray.get(st.handle.start.remote(w.handle, w.name), timeout=START_TIMEOUT_S)
-                st.incarnation = info["incarnation"]
+                st.incarnation, st.sinks = info["incarnation"], info.get("sinks")
                 self._event("stream_restarted", st.sid, worker=w.name)
             elif info["ended"] and st.sid in self.streams:
                 self.ended[st.sid] = self.remove_stream(st.sid)
@@ -487,78 +489,43 @@ class ClusterService:
         return {"streams": snaps, "capacity": sum(w.info.get("slots", 0) for w in ws),
                 "free": sum(self._free(w) for w in ws), "workers": len(ws)}
 
-    # -- HTTP ------------------------------------------------------------------------------------------------
-    def _routes(self) -> list[Route]:
+    # -- HTTP (the per-stream routes: ``streams_http.StreamsHTTP``) ----------------------------------------------
+    def extra_routes(self) -> list[Route]:
         return [
-            Route("GET", "/health", self._health, public=True),
-            Route("GET", "/metrics", self._metrics),
-            Route("GET", "/api/streams", self._list),
-            Route("POST", "/api/streams", self._add),
-            Route("DELETE", "/api/streams/{id}", self._remove),
-            Route("GET", "/api/streams/{id}/status", self._status),
-            Route("POST", "/api/streams/{id}/query", self._control("query")),
-            Route("POST", "/api/streams/{id}/ask", self._control("ask")),
-            Route("POST", "/api/streams/{id}/pause", self._control("pause")),
-            Route("POST", "/api/streams/{id}/resume", self._control("resume")),
             Route("GET", "/api/nodes", self._nodes),
             Route("POST", "/api/nodes/{node}/drain", self._drain),
             Route("GET", "/api/events", self._events),
         ]
 
-    async def _run(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
-
-    def _stream(self, request: web.Request) -> _Stream:
-        st = self.streams.get(request.match_info["id"])
-        if st is None:
-            raise web.HTTPNotFound(text=f"no stream {request.match_info['id']!r}")
-        return st
-
-    async def _health(self, request: web.Request) -> web.Response:
+    def health(self) -> dict:
         ws = [w for w in list(self.workers.values()) if w.ready and not w.draining]
         live = bool(ws)
-        return web.json_response({"live": live, "ready": live and bool(self.streams), "streams": len(self.streams),
-                                  "workers": len(ws), "capacity": sum(w.info.get("slots", 0) for w in ws),
-                                  "free": sum(self._free(w) for w in ws)}, status=200 if live else 503)
+        return {"live": live, "ready": live and bool(self.streams), "streams": len(self.streams),
+                "workers": len(ws), "capacity": sum(w.info.get("slots", 0) for w in ws),
+                "free": sum(self._free(w) for w in ws)}
 
-    async def _metrics(self, request: web.Request) -> web.Response:
-        body = await self._run(generate_latest, self.registry)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+    def added(self, st: _Stream) -> dict:
+        return {"id": st.sid, "worker": st.worker}
 
-    async def _list(self, request: web.Request) -> web.Response:
-        return web.json_response(await self._run(self.snapshot))
+    def controlled(self, st: _Stream) -> _StreamControl:
+        return _StreamControl(st.handle, self.cfg.server.answer_timeout_s)
 
-    async def _status(self, request: web.Request) -> web.Response:
+    def stream_status(self, st: _Stream) -> dict:
         import ray
 
-        st = self._stream(request)
-        snap = await self._run(lambda: ray.get(st.handle.snapshot.remote(), timeout=10))
-        return web.json_response({**snap, "worker": st.worker})
+        return {**ray.get(st.handle.snapshot.remote(), timeout=10), "worker": st.worker}
+
+    async def sink_route(self, st: _Stream, request: web.Request) -> web.StreamResponse:
+        """The stream's sink pages, served by its actor on a loopback server of its own: passed through."""
+        if not st.sinks:
+            raise web.HTTPNotFound()
+        return await proxy(request, f"http://127.0.0.1:{st.sinks['port']}", st.sinks["token"])
 
     async def _nodes(self, request: web.Request) -> web.Response:
         return web.json_response(await self._run(self.nodes))
 
     async def _events(self, request: web.Request) -> web.Response:
         return web.json_response(list(self.events))
-
-    async def _add(self, request: web.Request) -> web.Response:
-        srv = self.cfg.server
-        spec = await read_json(request, srv.max_request_bytes, srv.request_timeout_s)
-        try:
-            st = await self._run(self.add_stream, spec, "POST /api/streams")
-        except ConfigError as e:
-            raise bad_request(str(e)) from None
-        except PipelineError as e:
-            return error(409 if "exists already" in str(e) else 503, str(e))
-        return web.json_response({"id": st.sid, "worker": st.worker}, status=201)
-
-    async def _remove(self, request: web.Request) -> web.Response:
-        sid = request.match_info["id"]
-        try:
-            final = await self._run(self.remove_stream, sid)
-        except KeyError:
-            return error(404, f"no stream {sid!r}")
-        return web.json_response({"id": sid, "sinks": final})
 
     async def _drain(self, request: web.Request) -> web.Response:
         try:
@@ -567,13 +534,74 @@ class ClusterService:
             return error(404, str(e.args[0]))
         return web.json_response(out, status=200 if not out["stuck"] else 409)
 
-    def _control(self, name: str):
-        async def handler(request: web.Request) -> web.StreamResponse:
-            st = self._stream(request)
-            api = ControlAPI(_StreamControl(st.handle, self.cfg.server.answer_timeout_s), self.cfg.server)
-            return await getattr(api, name)(request)
-        return handler
 
+# what a proxied answer keeps of the upstream's headers (the head's server adds its own security headers to
+# answers it has not sent yet; a stream passed through is sent as it comes, with the upstream's)
+_PASSED = ("Content-Type", "Cache-Control", "Content-Security-Policy", "X-Content-Type-Options", "Referrer-Policy",
+           "X-Accel-Buffering")
+
+
+async def proxy(request: web.Request, base: str, token: str) -> web.StreamResponse:
+    """``request`` (a GET) passed to the server at ``base`` with ``token``: a WebSocket relayed both ways, an
+    event stream relayed as it comes, anything else read whole. 502 when that server does not answer."""
+    import aiohttp
+
+    query = [(k, v) for k, v in request.query.items() if k != "token"]  # the head's token stays here
+    url = base + str(request.rel_url.with_query(query))
+    headers = {"Authorization": f"Bearer {token}"}
+    for h in ("Accept", "Last-Event-ID"):
+        if h in request.headers:
+            headers[h] = request.headers[h]
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=None)
+    try:
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            if request.headers.get("Upgrade", "").lower() == "websocket":
+                return await _relay_ws(request, session, url, headers)
+            async with session.get(url, headers=headers, allow_redirects=False) as up:
+                kept = {h: up.headers[h] for h in _PASSED if h in up.headers}
+                if up.content_type != "text/event-stream":
+                    return web.Response(status=up.status, body=await up.read(), headers=kept)
+                resp = web.StreamResponse(status=up.status, headers=kept)
+                await resp.prepare(request)
+                try:
+                    async for chunk in up.content.iter_any():
+                        await resp.write(chunk)
+                except (ConnectionError, aiohttp.ClientError, asyncio.TimeoutError):
+                    pass  # either side went away: the page reconnects
+                return resp
+    except (aiohttp.ClientConnectionError, aiohttp.ServerTimeoutError, asyncio.TimeoutError) as e:
+        return error(502, f"the stream's sink server does not answer ({type(e).__name__})")
+
+
+async def _relay_ws(request: web.Request, session, url: str, headers: dict) -> web.StreamResponse:
+    import aiohttp
+
+    try:
+        up = await session.ws_connect(url, headers=headers, autoping=True, max_msg_size=1 << 20)
+    except aiohttp.WSServerHandshakeError as e:
+        return error(e.status, f"the stream's sink server refused the WebSocket: {e.message}")
+    down = web.WebSocketResponse(heartbeat=15.0, max_msg_size=4096)
+    async with up:
+        await down.prepare(request)
+
+        async def pipe(src, dst) -> None:
+            async for msg in src:
+                if msg.type == aiohttp.WSMsgType.TEXT:
+                    await dst.send_str(msg.data)
+                elif msg.type == aiohttp.WSMsgType.BINARY:
+                    await dst.send_bytes(msg.data)
+                else:
+                    break
+
+        tasks = [asyncio.ensure_future(pipe(up, down)), asyncio.ensure_future(pipe(down, up))]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await down.close()
+    return down
 
 def _worker_class():
     from .worker import GpuWorker

@@ -263,6 +263,8 @@ class StreamActor:
         self.engine: RemoteEngine | None = None
         self.incarnation = time.time()
         self.started = False
+        self.server = None  # the sinks' routes (see _sink_server)
+        self.sinks_token = ""
 
     def start(self, worker, worker_name: str) -> dict:
         from ..app import Pipeline
@@ -276,11 +278,38 @@ class StreamActor:
             if block.get("kind") == "overlay" and not block.get("name"):
                 block["name"] = self.sid
             sinks.append(make_sink(block))
+        self.server = self._sink_server(sinks)
         self.engine = RemoteEngine(self.sid, self.cfg.engine_config(), worker, worker_name,
                                    lambda ev: self.pipeline._on_event(ev))
-        self.pipeline = Pipeline(self.cfg, stream_id=self.sid, sinks=sinks, engine=self.engine)
-        self.pipeline.start()
+        self.pipeline = Pipeline(self.cfg, stream_id=self.sid, sinks=sinks, engine=self.engine, server=self.server)
+        try:
+            self.pipeline.start()
+        except Exception:
+            self._stop_server()
+            raise
         return self.ping()
+
+    def _sink_server(self, sinks):
+        """The sinks' routes (the overlay page: ``/overlay/{id}...``) on a server of this actor's own, on
+        loopback at a free port with a random token; the head passes requests through to it. None when no
+        sink has routes."""
+        import secrets
+
+        from ..server import HttpServer
+
+        server = HttpServer("127.0.0.1", 0, token=secrets.token_urlsafe(24), name=f"sinks-{self.sid}")
+        for sink in sinks:
+            sink.mount(server)
+        if not server._methods:
+            return None
+        server.start()
+        self.sinks_token = server.token.decode()
+        return server
+
+    def _stop_server(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
 
     def move(self, worker, worker_name: str) -> dict:
         if not self.started:  # restarted by Ray before the service saw it: start afresh there
@@ -289,12 +318,14 @@ class StreamActor:
         return self.ping()
 
     def ping(self) -> dict:
-        """{started, incarnation, pid, paused, worker, ended, error}."""
+        """{started, incarnation, pid, paused, worker, ended, error, sinks: {port, token} or None}."""
         p = self.pipeline
+        srv = self.server
         return {"started": self.started, "incarnation": self.incarnation, "pid": os.getpid(),
                 "paused": p is not None and p.paused,
                 "worker": self.engine.worker_name if self.engine else None,
-                "ended": p is not None and p.wait(0), "error": p.error if p is not None else None}
+                "ended": p is not None and p.wait(0), "error": p.error if p is not None else None,
+                "sinks": {"port": srv.port, "token": self.sinks_token} if srv is not None else None}
 
     def snapshot(self) -> dict:
         snap = dict(self.pipeline.snapshot()) if self.pipeline is not None else {"stream": self.sid, "state": "new"}
@@ -324,4 +355,5 @@ class StreamActor:
             return {}
         out = self.pipeline.stop()
         self.engine.close()
+        self._stop_server()
         return out
