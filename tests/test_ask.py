@@ -88,7 +88,31 @@ def argv_answers(video, model, tmp_path_factory) -> list[dict]:
     printed = "".join(a["answer"].strip() + "\n" for a in answers)
     assert r.stdout == printed.replace("\r\n", "\n").replace("\r", "\n")  # (text=True reads universal newlines)
     assert all(a["token_ids"] for a in answers)
+    assert "weights none (" in r.stderr  # the model line says the mode
     return answers
+
+
+def test_int8_weights(video, model, tmp_path):
+    """--quantize int8 (torchao, CPU): the answers come, and stderr says the weights are int8."""
+    out = tmp_path / "answers.jsonl"
+    r = ask(video, model, Q1, "--quantize", "int8", "--max-new-tokens", "16", "--jsonl", str(out))
+    assert r.returncode == 0, r.stderr
+    [line] = [line for line in r.stderr.splitlines() if line.startswith("model ")]
+    assert "on cpu (float32), weights int8 (" in line, r.stderr
+    [answer] = read_jsonl(out)
+    assert answer["token_ids"]
+    assert r.stdout == (answer["answer"].strip() + "\n").replace("\r\n", "\n").replace("\r", "\n")
+
+
+@pytest.mark.parametrize("mode, error", [
+    ("int3", "argument --quantize: invalid choice: 'int3'"),
+    ("int4", "livecc: error: quantize=int4 needs a CUDA GPU (this engine runs on cpu); use int8 or none"),
+])
+def test_bad_quantize_mode_is_a_clear_error(mode, error, video, model):
+    r = ask(video, model, Q1, "--quantize", mode, timeout=120)
+    assert r.returncode == 2 and r.stdout == ""
+    assert error in r.stderr.strip().splitlines()[-1], r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def test_questions_from_a_pipe_share_one_context(video, model, tmp_path, argv_answers):
