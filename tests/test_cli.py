@@ -76,6 +76,29 @@ def test_engine_flags_are_engine_config_fields_with_the_defaults_their_help_name
             assert str(default) in action.help, (flag, default, action.help)
 
 
+def test_ask_takes_the_engine_flags_with_video_qa_defaults(capsys):
+    """`livecc ask` has the engine flags of run and caption but --query (the questions are the prompt):
+    greedy (--sample to sample) and 512 tokens per answer unless told otherwise."""
+    from pipeline.cli import build_parser
+    from pipeline.commands.options import engine_overrides
+
+    def parse(*flags):
+        return build_parser().parse_args(["ask", "v.mp4", "Q?", *flags])
+
+    assert engine_overrides(parse()) == {"greedy": True, "max_new_tokens": 512}
+    args = parse("--model", "m", "--device", "cpu", "--dtype", "float32", "--sample", "--max-new-tokens", "64",
+                 "--repetition-penalty", "1.1", "--positions", "exact", "--seed", "3", "--quantize", "int8",
+                 "--threads", "2")
+    assert engine_overrides(args) == {"model": "m", "device": "cpu", "dtype": "float32", "greedy": False,
+                                      "max_new_tokens": 64, "repetition_penalty": 1.1, "positions": "exact",
+                                      "seed": 3, "quantize": "int8"}
+    assert args.threads == 2 and args.questions == ["Q?"]
+    for bad in (["--query", "x"], ["--greedy", "--sample"]):
+        with pytest.raises(SystemExit):
+            parse(*bad)
+    assert "--query" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/usr/bin/python3") or not glob.glob("/usr/lib/python3*/EXTERNALLY-MANAGED"),
                     reason="no distribution python3 with PEP 668 here")

@@ -13,37 +13,24 @@ from __future__ import annotations
 import json
 import sys
 
+from .options import add_engine_args, check_model, engine_overrides, quiet_progress_bars, set_cpu_threads
+
 MAX_QUESTION_CHARS = 2000  # the control API's default limit for a question (server.max_text_chars)
 MAX_NEW_TOKENS = 512  # video_qa's max_new_tokens
-REPETITION_PENALTY = 1.05  # video_qa's default
 PROMPT = "? "
 
 
 def add_parser(sub) -> None:
-    from ..engine.config import DEFAULT_MODEL
-
     p = sub.add_parser("ask", help="answer questions about a whole recorded video (LiveCC's video_qa)")
     p.add_argument("video")
     p.add_argument("questions", nargs="*", metavar="QUESTION",
                    help="questions, asked in order on one context; none: read them from standard input")
     p.add_argument("--jsonl", help='append {"question", "answer", "token_ids"} per answer to this file')
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default=DEFAULT_MODEL, help=f"Hugging Face id or local folder (default {DEFAULT_MODEL})")
-    g.add_argument("--device", default=None, help="cuda, cuda:1, mps or cpu (default: best available)")
-    g.add_argument("--dtype", default="auto", help="auto (bf16 on GPU), bfloat16, float16, float32")
-    pick = g.add_mutually_exclusive_group()
-    pick.add_argument("--greedy", dest="greedy", action="store_true", default=True,
-                      help="greedy decoding (the default, as video_qa)")
-    pick.add_argument("--sample", dest="greedy", action="store_false",
-                      help="sample with the checkpoint's generation_config instead")
-    g.add_argument("--seed", type=int, default=None, help="sampling seed")
-    g.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS,
-                   help=f"answer length cap (default {MAX_NEW_TOKENS})")
-    g.add_argument("--repetition-penalty", type=float, default=REPETITION_PENALTY,
-                   help=f"default {REPETITION_PENALTY}")
-    g.add_argument("--max-context", type=int, default=32768,
+    p.add_argument("--max-context", type=int, default=32768,
                    help="KV cache size in tokens (default 32768, LiveCC's window); the video and every "
                         "question and answer must fit")
+    # the engine flags of run and caption, greedy and 512 tokens per answer as video_qa
+    add_engine_args(p, query=False, greedy=True, max_new_tokens=MAX_NEW_TOKENS)
     p.set_defaults(func=main)
 
 
@@ -85,21 +72,28 @@ def main(args) -> int:
     if args.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1")
     try:
-        cfg = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, greedy=args.greedy, seed=args.seed,
-                           repetition_penalty=args.repetition_penalty, max_context=args.max_context, context="none")
+        cfg = EngineConfig(**engine_overrides(args), max_context=args.max_context, context="none")
     except ValueError as e:
         raise UserError(str(e)) from None
     p = plan(args.video)
-    if p.video_tokens + args.max_new_tokens > args.max_context:
+    if p.video_tokens + cfg.max_new_tokens > cfg.max_context:
         raise UserError(f"{args.video}: too long for the context: its {len(p.indices)} frames make {p.video_tokens} "
-                        f"video tokens, which with {args.max_new_tokens} answer tokens is over the "
-                        f"{args.max_context}-token context (--max-context)")
+                        f"video tokens, which with {cfg.max_new_tokens} answer tokens is over the "
+                        f"{cfg.max_context}-token context (--max-context)")
     frames = read_frames(args.video, p)
-    model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    check_model(cfg.model)
+    set_cpu_threads(args.threads)
+    if not sys.stderr.isatty():
+        quiet_progress_bars()  # stderr: the model line and one-line errors only
+    model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, quantize=cfg.quantize)
+    size = model.weight_bytes / 2**30
+    size = f"{size:.2f} GiB" if size >= 1 else f"{size * 1024:.1f} MiB"
+    print(f"model {model.name} on {model.device} ({str(model.dtype).removeprefix('torch.')}), "
+          f"weights {model.quantize} ({size})", file=sys.stderr, flush=True)  # what answers, before the first one
     session = StreamingSession(model, cfg)
     jsonl = open(args.jsonl, "a", encoding="utf-8") if args.jsonl else None
     try:
-        chat = Conversation(session, frames, args.max_new_tokens, jsonl)
+        chat = Conversation(session, frames, cfg.max_new_tokens, jsonl)
         for q in questions:
             print(chat.ask(q).strip(), flush=True)
         if not questions:

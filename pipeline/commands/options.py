@@ -2,7 +2,8 @@
 once, and what to do before the model loads (CPU threads, a model that cannot be there, progress bars).
 
 Each engine flag maps onto the field of the same name in :class:`pipeline.engine.EngineConfig` (the YAML
-``engine:`` block); a flag not given is ``None`` and leaves the config's value alone.
+``engine:`` block); a flag not given is ``None`` and leaves the config's value alone (unless the command
+gave it a default of its own: ``livecc ask`` is greedy, 512 tokens per answer).
 """
 
 from __future__ import annotations
@@ -10,27 +11,39 @@ from __future__ import annotations
 import argparse
 import os
 
+from ..engine.config import QUANTIZE_MODES
+
 #: flag destination == EngineConfig field
 ENGINE_FLAGS = ("model", "device", "dtype", "query", "greedy", "max_new_tokens", "repetition_penalty",
                 "positions", "seed", "quantize")
 
 
-def add_engine_args(p: argparse.ArgumentParser) -> None:
+def add_engine_args(p: argparse.ArgumentParser, *, query: bool = True, **defaults) -> None:
+    """The engine flags on ``p``. ``query=False`` leaves out ``--query`` (``livecc ask``: the questions are the
+    prompt); ``defaults`` are the command's own values for flags not given (``greedy``, ``max_new_tokens``),
+    shown in ``--help`` and returned by ``engine_overrides``."""
+    greedy, max_new = defaults.get("greedy", False), defaults.get("max_new_tokens", 16)
     g = p.add_argument_group("model")
     g.add_argument("--model", help="Hugging Face id or local folder (default: chenjoya/LiveCC-7B-Instruct)")
     g.add_argument("--device", help="cuda, cuda:1, mps or cpu (default: best available)")
     g.add_argument("--dtype", help="auto (bf16 on GPU), bfloat16, float16, float32")
-    g.add_argument("--query", help="commentary instruction (default: 'Please describe the video.')")
-    g.add_argument("--greedy", action="store_true", default=None, help="greedy decoding instead of sampling")
-    g.add_argument("--max-new-tokens", type=int, help="caption length cap per turn (default 16)")
+    if query:
+        g.add_argument("--query", help="commentary instruction (default: 'Please describe the video.')")
+    pick = g.add_mutually_exclusive_group()
+    pick.add_argument("--greedy", action="store_true", default=None,
+                      help="greedy decoding" + (" (the default)" if greedy else " instead of sampling"))
+    pick.add_argument("--sample", dest="greedy", action="store_false", default=None,
+                      help="sample with the checkpoint's generation_config" + ("" if greedy else " (the default)"))
+    g.add_argument("--max-new-tokens", type=int, help=f"length cap per turn, in tokens (default {max_new})")
     g.add_argument("--repetition-penalty", type=float, help="default 1.05")
     g.add_argument("--positions", choices=["seed", "exact"],
                    help="seed: the reference's positions (default); exact: training-consistent 3-D positions")
     g.add_argument("--seed", type=int, help="sampling seed")
-    g.add_argument("--quantize", choices=["none", "int8", "int4", "fp8"],
+    g.add_argument("--quantize", choices=QUANTIZE_MODES,
                    help="language-model weights: none (default), int8, int4 (CUDA), fp8 (CUDA, compute capability 8.9+)")
     g.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads for the model's tensor operations (default 1, or $OMP_NUM_THREADS)")
+    p.set_defaults(**defaults)
 
 
 def set_cpu_threads(threads: int | None) -> int:
