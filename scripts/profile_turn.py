@@ -3,8 +3,8 @@
 
 For each B: wall time (host included, synchronised), the summed time of the GPU kernels, and that time by
 kind (GEMM, attention, the rest), so launch overhead shows as wall minus kernel time; then the attention
-of one layer by three kernels side by side (today's per-row flash + log-sum-exp merge, PyTorch's varlen
-flash reading every row's cache at once with ``seqused_k``, cuDNN); and the GEMM throughput of the
+of one layer two ways (PyTorch's varlen flash reading
+every row in place in the cache with ``seqused_k``, and the same over contiguous copies); and the GEMM throughput of the
 prefill's four matrices in bfloat16 and FP8 (``torch._scaled_mm``).
 
     python3 scripts/profile_turn.py --tokenizer .bench/tokenizer --rows 1 8 --context 16000
@@ -106,40 +106,28 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|---|")
     print("\n".join(out))
 
-    # one layer's attention, B rows at the context, three ways
-    print("\n| attention, one layer | B | per-row flash + merge ms | varlen flash (seqused_k) ms | max diff |")
+    # one layer's prefill attention over B rows: in place in the cache (the engine's strided view) vs contiguous rows
+    print("\n| attention, one layer | B | varlen in the cache ms | varlen, contiguous rows ms | max diff |")
     print("|---|---|---|---|---|")
     H, KV, D = m.n_heads, m.n_kv, m.head_dim
     for B in args.rows:
         S = args.context + T
-        q = torch.randn(B, H, T, D, device=dev, dtype=torch.bfloat16)
-        kc = torch.randn(B, S, KV, D, device=dev, dtype=torch.bfloat16)  # BSHD rows
-        vc = torch.randn_like(kc)
-        kh, vh = kc.transpose(1, 2), vc.transpose(1, 2)  # BHSD views
-
-        def per_row():
-            return torch.cat([m.attend_flash(q[b:b + 1], kh[b:b + 1, :, args.context:], vh[b:b + 1, :, args.context:],
-                                             kh[b:b + 1, :, :args.context], vh[b:b + 1, :, :args.context])
-                              for b in range(B)])
-
+        q = torch.randn(B * T, H, D, device=dev, dtype=torch.bfloat16)
+        for s in range(B):
+            r.cache.k[0, s, :, :S].normal_()
+            r.cache.v[0, s, :, :S].normal_()
+        kf, vf = r.cache.varlen(0)
+        kc = torch.stack([r.cache.k[0, s, :, :S].transpose(0, 1) for s in range(B)]).reshape(B * S, KV, D)
+        vc = torch.stack([r.cache.v[0, s, :, :S].transpose(0, 1) for s in range(B)]).reshape(B * S, KV, D)
         cq = torch.arange(0, B + 1, device=dev, dtype=torch.int32) * T
-        ck = torch.arange(0, B + 1, device=dev, dtype=torch.int32) * S
         used = torch.full((B,), S, device=dev, dtype=torch.int32)
-        qp = q.transpose(1, 2).reshape(B * T, H, D)
-
-        def varlen():
-            o = torch.ops.aten._flash_attention_forward(qp, kc.reshape(B * S, KV, D), vc.reshape(B * S, KV, D), cq, ck,
-                                                        T, S, 0.0, True, False, seqused_k=used)[0]
-            return o.view(B, T, H, D)
-
-        try:
-            a, b_ = per_row(), varlen()
-            diff = (a.float() - b_.float()).abs().max().item()
-            t_v = timed(varlen)[0]
-        except Exception as e:  # noqa: BLE001
-            diff, t_v = float("nan"), f"failed: {type(e).__name__}: {str(e)[:80]}"
-        t_r = timed(per_row)[0]
-        print(f"| | {B} | {t_r:.2f} | {t_v if isinstance(t_v, str) else f'{t_v:.2f}'} | {diff:.3g} |")
+        ck_cache = torch.tensor([s * r.cache.varlen_stride for s in range(B)] + [(B - 1) * r.cache.varlen_stride + r.capacity],
+                                device=dev, dtype=torch.int32)
+        ck = torch.arange(0, B + 1, device=dev, dtype=torch.int32) * S
+        in_cache = lambda: m.attend_varlen(q, kf, vf, cq, ck_cache, used, T, S)  # noqa: E731
+        packed = lambda: m.attend_varlen(q, kc, vc, cq, ck, used, T, S)  # noqa: E731
+        diff = (in_cache().float() - packed().float()).abs().max().item()
+        print(f"| | {B} | {timed(in_cache)[0]:.2f} | {timed(packed)[0]:.2f} | {diff:.3g} |")
 
     # GEMMs of one layer's prefill, bf16 vs fp8
     print("\n| GEMM (M tokens × K → N) | bf16 ms | bf16 TFLOP/s | fp8 ms | fp8 TFLOP/s |")

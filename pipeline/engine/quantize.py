@@ -11,7 +11,9 @@
 
 What is quantized: every decoder layer's fused q|k|v, o, fused gate|up and down projections, and the
 lm_head (it is read once per decode step like the rest; 1 GiB in bf16 for the 7B) unless it is tied to
-the embeddings. What stays in the model dtype: the embeddings, the norms, the q|k|v bias, the vision
+the embeddings or the mode is fp8 (as vLLM's fp8 keeps it: the logits are the output itself). For fp8 a
+matrix with an all-zero row stays unquantized too (torchao's per-row scale of 0 gives 0/0 = NaN: seen on
+the H200 with the tiny checkpoint's unused vocabulary rows). What stays in the model dtype: the embeddings, the norms, the q|k|v bias, the vision
 tower and the KV cache (an FP8 KV cache is reported to corrupt Qwen2-VL output in another engine).
 
 The quantized weights are torchao tensor subclasses: ``F.linear`` dispatches to their kernels, so the
