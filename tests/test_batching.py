@@ -127,3 +127,13 @@ def test_slots_are_refused_when_full(model):
         StreamingSession(model, EngineConfig(greedy=True, max_context=512), core=core)
     a.close()
     StreamingSession(model, EngineConfig(greedy=True, max_context=512), core=core)  # the freed row is reused
+
+
+def test_prefill_batch_comes_from_the_config(model):
+    from pipeline import config
+    from pipeline.errors import ConfigError
+
+    assert make_core(model, EngineConfig(max_context=512, prefill_batch=3), slots=1).prefill_batch == 3
+    assert make_core(model, EngineConfig(max_context=512), slots=1).prefill_batch == 4
+    with pytest.raises(ConfigError, match="prefill_batch must be at least 1"):
+        config.validate({"engine": {"prefill_batch": 0}}).engine_config()

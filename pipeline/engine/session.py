@@ -62,7 +62,9 @@ def sampling_settings(model: LoadedModel, cfg: EngineConfig) -> SamplingSettings
 def make_core(model: LoadedModel, cfg: EngineConfig, slots: int = 1) -> EngineCore:
     """A runner (weights, ``slots`` cache rows of ``cfg.max_context`` tokens, graphs) and its core."""
     runner = ModelRunner(model, slots=slots, capacity=cfg.max_context, graphs=cfg.fast, compile=cfg.compile)
-    return EngineCore(runner, sampling_settings(model, cfg))
+    core = EngineCore(runner, sampling_settings(model, cfg))
+    core.prefill_batch = cfg.prefill_batch
+    return core
 
 
 class StreamingSession:
