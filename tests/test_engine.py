@@ -187,3 +187,30 @@ def test_vision_tower_equals_transformers(model, grid_t):
     got = VisionTower(model.visual)(pv, grid)
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_long_first_turn_needs_no_mask_memory():
+    """A 12,000-token first turn (``livecc ask`` prefills a whole recorded video at once) on the CPU: SDPA's own
+    causal kernel, no (T, T) mask. The masked path held a 1.1 GB mask and 2.3 GB of scores for it (tiny model,
+    2 query heads per KV head); the prefill now grows the process by far less than the mask alone."""
+    import subprocess
+    import sys
+
+    code = f"""
+import resource, torch
+torch.set_num_threads(1)
+from pipeline.engine import load_model
+from pipeline.engine.runner import ModelRunner
+m = load_model({str(tiny_checkpoint("small"))!r}, device="cpu")
+r = ModelRunner(m, slots=1, capacity=12288, graphs=False)
+ids = torch.randint(0, 4000, (12000,), generator=torch.Generator().manual_seed(0)).tolist()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+logits = r.prefill([(0, ids, torch.arange(12000).expand(3, 12000), None)])
+assert torch.isfinite(logits).all() and r.cache.length(0) == 12000
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    grown_mb = int(out.stdout.split()[-1])
+    print(f"peak memory grew {grown_mb} MB")
+    assert grown_mb < 500, grown_mb

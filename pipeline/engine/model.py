@@ -210,6 +210,13 @@ class TextModel:
             o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask)
         return o.reshape(1, H, T, D).transpose(1, 2)
 
+    def attend_causal(self, q, keys, values):
+        """A row with no cached past: q (1, H, T, d) causally over its own keys/values (1, KV, T, d), grouped-query
+        heads by SDPA itself and no mask tensor, so a long first turn (a whole recorded video for ``livecc ask``:
+        22k tokens) costs no (T, T) mask: the masked path needed 3.8 GB there -> (1, T, H, d)."""
+        o = F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=True)
+        return o.transpose(1, 2)
+
     def attend_varlen(self, q, keys, values, cu_q, cu_k, used, max_q: int, max_k: int):
         """Prefill attention on CUDA for many rows in one FlashAttention-2 variable-length call (PyTorch's own
         kernel, ``aten._flash_attention_forward``), grouped-query heads natively, no mask tensor.

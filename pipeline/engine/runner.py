@@ -152,15 +152,17 @@ class ModelRunner:
         return attend
 
     def _attend_rows(self, turns, starts, lens, offs):
-        """attend(layer, q) for the packed turns, row by row: SDPA over the row's cache with a causal mask."""
+        """attend(layer, q) for the packed turns, row by row: SDPA over the row's cache with a causal mask (none
+        for a row with no past: SDPA's own causal kernel)."""
         m, cache = self.model, self.cache
-        masks = [self._causal_mask(start, n) for start, n in zip(starts, lens)]
+        masks = [self._causal_mask(start, n) if start else None for start, n in zip(starts, lens)]
 
         def attend(i, q):
             outs = []
             for b, (slot, _, _, _) in enumerate(turns):
                 kr, vr = cache.row(i, slot, starts[b] + lens[b])
-                outs.append(m.attend_masked(q[:, :, offs[b]:offs[b + 1]], kr, vr, masks[b]))
+                qb = q[:, :, offs[b]:offs[b + 1]]
+                outs.append(m.attend_masked(qb, kr, vr, masks[b]) if starts[b] else m.attend_causal(qb, kr, vr))
             return torch.cat(outs, dim=1)  # 1, total, H, d
         return attend
 
