@@ -175,7 +175,8 @@ def compare(recordings, starts, captions, srt_path) -> int:
             # the caption on screen is sent again first
             if not (t_open + (1.2 if t_open else 0.3) <= start and stop <= t_open + dur - 0.2):
                 continue
-            at = [c for c in cues if start - FRAME - 0.01 <= c[0] < stop - 0.01]
+            # the next caption's cue may start one frame early (as this one's may: ± FRAME below)
+            at = [c for c in cues if start - FRAME - 0.01 <= c[0] < stop - FRAME - 0.01]
             assert at and abs(at[0][0] - start) <= FRAME + 0.01, (start, text, cues)
             words = text.split()
             assert at[-1][2].split()[-len(words):] == words, (text, at)
