@@ -348,6 +348,44 @@ class HttpDir:
         self._thread.join(5)
 
 
+class LoopbackApp:
+    """An aiohttp application on 127.0.0.1 (a free port), served by its own event loop in a daemon thread: a real
+    HTTP server for a sink under test. ``routes``: (method, path, coroutine handler) as aiohttp takes them."""
+
+    def __init__(self, routes: list[tuple[str, str, object]]):
+        import asyncio
+
+        from aiohttp import web
+
+        self.loop = asyncio.new_event_loop()
+        ready = threading.Event()
+
+        async def boot() -> None:
+            app = web.Application()
+            for method, path, handler in routes:
+                app.router.add_route(method, path, handler)
+            self.runner = web.AppRunner(app, access_log=None)
+            await self.runner.setup()
+            site = web.TCPSite(self.runner, "127.0.0.1", 0)
+            await site.start()
+            self.port = site._server.sockets[0].getsockname()[1]
+
+        def run() -> None:
+            asyncio.set_event_loop(self.loop)
+            self.loop.run_until_complete(boot())
+            ready.set()
+            self.loop.run_forever()
+            self.loop.run_until_complete(self.runner.cleanup())
+
+        self.thread = threading.Thread(target=run, name="test-aiohttp", daemon=True)
+        self.thread.start()
+        assert ready.wait(10), "the loopback aiohttp server did not start"
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
 class HlsServer:
     """ffmpeg writes a live HLS playlist (1 s segments) into a temp folder served over HTTP."""
 

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import threading
 import time
 
 import pytest
 from aiohttp import web
+from servers import LoopbackApp
 
 from pipeline.fanout.dispatch import Dispatcher
 from pipeline.plugins import make_sink
@@ -24,8 +23,6 @@ class Hook:
         self.statuses: list[int] = []
         self.retry_after: str | None = None
         self.delay = 0.0  # seconds before each answer: a slow server
-        self.loop = asyncio.new_event_loop()
-        ready = threading.Event()
 
         async def handler(request: web.Request) -> web.Response:
             body = await request.json()
@@ -35,32 +32,14 @@ class Hook:
             headers = {"Retry-After": self.retry_after} if status == 429 and self.retry_after else {}
             return web.Response(status=status, text="{}", headers=headers)
 
-        async def boot() -> None:
-            app = web.Application()
-            app.router.add_post("/{tail:.*}", handler)
-            self.runner = web.AppRunner(app, access_log=None)
-            await self.runner.setup()
-            site = web.TCPSite(self.runner, "127.0.0.1", 0)
-            await site.start()
-            self.port = site._server.sockets[0].getsockname()[1]
-
-        def run() -> None:
-            asyncio.set_event_loop(self.loop)
-            self.loop.run_until_complete(boot())
-            ready.set()
-            self.loop.run_forever()
-            self.loop.run_until_complete(self.runner.cleanup())
-
-        self.thread = threading.Thread(target=run, daemon=True)
-        self.thread.start()
-        assert ready.wait(10)
+        self.app = LoopbackApp([("POST", "/{tail:.*}", handler)])
+        self.port = self.app.port
 
     def url(self, path: str = "/hook") -> str:
         return f"http://127.0.0.1:{self.port}{path}"
 
     def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
+        self.app.close()
 
 
 @pytest.fixture

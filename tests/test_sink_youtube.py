@@ -5,14 +5,13 @@ while: nothing lost, nothing accepted twice, seq in order, stamps on the server'
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
-import threading
 import time
 
 import pytest
 from aiohttp import web
+from servers import LoopbackApp
 
 from pipeline.fanout.sink import DeliveryError
 from pipeline.types import Caption
@@ -31,8 +30,6 @@ class IngestionServer:
         self.seqs: list[int] = []  # every request's seq, in arrival order
         self.errors: list[str] = []
         self.fail_until = 0.0
-        self.loop = asyncio.new_event_loop()
-        ready = threading.Event()
 
         async def handler(request: web.Request) -> web.Response:
             if request.query.get("cid") != KEY:
@@ -57,33 +54,15 @@ class IngestionServer:
                 self.accepted.append((seq, parse_stamp(st), text))
             return web.Response(text=stamp(time.time() + SKEW) + "\n")
 
-        async def boot() -> None:
-            app = web.Application()
-            app.router.add_post("/closedcaption", handler)
-            self.runner = web.AppRunner(app, access_log=None)
-            await self.runner.setup()
-            site = web.TCPSite(self.runner, "127.0.0.1", 0)
-            await site.start()
-            self.port = site._server.sockets[0].getsockname()[1]
-
-        def run() -> None:
-            asyncio.set_event_loop(self.loop)
-            self.loop.run_until_complete(boot())
-            ready.set()
-            self.loop.run_forever()
-            self.loop.run_until_complete(self.runner.cleanup())
-
-        self.thread = threading.Thread(target=run, daemon=True)
-        self.thread.start()
-        assert ready.wait(10)
+        self.app = LoopbackApp([("POST", "/closedcaption", handler)])
+        self.port = self.app.port
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/closedcaption"
 
     def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
+        self.app.close()
 
 
 @pytest.fixture
