@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import dataclasses
-import heapq
 import json
 import os
 import sys
@@ -93,6 +91,7 @@ def run(workers: list, per_gpu: int, warmup: float, seconds: float, pool: list) 
     import ray
 
     from bench_gpu import pct
+    from bench_streams import pace
 
     n = per_gpu * len(workers)
     cfg = EngineConfig(greedy=True, max_context=32768)
@@ -102,19 +101,7 @@ def run(workers: list, per_gpu: int, warmup: float, seconds: float, pool: list) 
         ray.get(w.open.remote(f"s{i}", cfg, []))
         senders.append(Sender(f"s{i}", w))
         senders[-1].thread.start()
-    t0 = time.monotonic() + 0.5
-    end = t0 + 3 + warmup + seconds + 1
-    heap = [(t0 + 3 + i / n, i, 0) for i in range(n)]
-    heapq.heapify(heap)
-    while heap:
-        due, i, k = heapq.heappop(heap)
-        if due > end:
-            break
-        time.sleep(max(0.0, due - time.monotonic()))
-        clip = pool[k] if k < len(pool) else pool[1 + (k - 1) % (len(pool) - 1)]
-        stamp = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5) if k == 0 else (2.0 + k, 2.5 + k)
-        senders[i].put(dataclasses.replace(clip, timestamps=stamp, ready_at=time.monotonic()))
-        heapq.heappush(heap, (due + 1.0, i, k + 1))
+    lo, hi = pace(n, warmup, seconds, pool, lambda i, clip: senders[i].put(clip))
     time.sleep(3.0)
     for s in senders:
         with s.cond:
@@ -123,7 +110,6 @@ def run(workers: list, per_gpu: int, warmup: float, seconds: float, pool: list) 
     for s in senders:
         s.thread.join(30)
         ray.get(s.worker.close.remote(s.sid))
-    lo, hi = t0 + 3 + warmup, t0 + 3 + warmup + seconds
     lat = [l for s in senders for (d, l, _) in s.done if lo <= d < hi]
     toks = sum(t for s in senders for (d, _, t) in s.done if lo <= d < hi)
     drops = sum(1 for s in senders for d in s.dropped_at if lo <= d < hi)

@@ -78,17 +78,11 @@ class PacedStream:
         self.stats.append((req.due, res.stats))
 
 
-def run(model, n: int, warmup: float, seconds: float, slots: int | None, pool: list, prefill_batch: int = 0) -> dict:
-    cfg = EngineConfig(greedy=True, max_context=32768)
-    core = make_core(model, cfg, slots=slots or n)
-    core.prefill_batch = prefill_batch or core.prefill_batch
-    streams = []
-    for i in range(n):
-        s = PacedStream(StreamingSession(model, cfg, core=core), pool)
-        streams.append(s)
-        core.attach(s)
-    torch.cuda.reset_peak_memory_stats() if model.device.type == "cuda" else None
-    core.start()
+def pace(n: int, warmup: float, seconds: float, pool: list, put) -> tuple[float, float]:
+    """Feed ``n`` streams in real time: ``put(i, clip)`` gives stream i its 3-s opener (``pool[0]``) at 3 s, then a
+    2-frame clip every wall-clock second, stream i starting i/n s after stream 0; clips past the pool reuse it
+    with new timestamps; ``ready_at`` is when it was put. Returns (lo, hi), the monotonic window of the
+    ``seconds`` measured after ``warmup``; returns once the last clip due before hi + 1 s was put."""
     t0 = time.monotonic() + 0.5
     end = t0 + 3 + warmup + seconds + 1
     heap = [(t0 + 3 + i / n, i, 0) for i in range(n)]  # (due, stream, clip index): opener due at 3 s
@@ -100,12 +94,30 @@ def run(model, n: int, warmup: float, seconds: float, slots: int | None, pool: l
         time.sleep(max(0.0, due - time.monotonic()))
         clip = pool[k] if k < len(pool) else pool[1 + (k - 1) % (len(pool) - 1)]
         stamp = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5) if k == 0 else (2.0 + k, 2.5 + k)
-        streams[i].put(dataclasses.replace(clip, timestamps=stamp, ready_at=time.monotonic()))
-        core.wake()
+        put(i, dataclasses.replace(clip, timestamps=stamp, ready_at=time.monotonic()))
         heapq.heappush(heap, (due + 1.0, i, k + 1))
+    return t0 + 3 + warmup, t0 + 3 + warmup + seconds
+
+
+def run(model, n: int, warmup: float, seconds: float, slots: int | None, pool: list, prefill_batch: int = 0) -> dict:
+    cfg = EngineConfig(greedy=True, max_context=32768)
+    core = make_core(model, cfg, slots=slots or n)
+    core.prefill_batch = prefill_batch or core.prefill_batch
+    streams = []
+    for i in range(n):
+        s = PacedStream(StreamingSession(model, cfg, core=core), pool)
+        streams.append(s)
+        core.attach(s)
+    torch.cuda.reset_peak_memory_stats() if model.device.type == "cuda" else None
+    core.start()
+
+    def put(i, clip):
+        streams[i].put(clip)
+        core.wake()
+
+    lo, hi = pace(n, warmup, seconds, pool, put)
     time.sleep(2.0)  # let the last turns finish
     core.stop(30)
-    lo, hi = t0 + 3 + warmup, t0 + 3 + warmup + seconds
     lat = [l for s in streams for (d, l, _) in s.done if lo <= d < hi]
     toks = sum(t for s in streams for (d, _, t) in s.done if lo <= d < hi)
     drops = sum(1 for s in streams for d in s.dropped_at if lo <= d < hi)
