@@ -143,3 +143,18 @@ def test_cli_mode_the_device_cannot_run_is_one_line(ckpt):
     assert r.stderr.strip().splitlines()[-1] == \
         "livecc: error: quantize=int4 needs a CUDA GPU (this engine runs on cpu); use int8 or none"
     assert "Traceback" not in r.stderr
+
+
+def test_fp8_leaves_a_matrix_with_a_zero_row_unquantized():
+    """torchao's per-row fp8 scale of an all-zero row is 0, and 0/0 made every logit NaN on the H200 (the tiny
+    checkpoint's lm_head has 510 unused zero rows): such a matrix stays in its dtype; others are quantized."""
+    from torch import nn
+
+    from pipeline.engine.quantize import _config, _quantize_linear
+
+    lin = nn.Linear(64, 32, bias=False)
+    with torch.no_grad():
+        lin.weight[3] = 0
+    before = lin.weight.detach().clone()
+    _quantize_linear(lin, _config("fp8"))
+    assert type(lin.weight) is nn.Parameter and torch.equal(lin.weight, before)
