@@ -137,3 +137,22 @@ def test_prefill_batch_comes_from_the_config(model):
     assert make_core(model, EngineConfig(max_context=512), slots=1).prefill_batch == 4
     with pytest.raises(ConfigError, match="prefill_batch must be at least 1"):
         config.validate({"engine": {"prefill_batch": 0}}).engine_config()
+
+
+def test_prefill_answers_in_the_callers_order(model):
+    """The runner packs a prefill's turns in slot order (the CUDA varlen kernel reads the cache rows in storage
+    order) and answers in the caller's order: turns given as slots 2, 0, 1 get the logits they get given 0, 1, 2."""
+    from pipeline.engine.runner import ModelRunner
+
+    gen = torch.Generator().manual_seed(0)
+    turns = {s: (s, torch.randint(0, 4000, (n,), generator=gen).tolist(), torch.arange(n).expand(3, n), None)
+             for s, n in ((0, 30), (1, 7), (2, 50))}
+    out = []
+    for slots in ([2, 0, 1], [0, 1, 2]):
+        r = ModelRunner(model, slots=3, capacity=256, graphs=False)
+        logits = r.prefill([turns[s] for s in slots])
+        out.append({s: logits[i] for i, s in enumerate(slots)})
+        assert r.cache.lengths == [30, 7, 50]
+    for s in range(3):
+        torch.testing.assert_close(out[0][s], out[1][s], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(out[0][0], out[0][2])  # the rows differ: a mix-up would show

@@ -100,12 +100,13 @@ class ModelRunner:
 
         Raises RuntimeError if a row would pass the cache capacity."""
         m, cache, dev = self.model, self.cache, self.device
+        order = sorted(range(len(turns)), key=lambda b: turns[b][0])  # rows packed in storage order (varlen's need)
+        turns = [turns[b] for b in order]
         starts, lens = [cache.length(t[0]) for t in turns], [len(t[1]) for t in turns]
         for start, n in zip(starts, lens):
             if start + n > self.capacity:
                 raise RuntimeError(f"context full: {start + n} tokens > capacity {self.capacity}")
         offs = np.concatenate([[0], np.cumsum(lens)])
-        total = int(offs[-1])
         ids = torch.tensor([i for t in turns for i in t[1]], dtype=torch.long)
         pos = torch.cat([t[2] for t in turns], dim=1)[:, None]  # 3, 1, total
         rows = torch.tensor(np.repeat([t[0] for t in turns], lens), device=dev)
@@ -125,30 +126,22 @@ class ModelRunner:
         h = m.forward(x, pos.to(dev), attend_and_store)
         for (slot, _, _, _), n in zip(turns, lens):
             cache.advance(slot, n)
-        return m.logits(h[0, torch.tensor(offs[1:] - 1, device=dev)])
+        last = offs[1:] - 1 if order == sorted(order) else (offs[1:] - 1)[np.argsort(order)]  # the caller's order
+        return m.logits(h[0, torch.tensor(last, device=dev)])
 
     def _attend_varlen(self, turns, starts, lens, offs):
-        """attend(layer, q) for the packed turns: one FlashAttention varlen call over the cache rows."""
+        """attend(layer, q) for the packed turns (in slot order): one FlashAttention varlen call over the cache rows."""
         m, cache, dev = self.model, self.cache, self.device
-        order = sorted(range(len(turns)), key=lambda b: turns[b][0])  # the kernel wants rows in storage order
-        seg = torch.tensor(np.concatenate([np.arange(offs[b], offs[b + 1]) for b in order]), device=dev)
-        inverse = torch.empty_like(seg)
-        inverse[seg] = torch.arange(len(seg), device=dev)
-        lens_o = [lens[b] for b in order]
-        cu_q = torch.tensor(np.concatenate([[0], np.cumsum(lens_o)]), dtype=torch.int32, device=dev)
-        first = [turns[b][0] * cache.varlen_stride for b in order]
+        cu_q = torch.tensor(offs, dtype=torch.int32, device=dev)
+        first = [t[0] * cache.varlen_stride for t in turns]
         cu_k = torch.tensor(first + [first[-1] + self.capacity], dtype=torch.int32, device=dev)
-        used = torch.tensor([starts[b] + lens[b] for b in order], dtype=torch.int32, device=dev)
+        used = torch.tensor([s + n for s, n in zip(starts, lens)], dtype=torch.int32, device=dev)
         max_q, max_k = max(lens), max(s + n for s, n in zip(starts, lens))
-        in_order = order == sorted(order)
 
         def attend(i, q):
-            qp = q[0].transpose(0, 1)  # total, H, d
-            if not in_order:
-                qp = qp.index_select(0, seg)
             kf, vf = cache.varlen(i)
-            o = m.attend_varlen(qp.contiguous(), kf, vf, cu_q, cu_k, used, max_q, max_k)
-            return (o if in_order else o.index_select(0, inverse))[None]  # 1, total, H, d
+            qp = q[0].transpose(0, 1).contiguous()  # total, H, d
+            return m.attend_varlen(qp, kf, vf, cu_q, cu_k, used, max_q, max_k)[None]  # 1, total, H, d
         return attend
 
     def _attend_rows(self, turns, starts, lens, offs):
