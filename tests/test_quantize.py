@@ -41,7 +41,7 @@ def ref_ptrs(model) -> set[int]:
         for a in ("qkv_weight", "gate_up_weight") if hasattr(layer, a)}
 
 
-def test_int8_decode_logits_stay_close_and_weights_shrink(reference, int8):
+def test_int8_decode_logits_stay_close_and_weights_shrink(ckpt, reference, int8):
     text, lm_head = language_parts(reference.hf)
     linear = sum(m.weight.numel() * m.weight.element_size() for layer in text.layers
                  for m in (*layer.self_attn.children(), *layer.mlp.children()) if hasattr(m, "weight"))
@@ -49,12 +49,21 @@ def test_int8_decode_logits_stay_close_and_weights_shrink(reference, int8):
     # float32 -> int8 (+ one float32 scale per row): at least 70% of the linear weights' bytes are gone
     assert int8.quantize == "int8" and reference.quantize == "none"
     assert int8.weight_bytes <= reference.weight_bytes - 0.7 * linear
-    # and the float32 matrices are gone, not just uncounted: no plain tensor of a quantized shape is alive
-    gc.collect()
+    # and the float32 matrices are gone, not just uncounted: loading an int8 model leaves no plain tensor of a
+    # quantized shape alive (those alive before it, e.g. another test file's model in this worker, do not count)
     layer = ModelRunner(int8, slots=1, capacity=64).model.layers[0]
     shapes = {tuple(w.shape) for w in (layer.qkv_w, layer.o_w, layer.gate_up_w, layer.down_w)}
-    alive = [o for o in gc.get_objects() if type(o) in (torch.Tensor, torch.nn.Parameter) and tuple(o.shape) in shapes
-             and o.device.type == "cpu" and o.dtype == torch.float32 and o.data_ptr() not in ref_ptrs(reference)]
+
+    def plain_of_those_shapes() -> list:
+        gc.collect()
+        return [o for o in gc.get_objects() if type(o) in (torch.Tensor, torch.nn.Parameter)
+                and tuple(o.shape) in shapes and o.device.type == "cpu" and o.dtype == torch.float32
+                and o.data_ptr() not in ref_ptrs(reference)]
+
+    before = {id(o) for o in plain_of_those_shapes()}
+    fresh = load_model(ckpt, device="cpu", quantize="int8")
+    ModelRunner(fresh, slots=1, capacity=64)
+    alive = [o for o in plain_of_those_shapes() if id(o) not in before]
     assert not alive, [tuple(o.shape) for o in alive]
     random.seed(0)
     prompt = [random.randrange(4000) for _ in range(64)]
