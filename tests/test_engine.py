@@ -173,8 +173,10 @@ def test_repetition_penalty_matches_transformers():
     assert torch.equal(chooser.process(logits.clone(), torch.tensor([0]), torch.tensor([0]))[0], want)
 
 
-@pytest.mark.parametrize("grid_t", [1, 3])
-def test_vision_tower_equals_transformers(model, grid_t):
+@pytest.mark.parametrize("grid_t,compile", [(1, False), (3, False), (3, True)])
+def test_vision_tower_equals_transformers(model, grid_t, compile):
+    """Our tower (per-frame attention batched; with ``compile`` its rotary and activation fused by torch.compile,
+    as on CUDA) gives transformers' output."""
     from pipeline.engine.vision import patchify
     from pipeline.engine.vision_tower import VisionTower
 
