@@ -89,12 +89,17 @@ def main() -> int:
                 r.cache.lengths[s] = args.context
             r.prefill(turns)
 
-        wall, kern, by, top = timed(prefill)
-        out.append(f"| prefill | {B} | {wall:.1f} | {kern:.1f} | {by.get('gemm', 0):.1f} | "
-                   f"{by.get('attention', 0):.1f} | {by.get('other', 0):.1f} | {wall / B:.1f} |")
-        print(f"## prefill, {B} rows: top kernels (ms, calls)")
-        for ms, n, name in top:
-            print(f"  {ms:8.2f} {n:6d}  {name}")
+        cudnn = r.cudnn_past
+        for label, use in (("FlashAttention-2", False), ("cuDNN past + FlashAttention-2", True)):
+            if use and not cudnn:
+                continue
+            r.cudnn_past = use
+            wall, kern, by, top = timed(prefill)
+            out.append(f"| prefill, {label} | {B} | {wall:.1f} | {kern:.1f} | {by.get('gemm', 0):.1f} | "
+                       f"{by.get('attention', 0):.1f} | {by.get('other', 0):.1f} | {wall / B:.1f} |")
+            print(f"## prefill ({label}), {B} rows: top kernels (ms, calls)")
+            for ms, n, name in top:
+                print(f"  {ms:8.2f} {n:6d}  {name}")
         clips = [frames] * B
         wall, kern, by, top = timed(lambda: r.encode_videos(clips))
         out.append(f"| vision | {B} | {wall:.1f} | {kern:.1f} | {by.get('gemm', 0):.1f} | "

@@ -186,7 +186,9 @@ def test_vision_tower_equals_transformers(model, grid_t, compile):
     with torch.no_grad():
         out = model.visual(pv, grid_thw=torch.tensor([grid]))
     want = out.pooler_output if hasattr(out, "pooler_output") else out
-    got = VisionTower(model.visual)(pv, grid)
+    tower = VisionTower(model.visual, compile=compile)
+    assert (tower.act is not None) == compile  # the fused activation is in use, not the module's
+    got = tower(pv, grid)
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
@@ -216,3 +218,22 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
     grown_mb = int(out.stdout.split()[-1])
     print(f"peak memory grew {grown_mb} MB")
     assert grown_mb < 500, grown_mb
+
+
+def test_merge_attention_equals_attention_over_all_keys():
+    """The prefill's split attention (a past block through cuDNN, the rest through FlashAttention) is put back
+    together by ``merge_attention`` from each part's output and log-sum-exp: equal to attending over all keys."""
+    from pipeline.engine.model import merge_attention
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(5, 3, 8, generator=g)  # (N queries, H heads, d)
+    k, v = torch.randn(16, 3, 8, generator=g), torch.randn(16, 3, 8, generator=g)  # (S keys, H, d)
+
+    def attention(keys, values):  # (N, H, d) and the log-sum-exp (N, H) of the scaled scores
+        s = torch.einsum("nhd,shd->nhs", q, keys) / 8 ** 0.5
+        return torch.einsum("nhs,shd->nhd", s.softmax(-1), values), s.logsumexp(-1)
+
+    full, _ = attention(k, v)
+    o1, l1 = attention(k[:11], v[:11])
+    o2, l2 = attention(k[11:], v[11:])
+    torch.testing.assert_close(merge_attention(o1, l1, o2, l2), full, rtol=1e-5, atol=1e-6)

@@ -8,8 +8,9 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 
 def test_varlen_prefill_equals_masked_attention():
-    """The CUDA prefill (one FlashAttention varlen call per layer over every row, in place in the cache) against
-    the masked row-by-row SDPA path: three rows of different pasts, given out of slot order, two prefills."""
+    """The CUDA prefill (one FlashAttention varlen call per layer over every row, in place in the cache; on Hopper
+    with the past's 2048-key blocks through cuDNN, merged by log-sum-exp) against the masked row-by-row SDPA path:
+    three rows of different pasts (one past 4096 keys, one past 2048), given out of slot order, two prefills."""
     from pipeline.engine import load_model
     from pipeline.engine.runner import ModelRunner
     from pipeline.fixtures.tiny import tiny_checkpoint
@@ -20,22 +21,62 @@ def test_varlen_prefill_equals_masked_attention():
     def turn(slot, start, n):
         return slot, torch.randint(0, 4000, (n,), generator=gen).tolist(), torch.arange(start, start + n).expand(3, n), None
 
-    first = [turn(2, 0, 700), turn(0, 0, 90)]
-    second = [turn(1, 0, 33), turn(2, 700, 386), turn(0, 90, 386)]
+    first = [turn(2, 0, 4200), turn(0, 0, 90), turn(1, 0, 2100)]
+    second = [turn(1, 2100, 33), turn(2, 4200, 386), turn(0, 90, 386)]
     out = []
-    for flash in (True, False):
-        r = ModelRunner(model, slots=3, capacity=2048, graphs=False)
-        assert r.flash_prefill
-        r.flash_prefill = flash
+    hopper = torch.cuda.get_device_capability() >= (9, 0)
+    for flash, cudnn in ((True, True), (True, False), (False, False)):
+        r = ModelRunner(model, slots=3, capacity=8192, graphs=False)
+        assert r.flash and r.cudnn_past == hopper
+        r.flash, r.cudnn_past = flash, cudnn and hopper
         out.append((r.prefill(first), r.prefill(second), r.cache))
-    (a1, a2, ca), (b1, b2, cb) = out
-    for got, want in ((a1, b1), (a2, b2)):
-        cos = F.cosine_similarity(got, want, dim=-1)
-        assert cos.min().item() > 0.999, cos
-        assert (got.argmax(-1) == want.argmax(-1)).all()
-    assert ca.lengths == cb.lengths == [476, 33, 1086]
-    for slot, n in enumerate(ca.lengths):
-        assert torch.equal(ca.k[:1, slot, :, :n], cb.k[:1, slot, :, :n])  # layer 0's keys: same inputs, same scatter
+        assert r.cudnn_past == (cudnn and hopper)  # cuDNN did not fail over to FlashAttention
+    (b1, b2, cb) = out[-1]
+    for a1, a2, ca in out[:-1]:
+        for got, want in ((a1, b1), (a2, b2)):
+            cos = F.cosine_similarity(got, want, dim=-1)
+            assert cos.min().item() > 0.999, cos
+            assert (got.argmax(-1) == want.argmax(-1)).all()
+        assert ca.lengths == cb.lengths == [476, 2133, 4586]
+        for slot, n in enumerate(ca.lengths):
+            assert torch.equal(ca.k[:1, slot, :, :n], cb.k[:1, slot, :, :n])  # layer 0's keys: same inputs, same scatter
+
+
+def test_varlen_decode_is_as_close_to_float32_as_masked_attention():
+    """bf16 decode steps replayed from CUDA graphs: FlashAttention varlen over each row's used keys in place in the
+    cache, and the grouped matmuls over a masked window (whose scores round to bf16), each against the same steps in
+    float32; rows of different lengths, one sitting out (slot 1), out of slot order, 20 teacher-forced steps."""
+    from pipeline.engine import load_model
+    from pipeline.engine.runner import ModelRunner
+    from pipeline.fixtures.tiny import tiny_checkpoint
+
+    gen = torch.Generator().manual_seed(0)
+    turns = [(s, torch.randint(0, 4000, (n,), generator=gen).tolist(), torch.arange(n).expand(3, n), None)
+             for s, n in ((0, 700), (1, 33), (2, 90), (3, 1500))]
+    feed = torch.randint(0, 4000, (20, 3), generator=gen)
+    slots = [3, 0, 2]
+    logits = {}
+    for name, dtype, flash in (("flash", "bfloat16", True), ("masked", "bfloat16", False), ("fp32", "float32", False)):
+        model = load_model(str(tiny_checkpoint("small")), device="cuda", dtype=dtype)
+        r = ModelRunner(model, slots=4, capacity=4096, graphs=True, compile=False)
+        assert r.flash == (dtype == "bfloat16")
+        r.prefill(turns)
+        r.flash = flash
+        steps = []
+        for t in range(feed.shape[0]):
+            pos = [r.cache.length(s) for s in slots]
+            steps.append(r.decode(slots, feed[t].cuda(), pos).clone())
+        logits[name] = torch.stack(steps)
+        assert r.cache.lengths == [720, 33, 110, 1520]
+    ref = logits["fp32"]
+    cos = {k: F.cosine_similarity(logits[k], ref, dim=-1) for k in ("flash", "masked")}
+    same = {k: (logits[k].argmax(-1) == ref.argmax(-1)).float().mean().item() for k in ("flash", "masked")}
+    for k in cos:
+        print(f"{k}: logits cosine to float32 mean {cos[k].mean().item():.5f} min {cos[k].min().item():.5f}, "
+              f"same argmax {same[k]:.0%}")
+    assert cos["flash"].min().item() > 0.99
+    assert cos["flash"].mean().item() >= cos["masked"].mean().item() - 1e-3
+    assert same["flash"] >= same["masked"] - 0.05
 
 
 @pytest.mark.parametrize("compile", [False, True])

@@ -23,7 +23,7 @@ class DecodeGraphs:
         self.runner = runner
         self.compile = compile
         if compile:
-            runner.model.compile()  # compiled on the first warm-up of each batch size, before capture
+            runner.model.compile(runner.compile_options)  # compiled on the first warm-up of each batch size
         slots, dev = runner.cache.slots, runner.device
         self.tok = torch.zeros(slots, dtype=torch.long, device=dev)
         self.pos = torch.zeros(slots, dtype=torch.long, device=dev)

@@ -116,6 +116,14 @@ def fuse_projections(layer) -> None:
     layer._livecc_fused = True
 
 
+def merge_attention(o1, lse1, o2, lse2):
+    """The attention over two disjoint sets of keys from each one's output (N, H, d) and log-sum-exp (N, H)
+    float32 (the softmax renormalised: o = (e^l1·o1 + e^l2·o2) / (e^l1 + e^l2), FlashAttention's split-KV
+    combine). Returns (N, H, d) in o2's dtype."""
+    w = torch.sigmoid(lse1 - lse2)[..., None]
+    return (o2.float() + (o1.float() - o2.float()) * w).to(o2.dtype)
+
+
 # attend(layer index, q, k, v) -> o (B, T, n_heads*head_dim); it also stores k/v in the cache
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -150,24 +158,27 @@ class TextModel:
                                     l.post_attention_layernorm.weight, l.gate_up_weight, l.mlp.down_proj.weight)
                        for l in text.layers]
         self.pre, self.post = pre_attention, post_attention
+        self.head = self.logits  # the decode step's logits (compiled with ``compile``)
 
     @property
     def n_layers(self) -> int:
         return len(self.layers)
 
-    def compile(self) -> None:
+    def compile(self, options: dict | None = None) -> None:
         """Fuse the small kernels around attention (norms, rotary, residuals, SiLU) with torch.compile, one
         static-shape graph per batch size. Used by the decode step; prefill stays eager (a dynamic-length
-        compile of it measured slower on an H100, 41 vs 28 ms)."""
+        compile of it measured slower on an H100, 41 vs 28 ms). ``options``: inductor settings for these
+        compilations only (``runner.compile_options``)."""
         import torch._dynamo
 
         # one recompilation per decode batch-size bucket (runner.BATCH_BUCKETS): above dynamo's default of 8
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        self.pre = torch.compile(pre_attention, fullgraph=True, dynamic=False)
-        self.post = torch.compile(post_attention, fullgraph=True, dynamic=False)
+        self.pre = torch.compile(pre_attention, fullgraph=True, dynamic=False, options=options)
+        self.post = torch.compile(post_attention, fullgraph=True, dynamic=False, options=options)
+        self.head = torch.compile(self.logits, fullgraph=True, dynamic=False, options=options)
 
     def uncompile(self) -> None:
-        self.pre, self.post = pre_attention, post_attention
+        self.pre, self.post, self.head = pre_attention, post_attention, self.logits
 
     def rotary(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (B, 1, T, head_dim) in the model dtype for mRoPE positions ``pos`` (3, B, T) int64:
@@ -228,6 +239,32 @@ class TextModel:
         out = torch.ops.aten._flash_attention_forward(q, keys, values, cu_q, cu_k, max_q, max_k, 0.0, True, False,
                                                       seqused_k=used)
         return out[0]
+
+    def attend_varlen_lse(self, q, keys, values, cu_q, cu_k, used, max_q: int, max_k: int, tok_row, tok_pos):
+        """``attend_varlen`` and its log-sum-exp per query and head (N, H) float32, for ``merge_attention``.
+        FlashAttention gives it as (H, N), or padded as (B, H, max_q) in older builds: ``tok_row``/``tok_pos``
+        (N,) device int64 say where token n sits there."""
+        out = torch.ops.aten._flash_attention_forward(q, keys, values, cu_q, cu_k, max_q, max_k, 0.0, True, False,
+                                                      seqused_k=used)
+        lse = out[1]
+        lse = lse.t() if lse.dim() == 2 else lse[tok_row, :, tok_pos]
+        return out[0], lse.float()
+
+    def attend_past(self, q, keys, values):
+        """New tokens of one row over a block of its past, no mask (every new token sees the whole block), with
+        cuDNN's attention (Hopper: 2.4x PyTorch's FlashAttention-2 here: ``scripts/profile_kernels.py``). The
+        query heads of a KV head are stacked as rows, so K and V are read once per KV head.
+
+        q (n, H, d); keys/values (1, KV, P, d), last dim contiguous (a ``KVCache.row`` view) ->
+        (o (n, H, d), log-sum-exp (n, H) float32). cuDNN plans once per shape (≈ 35 ms on an H200), so callers
+        give P in few sizes (``runner.PAST_BLOCK`` multiples)."""
+        n, H, D = q.shape
+        kv, g = self.n_kv, H // self.n_kv
+        qg = q.view(n, kv, g, D).permute(1, 2, 0, 3).reshape(1, kv, g * n, D)
+        out = torch.ops.aten._scaled_dot_product_cudnn_attention(qg, keys, values, None, True, 0.0, False, False)
+        o = out[0].reshape(kv, g, n, D).permute(2, 0, 1, 3).reshape(n, H, D)
+        lse = out[1].reshape(kv, g, n).permute(2, 0, 1).reshape(n, H)
+        return o, lse.float()
 
     def attend_rows(self, q, keys, values, masked):
         """A decode step's attention, one new token per row: q (B, H, 1, d) over keys/values (B, KV, W, d);

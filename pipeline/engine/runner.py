@@ -24,7 +24,7 @@ import torch
 
 from .cuda_graphs import DecodeGraphs
 from .kv_cache import KVCache
-from .model import TextModel
+from .model import TextModel, merge_attention
 from .vision import patchify
 from .vision_tower import VisionTower
 
@@ -34,6 +34,12 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
 # attention windows of a decode step: every row reads this many cache positions, so the steps are fine
 # (2048) rather than powers of two (at 32 rows and 16.4k tokens, a 32k window doubled the step's time)
 WINDOWS = (1024,) + tuple(range(2048, 131072 + 1, 2048))
+
+
+# the prefill's attention over a row's past in blocks of this many keys goes to cuDNN (Hopper and later, turns of
+# at least PAST_MIN_QUERIES tokens): cuDNN plans once per shape (≈ 35 ms), so the block sizes are few
+PAST_BLOCK = 2048
+PAST_MIN_QUERIES = 64
 
 
 def bucket(n: int, sizes: tuple[int, ...], cap: int) -> int:
@@ -58,10 +64,19 @@ class ModelRunner:
         # a row sitting out a decode step writes at its length, which a turn always leaves < capacity
         self.capacity = capacity
         self.use_graphs = on_cuda if graphs is None else graphs and on_cuda
-        self.vision = VisionTower(loaded.visual, use_graphs=self.use_graphs)
-        self.flash_prefill = on_cuda and m.dtype in (torch.bfloat16, torch.float16)
-        self.video_token_id = loaded.video_token_id
         compile_ = (compile if compile is not None else self.use_graphs) and on_cuda
+        # int8 weights: inductor's coordinate-descent setting (torchao's recommendation) turns a one-row matmul
+        # into a reduction that reads the int8 matrix and scales it in one kernel; without it inductor rewrites
+        # the matmul to aten._weight_int8pack_mm, whose CUDA kernel made a decode step 10x slower than bf16
+        # (H200: 63 ms a token, 0.51 ms a matrix, scripts/profile_kernels.py --quantize int8); for several rows
+        # the pattern matcher is off so that rewrite cannot happen (the int8 matrix is converted, then cuBLAS)
+        self.compile_options = {"coordinate_descent_tuning": True, "pattern_matcher": False} \
+            if loaded.quantize == "int8" else None
+        self.vision = VisionTower(loaded.visual, use_graphs=self.use_graphs, compile=compile_)
+        self.flash = on_cuda and m.dtype in (torch.bfloat16, torch.float16)
+        self.cudnn_past = self.flash and torch.backends.cudnn.is_available() and \
+            torch.cuda.get_device_capability(self.device) >= (9, 0)
+        self.video_token_id = loaded.video_token_id
         self.graphs = DecodeGraphs(self, compile=compile_) if self.use_graphs else None
         self.windows = tuple(sorted({w for w in WINDOWS if w < capacity} | {capacity}))
 
@@ -116,7 +131,7 @@ class ModelRunner:
         if vision:
             where = (ids == self.video_token_id).nonzero()[:, 0]  # host tensor: no device sync
             x[0, where.to(dev)] = torch.cat(vision).to(x.dtype)
-        attend = self._attend_varlen(turns, starts, lens, offs) if self.flash_prefill else \
+        attend = self._attend_varlen(turns, starts, lens, offs) if self.flash else \
             self._attend_rows(turns, starts, lens, offs)
 
         def attend_and_store(i, q, k, v):  # q (1, H, total, d), k/v (1, KV, total, d)
@@ -130,18 +145,49 @@ class ModelRunner:
         return m.logits(h[0, torch.tensor(last, device=dev)])
 
     def _attend_varlen(self, turns, starts, lens, offs):
-        """attend(layer, q) for the packed turns (in slot order): one FlashAttention varlen call over the cache rows."""
+        """attend(layer, q) for the packed turns (in slot order): one FlashAttention varlen call over the cache rows.
+
+        With ``cudnn_past`` a row's past is split at a multiple of ``PAST_BLOCK``: the block before it goes to
+        cuDNN (``TextModel.attend_past``, one call per row), the rest of the past and the new tokens to the one
+        FlashAttention call, and the two are merged by their log-sum-exp."""
         m, cache, dev = self.model, self.cache, self.device
         cu_q = torch.tensor(offs, dtype=torch.int32, device=dev)
         first = [t[0] * cache.varlen_stride for t in turns]
-        cu_k = torch.tensor(first + [first[-1] + self.capacity], dtype=torch.int32, device=dev)
-        used = torch.tensor([s + n for s, n in zip(starts, lens)], dtype=torch.int32, device=dev)
-        max_q, max_k = max(lens), max(s + n for s, n in zip(starts, lens))
+        ends = [s + n for s, n in zip(starts, lens)]
+
+        def keys_from(skip):  # FlashAttention's view of each row: keys skip[b] .. ends[b]
+            cu_k = torch.tensor([f + k for f, k in zip(first, skip)] + [first[-1] + self.capacity],
+                                dtype=torch.int32, device=dev)
+            used = torch.tensor([e - k for e, k in zip(ends, skip)], dtype=torch.int32, device=dev)
+            return cu_k, used, max(e - k for e, k in zip(ends, skip))
+        plain = keys_from([0] * len(turns))
+        max_q = max(lens)
+        bulk = [s // PAST_BLOCK * PAST_BLOCK if self.cudnn_past and n >= PAST_MIN_QUERIES else 0
+                for s, n in zip(starts, lens)]
+        if any(bulk):
+            tail = keys_from(bulk)
+            tok_row = torch.tensor(np.repeat(np.arange(len(turns)), lens), device=dev)
+            tok_pos = torch.tensor(np.concatenate([np.arange(n) for n in lens]), device=dev)
 
         def attend(i, q):
             kf, vf = cache.varlen(i)
             qp = q[0].transpose(0, 1).contiguous()  # total, H, d
-            return m.attend_varlen(qp, kf, vf, cu_q, cu_k, used, max_q, max_k)[None]  # 1, total, H, d
+            if not any(bulk) or not self.cudnn_past:
+                return m.attend_varlen(qp, kf, vf, cu_q, *plain[:2], max_q, plain[2])[None]  # 1, total, H, d
+            o, lse = m.attend_varlen_lse(qp, kf, vf, cu_q, *tail[:2], max_q, tail[2], tok_row, tok_pos)
+            try:
+                for b, (slot, _, _, _) in enumerate(turns):
+                    if bulk[b]:
+                        rows = slice(offs[b], offs[b + 1])
+                        kb, vb = cache.row(i, slot, bulk[b])
+                        ob, lb = m.attend_past(qp[rows], kb, vb)
+                        o[rows] = merge_attention(ob, lb, o[rows], lse[rows])
+            except RuntimeError as e:  # a cuDNN build or GPU without this attention: FlashAttention alone from now on
+                log.warning("cuDNN attention failed (%s); prefill attention stays on FlashAttention",
+                            str(e).splitlines()[0][:200])
+                self.cudnn_past = False
+                return attend(i, q)
+            return o[None]
         return attend
 
     def _attend_rows(self, turns, starts, lens, offs):
@@ -201,21 +247,34 @@ class ModelRunner:
 
     def decode_step(self, tok: torch.Tensor, pos: torch.Tensor, at: torch.Tensor, window: int) -> torch.Tensor:
         """The fixed-shape decode step CUDA graphs capture: rows 0..nb-1 (nb = tok.shape[0]), one token each.
-        tok (nb,), pos (nb,) 1-D positions, at (nb,) cache positions; attention over the first ``window``
-        positions of each row, masked after ``at``. Returns float32 logits (nb, V)."""
+        tok (nb,), pos (nb,) 1-D positions, at (nb,) cache positions; each row attends over its positions
+        0..at: on CUDA in bf16/fp16 with one FlashAttention-2 varlen call per layer reading the rows in place
+        (``window`` only bounds the key length), elsewhere two grouped matmuls over the first ``window``
+        positions with a mask (``TextModel.attend_rows``). Returns float32 logits (nb, V)."""
         m, cache = self.model, self.cache
         nb = tok.shape[0]
         rows = torch.arange(nb, device=tok.device)
         x = m.embed(tok)[:, None]  # nb, 1, hidden
-        masked = (torch.arange(window, device=tok.device)[None, :] > at[:, None])[:, None, None, :]
+        if self.flash:  # one FlashAttention varlen call reading each row's used keys in place (no mask, no window)
+            cu_q = rows.to(torch.int32)
+            cu_q = torch.cat([cu_q, cu_q[-1:] + 1])
+            cu_k = (cu_q * cache.varlen_stride).clamp_(max=(nb - 1) * cache.varlen_stride + self.capacity)
+            used = (at + 1).to(torch.int32)
 
-        def attend(i, q, k, v):
-            cache.decode_write(i, rows, at, k, v)
-            kw, vw = cache.window(i, nb, window)
-            return m.attend_rows(q, kw, vw, masked)
+            def attend(i, q, k, v):
+                cache.decode_write(i, rows, at, k, v)
+                kf, vf = cache.varlen(i)
+                return m.attend_varlen(q[:, :, 0].contiguous(), kf, vf, cu_q, cu_k, used, 1, window)[:, None]
+        else:
+            masked = (torch.arange(window, device=tok.device)[None, :] > at[:, None])[:, None, None, :]
+
+            def attend(i, q, k, v):
+                cache.decode_write(i, rows, at, k, v)
+                kw, vw = cache.window(i, nb, window)
+                return m.attend_rows(q, kw, vw, masked)
 
         h = m.forward(x, pos.expand(3, nb)[:, :, None], attend, m.pre, m.post)
-        return m.logits(h[:, 0])
+        return m.head(h[:, 0])
 
     # -- context edits ---------------------------------------------------------------------------------------
     def evict(self, slot: int, start: int, end: int, shift: int) -> None:
