@@ -119,6 +119,44 @@ def test_rows_join_and_leave_the_batch(model):
     assert all(len(r.tokens) <= n for n, r in zip((3, 9, 16), results))
 
 
+def test_decode_steps_between_prefills(model):
+    """With ``decode_steps_per_prefill`` = 3 a waiting turn is prefilled only after 3 decode steps of the rows already
+    decoding (or at once when none is), and every stream still gets the tokens it gets with the default of 1."""
+    def serve(steps):
+        cfg = EngineConfig(greedy=True, max_context=2048, max_new_tokens=12, prefill_batch=1,
+                           decode_steps_per_prefill=steps)
+        core = make_core(model, cfg, slots=3)
+        assert core.decode_steps_per_prefill == steps
+        sessions = [StreamingSession(model, cfg, core=core) for _ in range(3)]
+        events = []
+        real_prefill, real_decode = core.runner.prefill, core.runner.decode
+
+        def prefill(turns):
+            events.append(("P", len(core.active)))
+            return real_prefill(turns)
+
+        def decode(slots, tokens, positions):
+            events.append(("D", len(slots)))
+            return real_decode(slots, tokens, positions)
+
+        core.runner.prefill, core.runner.decode = prefill, decode
+        gens = [clips(56, 84, i) for i in range(3)]
+        results = core.run([s.video_request(next(g)) for s, g in zip(sessions, gens)])
+        return [r.tokens for r in results], events
+
+    base, _ = serve(1)
+    tokens, events = serve(3)
+    assert tokens == base
+    since = None
+    for kind, active in events:
+        if kind == "P":
+            assert since is None or active == 0 or since >= 3, events
+            since = 0
+        else:
+            since += 1
+    assert sum(k == "P" for k, _ in events) == 3
+
+
 def test_slots_are_refused_when_full(model):
     core = make_core(model, EngineConfig(greedy=True, max_context=512), slots=2)
     a = StreamingSession(model, EngineConfig(greedy=True, max_context=512), core=core)
@@ -135,6 +173,10 @@ def test_prefill_batch_comes_from_the_config(model):
 
     assert make_core(model, EngineConfig(max_context=512, prefill_batch=3), slots=1).prefill_batch == 3
     assert make_core(model, EngineConfig(max_context=512), slots=1).prefill_batch == 4
+    assert make_core(model, EngineConfig(max_context=512, decode_steps_per_prefill=3), slots=1).decode_steps_per_prefill == 3
+    assert make_core(model, EngineConfig(max_context=512), slots=1).decode_steps_per_prefill == 2
+    with pytest.raises(ConfigError, match="decode_steps_per_prefill must be at least 1"):
+        config.validate({"engine": {"decode_steps_per_prefill": 0}}).engine_config()
     with pytest.raises(ConfigError, match="prefill_batch must be at least 1"):
         config.validate({"engine": {"prefill_batch": 0}}).engine_config()
 

@@ -33,6 +33,7 @@ class EngineConfig:
     quantize: str = "none"  # language-model weights: none | int8 | int4 | fp8 (see pipeline/engine/quantize.py)
     max_streams: int | None = None  # KV-cache rows (streams) per device; None = 1 for run, what fits for serve
     prefill_batch: int = 4  # turns of different streams prefilled together at most (EngineCore; docs/performance.md)
+    decode_steps_per_prefill: int = 2  # decode steps between two prefills while captions decode (EngineCore)
     # context policy for unbounded streams (see pipeline/engine/context.py)
     context: str = "rollover"  # rollover | window | none
     rollover_seconds: float = 120.0  # start a fresh context this often (LiveCC was trained on <= 4 min)
@@ -49,6 +50,8 @@ class EngineConfig:
             raise ValueError(f"quantize must be {', '.join(QUANTIZE_MODES)}, not {self.quantize!r}")
         if self.prefill_batch < 1:
             raise ValueError("prefill_batch must be at least 1")
+        if self.decode_steps_per_prefill < 1:
+            raise ValueError("decode_steps_per_prefill must be at least 1")
         if self.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be at least 1")
         if self.repetition_penalty <= 0:

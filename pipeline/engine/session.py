@@ -64,6 +64,7 @@ def make_core(model: LoadedModel, cfg: EngineConfig, slots: int = 1) -> EngineCo
     runner = ModelRunner(model, slots=slots, capacity=cfg.max_context, graphs=cfg.fast, compile=cfg.compile)
     core = EngineCore(runner, sampling_settings(model, cfg))
     core.prefill_batch = cfg.prefill_batch
+    core.decode_steps_per_prefill = cfg.decode_steps_per_prefill
     return core
 
 
