@@ -5,12 +5,15 @@
 - ``prefill(turns)``: several streams' new turns, packed into one sequence, onto their cache rows in one
   pass over the weights; logits of each turn's last token. Attention over each row's past plus its new
   tokens: one FlashAttention variable-length call per layer for every row on CUDA (reading the rows in
-  place in the cache), SDPA with a causal mask row by row elsewhere.
+  place in the cache; on Hopper the past's 2048-key blocks through cuDNN, merged by log-sum-exp), SDPA
+  with a causal mask row by row elsewhere.
 - ``decode(slots, tokens, positions)``: one token for each of B streams in one pass over the weights.
   The step always covers cache rows 0..nb-1 (nb = a batch-size bucket holding the highest slot), so
   its shapes depend only on (nb, attention window) and it is captured as a CUDA graph per pair
   (``cuda_graphs.py``). Rows not in the step compute a throw-away token: they write at their own
   first free position, which their next prefill or decode overwrites, and their output is ignored.
+  Attention: one FlashAttention varlen call per layer on CUDA (one query a row), grouped matmuls over
+  a masked window elsewhere.
 
 Only the engine thread calls a runner.
 """
