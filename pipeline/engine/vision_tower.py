@@ -52,6 +52,7 @@ class VisionTower:
             self.act = torch.compile(act, fullgraph=True, dynamic=False)
 
     def mlp(self, blk, x: torch.Tensor) -> torch.Tensor:
+        """Block ``blk``'s MLP over x (N, dim) -> (N, dim): its own module, or fc1 -> the compiled activation -> fc2."""
         if self.act is None:
             return blk.mlp(x)
         return blk.mlp.fc2(self.act(blk.mlp.fc1(x)))
