@@ -193,6 +193,34 @@ def test_vision_tower_equals_transformers(model, grid_t, compile):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_vision_tower_runs_uncompiled_when_the_compiler_fails(model, caplog, monkeypatch, tmp_path):
+    """A machine where torch.compile cannot build its kernels (here inductor is given a C++ compiler that does not
+    exist, so its CPU code generation really fails): the compiled tower falls back to the uncompiled one, logs it,
+    and the turn still gets transformers' output."""
+    import logging
+
+    import torch._dynamo
+    import torch._inductor.config as inductor
+
+    from pipeline.engine.vision import patchify
+    from pipeline.engine.vision_tower import VisionTower
+
+    frames = np.random.default_rng(2).integers(0, 256, (2, 56, 84, 3), dtype=np.uint8)
+    pv, grid = patchify(frames, model.patches)
+    with torch.no_grad():
+        out = model.visual(pv, grid_thw=torch.tensor([grid]))
+    want = out.pooler_output if hasattr(out, "pooler_output") else out
+    torch._dynamo.reset()  # nothing compiled earlier (in this process, or on disk) may stand in for the compilation
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    tower = VisionTower(model.visual, compile=True)
+    with caplog.at_level(logging.WARNING), inductor.patch({"cpp.cxx": ("/nonexistent/c++",), "fx_graph_cache": False}):
+        got = tower(pv, grid)
+    assert "torch.compile of the vision tower failed" in caplog.text
+    assert tower.act is None
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tower(pv, grid), want, rtol=1e-5, atol=1e-5)  # and it stays uncompiled
+
+
 def test_a_long_first_turn_needs_no_mask_memory():
     """A 12,000-token first turn (``livecc ask`` prefills a whole recorded video at once) on the CPU: SDPA's own
     causal kernel, no (T, T) mask. The masked path held a 1.1 GB mask and 2.3 GB of scores for it (tiny model,

@@ -10,10 +10,14 @@ activation) are fused by torch.compile: half of the tower's kernel time was in t
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 
 from .model import rotate_half
+
+log = logging.getLogger(__name__)
 
 
 def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -96,7 +100,21 @@ class VisionTower:
 
     @torch.inference_mode()
     def __call__(self, pixels: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
-        pixels = pixels.to(self.dtype)
+        """Visual tokens (t·h·w / merge², hidden) in the tower's dtype for ``pixels`` (t·h·w, C·T·P·P) of a
+        ``grid`` (t, h, w). If torch.compile fails (no working compiler: e.g. no Triton on Windows, no C++
+        compiler), the tower runs uncompiled from then on (logged once) instead of failing the turn."""
+        try:
+            return self._run(pixels.to(self.dtype), grid)
+        except Exception as e:  # noqa: BLE001 - a compiler problem must not stop captioning
+            if self.rope_qk is rope_qk:
+                raise
+            log.warning("torch.compile of the vision tower failed (%s: %s); running it uncompiled",
+                        type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+            self.rope_qk, self.act = rope_qk, None
+            self.graphs.clear()
+            return self._run(pixels.to(self.dtype), grid)
+
+    def _run(self, pixels: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         if not self.use_graphs:
             return self.forward(pixels, grid)
         key = (grid, pixels.shape)
