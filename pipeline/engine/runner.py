@@ -76,7 +76,9 @@ class ModelRunner:
         self.compile_options = {"coordinate_descent_tuning": True, "pattern_matcher": False} \
             if loaded.quantize == "int8" else None
         self.vision = VisionTower(loaded.visual, use_graphs=self.use_graphs, compile=compile_)
-        self.flash = on_cuda and m.dtype in (torch.bfloat16, torch.float16)
+        # PyTorch's FlashAttention kernels need Ampere (8.0) or newer; older GPUs take the masked SDPA path
+        self.flash = on_cuda and m.dtype in (torch.bfloat16, torch.float16) and \
+            torch.cuda.get_device_capability(self.device) >= (8, 0)
         self.cudnn_past = self.flash and torch.backends.cudnn.is_available() and \
             torch.cuda.get_device_capability(self.device) >= (9, 0)
         self.video_token_id = loaded.video_token_id
