@@ -49,10 +49,11 @@ class VisionTower:
         """torch.compile the rotary and (when every block has the same parameter-free activation) the MLP's
         activation, static shapes: one compilation per clip shape, before its graph is captured."""
         self.rope_qk = torch.compile(rope_qk, fullgraph=True, dynamic=False)
-        acts = {type(b.mlp.act) for b in self.blocks if hasattr(b.mlp, "act")}
-        act = getattr(self.blocks[0].mlp, "act", None)
-        if len(acts) == 1 and all(hasattr(b.mlp, n) for b in self.blocks for n in ("fc1", "fc2")) \
-                and not list(act.parameters()):
+        if not all(hasattr(b.mlp, n) for b in self.blocks for n in ("fc1", "act", "fc2")):
+            return  # an MLP of another shape: each block runs its own
+        act = self.blocks[0].mlp.act
+        stateless = not isinstance(act, torch.nn.Module) or not list(act.parameters())
+        if len({type(b.mlp.act) for b in self.blocks}) == 1 and stateless:
             self.act = torch.compile(act, fullgraph=True, dynamic=False)
 
     def mlp(self, blk, x: torch.Tensor) -> torch.Tensor:
