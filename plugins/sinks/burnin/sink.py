@@ -202,7 +202,7 @@ class _Encoder:
         if self.out is not None or not self.s.audio or sink._audio_seen or sink.counters["opens"] \
                 or self.hold_until is None or now >= self.hold_until:
             return False
-        text = sink._update_caption(now, frame.pts if frame is not None else None)
+        text = sink._update_caption(self.tick_time, frame.pts if frame is not None else None)
         self.hold.append((self._vframe(frame, text), self.n, text))
         sink.counters["ticks_waiting_audio"] += 1
         return True
@@ -256,7 +256,7 @@ class _Encoder:
         """Compose and encode this tick's frame (after any held ones); a lost network output is
         closed and retried later, a failing file output raises."""
         sink, out = self.sink, self.out
-        text = sink._update_caption(now, frame.pts if frame is not None else None)
+        text = sink._update_caption(self.tick_time, frame.pts if frame is not None else None)
         vframe = self._vframe(frame, text)
         try:
             muxed = 0
@@ -285,6 +285,13 @@ class _Encoder:
             except Exception:
                 pass
             self.out = None
+
+    @property
+    def tick_time(self) -> float:
+        """Monotonic seconds at which this tick is due (t0 + n / fps): captions appear and expire on this clock,
+        not on when the tick is processed, so a late tick (a loaded machine) does not move them in the output's
+        time (a 608 cue ended 2 frames early under load when they followed the processing time)."""
+        return self.sink.t0 + self.n * self.period
 
     def run(self) -> None:
         sink, s = self.sink, self.s
