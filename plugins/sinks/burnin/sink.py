@@ -13,7 +13,8 @@ an input that changes shape is scaled to fit with its aspect ratio kept, centred
 (letterbox or pillarbox).
 
 Captions: a caption shows from when it is produced (with ``delay_s``: from the frame of its
-start time) until a newer one replaces it or ``ttl_s`` passes. Silence (empty text or
+start time) until a newer one replaces it or ``ttl_s`` passes, both on the ticks' clock (tick n is due at
+t0 + n / fps: a tick processed late does not move a caption in the output). Silence (empty text or
 the model's ' ...') changes nothing: the previous caption stays until it expires. CEA-608 follows
 the same times on the frame it changes (pop-on captions known ``delay_s`` ahead are preloaded;
 otherwise characters take about 1/30 s per two).
