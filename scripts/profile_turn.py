@@ -89,11 +89,12 @@ def main() -> int:
                 r.cache.lengths[s] = args.context
             r.prefill(turns)
 
-        cudnn = r.cudnn_past
-        for label, use in (("FlashAttention-2", False), ("cuDNN past + FlashAttention-2", True)):
-            if use and not cudnn:
+        cudnn, compiled = r.cudnn_past, r.prefill_compiled
+        for label, use, comp in (("FlashAttention-2", False, False), ("cuDNN past + FlashAttention-2", True, False),
+                                 ("cuDNN past + FlashAttention-2, compiled norms/rotary/SiLU", True, True)):
+            if (use and not cudnn) or (comp and not compiled):
                 continue
-            r.cudnn_past = use
+            r.cudnn_past, r.prefill_compile_min = use, (0 if comp else 10**9)
             wall, kern, by, top = timed(prefill)
             out.append(f"| prefill, {label} | {B} | {wall:.1f} | {kern:.1f} | {by.get('gemm', 0):.1f} | "
                        f"{by.get('attention', 0):.1f} | {by.get('other', 0):.1f} | {wall / B:.1f} |")

@@ -221,6 +221,50 @@ def test_vision_tower_runs_uncompiled_when_the_compiler_fails(model, caplog, mon
     torch.testing.assert_close(tower(pv, grid), want, rtol=1e-5, atol=1e-5)  # and it stays uncompiled
 
 
+def test_compiled_prefill_equals_eager(model, caplog, monkeypatch, tmp_path):
+    """The prefill's norms, rotary and SiLU compiled with a dynamic token count (``TextModel.compile_prefill``, on by
+    default on CUDA) give the eager prefill's logits and cache, for turns of two lengths (two rows together, then one
+    row on top of its past); and when the compiler cannot build its kernels (inductor given a C++ compiler that does
+    not exist) the prefill logs it, runs eager from then on, and the turn still gets the same logits."""
+    import logging
+
+    import torch._dynamo
+    import torch._inductor.config as inductor
+
+    from pipeline.engine.runner import ModelRunner
+
+    rng = np.random.default_rng(3)
+    vocab = model.hf.lm_head.weight.shape[0]
+    turns = [[int(t) for t in rng.integers(0, vocab, n)] for n in (37, 52, 29)]
+
+    def run(compiled: bool):
+        r = ModelRunner(model, slots=2, capacity=256, graphs=False, compile=False)
+        if compiled:
+            r.model.compile_prefill()
+            r.prefill_compiled = True
+        pos = [torch.arange(len(t)).expand(3, len(t)) for t in turns]
+        a = r.prefill([(0, turns[0], pos[0], None), (1, turns[1], pos[1], None)])
+        b = r.prefill([(0, turns[2], pos[2] + len(turns[0]), None)])
+        keys = r.cache.k[:, :, :, :len(turns[0]) + len(turns[2])].clone()
+        return a, b, keys, r
+
+    want = run(False)
+    torch._dynamo.reset()
+    got = run(True)
+    assert got[3].prefill_compiled  # the compiled path ran, for both token counts
+    for g, w in zip(got[:3], want[:3]):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+    torch._dynamo.reset()  # nothing compiled earlier (in this process, or on disk) may stand in for the compilation
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    with caplog.at_level(logging.WARNING), inductor.patch({"cpp.cxx": ("/nonexistent/c++",), "fx_graph_cache": False}):
+        broken = run(True)
+    assert "torch.compile of the prefill failed" in caplog.text
+    assert not broken[3].prefill_compiled
+    for g, w in zip(broken[:3], want[:3]):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
 def test_a_long_first_turn_needs_no_mask_memory():
     """A 12,000-token first turn (``livecc ask`` prefills a whole recorded video at once) on the CPU: SDPA's own
     causal kernel, no (T, T) mask. The masked path held a 1.1 GB mask and 2.3 GB of scores for it (tiny model,

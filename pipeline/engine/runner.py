@@ -43,6 +43,9 @@ WINDOWS = (1024,) + tuple(range(2048, 131072 + 1, 2048))
 # at least PAST_MIN_QUERIES tokens): cuDNN plans once per shape (≈ 35 ms), so the block sizes are few
 PAST_BLOCK = 2048
 PAST_MIN_QUERIES = 64
+# prefills of at least this many tokens (all rows together) run the compiled norms/rotary/MLP activation
+# (``TextModel.compile_prefill``); shorter ones stay eager
+PREFILL_COMPILE_MIN = 0
 
 
 def bucket(n: int, sizes: tuple[int, ...], cap: int) -> int:
@@ -83,6 +86,10 @@ class ModelRunner:
             torch.cuda.get_device_capability(self.device) >= (9, 0)
         self.video_token_id = loaded.video_token_id
         self.graphs = DecodeGraphs(self, compile=compile_) if self.use_graphs else None
+        self.prefill_compiled = compile_
+        if compile_:
+            m.compile_prefill(self.compile_options)
+        self.prefill_compile_min = PREFILL_COMPILE_MIN
         self.windows = tuple(sorted({w for w in WINDOWS if w < capacity} | {capacity}))
 
     # -- vision ---------------------------------------------------------------------------------------------
@@ -143,7 +150,20 @@ class ModelRunner:
             cache.write(i, rows, at, k[0].transpose(0, 1), v[0].transpose(0, 1))
             return attend(i, q)
 
-        h = m.forward(x, pos.to(dev), attend_and_store)
+        pos = pos.to(dev)
+        if self.prefill_compiled and len(ids) >= self.prefill_compile_min:
+            try:
+                h = m.forward(x, pos, attend_and_store, m.prefill_pre, m.prefill_post)
+            except Exception as e:  # noqa: BLE001 - a compiler problem must not stop captioning
+                if isinstance(e, torch.cuda.OutOfMemoryError):
+                    raise
+                log.warning("torch.compile of the prefill failed (%s: %s); prefill runs eager from now on",
+                            type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+                self.prefill_compiled = False
+                m.uncompile_prefill()
+                h = m.forward(x, pos, attend_and_store)  # rewrites the same keys at the same positions
+        else:
+            h = m.forward(x, pos, attend_and_store)
         for (slot, _, _, _), n in zip(turns, lens):
             cache.advance(slot, n)
         last = offs[1:] - 1 if order == sorted(order) else (offs[1:] - 1)[np.argsort(order)]  # the caller's order
@@ -280,6 +300,24 @@ class ModelRunner:
 
         h = m.forward(x, pos.expand(3, nb)[:, :, None], attend, m.pre, m.post)
         return m.head(h[:, 0])
+
+    def warm_up(self) -> None:
+        """Compile the prefill and compile and capture every decode batch size this cache can run
+        (``DecodeGraphs.warm_up``) while the cache is empty, so no stream waits for a compilation mid-run; a no-op
+        without CUDA graphs or once a row holds tokens."""
+        if self.graphs is None or any(self.cache.lengths):
+            return
+        import time
+
+        t0 = time.perf_counter()
+        if self.prefill_compiled:  # the compiled prefill (dynamic token count): one text turn on row 0, then undone
+            n = min(2 * PAST_MIN_QUERIES, self.capacity)
+            self.prefill([(0, [0] * n, torch.arange(n).expand(3, n), None)])
+            self.cache.reset(0)
+        buckets = sorted({bucket(n, BATCH_BUCKETS, self.cache.slots) for n in range(1, self.cache.slots + 1)})
+        self.graphs.warm_up(buckets)
+        log.info("prefill and decode step (%s rows) compiled and captured in %.1f s", buckets,
+                 time.perf_counter() - t0)
 
     # -- context edits ---------------------------------------------------------------------------------------
     def evict(self, slot: int, start: int, end: int, shift: int) -> None:
