@@ -100,9 +100,13 @@ def pace(n: int, warmup: float, seconds: float, pool: list, put) -> tuple[float,
 
 
 def run(model, n: int, warmup: float, seconds: float, slots: int | None, pool: list, prefill_batch: int = 0,
-        steps_per_prefill: int = 0) -> dict:
+        steps_per_prefill: int = 0, prefill_compiled: str = "on") -> dict:
     cfg = EngineConfig(greedy=True, max_context=32768)
+    t_start = time.perf_counter()
     core = make_core(model, cfg, slots=slots or n)
+    start_s = time.perf_counter() - t_start  # incl. compiling and capturing every decode batch size
+    if prefill_compiled == "off":
+        core.runner.prefill_compile_min = 10**9
     core.prefill_batch = prefill_batch or core.prefill_batch
     core.decode_steps_per_prefill = steps_per_prefill or core.decode_steps_per_prefill
     streams = []
@@ -130,7 +134,8 @@ def run(model, n: int, warmup: float, seconds: float, slots: int | None, pool: l
             "p50_ms": round(pct(lat, 50) * 1000, 1), "p99_ms": round(pct(lat, 99) * 1000, 1),
             "max_ms": round(max(lat) * 1000, 1) if lat else None, "tokens_per_s": round(toks / seconds, 1),
             "decode_steps": core.steps, "prefill_batch": core.prefill_batch,
-            "steps_per_prefill": core.decode_steps_per_prefill,
+            "steps_per_prefill": core.decode_steps_per_prefill, "prefill_compiled": prefill_compiled,
+            "start_s": round(start_s, 1),
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if model.device.type == "cuda" else None,
             "context_end": max(s.session.context_length for s in streams),
             "vision_p50_ms": phase["vision_s"], "prefill_p50_ms": phase["prefill_s"], "decode_p50_ms": phase["decode_s"]}
@@ -177,7 +182,7 @@ def probe(model, counts: list[int], contexts: list[int], pool) -> str:
 
 
 def table(rows: list[dict], title: str) -> str:
-    cols = ["streams", "prefill_batch", "steps_per_prefill", "turns", "due", "dropped", "p50_ms", "p99_ms", "max_ms", "tokens_per_s", "vision_p50_ms",
+    cols = ["streams", "prefill_batch", "steps_per_prefill", "prefill_compiled", "start_s", "turns", "due", "dropped", "p50_ms", "p99_ms", "max_ms", "tokens_per_s", "vision_p50_ms",
             "prefill_p50_ms", "decode_p50_ms", "peak_gib", "context_end"]
     out = [f"### {title}", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     out += ["| " + " | ".join(str(r.get(c)) for c in cols) + " |" for r in rows]
@@ -202,6 +207,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps-per-prefill", type=int, nargs="+", default=[0],
                     help="decode steps between two prefills while captions decode (EngineCore.decode_steps_per_prefill;"
                          " 0: the engine's default); each value is a run")
+    ap.add_argument("--prefill-compiled", nargs="+", default=["on"], choices=["on", "off"],
+                    help="the prefill's norms/rotary/SiLU compiled (on, the engine's default) or eager; each value is a run")
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--quantize", choices=["none", "int8", "int4", "fp8"], default="none",
                     help="the language model's weights (engine.quantize)")
@@ -217,11 +224,12 @@ def main(argv=None) -> int:
     for n in a.streams:
         for pb in a.prefill_batch:
             for k in a.steps_per_prefill:
-                rows.append(run(model, n, a.warmup, a.seconds, a.slots, pool, pb, k))
-                print(json.dumps(rows[-1]), flush=True)
-                gc.collect()
-                if dev.type == "cuda":
-                    torch.cuda.empty_cache()
+                for pc in a.prefill_compiled:
+                    rows.append(run(model, n, a.warmup, a.seconds, a.slots, pool, pb, k, pc))
+                    print(json.dumps(rows[-1]), flush=True)
+                    gc.collect()
+                    if dev.type == "cuda":
+                        torch.cuda.empty_cache()
     gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     print(table(rows, f"one process, N streams batched ({gpu}, {a.shape}, warm-up {a.warmup:g} s, "
                       f"{a.seconds:g} s measured)"))

@@ -43,6 +43,23 @@ class DecodeGraphs:
         self.graphs[key].replay()
         return self.logits[:nb]
 
+    @torch.inference_mode()
+    def warm_up(self, buckets) -> float:
+        """Compile and capture the step for each batch size in ``buckets`` (at the smallest window) now, before any
+        stream runs, so that the first step of a bigger batch does not stall every stream mid-run for the
+        compilation (seconds: 2.5 s p99 at 24 streams on an H200). Only on an empty cache: the steps write a
+        throw-away key at position 0 of rows that hold nothing yet. Returns the seconds it took."""
+        import time
+
+        t0 = time.perf_counter()
+        window = self.runner.windows[0]
+        for nb in buckets:
+            if (nb, window) not in self.graphs:
+                self.tok[:nb].zero_(), self.pos[:nb].zero_(), self.at[:nb].zero_()
+                self.graphs[(nb, window)] = self._capture(nb, window)
+        torch.cuda.synchronize(self.runner.device)
+        return time.perf_counter() - t0
+
     def _step(self, nb: int, window: int) -> None:
         out = self.runner.decode_step(self.tok[:nb], self.pos[:nb], self.at[:nb], window)
         self.logits[:nb].copy_(out)

@@ -65,6 +65,7 @@ def make_core(model: LoadedModel, cfg: EngineConfig, slots: int = 1) -> EngineCo
     core = EngineCore(runner, sampling_settings(model, cfg))
     core.prefill_batch = cfg.prefill_batch
     core.decode_steps_per_prefill = cfg.decode_steps_per_prefill
+    runner.warm_up()
     return core
 
 
