@@ -33,7 +33,7 @@ def main() -> int:
         for s in range(n):
             r.cache.lengths[s] = args.context
         nb, window = r.decode_shape(list(range(n)))
-        tok = torch.zeros(nb, dtype=torch.long, device="cuda")
+        tok = r.model.embed_ids(torch.zeros(nb, dtype=torch.long))  # the step takes embeddings
         pos = torch.full((nb,), args.context, dtype=torch.long, device="cuda")
         at = torch.full((nb,), args.context, dtype=torch.long, device="cuda")
         with torch.inference_mode():

@@ -88,7 +88,7 @@ def main() -> int:
             for s in range(B):
                 cache.lengths[s] = C
             nb, window = r.decode_shape(list(range(B)))
-            tok = torch.zeros(nb, dtype=torch.long, device=dev)
+            tok = m.embed_ids(torch.zeros(nb, dtype=torch.long))  # the step takes embeddings
             pos = torch.full((nb,), C, dtype=torch.long)
             at = torch.full((nb,), C, dtype=torch.long)
             with torch.inference_mode():

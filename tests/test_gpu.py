@@ -134,6 +134,10 @@ def test_quantized_decode_agrees_with_bfloat16(mode):
     q = load_model(ckpt, device="cuda", dtype="bfloat16", quantize=mode)
     if mode != "int4":  # int4 pads each input dimension to 1,024 for tinygemm: the tiny model's 128 grows 8x
         assert q.weight_bytes < ref.weight_bytes
+    from pipeline.engine.model import language_parts
+
+    text, head = language_parts(q.hf)  # the embeddings stay in host memory unless the lm_head shares them
+    assert head.weight is text.embed_tokens.weight or text.embed_tokens.weight.device.type == "cpu"
     runner = ModelRunner(q, slots=2, capacity=4096, graphs=True, compile=True)
     random.seed(0)
     prompt = [random.randrange(4000) for _ in range(200)]

@@ -323,7 +323,7 @@ class EngineCore:
         slots = [row.req.slot for row in rows]
         self.busy_since = time.perf_counter()
         try:
-            toks = torch.tensor([row.tokens[-1] for row in rows], dtype=torch.long, device=self.runner.device)
+            toks = torch.tensor([row.tokens[-1] for row in rows], dtype=torch.long)  # the runner moves them
             logits = self.runner.decode(slots, toks, [row.pos for row in rows])
             chosen = self.chooser.choose(logits, slots, [len(row.tokens) for row in rows])
             new = chosen.tolist()

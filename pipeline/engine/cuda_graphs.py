@@ -25,16 +25,18 @@ class DecodeGraphs:
         if compile:
             runner.model.compile(runner.compile_options)  # compiled on the first warm-up of each batch size
         slots, dev = runner.cache.slots, runner.device
-        self.tok = torch.zeros(slots, dtype=torch.long, device=dev)
+        m = runner.model
+        self.x = torch.zeros(slots, m.hidden, dtype=m.dtype, device=dev)  # the tokens' embeddings
         self.pos = torch.zeros(slots, dtype=torch.long, device=dev)
         self.at = torch.zeros(slots, dtype=torch.long, device=dev)
         self.logits = torch.zeros(slots, runner.model.vocab, dtype=torch.float32, device=dev)
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.pool = torch.cuda.graph_pool_handle()
 
-    def run(self, nb: int, window: int, tok: torch.Tensor, pos: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
-        """Logits (nb, V) float32 (a view into a buffer the next step overwrites) for inputs (nb,) each."""
-        self.tok[:nb].copy_(tok, non_blocking=True)
+    def run(self, nb: int, window: int, x: torch.Tensor, pos: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+        """Logits (nb, V) float32 (a view into a buffer the next step overwrites) for embeddings x (nb, hidden) and
+        pos, at (nb,) (``ModelRunner.decode_step``)."""
+        self.x[:nb].copy_(x, non_blocking=True)
         self.pos[:nb].copy_(pos, non_blocking=True)
         self.at[:nb].copy_(at, non_blocking=True)
         key = (nb, window)
@@ -55,13 +57,13 @@ class DecodeGraphs:
         window = self.runner.windows[0]
         for nb in buckets:
             if (nb, window) not in self.graphs:
-                self.tok[:nb].zero_(), self.pos[:nb].zero_(), self.at[:nb].zero_()
+                self.x[:nb].zero_(), self.pos[:nb].zero_(), self.at[:nb].zero_()
                 self.graphs[(nb, window)] = self._capture(nb, window)
         torch.cuda.synchronize(self.runner.device)
         return time.perf_counter() - t0
 
     def _step(self, nb: int, window: int) -> None:
-        out = self.runner.decode_step(self.tok[:nb], self.pos[:nb], self.at[:nb], window)
+        out = self.runner.decode_step(self.x[:nb], self.pos[:nb], self.at[:nb], window)
         self.logits[:nb].copy_(out)
 
     @torch.inference_mode()

@@ -153,8 +153,8 @@ class TextModel:
         self.head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
         self.hidden = tc.hidden_size
         theta, self.mrope_section = _rope_settings(tc)
-        p = self.embed.weight  # never quantized (the lm_head may be: quantize.py)
-        self.dtype, self.device = p.dtype, p.device
+        p = self.embed.weight  # never quantized (the lm_head may be: quantize.py); in host memory when quantized
+        self.dtype, self.device = p.dtype, text.norm.weight.device
         self.vocab = self.lm_head.weight.shape[0]
         self.inv_freq = (1.0 / (theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float) / self.head_dim))
                          ).to(self.device)
@@ -230,7 +230,9 @@ class TextModel:
         return self.lm_head(self.norm(h)).float()
 
     def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.embed(ids.to(self.device))
+        """Embeddings (..., hidden) on the model's device for token ids (...) int64 on any device: looked up where
+        the table lives (the GPU, or host memory for quantized weights: ``quantize.to_device``), then copied."""
+        return self.embed(ids.to(self.embed.weight.device)).to(self.device)
 
     # -- attention kernels ---------------------------------------------------------------------------
     def attend_masked(self, q, keys, values, mask):

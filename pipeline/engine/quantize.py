@@ -131,6 +131,11 @@ def to_device(hf_model: nn.Module, device: torch.device, mode: str = "none") -> 
     """Move a loaded Qwen2-VL (on the CPU) to ``device``, quantizing the language model's linear weights on the
     way (see the module doc). Call ``check`` first.
 
+    The token embeddings stay in host memory (unless tied to the lm_head): 1.02 GiB for the 7B (152k x 3584
+    bfloat16) of which a turn reads a few hundred rows and a decode step one per stream (``TextModel.embed_ids``
+    looks them up there and copies them over, 7 KiB a token); on an 8-GB card that GiB is the difference between
+    fitting a 16k context and not.
+
     Order, for the smallest peak on the device: the lm_head first, while the device is empty (quantizing a
     152k x 3.6k matrix needs several times its size in scratch: padded copies, int32 codes), then the layers
     one at a time (at most one bfloat16 layer besides the quantized ones), then the rest (vision tower,
@@ -150,13 +155,16 @@ def to_device(hf_model: nn.Module, device: torch.device, mode: str = "none") -> 
         layer.to(device)
         _quantize_layer(layer, config)
     text.layers = nn.ModuleList()  # quantized already: kept out of the move of the rest
+    embed = text.embed_tokens
     if not tied:
         hf_model.lm_head = nn.Identity()
+        text.embed_tokens = nn.Identity()  # stays in host memory (HOST_EMBEDDINGS)
     try:
         hf_model.to(device)
     finally:
         text.layers = layers
         hf_model.lm_head = lm_head
+        text.embed_tokens = embed
     log.info("quantized the language model's linear weights to %s", mode)
 
 
@@ -172,15 +180,17 @@ def _leaves(t: torch.Tensor):
 
 def weight_bytes(hf_model: nn.Module) -> int:
     """Bytes of device memory held by the model's weights (every parameter and buffer, plus the fused
-    projections), each storage counted once."""
+    projections), each storage counted once; weights kept in host memory (the quantized modes' embeddings) are
+    not counted when the model runs on a GPU."""
     tensors = list(hf_model.parameters()) + list(hf_model.buffers())
     text, _ = language_parts(hf_model)
+    where = text.norm.weight.device
     for layer in text.layers:
         tensors += [getattr(layer, a) for a in ("qkv_weight", "qkv_bias", "gate_up_weight") if hasattr(layer, a)]
     seen: dict[tuple[str, int], int] = {}
     for t in tensors:
         for leaf in _leaves(t):
-            if leaf.device.type == "meta" or leaf.numel() == 0:
+            if leaf.device != where or leaf.numel() == 0:
                 continue
             s = leaf.untyped_storage()
             seen[(str(leaf.device), s.data_ptr())] = s.nbytes()

@@ -138,7 +138,7 @@ class ModelRunner:
         pos = torch.cat([t[2] for t in turns], dim=1)[:, None]  # 3, 1, total
         rows = torch.tensor(np.repeat([t[0] for t in turns], lens), device=dev)
         at = torch.tensor(np.concatenate([np.arange(s, s + n) for s, n in zip(starts, lens)]), device=dev)
-        x = m.embed_ids(ids.to(dev))[None]  # 1, total, hidden
+        x = m.embed_ids(ids)[None]  # 1, total, hidden
         vision = [t[3] for t in turns if t[3] is not None]
         if vision:
             where = (ids == self.video_token_id).nonzero()[:, 0]  # host tensor: no device sync
@@ -252,34 +252,36 @@ class ModelRunner:
 
     @torch.inference_mode()
     def decode(self, slots: list[int], tokens: torch.Tensor, positions: list[int]) -> torch.Tensor:
-        """Feed ``tokens[b]`` (device int64, (B,)) at 1-D position ``positions[b]`` into slot ``slots[b]``'s
+        """Feed ``tokens[b]`` (int64 (B,), on any device) at 1-D position ``positions[b]`` into slot ``slots[b]``'s
         next cache position. Returns float32 logits (B, V) in the order of ``slots``; each row advances by one."""
+        m = self.model
         nb, window = self.decode_shape(slots)
         lengths = self.cache.lengths
-        tok = torch.zeros(nb, dtype=torch.long, device=self.device)
+        x = torch.zeros(nb, m.hidden, dtype=m.dtype, device=self.device)  # rows sitting out: a throw-away input
         pos = torch.zeros(nb, dtype=torch.long)
         at = torch.tensor(lengths[:nb], dtype=torch.long)
         rows = torch.tensor(slots, dtype=torch.long)
-        tok[rows.to(self.device)] = tokens
+        x[rows.to(self.device)] = m.embed_ids(tokens)
         pos[rows] = torch.tensor(positions, dtype=torch.long)
         if self.graphs is not None:
-            logits = self.graphs.run(nb, window, tok, pos, at)
+            logits = self.graphs.run(nb, window, x, pos, at)
         else:
-            logits = self.decode_step(tok, pos.to(self.device), at.to(self.device), window)
+            logits = self.decode_step(x, pos.to(self.device), at.to(self.device), window)
         for s in slots:
             self.cache.advance(s, 1)
         return logits.index_select(0, rows.to(self.device))
 
-    def decode_step(self, tok: torch.Tensor, pos: torch.Tensor, at: torch.Tensor, window: int) -> torch.Tensor:
-        """The fixed-shape decode step CUDA graphs capture: rows 0..nb-1 (nb = tok.shape[0]), one token each.
-        tok (nb,), pos (nb,) 1-D positions, at (nb,) cache positions; each row attends over its positions
+    def decode_step(self, x: torch.Tensor, pos: torch.Tensor, at: torch.Tensor, window: int) -> torch.Tensor:
+        """The fixed-shape decode step CUDA graphs capture: rows 0..nb-1 (nb = x.shape[0]), one token each.
+        x (nb, hidden) the tokens' embeddings (the lookup stays outside: the table may be in host memory), pos (nb,)
+        1-D positions, at (nb,) cache positions; each row attends over its positions
         0..at: on CUDA in bf16/fp16 with one FlashAttention-2 varlen call per layer reading the rows in place
         (``window`` only bounds the key length), elsewhere two grouped matmuls over the first ``window``
         positions with a mask (``TextModel.attend_rows``). Returns float32 logits (nb, V)."""
         m, cache = self.model, self.cache
-        nb = tok.shape[0]
-        rows = torch.arange(nb, device=tok.device)
-        x = m.embed(tok)[:, None]  # nb, 1, hidden
+        nb = x.shape[0]
+        rows = torch.arange(nb, device=x.device)
+        x = x[:, None]  # nb, 1, hidden
         if self.flash:  # one FlashAttention varlen call reading each row's used keys in place (no mask, no window)
             cu_q = rows.to(torch.int32)
             cu_q = torch.cat([cu_q, cu_q[-1:] + 1])
@@ -291,7 +293,7 @@ class ModelRunner:
                 kf, vf = cache.varlen(i)
                 return m.attend_varlen(q[:, :, 0].contiguous(), kf, vf, cu_q, cu_k, used, 1, window)[:, None]
         else:
-            masked = (torch.arange(window, device=tok.device)[None, :] > at[:, None])[:, None, None, :]
+            masked = (torch.arange(window, device=x.device)[None, :] > at[:, None])[:, None, None, :]
 
             def attend(i, q, k, v):
                 cache.decode_write(i, rows, at, k, v)
