@@ -47,14 +47,16 @@ class VisionTower:
 
     def compile(self) -> None:
         """torch.compile the rotary and (when every block has the same parameter-free activation) the MLP's
-        activation, static shapes: one compilation per clip shape, before its graph is captured."""
-        self.rope_qk = torch.compile(rope_qk, fullgraph=True, dynamic=False)
+        activation, with a dynamic patch count: one compilation (at the stream's first clip, the opener) serves every
+        clip shape after it, so the first 1-s clip does not stall its turn compiling again (H200, static shapes: the first
+        bf16 run's turns after the opener took up to 1.4 s)."""
+        self.rope_qk = torch.compile(rope_qk, fullgraph=True, dynamic=True)
         if not all(hasattr(b.mlp, n) for b in self.blocks for n in ("fc1", "act", "fc2")):
             return  # an MLP of another shape: each block runs its own
         act = self.blocks[0].mlp.act
         stateless = not isinstance(act, torch.nn.Module) or not list(act.parameters())
         if len({type(b.mlp.act) for b in self.blocks}) == 1 and stateless:
-            self.act = torch.compile(act, fullgraph=True, dynamic=False)
+            self.act = torch.compile(act, fullgraph=True, dynamic=True)
 
     def mlp(self, blk, x: torch.Tensor) -> torch.Tensor:
         """Block ``blk``'s MLP over x (N, dim) -> (N, dim): its own module, or fc1 -> the compiled activation -> fc2."""
