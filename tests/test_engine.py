@@ -193,6 +193,27 @@ def test_vision_tower_equals_transformers(model, grid_t, compile):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_compiled_vision_tower_compiles_once_for_every_clip_shape(model):
+    """The tower's compiled rotary and activation have a dynamic patch count: the opener's shape (6 frames) and a
+    1-s clip's (2 frames), and another frame size, reuse one compilation each, so a stream's first 1-s clip does
+    not stall its turn compiling again."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from pipeline.engine.vision import patchify
+    from pipeline.engine.vision_tower import VisionTower
+
+    rng = np.random.default_rng(4)
+    torch._dynamo.reset()
+    counters.clear()
+    tower = VisionTower(model.visual, compile=True)
+    for t, h, w in ((6, 112, 168), (2, 112, 168), (2, 56, 84)):
+        pv, grid = patchify(rng.integers(0, 256, (t, h, w, 3), dtype=np.uint8), model.patches)
+        tower(pv, grid)
+    assert tower.act is not None
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])  # rotary, activation
+
+
 def test_vision_tower_runs_uncompiled_when_the_compiler_fails(model, caplog, monkeypatch, tmp_path):
     """A machine where torch.compile cannot build its kernels (here inductor is given a C++ compiler that does not
     exist, so its CPU code generation really fails): the compiled tower falls back to the uncompiled one, logs it,
@@ -248,10 +269,15 @@ def test_compiled_prefill_equals_eager(model, caplog, monkeypatch, tmp_path):
         keys = r.cache.k[:, :, :, :len(turns[0]) + len(turns[2])].clone()
         return a, b, keys, r
 
+    from torch._dynamo.utils import counters
+
     want = run(False)
     torch._dynamo.reset()
+    counters.clear()
     got = run(True)
     assert got[3].prefill_compiled  # the compiled path ran, for both token counts
+    # one graph each for pre_attention and post_attention, whatever the turn length (89 tokens, then 29)
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
     for g, w in zip(got[:3], want[:3]):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
 
