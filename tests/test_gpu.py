@@ -162,3 +162,29 @@ def test_quantized_decode_agrees_with_bfloat16(mode):
         for s, req, res in zip(sessions, reqs, core.run(reqs)):
             s.finish(req, res)
     assert core.steps > 0 and sessions[0].evicted_turns > 0 and sessions[1].rollovers > 0
+
+
+def test_make_core_compiles_every_decode_batch_size_before_the_first_stream():
+    """``make_core`` on CUDA compiles the prefill and compiles and captures the decode step for every batch-size
+    bucket its cache can run (3 slots: buckets 1, 2, 4 capped at 3 -> 1, 2, 3), leaving every row empty; a stream's
+    first turns then capture no new batch size (only new attention windows, which compile nothing)."""
+    import numpy as np
+
+    from pipeline.engine import EngineConfig, StreamingSession, load_model, make_core
+    from pipeline.fixtures.tiny import tiny_checkpoint
+    from pipeline.types import Clip
+
+    model = load_model(str(tiny_checkpoint("small")), device="cuda", dtype="bfloat16")
+    cfg = EngineConfig(greedy=True, max_context=4096)
+    core = make_core(model, cfg, slots=3)
+    graphs = core.runner.graphs
+    assert {nb for nb, _ in graphs.graphs} == {1, 2, 3}
+    assert core.runner.cache.lengths == [0, 0, 0]
+    sessions = [StreamingSession(model, cfg, core=core) for _ in range(3)]
+    rng = np.random.default_rng(0)
+    for k in range(3):
+        n, times = (6, tuple(np.arange(6) * 0.5)) if k == 0 else (2, (2.0 + k, 2.5 + k))
+        reqs = [s.video_request(Clip(rng.integers(0, 256, (n, 112, 168, 3), dtype=np.uint8), times)) for s in sessions]
+        for s, req, res in zip(sessions, reqs, core.run(reqs)):
+            s.finish(req, res)
+    assert {nb for nb, _ in graphs.graphs} == {1, 2, 3}
