@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,17 +69,116 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def _check_local_folder(path: Path) -> None:
+    """Raise ``ModelLoadError`` (one line) unless ``path`` is a folder with a readable ``config.json`` of a
+    ``qwen2_vl`` checkpoint whose weights are not already quantized (``_check_not_prequantized``)."""
     if not path.is_dir():
         raise ModelLoadError(f"model path {path} is not a folder")
     cfg = path / "config.json"
     if not cfg.is_file():
         raise ModelLoadError(f"{path} is not a Qwen2-VL checkpoint folder: it has no config.json")
     try:
-        model_type = json.loads(cfg.read_text()).get("model_type")
+        config = json.loads(cfg.read_text())
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"{cfg} is not readable JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{cfg} is not a checkpoint config (a JSON object)")
+    model_type = config.get("model_type")
     if model_type != "qwen2_vl":
         raise ModelLoadError(f"{path} holds a {model_type!r} checkpoint; LiveCC needs a qwen2_vl one")
+    _check_not_prequantized(str(path), config)
+
+
+# quant_method (transformers' QuantizationMethod values) -> how the message names it
+_QUANT_NAMES = {"awq": "AWQ", "gptq": "GPTQ", "bitsandbytes": "bitsandbytes", "hqq": "HQQ", "eetq": "EETQ",
+                "fp8": "FP8", "fbgemm_fp8": "FBGEMM FP8", "aqlm": "AQLM", "quanto": "Quanto", "torchao": "torchao",
+                "vptq": "VPTQ", "higgs": "HIGGS", "spqr": "SpQR", "bitnet": "BitNet", "exl2": "EXL2",
+                "compressed-tensors": "compressed-tensors"}
+_FLOAT8_METHODS = ("fp8", "fbgemm_fp8")
+_FOUR_BIT_METHODS = ("awq", "aqlm", "vptq", "higgs", "spqr", "bitnet")  # 4 bits or fewer whatever the config says
+
+
+def _quantization_config(config: dict) -> dict | None:
+    """The checkpoint's ``quantization_config`` (top level, else in ``text_config``), or None when its weights
+    are plain."""
+    text = config.get("text_config")
+    for qc in (config.get("quantization_config"), text.get("quantization_config") if isinstance(text, dict) else None):
+        if qc is not None and qc != {}:
+            return qc if isinstance(qc, dict) else {"quant_method": str(qc)}
+    return None
+
+
+def _quantized_bits(method: str, qc: dict) -> tuple[int | None, bool]:
+    """(bits per weight, float) as far as ``qc`` says: (None, False) when it does not say."""
+    if method in _FLOAT8_METHODS:
+        return 8, True
+    if qc.get("load_in_4bit"):  # bitsandbytes
+        return 4, False
+    if qc.get("load_in_8bit"):
+        return 8, False
+    m = re.fullmatch(r"(int|float)(\d+)", str(qc.get("weights")))  # quanto: int8 | int4 | int2 | float8
+    if m:
+        return int(m[2]), m[1] == "float"
+    for group in (qc.get("config_groups") or {}).values() if isinstance(qc.get("config_groups"), dict) else ():
+        w = group.get("weights") if isinstance(group, dict) else None  # compressed-tensors
+        if isinstance(w, dict) and isinstance(w.get("num_bits"), int):
+            return w["num_bits"], w.get("type") == "float"
+    hqq = qc.get("quant_config") if isinstance(qc.get("quant_config"), dict) else {}
+    hqq = hqq.get("weight_quant_params") if isinstance(hqq.get("weight_quant_params"), dict) else {}
+    for bits in (qc.get("bits"), qc.get("w_bit"), qc.get("nbits"), hqq.get("nbits")):
+        if isinstance(bits, int) and not isinstance(bits, bool):
+            return bits, False
+    return (4, False) if method in _FOUR_BIT_METHODS else (None, False)
+
+
+def _check_not_prequantized(where: str, config: dict) -> None:
+    """Raise ``ModelLoadError`` (one line) when ``config`` (a checkpoint's config.json) has a
+    ``quantization_config``: AWQ, GPTQ, bitsandbytes, compressed-tensors, FP8, HQQ, ... checkpoints.
+
+    Why: the engine (``model.py``) reads each decoder layer's plain ``q_proj.weight``, ``k_proj.weight``, ...
+    and quantizes them itself (``engine.quantize``, ``quantize.py``); pre-quantized layers have no plain
+    ``.weight`` and their loaders (autoawq, gptqmodel, ...) are not dependencies, so such a checkpoint would
+    fail deep inside transformers or the engine. The message names the method and the ``--quantize`` mode
+    that gives the same footprint from the original bfloat16 weights: fp8 for float8 methods, int8 for
+    8-bit ones, int4 for 4 bits or fewer (AWQ, GPTQ 4-bit, bitsandbytes 4-bit, ...)."""
+    qc = _quantization_config(config)
+    if qc is None:
+        return
+    method = str(qc.get("quant_method") or "an unknown method")
+    name = _QUANT_NAMES.get(method.lower(), method)
+    bits, is_float = _quantized_bits(method.lower(), qc)
+    if is_float and bits == 8:
+        mode, detail = "fp8", "" if "FP8" in name else "float8"
+    elif bits is not None and bits <= 4:
+        mode, detail = "int4", f"{bits}-bit"
+    elif bits is not None:
+        mode, detail = "int8", f"{bits}-bit"
+    else:
+        mode, detail = "int4 (or int8)", ""
+    from .config import DEFAULT_MODEL
+
+    raise ModelLoadError(
+        f"{where} is already quantized ({name}{' ' + detail if detail else ''}, quantization_config in its "
+        f"config.json); this engine does not load pre-quantized weights: it quantizes the original bfloat16 "
+        f"weights itself. Pass the original checkpoint ({DEFAULT_MODEL}) with --quantize {mode}")
+
+
+def _check_cached_hub_config(name: str) -> None:
+    """For a hub id whose config.json is in the local Hugging Face cache (no network): the
+    ``_check_not_prequantized`` rule. Nothing is checked when it is not cached (transformers fetches it)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        path = try_to_load_from_cache(name, "config.json")
+    except Exception:  # noqa: BLE001 - not a valid repo id, or no huggingface_hub: transformers says why
+        return
+    if not isinstance(path, str):
+        return
+    try:
+        config = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return  # transformers reports a broken cached config itself
+    if isinstance(config, dict):
+        _check_not_prequantized(name, config)
 
 
 def _offline_message(name: str, err: Exception) -> str:
@@ -95,7 +195,12 @@ def load_model(name: str, device: str | None = None, dtype: str = "auto", attent
     model's linear weights in ``quantize`` (none | int8 | int4 | fp8, see ``quantize.py``).
 
     Raises ``ModelLoadError`` (one line) for a checkpoint that cannot load or a quantize mode this device cannot
-    run; the latter before anything is downloaded or loaded."""
+    run; the latter before anything is downloaded or loaded. Also before loading: a checkpoint that is already
+    quantized (its config.json has a ``quantization_config``: AWQ, GPTQ, bitsandbytes, compressed-tensors,
+    FP8, HQQ, ...) is refused, with the method's name and the ``--quantize`` mode to use on the original
+    bfloat16 checkpoint instead (the engine reads plain ``q_proj.weight``-style tensors and quantizes them
+    itself; pre-quantized layers have none, and their loaders are not dependencies). Checked for a local
+    folder, and for a hub id whose config.json is in the local Hugging Face cache."""
     from transformers import AutoImageProcessor, AutoTokenizer, Qwen2VLForConditionalGeneration
 
     dev = resolve_device(device)
@@ -109,6 +214,8 @@ def load_model(name: str, device: str | None = None, dtype: str = "auto", attent
     if is_local:
         _check_local_folder(local)
         name = str(local)
+    else:
+        _check_cached_hub_config(name)
     if attention is None:
         attention = "flash_attention_2" if dev.type == "cuda" and importlib.util.find_spec("flash_attn") else "sdpa"
     use_liger = dev.type == "cuda" and importlib.util.find_spec("liger_kernel") is not None if liger is None else liger
