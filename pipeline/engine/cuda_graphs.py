@@ -10,6 +10,7 @@ keys at the same positions that the replay then stores again), so it can happen 
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
@@ -51,8 +52,6 @@ class DecodeGraphs:
         stream runs, so that the first step of a bigger batch does not stall every stream mid-run for the
         compilation (seconds: 2.5 s p99 at 24 streams on an H200). Only on an empty cache: the steps write a
         throw-away key at position 0 of rows that hold nothing yet. Returns the seconds it took."""
-        import time
-
         t0 = time.perf_counter()
         window = self.runner.windows[0]
         for nb in buckets:

@@ -21,6 +21,7 @@ Only the engine thread calls a runner.
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 import torch
@@ -43,9 +44,6 @@ WINDOWS = (1024,) + tuple(range(2048, 131072 + 1, 2048))
 # at least PAST_MIN_QUERIES tokens): cuDNN plans once per shape (≈ 35 ms), so the block sizes are few
 PAST_BLOCK = 2048
 PAST_MIN_QUERIES = 64
-# prefills of at least this many tokens (all rows together) run the compiled norms/rotary/MLP activation
-# (``TextModel.compile_prefill``); shorter ones stay eager
-PREFILL_COMPILE_MIN = 0
 
 
 def bucket(n: int, sizes: tuple[int, ...], cap: int) -> int:
@@ -86,10 +84,9 @@ class ModelRunner:
             torch.cuda.get_device_capability(self.device) >= (9, 0)
         self.video_token_id = loaded.video_token_id
         self.graphs = DecodeGraphs(self, compile=compile_) if self.use_graphs else None
-        self.prefill_compiled = compile_
+        self.prefill_compiled = compile_  # the prefill's norms/rotary/SiLU compiled (TextModel.compile_prefill)
         if compile_:
             m.compile_prefill(self.compile_options)
-        self.prefill_compile_min = PREFILL_COMPILE_MIN
         self.windows = tuple(sorted({w for w in WINDOWS if w < capacity} | {capacity}))
 
     # -- vision ---------------------------------------------------------------------------------------------
@@ -151,7 +148,7 @@ class ModelRunner:
             return attend(i, q)
 
         pos = pos.to(dev)
-        if self.prefill_compiled and len(ids) >= self.prefill_compile_min:
+        if self.prefill_compiled:
             try:
                 h = m.forward(x, pos, attend_and_store, m.prefill_pre, m.prefill_post)
             except Exception as e:  # noqa: BLE001 - a compiler problem must not stop captioning
@@ -309,8 +306,6 @@ class ModelRunner:
         without CUDA graphs or once a row holds tokens."""
         if self.graphs is None or any(self.cache.lengths):
             return
-        import time
-
         t0 = time.perf_counter()
         if self.prefill_compiled:  # the compiled prefill (dynamic token count): one text turn on row 0, then undone
             n = min(2 * PAST_MIN_QUERIES, self.capacity)
