@@ -20,6 +20,7 @@ import collections
 import dataclasses
 import gc
 import heapq
+import itertools
 import json
 import os
 import subprocess
@@ -100,8 +101,8 @@ def pace(n: int, warmup: float, seconds: float, pool: list, put) -> tuple[float,
 
 
 def run(model, n: int, warmup: float, seconds: float, slots: int | None, pool: list, prefill_batch: int = 0,
-        steps_per_prefill: int = 0, prefill_compiled: str = "on") -> dict:
-    cfg = EngineConfig(greedy=True, max_context=32768)
+        steps_per_prefill: int = 0, prefill_compiled: str = "on", max_context: int = 32768) -> dict:
+    cfg = EngineConfig(greedy=True, max_context=max_context)
     t_start = time.perf_counter()
     core = make_core(model, cfg, slots=slots or n)
     start_s = time.perf_counter() - t_start  # incl. compiling and capturing every decode batch size
@@ -135,6 +136,7 @@ def run(model, n: int, warmup: float, seconds: float, slots: int | None, pool: l
             "max_ms": round(max(lat) * 1000, 1) if lat else None, "tokens_per_s": round(toks / seconds, 1),
             "decode_steps": core.steps, "prefill_batch": core.prefill_batch,
             "steps_per_prefill": core.decode_steps_per_prefill, "prefill_compiled": prefill_compiled,
+            "max_context": max_context,
             "start_s": round(start_s, 1),
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if model.device.type == "cuda" else None,
             "context_end": max(s.session.context_length for s in streams),
@@ -182,7 +184,7 @@ def probe(model, counts: list[int], contexts: list[int], pool) -> str:
 
 
 def table(rows: list[dict], title: str) -> str:
-    cols = ["streams", "prefill_batch", "steps_per_prefill", "prefill_compiled", "start_s", "turns", "due", "dropped", "p50_ms", "p99_ms", "max_ms", "tokens_per_s", "vision_p50_ms",
+    cols = ["streams", "max_context", "prefill_batch", "steps_per_prefill", "prefill_compiled", "start_s", "turns", "due", "dropped", "p50_ms", "p99_ms", "max_ms", "tokens_per_s", "vision_p50_ms",
             "prefill_p50_ms", "decode_p50_ms", "peak_gib", "context_end"]
     out = [f"### {title}", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     out += ["| " + " | ".join(str(r.get(c)) for c in cols) + " |" for r in rows]
@@ -209,6 +211,8 @@ def main(argv=None) -> int:
                          " 0: the engine's default); each value is a run")
     ap.add_argument("--prefill-compiled", nargs="+", default=["on"], choices=["on", "off"],
                     help="the prefill's norms/rotary/SiLU compiled (on, the engine's default) or eager; each value is a run")
+    ap.add_argument("--max-context", type=int, nargs="+", default=[32768],
+                    help="engine.max_context (a stream rolls over when its context would pass it); each value is a run")
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--quantize", choices=["none", "int8", "int4", "fp8"], default="none",
                     help="the language model's weights (engine.quantize)")
@@ -221,15 +225,13 @@ def main(argv=None) -> int:
     if a.probe:
         print(probe(model, a.streams, a.probe, pool), flush=True)
     rows = []
-    for n in a.streams:
-        for pb in a.prefill_batch:
-            for k in a.steps_per_prefill:
-                for pc in a.prefill_compiled:
-                    rows.append(run(model, n, a.warmup, a.seconds, a.slots, pool, pb, k, pc))
-                    print(json.dumps(rows[-1]), flush=True)
-                    gc.collect()
-                    if dev.type == "cuda":
-                        torch.cuda.empty_cache()
+    for n, pb, k, pc, mc in itertools.product(a.streams, a.prefill_batch, a.steps_per_prefill, a.prefill_compiled,
+                                              a.max_context):
+        rows.append(run(model, n, a.warmup, a.seconds, a.slots, pool, pb, k, pc, mc))
+        print(json.dumps(rows[-1]), flush=True)
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
     gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     print(table(rows, f"one process, N streams batched ({gpu}, {a.shape}, warm-up {a.warmup:g} s, "
                       f"{a.seconds:g} s measured)"))
