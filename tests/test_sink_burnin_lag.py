@@ -54,9 +54,9 @@ class LaggingWait(threading.Event):
     processed back to back, late too, until the clock is caught up). Captions are posted while the
     encoder waits for their tick; after LAST_TICK the encoder is stopped."""
 
-    def __init__(self, clock: Clock, sink) -> None:
+    def __init__(self, clock: Clock, sink, stall_before=STALL_BEFORE) -> None:
         super().__init__()
-        self.clock, self.sink = clock, sink
+        self.clock, self.sink, self.stall_before = clock, sink, stall_before
         self.woke: dict[int, float] = {}  # tick waited for -> virtual time the encoder woke up
         self.done = threading.Event()
 
@@ -71,7 +71,7 @@ class LaggingWait(threading.Event):
             self.set()
             self.done.set()
             return True
-        if n in STALL_BEFORE and n not in self.woke:
+        if n in self.stall_before and n not in self.woke:
             self.clock.t += STALL_S
         if n == A_TICK:  # arrives during the stall
             self.sink.on_caption(Caption(0.0, 1.0, "Caption A arrives during a stall"))
@@ -81,15 +81,12 @@ class LaggingWait(threading.Event):
         return False
 
 
-@pytest.fixture
-def lagging_sink(tmp_path, monkeypatch):
-    """A burn-in sink to an MP4 on the virtual clock, lagging before the ticks in STALL_BEFORE."""
-    clock = Clock()
-    monkeypatch.setattr(sink_mod, "time", types.SimpleNamespace(monotonic=clock.monotonic))
-    path = tmp_path / "lag.mp4"
+def run_sink(path, ttl_s: float, stall_before, clock: Clock) -> tuple:
+    """A burn-in sink to an MP4 on the virtual ``clock`` (the sink module's ``time``), lagging before the ticks in
+    ``stall_before``, until LAST_TICK: (sink, path, tick -> virtual time the encoder woke for it)."""
     # audio on (no audio comes): the first open waits audio_wait_s, the ticks of the wait are held
-    sink = make_sink(f"burnin:{path}", fps=FPS, ttl_s=TTL_S, preset="ultrafast", audio_wait_s=0.5)
-    sink._stop = stop = LaggingWait(clock, sink)
+    sink = make_sink(f"burnin:{path}", fps=FPS, ttl_s=ttl_s, preset="ultrafast", audio_wait_s=0.5)
+    sink._stop = stop = LaggingWait(clock, sink, stall_before)
     sink.on_frame(Frame(np.full((H, W, 3), 128, np.uint8), 0.0))  # grey picture, repeated
     sink.start()
     try:
@@ -98,6 +95,25 @@ def lagging_sink(tmp_path, monkeypatch):
         sink.stop()
     assert sink.error is None
     return sink, path, stop.woke
+
+
+def captioned_ticks(path) -> list[int]:
+    """The ticks (frame n = tick n) whose frame in the MP4 carries a caption."""
+    with av.open(str(path)) as c:
+        frames = [(f.time, caption_region_diff(f.to_ndarray(format="rgb24"))) for f in c.decode(video=0)]
+    t_first = frames[0][0]
+    ticks = [round((t - t_first) * FPS) for t, _ in frames]
+    assert ticks == list(range(LAST_TICK + 1))  # one frame a tick, frame n = tick n
+    assert all(d > 8 or d < 3 for _, d in frames), [round(d, 1) for _, d in frames]  # captioned or plain
+    return [n for n, (_, d) in zip(ticks, frames) if d > 8]
+
+
+@pytest.fixture
+def lagging_sink(tmp_path, monkeypatch):
+    """A burn-in sink to an MP4 on the virtual clock, lagging before the ticks in STALL_BEFORE."""
+    clock = Clock()
+    monkeypatch.setattr(sink_mod, "time", types.SimpleNamespace(monotonic=clock.monotonic))
+    return run_sink(tmp_path / "lag.mp4", TTL_S, STALL_BEFORE, clock)
 
 
 def test_late_ticks_do_not_move_captions(lagging_sink):
@@ -114,12 +130,19 @@ def test_late_ticks_do_not_move_captions(lagging_sink):
     # caption A's ticks are in the first open's wait for audio (hold_for_audio), B's are written at once
     assert A_TICK + SHOWN < sink.counters["ticks_waiting_audio"] <= B_TICK
     assert sink.counters["ticks_skipped"] == 0 and sink.counters["frames_out"] == LAST_TICK + 1
-    with av.open(str(path)) as c:
-        frames = [(f.time, caption_region_diff(f.to_ndarray(format="rgb24"))) for f in c.decode(video=0)]
-    t_first = frames[0][0]
-    ticks = [round((t - t_first) * FPS) for t, _ in frames]
-    assert ticks == list(range(LAST_TICK + 1))  # one frame a tick, frame n = tick n
-    assert all(d > 8 or d < 3 for _, d in frames), [round(d, 1) for _, d in frames]  # captioned or plain
-    captioned = [n for n, (_, d) in zip(ticks, frames) if d > 8]
+    captioned = captioned_ticks(path)
     expected = list(range(A_TICK, A_TICK + SHOWN)) + list(range(B_TICK, B_TICK + SHOWN))
     assert captioned == expected, f"captioned frames {captioned}, expected {expected} ({SHOWN} frames each)"
+
+
+@pytest.mark.parametrize("start", [1000.0, 86_400.0 + 1 / 3])
+def test_a_ttl_of_whole_frames_shows_that_many_frames(tmp_path, monkeypatch, start):
+    """ttl_s = 8 frame periods exactly (as the default 5 s is 150 frames at 30 fps): each caption is on exactly 8
+    frames. Expiry compares two due times t0 + n / fps whose difference rounds either side of ttl_s in floating
+    point (at a monotonic clock of 1000 s it came out 1.5e-14 s short every time), so without a tolerance the
+    caption stayed a 9th frame."""
+    clock = Clock(start)
+    monkeypatch.setattr(sink_mod, "time", types.SimpleNamespace(monotonic=clock.monotonic))
+    sink, path, _ = run_sink(tmp_path / "ttl.mp4", SHOWN / FPS, set(), clock)
+    expected = list(range(A_TICK, A_TICK + SHOWN)) + list(range(B_TICK, B_TICK + SHOWN))
+    assert captioned_ticks(path) == expected

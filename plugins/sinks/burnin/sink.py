@@ -470,7 +470,9 @@ class BurninSink(Sink):
                 else:
                     keep.append((text, start, produced))
             self._pending = keep
-            if self._active is not None and now - self._active[1] >= s.ttl_s:
+            # the two due times' difference rounds either side of a ttl of whole frames (1.5e-14 s short at a clock of
+            # 1000 s): without the microsecond a caption stayed one frame longer; ticks are >= 1 ms apart
+            if self._active is not None and now - self._active[1] >= s.ttl_s - 1e-6:
                 self._active = None
             return self._active[0] if self._active else None
 
