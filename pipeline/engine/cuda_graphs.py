@@ -50,7 +50,7 @@ class DecodeGraphs:
     def warm_up(self, buckets) -> float:
         """Compile and capture the step for each batch size in ``buckets`` (at the smallest window) now, before any
         stream runs, so that the first step of a bigger batch does not stall every stream mid-run for the
-        compilation (seconds: 2.5 s p99 at 24 streams on an H200). Only on an empty cache: the steps write a
+        compilation (seconds; the suspected cause of a 2.5-s p99 at 24 streams on an H200). Only on an empty cache: the steps write a
         throw-away key at position 0 of rows that hold nothing yet. Returns the seconds it took."""
         t0 = time.perf_counter()
         window = self.runner.windows[0]

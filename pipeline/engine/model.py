@@ -202,6 +202,7 @@ class TextModel:
         self.prefill_post = torch.compile(_prefill_post, fullgraph=True, dynamic=True, options=options)
 
     def uncompile_prefill(self) -> None:
+        """The prefill's eager layer functions again (after a compiler failure: ``ModelRunner.prefill``)."""
         self.prefill_pre, self.prefill_post = pre_attention, post_attention
 
     def rotary(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

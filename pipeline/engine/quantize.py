@@ -158,7 +158,7 @@ def to_device(hf_model: nn.Module, device: torch.device, mode: str = "none") -> 
     embed = text.embed_tokens
     if not tied:
         hf_model.lm_head = nn.Identity()
-        text.embed_tokens = nn.Identity()  # stays in host memory (HOST_EMBEDDINGS)
+        text.embed_tokens = nn.Identity()  # kept out of the move: stays in host memory (see above)
     try:
         hf_model.to(device)
     finally:
