@@ -188,3 +188,45 @@ def test_make_core_compiles_every_decode_batch_size_before_the_first_stream():
         for s, req, res in zip(sessions, reqs, core.run(reqs)):
             s.finish(req, res)
     assert {nb for nb, _ in graphs.graphs} == {1, 2, 3}
+
+
+def test_a_decode_step_is_launched_without_waiting_for_the_step_before():
+    """Overlap: while one decode step runs, the core launches the next (fed the token still on the device) with no
+    stream sync (``torch.cuda.set_sync_debug_mode("error")`` raises on any) other than reading the step before, for
+    greedy and seeded sampling, rows ending at different steps. (That the tokens equal those of the reference
+    loop with the overlap undone at each turn's end: tests/test_parity.py, tests/test_batching.py.)"""
+    import numpy as np
+
+    from pipeline.engine import EngineConfig, StreamingSession, load_model, make_core
+    from pipeline.fixtures.tiny import tiny_checkpoint
+    from pipeline.types import Clip
+
+    model = load_model(str(tiny_checkpoint("small")), device="cuda", dtype="bfloat16")
+    for greedy in (True, False):
+        cfg = EngineConfig(greedy=greedy, max_context=4096, max_new_tokens=12)
+        core = make_core(model, cfg, slots=2)
+        sessions = [StreamingSession(model, cfg, core=core, seed=7 + i) for i in range(2)]
+        rng = np.random.default_rng(0)
+        clip = Clip(rng.integers(0, 256, (6, 112, 168, 3), dtype=np.uint8), tuple(np.arange(6) * 0.5))
+        reqs = [s.video_request(clip) for s in sessions]
+        core._prefill(reqs)
+        core._decode_step()  # the first step is in flight, nothing read yet
+        launches = 0
+        real_read = core._read
+
+        def read(step):  # the one wait of a step: for the step before it, after this one is launched
+            torch.cuda.set_sync_debug_mode(0)
+            try:
+                return real_read(step)
+            finally:
+                torch.cuda.set_sync_debug_mode("error")
+
+        core._read = read
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            while core.active:
+                core._decode_step()
+                launches += 1
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        assert launches >= 2

@@ -70,6 +70,14 @@ class KVCache:
             raise RuntimeError(f"slot {slot}: {self.lengths[slot] + n} tokens > capacity {self.capacity}")
         self.lengths[slot] += n
 
+    def retract(self, slot: int, n: int) -> None:
+        """The last ``n`` tokens of ``slot`` are no longer in use (a decode step run ahead for a turn that had
+        already ended: ``EngineCore``); their storage is overwritten by the slot's next write.
+        Raises ValueError if the slot holds fewer than ``n``."""
+        if not 0 <= n <= self.lengths[slot]:
+            raise ValueError(f"slot {slot}: cannot retract {n} of {self.lengths[slot]} tokens")
+        self.lengths[slot] -= n
+
     # -- writes and views --------------------------------------------------------------------------------
     def write(self, layer: int, rows: torch.Tensor, at: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Token ``n`` of ``k``/``v`` (N, kv_heads, head_dim) into slot ``rows[n]`` at position ``at[n]`` (device int64,

@@ -233,7 +233,7 @@ class TextModel:
     def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """Embeddings (..., hidden) on the model's device for token ids (...) int64 on any device: looked up where
         the table lives (the GPU, or host memory for quantized weights: ``quantize.to_device``), then copied."""
-        return self.embed(ids.to(self.embed.weight.device)).to(self.device)
+        return self.embed(ids.to(self.embed.weight.device)).to(self.device, non_blocking=True)
 
     # -- attention kernels ---------------------------------------------------------------------------
     def attend_masked(self, q, keys, values, mask):

@@ -250,23 +250,27 @@ class ModelRunner:
     @torch.inference_mode()
     def decode(self, slots: list[int], tokens: torch.Tensor, positions: list[int]) -> torch.Tensor:
         """Feed ``tokens[b]`` (int64 (B,), on any device) at 1-D position ``positions[b]`` into slot ``slots[b]``'s
-        next cache position. Returns float32 logits (B, V) in the order of ``slots``; each row advances by one."""
-        m = self.model
+        next cache position. Returns float32 logits (B, V) in the order of ``slots``; each row advances by one.
+
+        Nothing here waits for the GPU when the embeddings are on it (host values are copied without a stream
+        sync), so the core can launch a step while the previous one runs; with the table in host memory
+        (quantized weights) the lookup needs ``tokens`` on the host."""
+        m, dev = self.model, self.device
         nb, window = self.decode_shape(slots)
-        lengths = self.cache.lengths
-        x = torch.zeros(nb, m.hidden, dtype=m.dtype, device=self.device)  # rows sitting out: a throw-away input
+        x = torch.zeros(nb, m.hidden, dtype=m.dtype, device=dev)  # rows sitting out: a throw-away input
         pos = torch.zeros(nb, dtype=torch.long)
-        at = torch.tensor(lengths[:nb], dtype=torch.long)
+        at = torch.tensor(self.cache.lengths[:nb], dtype=torch.long)
         rows = torch.tensor(slots, dtype=torch.long)
-        x[rows.to(self.device)] = m.embed_ids(tokens)
         pos[rows] = torch.tensor(positions, dtype=torch.long)
+        rows_dev = rows.to(dev, non_blocking=True)
+        x[rows_dev] = m.embed_ids(tokens)
         if self.graphs is not None:
             logits = self.graphs.run(nb, window, x, pos, at)
         else:
-            logits = self.decode_step(x, pos.to(self.device), at.to(self.device), window)
+            logits = self.decode_step(x, pos.to(dev, non_blocking=True), at.to(dev, non_blocking=True), window)
         for s in slots:
             self.cache.advance(s, 1)
-        return logits.index_select(0, rows.to(self.device))
+        return logits.index_select(0, rows_dev)
 
     def decode_step(self, x: torch.Tensor, pos: torch.Tensor, at: torch.Tensor, window: int) -> torch.Tensor:
         """The fixed-shape decode step CUDA graphs capture: rows 0..nb-1 (nb = x.shape[0]), one token each.

@@ -56,8 +56,8 @@ class TokenChooser:
         self.generators[slot] = g
 
     def add(self, slot: int, ids: torch.Tensor) -> None:
-        """Count ``ids`` (int64, any shape) into ``slot``'s context multiset."""
-        ids = ids.reshape(-1).to(self.counts.device)
+        """Count ``ids`` (int64, any shape, any device) into ``slot``'s context multiset."""
+        ids = ids.reshape(-1).to(self.counts.device, non_blocking=True)
         self.counts[slot].index_add_(0, ids, torch.ones_like(ids, dtype=torch.int32))
 
     def add_rows(self, slots: torch.Tensor, ids: torch.Tensor) -> None:
@@ -65,8 +65,20 @@ class TokenChooser:
         self.counts.index_put_((slots, ids), torch.ones_like(ids, dtype=torch.int32), accumulate=True)
 
     def remove(self, slot: int, ids: torch.Tensor) -> None:
-        ids = ids.reshape(-1).to(self.counts.device)
+        """Take ``ids`` (int64, any shape, any device) out of ``slot``'s context multiset."""
+        ids = ids.reshape(-1).to(self.counts.device, non_blocking=True)
         self.counts[slot].index_add_(0, ids, -torch.ones_like(ids, dtype=torch.int32))
+
+    def snapshot(self, slots: list[int]) -> list[torch.Tensor | None]:
+        """Each slot's generator state (None for a slot on the process-wide generator), for ``restore``. Host
+        only: a CUDA generator's state is its seed and offset, kept on the host."""
+        return [None if self.generators[s] is None else self.generators[s].get_state() for s in slots]
+
+    def restore(self, slot: int, state: torch.Tensor | None) -> None:
+        """Undo the draws ``slot`` made since ``snapshot`` (a choice the engine ran ahead and threw away), so a
+        seeded stream draws the same tokens as when nothing was run ahead."""
+        if state is not None and self.generators[slot] is not None:
+            self.generators[slot].set_state(state)
 
     def reset(self, slot: int) -> None:
         self.counts[slot].zero_()
@@ -81,7 +93,7 @@ class TokenChooser:
             logits = torch.where(seen, torch.where(logits < 0, logits * p, logits / p), logits)
         if self._threshold:
             sid = self.s.silence_id
-            threshold = self.s.eos_base + self.s.eos_step * steps.to(logits.device, torch.float32)
+            threshold = self.s.eos_base + self.s.eos_step * steps.to(logits.device, non_blocking=True).float()
             prob = torch.softmax(logits, dim=-1)[:, sid]
             logits = logits.clone()
             logits[:, sid] = torch.where(prob <= threshold, -float("inf"), logits[:, sid])
@@ -89,7 +101,8 @@ class TokenChooser:
 
     def choose(self, logits: torch.Tensor, slots: list[int], steps: list[int]) -> torch.Tensor:
         """Next token ids (B,) int64 on the device, for logits (B, V) of rows belonging to ``slots``."""
-        slots_t = torch.tensor(slots, dtype=torch.long, device=logits.device)
+        # host lists reach the device without a stream sync, so choosing does not wait for the step in flight
+        slots_t = torch.tensor(slots, dtype=torch.long).to(logits.device, non_blocking=True)
         steps_t = torch.tensor(steps, dtype=torch.long)
         logits = self.process(logits, slots_t, steps_t)
         if self.s.greedy:
