@@ -102,7 +102,7 @@ def pace(n: int, warmup: float, seconds: float, pool: list, put) -> tuple[float,
 
 def run(model, n: int, warmup: float, seconds: float, slots: int | None, pool: list, prefill_batch: int = 0,
         steps_per_prefill: int = 0, prefill_compiled: str = "on", max_context: int = 32768,
-        overlap: str = "on") -> dict:
+        overlap: str = "on", prefill_graphs: str = "on") -> dict:
     cfg = EngineConfig(greedy=True, max_context=max_context)
     t_start = time.perf_counter()
     core = make_core(model, cfg, slots=slots or n)
@@ -110,6 +110,8 @@ def run(model, n: int, warmup: float, seconds: float, slots: int | None, pool: l
     if prefill_compiled == "off":
         core.runner.prefill_compiled = False  # compiled at start all the same; the prefill runs eager
     core.overlap = overlap == "on"
+    if prefill_graphs == "off":
+        core.runner.prefill_graphs = None
     core.prefill_batch = prefill_batch or core.prefill_batch
     core.decode_steps_per_prefill = steps_per_prefill or core.decode_steps_per_prefill
     streams = []
@@ -138,7 +140,7 @@ def run(model, n: int, warmup: float, seconds: float, slots: int | None, pool: l
             "max_ms": round(max(lat) * 1000, 1) if lat else None, "tokens_per_s": round(toks / seconds, 1),
             "decode_steps": core.steps, "prefill_batch": core.prefill_batch,
             "steps_per_prefill": core.decode_steps_per_prefill, "prefill_compiled": prefill_compiled,
-            "overlap": overlap,
+            "overlap": overlap, "prefill_graphs": prefill_graphs,
             "max_context": max_context,
             "start_s": round(start_s, 1),
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if model.device.type == "cuda" else None,
@@ -187,7 +189,7 @@ def probe(model, counts: list[int], contexts: list[int], pool) -> str:
 
 
 def table(rows: list[dict], title: str) -> str:
-    cols = ["streams", "max_context", "prefill_batch", "steps_per_prefill", "prefill_compiled", "overlap", "start_s", "turns", "due", "dropped", "p50_ms", "p99_ms", "max_ms", "tokens_per_s", "vision_p50_ms",
+    cols = ["streams", "max_context", "prefill_batch", "steps_per_prefill", "prefill_compiled", "overlap", "prefill_graphs", "start_s", "turns", "due", "dropped", "p50_ms", "p99_ms", "max_ms", "tokens_per_s", "vision_p50_ms",
             "prefill_p50_ms", "decode_p50_ms", "peak_gib", "context_end"]
     out = [f"### {title}", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     out += ["| " + " | ".join(str(r.get(c)) for c in cols) + " |" for r in rows]
@@ -219,6 +221,9 @@ def main(argv=None) -> int:
     ap.add_argument("--overlap", nargs="+", default=["on"], choices=["on", "off"],
                     help="launch each decode step before reading the last one's tokens (on, the engine's default) or "
                          "read them first (off); each value is a run")
+    ap.add_argument("--prefill-graphs", nargs="+", default=["on"], choices=["on", "off"],
+                    help="a lone row's prefill replayed from a CUDA graph (on, the engine's default) or eager; each "
+                         "value is a run")
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--quantize", choices=["none", "int8", "int4", "fp8"], default="none",
                     help="the language model's weights (engine.quantize)")
@@ -231,9 +236,9 @@ def main(argv=None) -> int:
     if a.probe:
         print(probe(model, a.streams, a.probe, pool), flush=True)
     rows = []
-    for n, pb, k, pc, mc, ov in itertools.product(a.streams, a.prefill_batch, a.steps_per_prefill,
-                                                  a.prefill_compiled, a.max_context, a.overlap):
-        rows.append(run(model, n, a.warmup, a.seconds, a.slots, pool, pb, k, pc, mc, ov))
+    for n, pb, k, pc, mc, ov, pg in itertools.product(a.streams, a.prefill_batch, a.steps_per_prefill,
+                                                      a.prefill_compiled, a.max_context, a.overlap, a.prefill_graphs):
+        rows.append(run(model, n, a.warmup, a.seconds, a.slots, pool, pb, k, pc, mc, ov, pg))
         print(json.dumps(rows[-1]), flush=True)
         gc.collect()
         if dev.type == "cuda":

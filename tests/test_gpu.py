@@ -230,3 +230,45 @@ def test_a_decode_step_is_launched_without_waiting_for_the_step_before():
         finally:
             torch.cuda.set_sync_debug_mode(0)
         assert launches >= 2
+
+
+def test_a_lone_rows_prefill_replayed_from_its_graph_equals_the_eager_prefill():
+    """``PrefillGraphs``: a stream's turns of one length are captured at the second and replayed after; logits and
+    the keys written equal those of the eager prefill (same turns on a runner without prefill graphs)."""
+    import numpy as np
+
+    from pipeline.engine import EngineConfig, StreamingSession, load_model, make_core
+    from pipeline.fixtures.tiny import tiny_checkpoint
+    from pipeline.types import Clip
+
+    model = load_model(str(tiny_checkpoint("small")), device="cuda", dtype="bfloat16")
+    cfg = EngineConfig(greedy=True, max_context=4096, max_new_tokens=4)
+    cores = [make_core(model, cfg, slots=2) for _ in range(2)]
+    cores[1].runner.prefill_graphs = None
+    logits = [[], []]
+    for core, out in zip(cores, logits):
+        real = core.runner.prefill
+
+        def spy(turns, real=real, out=out):
+            out.append(real(turns).clone())
+            return out[-1]
+
+        core.runner.prefill = spy
+    sessions = [StreamingSession(model, cfg, core=core) for core in cores]
+    rng = np.random.default_rng(0)
+    for k in range(6):
+        n, times = (6, tuple(np.arange(6) * 0.5)) if k == 0 else (2, (2.0 + k, 2.5 + k))
+        clip = Clip(rng.integers(0, 256, (n, 112, 168, 3), dtype=np.uint8), times)
+        for s in sessions:
+            s.step(clip)
+    graphs = cores[0].runner.prefill_graphs
+    assert len(graphs.graphs) == 1 and graphs.enabled
+    for a, b in zip(*logits):
+        assert torch.allclose(a, b, atol=0.05, rtol=0.02), (a - b).abs().max()
+    ca, cb = cores[0].runner.cache, cores[1].runner.cache
+    n = ca.length(0)
+    assert n == cb.length(0) > 0
+    for layer in (0, cores[0].runner.model.n_layers - 1):
+        ka, _ = ca.row(layer, 0, n)
+        kb, _ = cb.row(layer, 0, n)
+        assert torch.allclose(ka.float(), kb.float(), atol=0.05)

@@ -91,3 +91,74 @@ class DecodeGraphs:
             self._step(nb, window)
         log.debug("captured the decode step for %d rows, window %d", nb, window)
         return g
+
+
+class PrefillGraphs:
+    """One stream's prefill replayed from a CUDA graph, keyed by (slot, turn length).
+
+    Alone, one row's prefill is bound by the CPU launching its ≈ 1,300 kernels (H200, 386-token turns at 16k:
+    ≈ 40 ms of wall for 18–26 ms of GPU work, ``scripts/profile_turn.py``), and every video turn of a stream at one
+    resolution has the same length. So the prefill of a lone row is captured once its (slot, length) has been seen
+    twice, and replayed after that with new values in five small inputs. The graph attends with the one
+    FlashAttention varlen call over the whole row (key bound = the cache capacity, the used length an input);
+    cuDNN's attention over the past plans per past length, so it stays with the eager prefill of several rows.
+    At most ``limit`` graphs (their activations share the decode graphs' memory pool)."""
+
+    def __init__(self, runner, pool, limit: int = 64):
+        self.runner, self.pool, self.limit = runner, pool, limit
+        self.graphs: dict[tuple[int, int], tuple] = {}
+        self.seen: dict[tuple[int, int], int] = {}
+        self.enabled = True
+
+    def run(self, slot: int, x: torch.Tensor, pos: torch.Tensor, at: torch.Tensor, used: int) -> torch.Tensor | None:
+        """Float32 logits (1, V) of the turn's last token, or None if this turn is not (yet) served by a graph
+        (then the caller runs the eager prefill). x (T, hidden) the turn's embeddings, pos (3, 1, T) int64 mRoPE
+        positions, at (T,) int64 cache positions, ``used`` the row's length after the turn."""
+        key = (slot, x.shape[0])
+        if key not in self.graphs:
+            self.seen[key] = self.seen.get(key, 0) + 1
+            if not self.enabled or self.seen[key] < 2 or len(self.graphs) >= self.limit:
+                return None
+            entry = self._capture(slot, x, pos, at, used)
+            if entry is None:
+                return None
+            self.graphs[key] = entry
+        g, inputs, out = self.graphs[key]
+        for buf, value in zip(inputs, (x, pos, at)):
+            buf.copy_(value, non_blocking=True)
+        inputs[3].fill_(used)
+        g.replay()
+        return out.clone()
+
+    @torch.inference_mode()
+    def _capture(self, slot, x, pos, at, used):
+        runner = self.runner
+        dev = x.device
+        inputs = (x.clone(), pos.clone(), at.clone(), torch.full((1,), used, dtype=torch.int32, device=dev))
+        stride = runner.cache.varlen_stride
+        fixed = (torch.full((x.shape[0],), slot, dtype=torch.long, device=dev),
+                 torch.tensor([0, x.shape[0]], dtype=torch.int32, device=dev),
+                 torch.tensor([slot * stride, slot * stride + runner.capacity], dtype=torch.int32, device=dev))
+        out = torch.empty(1, runner.model.vocab, dtype=torch.float32, device=dev)
+
+        def step():
+            out.copy_(runner.prefill_one(*inputs, *fixed))
+
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # warm-up: writes the turn's keys where the replay writes them again
+                step()
+            torch.cuda.current_stream().wait_stream(stream)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=self.pool):
+                step()
+        except Exception as e:  # noqa: BLE001 - captioning goes on with the eager prefill
+            if isinstance(e, torch.cuda.OutOfMemoryError):
+                raise
+            log.warning("capturing the prefill in a CUDA graph failed (%s: %s); prefill stays eager",
+                        type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+            self.enabled = False
+            return None
+        log.debug("captured the prefill of slot %d, %d tokens", slot, x.shape[0])
+        return g, inputs, out

@@ -26,7 +26,7 @@ import time
 import numpy as np
 import torch
 
-from .cuda_graphs import DecodeGraphs
+from .cuda_graphs import DecodeGraphs, PrefillGraphs
 from .kv_cache import KVCache
 from .model import TextModel, merge_attention
 from .vision import patchify
@@ -84,6 +84,8 @@ class ModelRunner:
             torch.cuda.get_device_capability(self.device) >= (9, 0)
         self.video_token_id = loaded.video_token_id
         self.graphs = DecodeGraphs(self, compile=compile_) if self.use_graphs else None
+        # a lone row's prefill from a CUDA graph (its FlashAttention call needs the flash path)
+        self.prefill_graphs = PrefillGraphs(self, self.graphs.pool) if self.graphs is not None and self.flash else None
         self.prefill_compiled = compile_  # the prefill's norms/rotary/SiLU compiled (TextModel.compile_prefill)
         if compile_:
             m.compile_prefill(self.compile_options)
@@ -148,6 +150,11 @@ class ModelRunner:
             return attend(i, q)
 
         pos = pos.to(dev)
+        if len(turns) == 1 and self.prefill_graphs is not None:  # a lone row: replayed from its graph once seen twice
+            logits = self.prefill_graphs.run(turns[0][0], x[0], pos, at, starts[0] + lens[0])
+            if logits is not None:
+                cache.advance(turns[0][0], lens[0])
+                return logits
         if self.prefill_compiled:
             try:
                 h = m.forward(x, pos, attend_and_store, m.prefill_pre, m.prefill_post)
@@ -165,6 +172,22 @@ class ModelRunner:
             cache.advance(slot, n)
         last = offs[1:] - 1 if order == sorted(order) else (offs[1:] - 1)[np.argsort(order)]  # the caller's order
         return m.logits(h[0, torch.tensor(last, device=dev)])
+
+    def prefill_one(self, x, pos, at, used, rows, cu_q, cu_k) -> torch.Tensor:
+        """The prefill of one row as ``PrefillGraphs`` captures it: fixed shapes, every varying value in a tensor.
+        x (T, hidden) embeddings, pos (3, 1, T) int64, at (T,) int64 cache positions, used (1,) int32 the row's length
+        after the turn, rows (T,) int64 its slot, cu_q (2,) int32 [0, T], cu_k (2,) int32 where the row starts and
+        ends in ``KVCache.varlen``. One FlashAttention varlen call a layer over the whole row (key bound: the
+        capacity). Returns float32 logits (1, V) of the last token."""
+        m, cache, T = self.model, self.cache, x.shape[0]
+
+        def attend(i, q, k, v):
+            cache.write(i, rows, at, k[0].transpose(0, 1), v[0].transpose(0, 1))
+            kf, vf = cache.varlen(i)
+            return m.attend_varlen(q[0].transpose(0, 1).contiguous(), kf, vf, cu_q, cu_k, used, T, self.capacity)[None]
+
+        h = m.forward(x[None], pos, attend, m.prefill_pre, m.prefill_post)
+        return m.logits(h[0, -1:])
 
     def _attend_varlen(self, turns, starts, lens, offs):
         """attend(layer, q) for the packed turns (in slot order): one FlashAttention varlen call over the cache rows.
