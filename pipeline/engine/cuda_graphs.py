@@ -161,4 +161,4 @@ class PrefillGraphs:
             self.enabled = False
             return None
         log.debug("captured the prefill of slot %d, %d tokens", slot, x.shape[0])
-        return g, inputs, out
+        return g, inputs + fixed, out  # the graph reads ``fixed`` too: kept alive with it
