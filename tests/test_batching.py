@@ -198,3 +198,36 @@ def test_prefill_answers_in_the_callers_order(model):
     for s in range(3):
         torch.testing.assert_close(out[0][s], out[1][s], rtol=1e-4, atol=1e-4)
     assert not torch.allclose(out[0][0], out[0][2])  # the rows differ: a mix-up would show
+
+
+def test_prefill_graphs_keep_the_recently_used_lengths():
+    """``PrefillGraphs``' policy (the capture itself is CUDA's: tests/test_gpu.py): a (slot, length) is captured
+    the second time it is seen, turns longer than ``max_tokens`` stay eager, and beyond ``limit`` graphs the least
+    recently replayed is dropped."""
+    from types import SimpleNamespace
+
+    from pipeline.engine.cuda_graphs import PrefillGraphs
+
+    captured = []
+
+    class Recording(PrefillGraphs):
+        def _capture(self, slot, x, pos, at, used):  # stands in for the CUDA capture; replays nothing
+            captured.append((slot, x.shape[0]))
+            return SimpleNamespace(replay=lambda: None), (x.clone(), pos.clone(), at.clone(),
+                                                          torch.zeros(1, dtype=torch.int32)), torch.ones(1, 5)
+
+    runner = SimpleNamespace(cache=SimpleNamespace(slots=1))
+    graphs = Recording(runner, pool=None, limit=2, max_tokens=8)
+
+    def turn(slot, n):
+        return graphs.run(slot, torch.zeros(n, 4), torch.zeros(3, 1, n, dtype=torch.long),
+                          torch.arange(n), 10 + n)
+
+    assert turn(0, 5) is None and captured == []  # first sight: eager
+    assert turn(0, 5) is not None and captured == [(0, 5)]  # second: captured and replayed
+    assert turn(0, 9) is None and turn(0, 9) is None and captured == [(0, 5)]  # too long: always eager
+    turn(0, 6), turn(0, 6)  # (0, 6) captured: two graphs
+    turn(0, 5)  # (0, 5) used again: (0, 6) is now the least recent
+    turn(0, 7), turn(0, 7)  # a third: (0, 6) dropped
+    assert list(graphs.graphs) == [(0, 5), (0, 7)]
+    assert turn(0, 5) is not None and captured == [(0, 5), (0, 6), (0, 7)]

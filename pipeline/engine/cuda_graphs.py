@@ -1,16 +1,18 @@
-"""Decode steps replayed from CUDA graphs: one launch per step instead of hundreds.
+"""Decode steps and a lone row's prefill replayed from CUDA graphs: one launch instead of hundreds.
 
 A decode step (one token for each of rows 0..nb-1) has fixed shapes for a given (nb, attention window),
 so it is captured once per pair, the first time that pair is needed, and replayed with new values in
 four small input tensors. All graphs share one memory pool and write their logits into one buffer.
 Capture runs the step on the real inputs of the step that needs it (warm-up and capture store the same
 keys at the same positions that the replay then stores again), so it can happen mid-stream.
+The prefill of one row is captured per (slot, turn length) the same way (``PrefillGraphs``).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 
 import torch
 
@@ -99,14 +101,17 @@ class PrefillGraphs:
     Alone, one row's prefill is bound by the CPU launching its ≈ 1,300 kernels (H200, 386-token turns at 16k:
     ≈ 40 ms of wall for 18–26 ms of GPU work, ``scripts/profile_turn.py``), and every video turn of a stream at one
     resolution has the same length. So the prefill of a lone row is captured once its (slot, length) has been seen
-    twice, and replayed after that with new values in five small inputs. The graph attends with the one
+    twice, and replayed after that with new values in four small inputs. The graph attends with the one
     FlashAttention varlen call over the whole row (key bound = the cache capacity, the used length an input);
     cuDNN's attention over the past plans per past length, so it stays with the eager prefill of several rows.
-    At most ``limit`` graphs (their activations share the decode graphs' memory pool)."""
+    Their activations share the decode graphs' memory pool; each graph keeps its inputs (≈ 3 MB for a 386-token
+    turn of the 7B), so at most ``limit`` graphs are kept (least recently used dropped first; default 2 per
+    slot, at least 8) and turns longer than ``max_tokens`` stay eager (a long question is rarely asked twice)."""
 
-    def __init__(self, runner, pool, limit: int = 64):
-        self.runner, self.pool, self.limit = runner, pool, limit
-        self.graphs: dict[tuple[int, int], tuple] = {}
+    def __init__(self, runner, pool, limit: int | None = None, max_tokens: int = 2048):
+        self.runner, self.pool, self.max_tokens = runner, pool, max_tokens
+        self.limit = limit or max(8, 2 * runner.cache.slots)
+        self.graphs: OrderedDict[tuple[int, int], tuple] = OrderedDict()
         self.seen: dict[tuple[int, int], int] = {}
         self.enabled = True
 
@@ -116,13 +121,20 @@ class PrefillGraphs:
         positions, at (T,) int64 cache positions, ``used`` the row's length after the turn."""
         key = (slot, x.shape[0])
         if key not in self.graphs:
+            if not self.enabled or x.shape[0] > self.max_tokens:
+                return None
+            if len(self.seen) > 4096:  # one-off lengths (questions) must not pile up over hours
+                self.seen.clear()
             self.seen[key] = self.seen.get(key, 0) + 1
-            if not self.enabled or self.seen[key] < 2 or len(self.graphs) >= self.limit:
+            if self.seen[key] < 2:
                 return None
             entry = self._capture(slot, x, pos, at, used)
             if entry is None:
                 return None
+            while len(self.graphs) >= self.limit:
+                self.graphs.popitem(last=False)
             self.graphs[key] = entry
+        self.graphs.move_to_end(key)
         g, inputs, out = self.graphs[key]
         for buf, value in zip(inputs, (x, pos, at)):
             buf.copy_(value, non_blocking=True)
