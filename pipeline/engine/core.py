@@ -363,7 +363,9 @@ class EngineCore:
         except Exception as e:  # noqa: BLE001 - every row of a failed step fails
             rows, self.active, self._launched = self.active, [], None
             for row in rows:
-                self._done(row.req, e)
+                if not row.done:
+                    row.done = True
+                    self._done(row.req, e)
             return
         finally:
             self.busy_since = None
