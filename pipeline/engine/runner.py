@@ -6,7 +6,8 @@
   pass over the weights; logits of each turn's last token. Attention over each row's past plus its new
   tokens: one FlashAttention variable-length call per layer for every row on CUDA (reading the rows in
   place in the cache; on Hopper the past's 2048-key blocks through cuDNN, merged by log-sum-exp), SDPA
-  with a causal mask row by row elsewhere.
+  with a causal mask row by row elsewhere. A lone row's prefill is replayed from a CUDA graph once its (slot, turn
+  length) has been seen twice (``cuda_graphs.PrefillGraphs``: one FlashAttention call a layer over the whole row).
 - ``decode(slots, tokens, positions)``: one token for each of B streams in one pass over the weights.
   The step always covers cache rows 0..nb-1 (nb = a batch-size bucket holding the highest slot), so
   its shapes depend only on (nb, attention window) and it is captured as a CUDA graph per pair
