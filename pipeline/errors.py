@@ -50,3 +50,10 @@ class CaptureError(RuntimeError):
 
 #: What ``livecc`` prints as one line with exit status 2.
 USER_ERRORS = (UserError, ModelLoadError, VideoFileError, ContextFullError, PluginError)
+
+
+def first_line(err: BaseException, limit: int = 200) -> str:
+    """``"TypeName: first line of the message"`` (at most ``limit`` characters of it), for a one-line log of why a
+    faster path (a compiled kernel, a CUDA graph, cuDNN) was given up for a slower one."""
+    text = str(err).splitlines()[0][:limit] if str(err) else ""
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__

@@ -231,3 +231,34 @@ def test_prefill_graphs_keep_the_recently_used_lengths():
     turn(0, 7), turn(0, 7)  # a third: (0, 6) dropped
     assert list(graphs.graphs) == [(0, 5), (0, 7)]
     assert turn(0, 5) is not None and captured == [(0, 5), (0, 6), (0, 7)]
+
+
+def test_a_failed_decode_step_fails_only_the_turns_still_decoding(model):
+    """With overlap the host reads a step's tokens after launching the next: when that launch fails, a turn that had
+    ended in the step before still gets its result (3 tokens), and only the turn still decoding gets the error.
+    A turn capped at 0 tokens gets its one chosen token instead of vanishing."""
+    cfg = EngineConfig(greedy=True, max_context=2048, max_new_tokens=16)
+    core = make_core(model, cfg, slots=3)
+    sessions = [StreamingSession(model, cfg, core=core) for _ in range(3)]
+    reqs = [s.video_request(next(clips(56, 84, i))) for i, s in enumerate(sessions)]
+    reqs[0].max_new, reqs[2].max_new = 3, 0
+    core.stop_ids = frozenset()  # no early stop: the caps decide
+    results = {}
+    for r in reqs:
+        r.on_done = lambda req, res: results.__setitem__(req.slot, res)
+    real, calls = core.runner.decode, []
+
+    def decode(slots, tokens, positions):
+        calls.append(len(slots))
+        if len(calls) == 3:
+            raise RuntimeError("step failed")
+        return real(slots, tokens, positions)
+
+    core.runner.decode = decode
+    core._prefill(reqs)
+    while core.active:
+        core._decode_step()
+    assert calls == [2, 2, 1]  # the third step serves only the uncapped turn, and fails
+    assert len(results[reqs[0].slot].tokens) == 3
+    assert isinstance(results[reqs[1].slot], RuntimeError)
+    assert len(results[reqs[2].slot].tokens) == 1

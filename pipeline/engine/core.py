@@ -19,7 +19,9 @@ token its previous step chose, still on the device, before the host reads that t
 waits for the host between steps (one stream on an H200 lost ≈ 0.85 ms a token that way: 6.2 ms per token
 against a 5.35-ms step). A row whose token turns out to be a stop id ran one step too many: the step is
 undone (its cache position released, its speculative repetition count and its sampling draw taken back),
-so every stream gets exactly the tokens it gets without overlap.
+so a greedy or seeded stream gets exactly the tokens it gets without overlap (an unseeded stream draws from the
+process-wide generator, which other rows share: its extra draw is not taken back, which changes only which
+random numbers later draws get).
 
 Two ways to drive it: ``run(requests)`` serves a list of requests to completion in the calling thread
 (``livecc caption``, tests); ``start()`` runs the loop in a thread that pulls turns from attached
@@ -28,6 +30,7 @@ Two ways to drive it: ``run(requests)`` serves a list of requests to completion 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -177,12 +180,13 @@ class EngineCore:
         pending = sorted(requests, key=lambda r: r.due)
         for r in pending:
             r.on_done = lambda req, res: results.__setitem__(id(req), res)
-        while pending or self.active:
-            if pending and self._may_prefill():
-                batch, pending = pending[:self.prefill_batch], pending[self.prefill_batch:]
-                self._prefill(batch)
-            if self.active:
-                self._decode_step()
+        with self._on_device():
+            while pending or self.active:
+                if pending and self._may_prefill():
+                    batch, pending = pending[:self.prefill_batch], pending[self.prefill_batch:]
+                    self._prefill(batch)
+                if self.active:
+                    self._decode_step()
         out = [results[id(r)] for r in requests]
         for res in out:
             if isinstance(res, BaseException):
@@ -225,7 +229,16 @@ class EngineCore:
             return not self._thread.is_alive()
         return True
 
+    def _on_device(self):
+        """The runner's GPU as this thread's current device (streams, events and graph captures are per device)."""
+        dev = self.runner.device
+        return torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
+
     def _loop(self) -> None:
+        with self._on_device():
+            self._serve()
+
+    def _serve(self) -> None:
         while True:
             with self._cond:
                 while not self.active and not self._woken and not self._stopping:
@@ -243,9 +256,14 @@ class EngineCore:
                     self._woken = True  # look for waiting turns after this step
             if self.active:
                 self._decode_step()
-        for row in self.active:
-            self._done(row.req, RuntimeError("the engine stopped"))
-        self.active, self._launched = [], None
+        if self._launched is not None:  # turns that ended in the step in flight get their result
+            try:
+                step, self._launched = self._launched, None
+                self._take(step, self._read(step))
+            except Exception:  # noqa: BLE001 - the rest fail below all the same
+                log.exception("reading the last decode step failed")
+        self._fail(self.active, RuntimeError("the engine stopped"))
+        self.active = []
 
     def _may_prefill(self) -> bool:
         """A prefill may run now: nothing is decoding, or ``decode_steps_per_prefill`` steps ran since the last."""
@@ -334,7 +352,7 @@ class EngineCore:
         for q, tok in zip(reqs, first):
             row = _Row(q, [tok], q.next_pos, TurnStats(vision_s=t1 - t0, prefill_s=t2 - t1,
                                                          prompt_tokens=len(q.ids)), t2)
-            if tok in self.stop_ids or q.max_new == 1:
+            if tok in self.stop_ids or q.max_new <= 1:
                 self._finish(row)
             else:
                 ch.add(q.slot, torch.tensor([tok], dtype=torch.long))
@@ -348,28 +366,38 @@ class EngineCore:
         ahead = {id(r) for r in prev.rows} if prev else set()  # rows whose newest token is still on the device
         go = [row for row in self.active if len(row.tokens) + (id(row) in ahead) < row.req.max_new]
         self.busy_since = time.perf_counter()
+        error = None
         try:
             if go:
                 self._launched = self._launch(go, prev)
                 self.steps += 1
                 self._since_prefill += 1
-            if prev:
+        except Exception as e:  # noqa: BLE001 - every row of a failed step fails, after the turns that had ended
+            error, self._launched = e, None
+        try:
+            if prev:  # read even when the launch failed: turns that ended in it get their result
                 self._take(prev, self._read(prev))
-            if not self.overlap and self._launched is not None:  # read at once (to measure what overlap gains)
+            if error is None and not self.overlap and self._launched is not None:  # read at once (to measure overlap)
                 step, self._launched = self._launched, None
                 self._take(step, self._read(step))
                 self.active = [r for r in step.rows if not r.done]
                 return
-        except Exception as e:  # noqa: BLE001 - every row of a failed step fails
-            rows, self.active, self._launched = self.active, [], None
-            for row in rows:
-                if not row.done:
-                    row.done = True
-                    self._done(row.req, e)
-            return
+        except Exception as e:  # noqa: BLE001
+            error = error or e
         finally:
             self.busy_since = None
+        if error is not None:
+            self._fail(self.active, error)
+            self.active, self._launched = [], None
+            return
         self.active = [r for r in self._launched.rows if not r.done] if self._launched else []
+
+    def _fail(self, rows: list[_Row], error: BaseException) -> None:
+        """Each of ``rows`` whose turn has not ended gets ``error`` as its result."""
+        for row in rows:
+            if not row.done:
+                row.done = True
+                self._done(row.req, error)
 
     def _take(self, step: "_Launched", new: list[int]) -> None:
         """The host has read ``step``'s ids: append them; a stop id or the cap ends the row's turn (a row whose turn
@@ -404,7 +432,7 @@ class EngineCore:
         ch.add_rows(torch.tensor(slots).to(dev, non_blocking=True), chosen)  # counted now; taken back if it ends
         if chosen.device.type == "cuda":
             host, ready = chosen.to("cpu", non_blocking=True), torch.cuda.Event()
-            ready.record()
+            ready.record(torch.cuda.current_stream(chosen.device))  # the copy's stream (cuda:N, not the thread's)
         else:
             host, ready = chosen, None
         return _Launched(rows, chosen, host, ready, rng)

@@ -16,6 +16,8 @@ from collections import OrderedDict
 
 import torch
 
+from ..errors import first_line
+
 log = logging.getLogger(__name__)
 
 
@@ -74,8 +76,7 @@ class DecodeGraphs:
         except Exception as e:  # noqa: BLE001 - a compiler problem must not stop captioning
             if not self.compile:
                 raise
-            log.warning("torch.compile of the decode step failed (%s: %s); decoding without it",
-                        type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            log.warning("torch.compile of the decode step failed (%s); decoding without it", first_line(e))
             self.compile = False
             self.runner.model.uncompile()
             self.graphs.clear()
@@ -89,7 +90,7 @@ class DecodeGraphs:
                 self._step(nb, window)
         torch.cuda.current_stream().wait_stream(stream)
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self.pool):
+        with torch.cuda.graph(g, pool=self.pool, capture_error_mode="thread_local"):
             self._step(nb, window)
         log.debug("captured the decode step for %d rows, window %d", nb, window)
         return g
@@ -131,8 +132,8 @@ class PrefillGraphs:
             entry = self._capture(slot, x, pos, at, used)
             if entry is None:
                 return None
-            while len(self.graphs) >= self.limit:
-                self.graphs.popitem(last=False)
+            while len(self.graphs) >= self.limit:  # a dropped length must be seen twice again to come back
+                self.seen[self.graphs.popitem(last=False)[0]] = 0
             self.graphs[key] = entry
         self.graphs.move_to_end(key)
         g, inputs, out = self.graphs[key]
@@ -163,13 +164,13 @@ class PrefillGraphs:
                 step()
             torch.cuda.current_stream().wait_stream(stream)
             g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=self.pool):
+            with torch.cuda.graph(g, pool=self.pool, capture_error_mode="thread_local"):
                 step()
+        except torch.cuda.OutOfMemoryError:  # no room for this graph now: this turn and the next of its kind eager
+            self.seen[(slot, x.shape[0])] = 0
+            return None
         except Exception as e:  # noqa: BLE001 - captioning goes on with the eager prefill
-            if isinstance(e, torch.cuda.OutOfMemoryError):
-                raise
-            log.warning("capturing the prefill in a CUDA graph failed (%s: %s); prefill stays eager",
-                        type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+            log.warning("capturing the prefill in a CUDA graph failed (%s); prefill stays eager", first_line(e))
             self.enabled = False
             return None
         log.debug("captured the prefill of slot %d, %d tokens", slot, x.shape[0])

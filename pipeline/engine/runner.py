@@ -27,6 +27,7 @@ import time
 import numpy as np
 import torch
 
+from ..errors import first_line
 from .cuda_graphs import DecodeGraphs, PrefillGraphs
 from .kv_cache import KVCache
 from .model import TextModel, merge_attention
@@ -162,8 +163,7 @@ class ModelRunner:
             except Exception as e:  # noqa: BLE001 - a compiler problem must not stop captioning
                 if isinstance(e, torch.cuda.OutOfMemoryError):
                     raise
-                log.warning("torch.compile of the prefill failed (%s: %s); prefill runs eager from now on",
-                            type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+                log.warning("torch.compile of the prefill failed (%s); prefill runs eager from now on", first_line(e))
                 self.prefill_compiled = False
                 m.uncompile_prefill()
                 h = m.forward(x, pos, attend_and_store)  # rewrites the same keys at the same positions
@@ -229,8 +229,7 @@ class ModelRunner:
                         ob, lb = m.attend_past(qp[rows], kb, vb)
                         o[rows] = merge_attention(ob, lb, o[rows], lse[rows])
             except RuntimeError as e:  # a cuDNN build or GPU without this attention: FlashAttention alone from now on
-                log.warning("cuDNN attention failed (%s); prefill attention stays on FlashAttention",
-                            str(e).splitlines()[0][:200])
+                log.warning("cuDNN attention failed (%s); prefill attention stays on FlashAttention", first_line(e))
                 self.cudnn_past = False
                 return attend(i, q)
             return o[None]
@@ -334,6 +333,10 @@ class ModelRunner:
         without CUDA graphs or once a row holds tokens."""
         if self.graphs is None or any(self.cache.lengths):
             return
+        with torch.cuda.device(self.device):  # captures and streams on the runner's GPU, whatever this thread's is
+            self._warm_up()
+
+    def _warm_up(self) -> None:
         t0 = time.perf_counter()
         if self.prefill_compiled:  # the compiled prefill (dynamic token count): one text turn on row 0, then undone
             n = min(2 * PAST_MIN_QUERIES, self.capacity)

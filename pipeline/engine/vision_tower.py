@@ -15,6 +15,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from ..errors import first_line
 from .model import rotate_half
 
 log = logging.getLogger(__name__)
@@ -111,8 +112,7 @@ class VisionTower:
         except Exception as e:  # noqa: BLE001 - a compiler problem must not stop captioning
             if self.rope_qk is rope_qk:
                 raise
-            log.warning("torch.compile of the vision tower failed (%s: %s); running it uncompiled",
-                        type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+            log.warning("torch.compile of the vision tower failed (%s); running it uncompiled", first_line(e))
             self.rope_qk, self.act = rope_qk, None
             self.graphs.clear()
             return self._run(pixels.to(self.dtype), grid)
@@ -140,6 +140,6 @@ class VisionTower:
                 self.forward(inp, grid)
         torch.cuda.current_stream().wait_stream(stream)
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
+        with torch.cuda.graph(g, capture_error_mode="thread_local"):  # other threads may use the GPU meanwhile
             out = self.forward(inp, grid)
         return g, inp, out
