@@ -5,6 +5,9 @@ in flight per stream, the engine thread) is the real one."""
 from __future__ import annotations
 
 import threading
+from types import SimpleNamespace
+
+import torch
 
 from pipeline.engine.core import EngineCore, TurnRequest, TurnResult, TurnStats
 from pipeline.fanout.sink import Sink
@@ -12,8 +15,9 @@ from pipeline.types import Caption
 
 
 class ScriptedCore(EngineCore):
-    def __init__(self):  # no runner: turns are served by the session's script
+    def __init__(self):  # no model runner: turns are served by the session's script (its thread runs on the CPU)
         self._init_scheduler()
+        self.runner = SimpleNamespace(device=torch.device("cpu"))
         self.slots_open = 0
 
     @property
