@@ -262,3 +262,24 @@ def test_a_failed_decode_step_fails_only_the_turns_still_decoding(model):
     assert len(results[reqs[0].slot].tokens) == 3
     assert isinstance(results[reqs[1].slot], RuntimeError)
     assert len(results[reqs[2].slot].tokens) == 1
+
+
+def test_stopping_delivers_the_turns_that_ended_in_the_step_in_flight(model):
+    """The engine stops with a decode step launched but not read: a turn whose last token is in that step gets its
+    result (3 tokens), the turn still decoding gets the stop error."""
+    cfg = EngineConfig(greedy=True, max_context=2048, max_new_tokens=16)
+    core = make_core(model, cfg, slots=2)
+    sessions = [StreamingSession(model, cfg, core=core) for _ in range(2)]
+    reqs = [s.video_request(next(clips(56, 84, i))) for i, s in enumerate(sessions)]
+    reqs[0].max_new = 3
+    core.stop_ids = frozenset()
+    results = {}
+    for r in reqs:
+        r.on_done = lambda req, res: results.__setitem__(req.slot, res)
+    core._prefill(reqs)
+    core._decode_step()
+    core._decode_step()  # the first turn's third token is in the step in flight
+    assert results == {} and core._launched is not None
+    core._drain(RuntimeError("the engine stopped"))
+    assert len(results[reqs[0].slot].tokens) == 3
+    assert str(results[reqs[1].slot]) == "the engine stopped"

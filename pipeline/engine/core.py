@@ -256,13 +256,17 @@ class EngineCore:
                     self._woken = True  # look for waiting turns after this step
             if self.active:
                 self._decode_step()
-        if self._launched is not None:  # turns that ended in the step in flight get their result
+        self._drain(RuntimeError("the engine stopped"))
+
+    def _drain(self, error: BaseException) -> None:
+        """Stop decoding: the turns that ended in the step in flight get their result, every other turn ``error``."""
+        if self._launched is not None:
             try:
                 step, self._launched = self._launched, None
                 self._take(step, self._read(step))
             except Exception:  # noqa: BLE001 - the rest fail below all the same
                 log.exception("reading the last decode step failed")
-        self._fail(self.active, RuntimeError("the engine stopped"))
+        self._fail(self.active, error)
         self.active = []
 
     def _may_prefill(self) -> bool:
