@@ -367,13 +367,14 @@ class EngineCore:
         """Launch the next decode step of every row that goes on, then read the step before it (its tokens end
         turns, or feed the step just launched)."""
         prev, self._launched = self._launched, None
-        ahead = {id(r) for r in prev.rows} if prev else set()  # rows whose newest token is still on the device
+        # rows whose newest token is still on the device -> their index in ``prev``
+        ahead = {id(r): i for i, r in enumerate(prev.rows)} if prev else {}
         go = [row for row in self.active if len(row.tokens) + (id(row) in ahead) < row.req.max_new]
         self.busy_since = time.perf_counter()
         error = None
         try:
             if go:
-                self._launched = self._launch(go, prev)
+                self._launched = self._launch(go, prev, ahead)
                 self.steps += 1
                 self._since_prefill += 1
         except Exception as e:  # noqa: BLE001 - every row of a failed step fails, after the turns that had ended
@@ -415,14 +416,14 @@ class EngineCore:
                 self._void(row)
                 self._finish(row)
 
-    def _launch(self, rows: list[_Row], prev: _Launched | None) -> _Launched:
+    def _launch(self, rows: list[_Row], prev: _Launched | None, ahead: dict[int, int]) -> _Launched:
         """One decode step for ``rows``, each fed its newest token (from ``prev``'s device ids where the host has
-        not read it yet), its next token chosen and counted on the device; no stream sync."""
+        not read it yet: ``ahead`` maps such a row's id() to its index there), its next token chosen and counted
+        on the device; no stream sync."""
         r, ch, dev = self.runner, self.chooser, self.runner.device
-        ahead = {id(row): i for i, row in enumerate(prev.rows)} if prev else {}
         known = torch.tensor([row.tokens[-1] if id(row) not in ahead else 0 for row in rows], dtype=torch.long)
         toks = known.to(dev, non_blocking=True)
-        if ahead and any(id(row) in ahead for row in rows):
+        if any(id(row) in ahead for row in rows):
             take = torch.tensor([ahead.get(id(row), 0) for row in rows]).to(dev, non_blocking=True)
             use = torch.tensor([id(row) in ahead for row in rows]).to(dev, non_blocking=True)
             toks = torch.where(use, prev.chosen.index_select(0, take), toks)
