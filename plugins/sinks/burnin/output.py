@@ -114,7 +114,9 @@ class Output:
     Raises whatever PyAV raises when the target cannot be opened (OSError, av.FFmpegError)."""
 
     AUDIO_RATE = 48000
-    AUDIO_TOLERANCE = 0.25  # s: within this, audio stays contiguous; beyond, re-anchor or drop
+    # s: within this of its place, audio stays contiguous; beyond, it re-anchors (a gap) or drops chunks until it
+    # is back in place. ITU-R BT.1359: sound 45 ms early is where viewers start to notice
+    AUDIO_SYNC_S = 0.045
 
     def __init__(self, s, width: int, height: int, codec: str, audio: bool = False) -> None:
         self.s = s
@@ -150,6 +152,7 @@ class Output:
         self.resampler = None
         self.a_in_next: int | None = None  # output sample where the next input chunk continues
         self.a_out = 0  # output sample of the next resampled frame
+        self.a_catching_up = False  # dropping chunks until the write head is back where they belong
         if audio:
             ast = self.container.add_stream("aac", rate=self.AUDIO_RATE)
             ast.codec_context.layout = "stereo"
@@ -203,13 +206,16 @@ class Output:
         return n
 
     def write_audio(self, aframe, start_s: float) -> str:
-        """Encode one input audio frame whose first sample belongs at output time ``start_s``.
-        Returns what happened: 'ok', 'anchored' (a new start or a gap), 'late' (dropped: before
-        the output began, or a step back in time)."""
+        """Encode one input audio frame whose first sample belongs at output time ``start_s``
+        (seconds from the output's start). Returns what happened: 'ok' (contiguous), 'anchored'
+        (a new start, or a gap: it belongs more than ``AUDIO_SYNC_S`` after the write head),
+        'late' (dropped: before the output began, or the write head is more than ``AUDIO_SYNC_S``
+        past where it belongs; chunks are dropped until the head is back within half a chunk).
+        Raises what PyAV's resampler or encoder raise."""
         rate = self.AUDIO_RATE
         start = round(start_s * rate)
         length = round(aframe.samples * rate / aframe.sample_rate) if aframe.sample_rate else 0
-        tol = round(self.AUDIO_TOLERANCE * rate)
+        tol = round(self.AUDIO_SYNC_S * rate)
         what = "ok"
         if self.a_in_next is None or start - self.a_in_next > tol:
             if start + length <= 0:
@@ -218,9 +224,12 @@ class Output:
                 self._encode_audio(self.resampler.resample(None))  # the rest before the gap
             self.resampler = self._new_resampler()
             self.a_in_next = self.a_out = max(0, start, self.a_out)
+            self.a_catching_up = False
             what = "anchored"
-        elif start < self.a_in_next - tol:
-            return "late"  # a step back in time (re-anchored input): keep the track monotonic
+        elif start < self.a_in_next - tol or (self.a_catching_up and start + length // 2 < self.a_in_next):
+            self.a_catching_up = True  # the track is late (the picture's offset shrank): skip until back in place
+            return "late"
+        self.a_catching_up = False
         aframe.pts = None
         try:
             frames = self.resampler.resample(aframe)

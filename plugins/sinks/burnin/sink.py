@@ -21,11 +21,11 @@ otherwise characters take about 1/30 s per two).
 
 Audio (``audio: true``, the default): when the input has audio, the capture thread decodes it
 and the dispatcher hands it over in order (``on_audio``). It is resampled to 48 kHz stereo and
-encoded as AAC next to the video, each chunk placed at its stream time + the same
-stream-time -> wall-clock offset as the video frames (the median ``arrival - pts`` of recent
-frames, + half a frame: a frame shows at the tick after it arrives) + ``delay_s``, so it lines up
-with the frames it came with; within 0.25 s of that position it is written contiguously, beyond
-that it re-anchors (a gap) or drops the chunk (a step back: counted ``audio_late``).
+encoded as AAC next to the video, each chunk placed at its stream time + the offset the picture
+really got: the median of ``tick time - pts`` over the last 90 frames at the tick each first showed
+(so a slow start, a tick processed late or ``delay_s`` move sound and picture alike); within 45 ms of that
+position it is written contiguously, beyond that it re-anchors (a gap) or drops chunks until it is back in
+place (counted ``audio_late``). Before any frame has shown, a chunk goes at its arrival + ``delay_s``.
 The output's streams are fixed when it opens: the first open waits up to ``audio_wait_s`` after
 the first tick for audio (the frames of that wait are kept and written, nothing is lost); an
 input whose audio starts later gets audio only after a reconnect of a network output. While
@@ -172,6 +172,7 @@ class _Encoder:
         self.cache_key = None
         self.vframe = None
         self.hold: list = []  # (frame, tick, text) composed while the first open waits for audio
+        self.last_frame = None  # the input frame of the last tick written or held
         self.hold_until: float | None = None
 
     def wait_first_frame(self, now: float, frame) -> bool:
@@ -196,6 +197,13 @@ class _Encoder:
             self.sink.counters["repeated"] += 1
         return self.vframe
 
+    def note_shown(self, frame) -> None:
+        """Record where the picture of this tick sits in the output clock (tick time - pts) when the
+        frame shows for the first time: the audio is placed by the same offset."""
+        if frame is not None and frame is not self.last_frame:
+            self.sink._picture_offsets.append(self.tick_time - frame.pts)
+        self.last_frame = frame
+
     def hold_for_audio(self, now: float, frame) -> bool:
         """The first open waits a little for audio, so the output can get an audio stream; the
         frames of the wait are kept and written when it opens. True: this tick was held."""
@@ -205,6 +213,7 @@ class _Encoder:
             return False
         text = sink._update_caption(self.tick_time, frame.pts if frame is not None else None)
         self.hold.append((self._vframe(frame, text), self.n, text))
+        self.note_shown(frame)
         sink.counters["ticks_waiting_audio"] += 1
         return True
 
@@ -267,6 +276,7 @@ class _Encoder:
                 sink.counters["frames_out"] += 1
             muxed += out.write(vframe, self.n - self.pts_base, self._pairs(text))
             sink.counters["frames_out"] += 1
+            self.note_shown(frame)
             if text:
                 sink.counters["frames_captioned"] += 1
             if self.fresh and muxed:  # connected: only now is it a reconnect, and the backoff reset
@@ -357,7 +367,7 @@ class BurninSink(Sink):
         # AudioChunks in order; bounded: the oldest go first
         self._audio: collections.deque = collections.deque()
         self._audio_max = int(100 * (self.settings.delay_s + 5))  # ~45 chunks a second
-        self._offsets: collections.deque = collections.deque(maxlen=90)  # recent frames' arrival - pts
+        self._picture_offsets: collections.deque = collections.deque(maxlen=90)  # tick time - pts, each frame's first tick
         self._audio_seen = False
         self.has_audio = False  # the current output has an audio stream
         self._claimed: str | None = None  # the file name start() took (kept across retried starts)
@@ -383,7 +393,6 @@ class BurninSink(Sink):
     def on_frame(self, frame) -> None:
         with self._lock:
             self._latest = frame
-            self._offsets.append(frame.arrival - frame.pts)
             if self.settings.delay_s > 0:
                 self._delayed.append(frame)
 
@@ -496,19 +505,14 @@ class BurninSink(Sink):
 
     def _pump_audio(self, out: Output | None, now: float, out_t0: float) -> None:
         """Encode the audio that is due (up to 0.1 s ahead of the video); never raises."""
+        # where a chunk belongs in wall-clock time: its stream time + the offset its picture got
+        # (``_picture_offsets``, kept by the encoder thread: this one)
+        off = sorted(self._picture_offsets)[len(self._picture_offsets) // 2] if self._picture_offsets else None
         with self._lock:
-            # where a chunk belongs in wall-clock time: its stream time + the offset of the video
-            # frames (the median arrival - pts of the recent ones; a frame is shown at the tick
-            # after it arrives, half a period later on average) + delay_s. Taken when the chunk is
-            # written, so the first anchor already sees the frames of the first open's wait
-            if self._offsets:
-                off = sorted(self._offsets)[len(self._offsets) // 2] + 0.5 / self.settings.fps
-            else:
-                off = None
             due = []
             while self._audio:
                 chunk = self._audio[0]
-                at = chunk.pts + (chunk.arrival - chunk.pts if off is None else off) + self.settings.delay_s
+                at = chunk.arrival + self.settings.delay_s if off is None else chunk.pts + off
                 if at > now + 0.1:
                     break
                 due.append((at, self._audio.popleft()))
