@@ -284,3 +284,46 @@ def test_streams_file_refuses_shared_output_files_and_duplicate_ids(tmp_path, mo
     Service({**shared, "sinks": ["jsonl:captions.jsonl"]},  # each stream its own file: fine
             [{"id": "a", "source": "rtmp://127.0.0.1/live/a"},
              {"id": "b", "source": "rtmp://127.0.0.1/live/b", "sinks": ["jsonl:b.jsonl"]}])
+
+
+def test_a_starting_stream_holds_its_row_and_cannot_be_deleted_half_started(service, long_video, tmp_path,
+                                                                             monkeypatch):
+    """While a stream starts (its ``Pipeline.start`` held at its beginning here, as a slow source open would):
+    its KV-cache row is taken (another stream gets 503 "no room", /health's ``free`` counts it), and a DELETE
+    is 409 rather than stopping a stream whose start then goes on unseen, holding a row and writing its file."""
+    from pipeline.app import Pipeline
+
+    svc = service([{"id": "a", "source": long_video, "sinks": ["jsonl:a.jsonl"]}], max_streams=2)
+    gate, entered = __import__("threading").Event(), __import__("threading").Event()
+    real_start = Pipeline.start
+
+    def held_start(self):
+        if self.stream_id == "slow":
+            entered.set()
+            gate.wait(60)
+        return real_start(self)
+
+    monkeypatch.setattr(Pipeline, "start", held_start)
+    added: list = []
+    t = __import__("threading").Thread(target=lambda: added.append(request(
+        "POST", f"{svc.base}/api/streams", {"id": "slow", "source": long_video, "sinks": ["jsonl:slow.jsonl"]})))
+    t.start()
+    try:
+        assert entered.wait(30)
+        status, body = request("POST", f"{svc.base}/api/streams", {"id": "c", "source": long_video,
+                                                                   "sinks": ["jsonl:c.jsonl"]})
+        assert status == 503 and "no room" in body["error"], body
+        assert request("GET", f"{svc.base}/health")[1]["free"] == 0
+        status, body = request("DELETE", f"{svc.base}/api/streams/slow")
+        assert status == 409 and "starting" in body["error"], body
+    finally:
+        gate.set()
+        t.join(60)
+    assert added and added[0][0] == 201, added
+    assert set(svc.streams) == {"a", "slow"}
+    assert request("DELETE", f"{svc.base}/api/streams/slow")[0] == 200
+    health = request("GET", f"{svc.base}/health")[1]
+    assert health["streams"] == 1 and health["free"] == 1, health  # its row is free again
+    n = len(captions(tmp_path / "slow.jsonl"))
+    wait_until(lambda: len(captions(tmp_path / "a.jsonl")) >= 3, 120, "captions from stream a")
+    assert len(captions(tmp_path / "slow.jsonl")) == n  # stopped: nothing more written
