@@ -44,7 +44,7 @@ from .streams_http import StreamConflict, StreamsHTTP
 
 log = logging.getLogger("livecc.serve")
 
-STREAM_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+STREAM_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # fullmatch: "$" would let a trailing newline through
 STREAM_KEYS = {"id", "source", "query", "sinks", "capture", "sampler"}
 
 
@@ -58,7 +58,7 @@ def stream_config(shared: dict, spec: Any, where: str) -> tuple[str, RunConfig]:
     if unknown:
         raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r} (a stream takes {', '.join(sorted(STREAM_KEYS))})")
     sid = spec.get("id")
-    if not isinstance(sid, str) or not STREAM_ID.match(sid):
+    if not isinstance(sid, str) or not STREAM_ID.fullmatch(sid):
         raise ConfigError(f"{where}.id: {sid!r} is not a stream id (letters, digits, '-', '_'; at most 64)")
     if not spec.get("source"):
         raise ConfigError(f"{where}.source: missing")

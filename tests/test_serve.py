@@ -327,3 +327,14 @@ def test_a_starting_stream_holds_its_row_and_cannot_be_deleted_half_started(serv
     n = len(captions(tmp_path / "slow.jsonl"))
     wait_until(lambda: len(captions(tmp_path / "a.jsonl")) >= 3, 120, "captions from stream a")
     assert len(captions(tmp_path / "slow.jsonl")) == n  # stopped: nothing more written
+
+
+@pytest.mark.parametrize("sid", ["a\n", "", "../x", "a/b", "a b", "é", "x" * 65, 7, None])
+def test_stream_ids_are_checked_whole(sid):
+    """An id is 1-64 letters, digits, '-', '_' and nothing else: a trailing newline (which ``$`` lets through)
+    would put a line break into logs, metrics labels and routes."""
+    from pipeline.config import ConfigError
+    from pipeline.serve import stream_config
+
+    with pytest.raises(ConfigError, match="is not a stream id"):
+        stream_config({}, {"id": sid, "source": "rtmp://127.0.0.1/live/x"}, "POST /api/streams")
