@@ -37,7 +37,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 
-from .app import Pipeline, PipelineError
+from .app import Pipeline, PipelineError, resolve_source
 from .config import OUTPUT_FIELDS, ConfigError, RunConfig, validate
 from .server import HttpServer, Route, from_settings
 from .streams_http import StreamConflict, StreamsHTTP
@@ -74,6 +74,17 @@ def stream_config(shared: dict, spec: Any, where: str) -> tuple[str, RunConfig]:
     if spec.get("sinks") is not None:
         data["sinks"] = spec["sinks"]
     return sid, validate(data, f"{where} ({sid})")
+
+
+def check_source(scfg: RunConfig, where: str) -> None:
+    """A stream's source can be resolved here (a known kind; a file that exists): nothing is opened.
+
+    Raises ConfigError naming ``where`` (a client error: HTTP 400). Not for ``--cluster``, whose files
+    are on the workers' machines."""
+    try:
+        resolve_source(scfg.capture.source, scfg.capture)
+    except PipelineError as e:
+        raise ConfigError(f"{where}: source: {e}") from None
 
 
 def output_files(sinks: list[dict], where: str) -> dict[str, str]:
@@ -186,6 +197,7 @@ class Service(StreamsHTTP):
             if sid in ids:
                 raise ConfigError(f"{label}.id: {sid!r} is taken by streams[{ids[sid]}] (ids must be unique)")
             ids[sid] = i
+            check_source(scfg, f"{label} ({sid})")
             for path, sink in output_files(scfg.sinks, f"{label} ({sid})").items():
                 if path in files:
                     raise ConfigError(f"{label} ({sid}): {sink} writes {path}, as stream {files[path]!r} does: "
@@ -212,10 +224,12 @@ class Service(StreamsHTTP):
 
     def add_stream(self, spec: dict, where: str = "stream") -> Pipeline:
         """Start a stream from a ``streams:`` entry; returns its running Pipeline. Raises ConfigError (a bad
-        entry, two of its sinks on one file), StreamConflict (its id is taken, or a file it would write is written
-        by another stream: running or starting) or PipelineError (no free KV-cache row, a source that cannot
-        be resolved). The id, the files and a row are reserved at once, so concurrent calls cannot share them."""
+        entry, a source that cannot be resolved, two of its sinks on one file), StreamConflict (its id is taken,
+        or a file it would write is written by another stream: running or starting) or PipelineError (no free
+        KV-cache row, a stream that fails to start). The id, the files and a row are reserved at once, so
+        concurrent calls cannot share them."""
         sid, scfg = stream_config(self.shared, spec, where)
+        check_source(scfg, f"{where} ({sid})")
         files = output_files(scfg.sinks, f"{where} ({sid})")
         with self._lock:  # the id, the files and a KV-cache row are reserved together, before anything starts
             if sid in self.streams or sid in self._starting:

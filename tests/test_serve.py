@@ -338,3 +338,21 @@ def test_stream_ids_are_checked_whole(sid):
 
     with pytest.raises(ConfigError, match="is not a stream id"):
         stream_config({}, {"id": sid, "source": "rtmp://127.0.0.1/live/x"}, "POST /api/streams")
+
+
+def test_a_source_that_cannot_be_resolved_is_a_client_error(service, long_video, tmp_path, monkeypatch):
+    """A missing file or an unknown source kind is the caller's mistake: 400 naming it (not 503, which says
+    "retry later"), the running stream goes on; in the streams file it is refused before the model loads."""
+    from pipeline.config import ConfigError
+    from pipeline.serve import Service
+
+    with pytest.raises(ConfigError, match=r"streams\[0\].*nonexistent\.mp4: no such file"):
+        Service({"engine": {"model": "/nonexistent-model"}, "server": {"enabled": False}},
+                [{"id": "a", "source": str(tmp_path / "nonexistent.mp4")}])
+    svc = service([{"id": "a", "source": long_video, "sinks": ["jsonl:a.jsonl"]}])
+    for source, why in ((str(tmp_path / "nonexistent.mp4"), "no such file"), ("foo://bar", "unknown source kind")):
+        status, body = request("POST", f"{svc.base}/api/streams", {"id": "b", "source": source,
+                                                                   "sinks": ["jsonl:b.jsonl"]})
+        assert status == 400 and why in body["error"], (source, status, body)
+    assert set(svc.streams) == {"a"} and request("GET", f"{svc.base}/health")[1]["free"] == 3
+    assert not (tmp_path / "b.jsonl").exists()
