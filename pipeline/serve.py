@@ -56,7 +56,12 @@ def stream_config(shared: dict, spec: Any, where: str) -> tuple[str, RunConfig]:
         raise ConfigError(f"{where}: expected a mapping with id and source")
     unknown = set(spec) - STREAM_KEYS
     if unknown:
-        raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r} (a stream takes {', '.join(sorted(STREAM_KEYS))})")
+        import difflib
+
+        key = sorted(map(str, unknown))[0]
+        close = difflib.get_close_matches(key, sorted(STREAM_KEYS), n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(f"{where}: unknown key {key!r} ({hint}a stream takes {', '.join(sorted(STREAM_KEYS))})")
     sid = spec.get("id")
     if not isinstance(sid, str) or not STREAM_ID.fullmatch(sid):
         raise ConfigError(f"{where}.id: {sid!r} is not a stream id (letters, digits, '-', '_'; at most 64)")

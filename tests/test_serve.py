@@ -356,3 +356,15 @@ def test_a_source_that_cannot_be_resolved_is_a_client_error(service, long_video,
         assert status == 400 and why in body["error"], (source, status, body)
     assert set(svc.streams) == {"a"} and request("GET", f"{svc.base}/health")[1]["free"] == 3
     assert not (tmp_path / "b.jsonl").exists()
+
+
+def test_an_unknown_key_of_a_stream_entry_suggests_the_key_meant():
+    """As for the config's own keys (``did you mean ...``): a misspelt key of a ``streams:`` entry names the
+    close one, and every key a stream takes."""
+    from pipeline.config import ConfigError
+    from pipeline.serve import stream_config
+
+    with pytest.raises(ConfigError, match=r"streams\[0\]: unknown key 'sink' \(did you mean 'sinks'\?.*capture, id"):
+        stream_config({}, {"id": "a", "source": "rtmp://127.0.0.1/live/a", "sink": ["console"]}, "f.yaml: streams[0]")
+    with pytest.raises(ConfigError, match=r"unknown key 'colour' \(a stream takes capture, id"):
+        stream_config({}, {"id": "a", "source": "rtmp://127.0.0.1/live/a", "colour": 1}, "f.yaml: streams[0]")
