@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -294,7 +295,7 @@ def test_a_starting_stream_holds_its_row_and_cannot_be_deleted_half_started(serv
     from pipeline.app import Pipeline
 
     svc = service([{"id": "a", "source": long_video, "sinks": ["jsonl:a.jsonl"]}], max_streams=2)
-    gate, entered = __import__("threading").Event(), __import__("threading").Event()
+    gate, entered = threading.Event(), threading.Event()
     real_start = Pipeline.start
 
     def held_start(self):
@@ -305,7 +306,7 @@ def test_a_starting_stream_holds_its_row_and_cannot_be_deleted_half_started(serv
 
     monkeypatch.setattr(Pipeline, "start", held_start)
     added: list = []
-    t = __import__("threading").Thread(target=lambda: added.append(request(
+    t = threading.Thread(target=lambda: added.append(request(
         "POST", f"{svc.base}/api/streams", {"id": "slow", "source": long_video, "sinks": ["jsonl:slow.jsonl"]})))
     t.start()
     try:
