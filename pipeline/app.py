@@ -34,7 +34,7 @@ import time
 from concurrent.futures import Future
 from typing import Any
 
-from .capture import Backoff, CaptureThread, ClipQueue, LiveSampler, RingBuffer, SourceOptions, resolve
+from .capture import Backoff, CaptureThread, ClipQueue, LiveSampler, RingBuffer, Source, SourceOptions, resolve
 from .config import RunConfig
 from .errors import PipelineError
 from .metrics import RATE_WINDOW_S, Metrics
@@ -83,6 +83,26 @@ class Command:
     arg: Any
     future: Future
     received: float = dataclasses.field(default_factory=time.monotonic)
+
+
+def resolve_source(spec: str, cap: Any) -> Source:
+    """The Source for ``spec`` with the ``capture:`` section ``cap``'s options (nothing is opened).
+
+    Raises PipelineError for an unknown or broken source kind, or a file source that does not exist."""
+    from .capture import CaptureError
+
+    opts = SourceOptions(pace=cap.pace, listen=cap.listen, transport=cap.transport, low_latency=cap.low_latency,
+                         relay=cap.relay, video_size=cap.video_size, framerate=cap.framerate,
+                         pixel_format=cap.pixel_format, decoder_threads=cap.decoder_threads,
+                         thread_type=cap.thread_type, open_timeout=cap.open_timeout,
+                         read_timeout=cap.read_timeout, live=cap.live, options=dict(cap.options))
+    try:
+        source = resolve(spec, opts)
+    except CaptureError as e:
+        raise PipelineError(str(e)) from None
+    if source.kind == "file" and not os.path.isfile(source.url):
+        raise PipelineError(f"{source.display}: no such file")
+    return source
 
 
 class Pipeline:
@@ -137,23 +157,12 @@ class Pipeline:
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def start(self) -> "Pipeline":
-        from .capture import CaptureError
         from .fanout.dispatch import Dispatcher
         from .plugins import make_sink
 
         cfg, cap = self.cfg, self.cfg.capture
         self.state = "starting"
-        opts = SourceOptions(pace=cap.pace, listen=cap.listen, transport=cap.transport, low_latency=cap.low_latency,
-                             relay=cap.relay, video_size=cap.video_size, framerate=cap.framerate,
-                             pixel_format=cap.pixel_format, decoder_threads=cap.decoder_threads,
-                             thread_type=cap.thread_type, open_timeout=cap.open_timeout,
-                             read_timeout=cap.read_timeout, live=cap.live, options=dict(cap.options))
-        try:
-            self.source = resolve(self.source_spec, opts)
-        except CaptureError as e:
-            raise PipelineError(str(e)) from None
-        if self.source.kind == "file" and not os.path.isfile(self.source.url):
-            raise PipelineError(f"{self.source.display}: no such file")  # before a long model load
+        self.source = resolve_source(self.source_spec, cap)  # before a long model load
         if self._sinks is None:
             blocks = cfg.sinks or [{"kind": "console"}]
             try:

@@ -18,6 +18,8 @@ while it runs (the routes, shared with ``--cluster``: ``streams_http.py``):
     GET    /metrics                        every stream's families, labelled ``stream="{id}"``
     GET    /health                         {"live", "ready", "streams", "capacity", "free"}
 
+Two streams never write one file (``output_files``): a second stream naming a file that a running one writes
+is refused (HTTP 409), as is a streams file with such streams or with one id twice (before the model loads).
 A stream that does not fit (every KV-cache row taken: ``engine.max_streams`` or what the GPU's memory
 allows at ``engine.max_context``) is refused with a message saying how many fit.
 """
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import re
 import threading
 from typing import Any
@@ -34,14 +37,14 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 
-from .app import Pipeline, PipelineError
-from .config import ConfigError, RunConfig, validate
+from .app import Pipeline, PipelineError, resolve_source
+from .config import OUTPUT_FIELDS, ConfigError, RunConfig, validate
 from .server import HttpServer, Route, from_settings
-from .streams_http import StreamsHTTP
+from .streams_http import StreamConflict, StreamsHTTP
 
 log = logging.getLogger("livecc.serve")
 
-STREAM_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+STREAM_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # fullmatch: "$" would let a trailing newline through
 STREAM_KEYS = {"id", "source", "query", "sinks", "capture", "sampler"}
 
 
@@ -53,9 +56,14 @@ def stream_config(shared: dict, spec: Any, where: str) -> tuple[str, RunConfig]:
         raise ConfigError(f"{where}: expected a mapping with id and source")
     unknown = set(spec) - STREAM_KEYS
     if unknown:
-        raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r} (a stream takes {', '.join(sorted(STREAM_KEYS))})")
+        import difflib
+
+        key = sorted(map(str, unknown))[0]
+        close = difflib.get_close_matches(key, sorted(STREAM_KEYS), n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(f"{where}: unknown key {key!r} ({hint}a stream takes {', '.join(sorted(STREAM_KEYS))})")
     sid = spec.get("id")
-    if not isinstance(sid, str) or not STREAM_ID.match(sid):
+    if not isinstance(sid, str) or not STREAM_ID.fullmatch(sid):
         raise ConfigError(f"{where}.id: {sid!r} is not a stream id (letters, digits, '-', '_'; at most 64)")
     if not spec.get("source"):
         raise ConfigError(f"{where}.source: missing")
@@ -71,6 +79,45 @@ def stream_config(shared: dict, spec: Any, where: str) -> tuple[str, RunConfig]:
     if spec.get("sinks") is not None:
         data["sinks"] = spec["sinks"]
     return sid, validate(data, f"{where} ({sid})")
+
+
+def check_source(scfg: RunConfig, where: str) -> None:
+    """A stream's source can be resolved here (a known kind; a file that exists): nothing is opened.
+
+    Raises ConfigError naming ``where`` (a client error: HTTP 400). Not for ``--cluster``, whose files
+    are on the workers' machines."""
+    try:
+        resolve_source(scfg.capture.source, scfg.capture)
+    except PipelineError as e:
+        raise ConfigError(f"{where}: source: {e}") from None
+
+
+def output_files(sinks: list[dict], where: str) -> dict[str, str]:
+    """The files a stream's sinks write: ``{real path: "sinks[i] (kind)"}``, from its validated ``sinks``
+    blocks (a sink's default path counts: a bare ``jsonl`` writes ``events.jsonl``). URLs and stdout are not
+    files. Relative paths are taken from the working directory, as the sinks open them.
+
+    Raises ConfigError naming ``where`` when two of the stream's sinks write one file."""
+    from .plugins import sink_class
+
+    out: dict[str, str] = {}
+    for i, block in enumerate(sinks):
+        settings = dict(block)
+        kind = settings.pop("kind")
+        try:
+            checked = sink_class(kind).Settings.model_validate(settings)
+        except Exception:  # validate() checked it already
+            continue
+        for field in OUTPUT_FIELDS:
+            value = getattr(checked, field, None)
+            if not isinstance(value, str) or not value or value in ("-", "stdout") or "://" in value:
+                continue
+            path = os.path.realpath(os.path.expanduser(value))
+            label = f"sinks[{i}] ({kind})"
+            if path in out:
+                raise ConfigError(f"{where}: {label} writes {path}, as {out[path]} does: give each sink its own file")
+            out[path] = label
+    return out
 
 
 def start_server(settings, routes: list[Route]) -> HttpServer:
@@ -145,8 +192,22 @@ class Service(StreamsHTTP):
         self._lock = threading.Lock()
         self._done = threading.Event()
         self.ended: dict[str, dict] = {}  # streams that ended by themselves: their sinks' final status
+        self._starting: set[str] = set()  # ids of streams being started (not in ``streams`` yet)
+        self._files: dict[str, str] = {}  # real path -> the id of the stream (running or starting) that writes it
+        ids: dict[str, int] = {}
+        files: dict[str, str] = {}
         for i, spec in enumerate(self.specs):  # every stream checked before the model loads
-            stream_config(self.shared, spec, f"{where}: streams[{i}]")
+            label = f"{where}: streams[{i}]"
+            sid, scfg = stream_config(self.shared, spec, label)
+            if sid in ids:
+                raise ConfigError(f"{label}.id: {sid!r} is taken by streams[{ids[sid]}] (ids must be unique)")
+            ids[sid] = i
+            check_source(scfg, f"{label} ({sid})")
+            for path, sink in output_files(scfg.sinks, f"{label} ({sid})").items():
+                if path in files:
+                    raise ConfigError(f"{label} ({sid}): {sink} writes {path}, as stream {files[path]!r} does: "
+                                      "give each stream its own file (sinks: in its entry)")
+                files[path] = sid
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def start(self) -> "Service":
@@ -167,41 +228,62 @@ class Service(StreamsHTTP):
         self.server = start_server(self.cfg.server, self.http_routes())
 
     def add_stream(self, spec: dict, where: str = "stream") -> Pipeline:
-        """Start a stream from a ``streams:`` entry. Raises ConfigError (bad entry) or PipelineError (id taken,
-        no free KV-cache row, a source that cannot be resolved)."""
+        """Start a stream from a ``streams:`` entry; returns its running Pipeline. Raises ConfigError (a bad
+        entry, a source that cannot be resolved, two of its sinks on one file), StreamConflict (its id is taken,
+        or a file it would write is written by another stream: running or starting) or PipelineError (no free
+        KV-cache row, a stream that fails to start). The id, the files and a row are reserved at once, so
+        concurrent calls cannot share them."""
         sid, scfg = stream_config(self.shared, spec, where)
-        with self._lock:
-            if sid in self.streams:
-                raise PipelineError(f"stream {sid!r} exists already")
-            if self.engine.free_slots <= 0:
+        check_source(scfg, f"{where} ({sid})")
+        files = output_files(scfg.sinks, f"{where} ({sid})")
+        with self._lock:  # the id, the files and a KV-cache row are reserved together, before anything starts
+            if sid in self.streams or sid in self._starting:
+                raise StreamConflict(f"stream {sid!r} exists already")
+            for path, sink in files.items():
+                if path in self._files:
+                    raise StreamConflict(f"stream {sid!r}: {sink} writes {path}, which stream "
+                                         f"{self._files[path]!r} writes already (give each stream its own file)")
+            if self._free() <= 0:
                 raise PipelineError(f"no room for stream {sid!r}: all {self.engine.slots} streams of "
                                     f"{self.engine.cfg.max_context} context tokens are taken on this GPU "
                                     "(engine.max_streams / engine.max_context)")
-        from .plugins import make_sink
-
-        sinks = []
-        for block in scfg.sinks or [{"kind": "console"}]:
-            block = dict(block)
-            if block.get("kind") == "overlay" and not block.get("name"):
-                block["name"] = sid  # /overlay/{id}
-            sinks.append(make_sink(block))
-        mounts = _StreamRoutes(self.server) if self.server is not None else None
-        if mounts is not None:
-            for sink in sinks:
-                sink.mount(mounts)
-        p = Pipeline(scfg, engine=self.engine, stream_id=sid, sinks=sinks, server=mounts)
-        with self._lock:
-            self.streams[sid] = p
-            if mounts is not None:
-                self.routes[sid] = mounts
+            self._starting.add(sid)
+            self._files.update(dict.fromkeys(files, sid))
+        p = None
         try:
+            from .plugins import make_sink
+
+            sinks = []
+            for block in scfg.sinks or [{"kind": "console"}]:
+                block = dict(block)
+                if block.get("kind") == "overlay" and not block.get("name"):
+                    block["name"] = sid  # /overlay/{id}
+                sinks.append(make_sink(block))
+            mounts = _StreamRoutes(self.server) if self.server is not None else None
+            if mounts is not None:
+                for sink in sinks:
+                    sink.mount(mounts)
+            p = Pipeline(scfg, engine=self.engine, stream_id=sid, sinks=sinks, server=mounts)
             p.start()
-        except Exception:
+        except BaseException:
+            if p is not None:
+                p.stop()
             with self._lock:
-                self.streams.pop(sid, None)
-                self.routes.pop(sid, None)
-            p.stop()
+                self._starting.discard(sid)
+                self._release_files(sid)
             raise
+        with self._lock:
+            self._starting.discard(sid)
+            stopping = self._done.is_set()
+            if not stopping:
+                self.streams[sid] = p
+                if mounts is not None:
+                    self.routes[sid] = mounts
+        if stopping:  # the service stopped while this stream started: stop() did not see it
+            p.stop()
+            with self._lock:
+                self._release_files(sid)
+            raise PipelineError(f"stream {sid!r}: the service is stopping")
         threading.Thread(target=self._watch, args=(sid, p), name=f"livecc-watch-{sid}", daemon=True).start()
         log.info("stream %s: %s", sid, p.source.display)
         return p
@@ -217,11 +299,23 @@ class Service(StreamsHTTP):
             log.info("stream %s ended%s", sid, f" ({p.error})" if p.error else "")
 
     def remove_stream(self, sid: str) -> dict:
-        """Stop a stream (its sinks finalise their files) and free its KV-cache row; KeyError if unknown."""
+        """Stop a stream (its sinks finalise their files) and free its KV-cache row and its files; returns its
+        sinks' final status. KeyError if unknown; StreamConflict while it is still starting."""
         with self._lock:
+            if sid in self._starting:
+                raise StreamConflict(f"stream {sid!r} is starting: remove it once it runs")
             p = self.streams.pop(sid)
             self.routes.pop(sid, None)
-        return p.stop()
+        try:
+            return p.stop()
+        finally:
+            with self._lock:
+                self._release_files(sid)
+
+    def _release_files(self, sid: str) -> None:
+        """Its files may be written by another stream again (the caller holds ``_lock``)."""
+        for path in [path for path, owner in self._files.items() if owner == sid]:
+            del self._files[path]
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._done.wait(timeout)
@@ -236,7 +330,7 @@ class Service(StreamsHTTP):
         for sid in list(self.streams):
             try:
                 out[sid] = self.remove_stream(sid)
-            except KeyError:
+            except (KeyError, StreamConflict):  # gone meanwhile, or still starting (add_stream stops it: _done)
                 pass
         if self.engine is not None:
             self.engine.stop(self.cfg.shutdown.turn_timeout_s)
@@ -245,11 +339,15 @@ class Service(StreamsHTTP):
             self.server = None
         return out
 
+    def _free(self) -> int:
+        """KV-cache rows free for another stream (rows of streams still starting are taken)."""
+        return max(0, self.engine.free_slots - len(self._starting)) if self.engine is not None else 0
+
     # -- reporting -----------------------------------------------------------------------------------------
     def snapshot(self) -> dict:
         return {"streams": {sid: p.snapshot() for sid, p in list(self.streams.items())},
                 "capacity": self.engine.slots if self.engine else 0,
-                "free": self.engine.free_slots if self.engine else 0}
+                "free": self._free()}
 
     # -- HTTP (the routes: ``streams_http.StreamsHTTP``) -------------------------------------------------------
     def health(self) -> dict:
@@ -257,7 +355,7 @@ class Service(StreamsHTTP):
         live = self.engine is not None and self.engine.core.alive
         return {"live": live, "ready": bool(ps) and all(p.ready for p in ps), "streams": len(ps),
                 "capacity": self.engine.slots if self.engine else 0,
-                "free": self.engine.free_slots if self.engine else 0}
+                "free": self._free()}
 
     def added(self, p: Pipeline) -> dict:
         return {"id": p.stream_id, "source": p.source.display}

@@ -27,6 +27,11 @@ from .metrics import CONTENT_TYPE
 from .server import Route, bad_request, error, read_json
 
 
+class StreamConflict(PipelineError):
+    """A stream that clashes with one that runs or is starting: its id is taken, a file it would write is
+    written by another stream, or it is still starting (HTTP 409)."""
+
+
 class StreamsHTTP:
     """Mixin: ``http_routes()`` for ``serve.start_server``. Needs ``self.cfg`` (``cfg.server``: the server's
     settings), ``self.streams`` (id -> the service's record of a stream), ``self.registry`` (Prometheus) and the
@@ -112,7 +117,7 @@ class StreamsHTTP:
         except ConfigError as e:
             raise bad_request(str(e)) from None
         except PipelineError as e:
-            return error(409 if "exists already" in str(e) else 503, str(e))
+            return error(409 if isinstance(e, StreamConflict) or "exists already" in str(e) else 503, str(e))
         return web.json_response(self.added(st), status=201)
 
     async def _remove(self, request: web.Request) -> web.Response:
@@ -121,6 +126,8 @@ class StreamsHTTP:
             final = await self._run(self.remove_stream, sid)
         except KeyError:
             return error(404, f"no stream {sid!r}")
+        except StreamConflict as e:
+            return error(409, str(e))
         return web.json_response({"id": sid, "sinks": final})
 
     async def _status(self, request: web.Request) -> web.Response:

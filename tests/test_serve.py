@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -179,3 +180,192 @@ def test_livecc_serve_three_rtmp_streams_add_and_remove(nginx_rtmp, publisher, s
     for k in keys:  # each file: its own stream's turns, numbered without gaps or repeats
         turns = [c["turn"] for c in captions(tmp_path / f"{k}.jsonl")]
         assert turns == list(range(1, len(turns) + 1)), (k, turns)
+
+
+# -- hostile or careless use of the streams API and the streams file (in process: tiny model, a long file) -----
+
+@pytest.fixture
+def service(tmp_path, monkeypatch):
+    """Factory: ``service(streams, **engine)`` -> a started in-process ``Service`` with its HTTP server (base URL
+    in ``.base``); files written under ``tmp_path`` (the working directory); stopped at teardown."""
+    from pipeline.fixtures.tiny import tiny_checkpoint
+    from pipeline.serve import Service
+
+    monkeypatch.chdir(tmp_path)
+    started = []
+
+    def start(streams: list, max_streams: int = 4, sinks: list | None = None) -> Service:
+        shared = {"engine": {"model": str(tiny_checkpoint("small")), "device": "cpu", "greedy": True,
+                             "max_streams": max_streams, "max_new_tokens": 4},
+                  "server": {"port": servers.free_port()}}
+        if sinks is not None:
+            shared["sinks"] = sinks
+        s = Service(shared, streams)
+        started.append(s)
+        s.start()
+        s.base = s.server.url
+        return s
+
+    yield start
+    for s in started:
+        s.stop()
+
+
+@pytest.fixture(scope="module")
+def long_video() -> str:
+    from pipeline.fixtures.testvideo import test_video
+
+    return str(test_video(seconds=360, width=640, height=360, fps=10))  # outlives every test: never ends by itself
+
+
+def valid_jsonl(path: Path) -> list[dict]:
+    """Every line of ``path`` parsed (a line that is not JSON fails the test)."""
+    lines = path.read_text().splitlines()
+    bad = [ln for ln in lines if not _is_json(ln)]
+    assert not bad, f"{path.name}: {len(bad)} broken lines, e.g. {bad[0][:120]!r}"
+    return [json.loads(ln) for ln in lines]
+
+
+def _is_json(line: str) -> bool:
+    try:
+        json.loads(line)
+        return True
+    except ValueError:
+        return False
+
+
+def test_two_streams_never_share_an_output_file(service, long_video, tmp_path):
+    """A stream whose sink would write a file another running stream writes (the same path, spelt another way
+    too) is refused with 409 naming the file and the stream; the first stream's file stays whole."""
+    svc = service([{"id": "a", "source": long_video, "sinks": ["jsonl:a.jsonl"]}])
+    for path in ("a.jsonl", str(tmp_path / "a.jsonl"), "./sub/../a.jsonl"):
+        status, body = request("POST", f"{svc.base}/api/streams", {"id": "b", "source": long_video,
+                                                                   "sinks": [f"jsonl:{path}"]})
+        assert status == 409, (path, status, body)
+        assert "a.jsonl" in body["error"] and "'a'" in body["error"], body
+    # the default path of a sink counts too: two streams with a bare ``jsonl`` both write events.jsonl
+    assert request("POST", f"{svc.base}/api/streams", {"id": "c", "source": long_video, "sinks": ["jsonl"]})[0] == 201
+    status, body = request("POST", f"{svc.base}/api/streams", {"id": "d", "source": long_video, "sinks": ["jsonl"]})
+    assert status == 409 and "events.jsonl" in body["error"], body
+    # two sinks of one stream on one file
+    status, body = request("POST", f"{svc.base}/api/streams", {"id": "e", "source": long_video,
+                                                               "sinks": ["jsonl:e.jsonl", {"jsonl": {"path": "e.jsonl"}}]})
+    assert status == 400 and "e.jsonl" in body["error"], body
+    assert not (tmp_path / "e.jsonl").exists()
+    wait_until(lambda: len(captions(tmp_path / "a.jsonl")) >= 4, 120, "captions from stream a")
+    assert set(svc.streams) == {"a", "c"}
+    # removed, its file is free again: a new stream continues it (after a run_start line), nothing overwritten
+    n = len(captions(tmp_path / "a.jsonl"))
+    assert request("DELETE", f"{svc.base}/api/streams/a")[0] == 200
+    assert request("POST", f"{svc.base}/api/streams", {"id": "b", "source": long_video,
+                                                       "sinks": ["jsonl:a.jsonl"]})[0] == 201
+    wait_until(lambda: len(captions(tmp_path / "a.jsonl")) >= n + 2, 120, "captions from stream b")
+    svc.stop()
+    records = valid_jsonl(tmp_path / "a.jsonl")
+    assert [r["type"] for r in records].count("run_start") == 1
+    cut = [r["type"] for r in records].index("run_start")
+    first = [r["turn"] for r in records[:cut] if r["type"] == "caption"]
+    assert first[:n] == list(range(1, n + 1))  # stream a's own turns, none overwritten
+
+
+def test_streams_file_refuses_shared_output_files_and_duplicate_ids(tmp_path, monkeypatch):
+    """Checked before the model loads: two entries with one id, two streams writing one file (the shared
+    ``sinks:`` of a file with no per-stream sinks)."""
+    from pipeline.config import ConfigError
+    from pipeline.serve import Service
+
+    monkeypatch.chdir(tmp_path)
+    shared = {"engine": {"model": "/nonexistent-model"}, "server": {"enabled": False}}
+    with pytest.raises(ConfigError, match=r"streams\[1\].*id.*'a'.*streams\[0\]"):
+        Service(shared, [{"id": "a", "source": "rtmp://127.0.0.1/live/a"},
+                         {"id": "a", "source": "rtmp://127.0.0.1/live/b", "sinks": ["jsonl:b.jsonl"]}])
+    with pytest.raises(ConfigError, match=r"streams\[1\].*captions\.jsonl.*'a'"):
+        Service({**shared, "sinks": ["jsonl:captions.jsonl"]},
+                [{"id": "a", "source": "rtmp://127.0.0.1/live/a"}, {"id": "b", "source": "rtmp://127.0.0.1/live/b"}])
+    Service({**shared, "sinks": ["jsonl:captions.jsonl"]},  # each stream its own file: fine
+            [{"id": "a", "source": "rtmp://127.0.0.1/live/a"},
+             {"id": "b", "source": "rtmp://127.0.0.1/live/b", "sinks": ["jsonl:b.jsonl"]}])
+
+
+def test_a_starting_stream_holds_its_row_and_cannot_be_deleted_half_started(service, long_video, tmp_path,
+                                                                             monkeypatch):
+    """While a stream starts (its ``Pipeline.start`` held at its beginning here, as a slow source open would):
+    its KV-cache row is taken (another stream gets 503 "no room", /health's ``free`` counts it), and a DELETE
+    is 409 rather than stopping a stream whose start then goes on unseen, holding a row and writing its file."""
+    from pipeline.app import Pipeline
+
+    svc = service([{"id": "a", "source": long_video, "sinks": ["jsonl:a.jsonl"]}], max_streams=2)
+    gate, entered = threading.Event(), threading.Event()
+    real_start = Pipeline.start
+
+    def held_start(self):
+        if self.stream_id == "slow":
+            entered.set()
+            gate.wait(60)
+        return real_start(self)
+
+    monkeypatch.setattr(Pipeline, "start", held_start)
+    added: list = []
+    t = threading.Thread(target=lambda: added.append(request(
+        "POST", f"{svc.base}/api/streams", {"id": "slow", "source": long_video, "sinks": ["jsonl:slow.jsonl"]})))
+    t.start()
+    try:
+        assert entered.wait(30)
+        status, body = request("POST", f"{svc.base}/api/streams", {"id": "c", "source": long_video,
+                                                                   "sinks": ["jsonl:c.jsonl"]})
+        assert status == 503 and "no room" in body["error"], body
+        assert request("GET", f"{svc.base}/health")[1]["free"] == 0
+        status, body = request("DELETE", f"{svc.base}/api/streams/slow")
+        assert status == 409 and "starting" in body["error"], body
+    finally:
+        gate.set()
+        t.join(60)
+    assert added and added[0][0] == 201, added
+    assert set(svc.streams) == {"a", "slow"}
+    assert request("DELETE", f"{svc.base}/api/streams/slow")[0] == 200
+    health = request("GET", f"{svc.base}/health")[1]
+    assert health["streams"] == 1 and health["free"] == 1, health  # its row is free again
+    n = len(captions(tmp_path / "slow.jsonl"))
+    wait_until(lambda: len(captions(tmp_path / "a.jsonl")) >= 3, 120, "captions from stream a")
+    assert len(captions(tmp_path / "slow.jsonl")) == n  # stopped: nothing more written
+
+
+@pytest.mark.parametrize("sid", ["a\n", "", "../x", "a/b", "a b", "é", "x" * 65, 7, None])
+def test_stream_ids_are_checked_whole(sid):
+    """An id is 1-64 letters, digits, '-', '_' and nothing else: a trailing newline (which ``$`` lets through)
+    would put a line break into logs, metrics labels and routes."""
+    from pipeline.config import ConfigError
+    from pipeline.serve import stream_config
+
+    with pytest.raises(ConfigError, match="is not a stream id"):
+        stream_config({}, {"id": sid, "source": "rtmp://127.0.0.1/live/x"}, "POST /api/streams")
+
+
+def test_a_source_that_cannot_be_resolved_is_a_client_error(service, long_video, tmp_path, monkeypatch):
+    """A missing file or an unknown source kind is the caller's mistake: 400 naming it (not 503, which says
+    "retry later"), the running stream goes on; in the streams file it is refused before the model loads."""
+    from pipeline.config import ConfigError
+    from pipeline.serve import Service
+
+    with pytest.raises(ConfigError, match=r"streams\[0\].*nonexistent\.mp4: no such file"):
+        Service({"engine": {"model": "/nonexistent-model"}, "server": {"enabled": False}},
+                [{"id": "a", "source": str(tmp_path / "nonexistent.mp4")}])
+    svc = service([{"id": "a", "source": long_video, "sinks": ["jsonl:a.jsonl"]}])
+    for source, why in ((str(tmp_path / "nonexistent.mp4"), "no such file"), ("foo://bar", "unknown source kind")):
+        status, body = request("POST", f"{svc.base}/api/streams", {"id": "b", "source": source,
+                                                                   "sinks": ["jsonl:b.jsonl"]})
+        assert status == 400 and why in body["error"], (source, status, body)
+    assert set(svc.streams) == {"a"} and request("GET", f"{svc.base}/health")[1]["free"] == 3
+    assert not (tmp_path / "b.jsonl").exists()
+
+
+def test_an_unknown_key_of_a_stream_entry_suggests_the_key_meant():
+    """As for the config's own keys (``did you mean ...``): a misspelt key of a ``streams:`` entry names the
+    close one, and every key a stream takes."""
+    from pipeline.config import ConfigError
+    from pipeline.serve import stream_config
+
+    with pytest.raises(ConfigError, match=r"streams\[0\]: unknown key 'sink' \(did you mean 'sinks'\?.*capture, id"):
+        stream_config({}, {"id": "a", "source": "rtmp://127.0.0.1/live/a", "sink": ["console"]}, "f.yaml: streams[0]")
+    with pytest.raises(ConfigError, match=r"unknown key 'colour' \(a stream takes capture, id"):
+        stream_config({}, {"id": "a", "source": "rtmp://127.0.0.1/live/a", "colour": 1}, "f.yaml: streams[0]")
