@@ -99,6 +99,20 @@ def test_ask_takes_the_engine_flags_with_video_qa_defaults(capsys):
     assert "--query" in capsys.readouterr().err
 
 
+def test_ask_questions_may_follow_options(capsys):
+    """`livecc ask match.mp4 --model M "Q1" "Q2"`: questions after (or between) options are questions, in
+    order, as they are before the options (argparse alone leaves them "unrecognized")."""
+    from pipeline.cli import build_parser, parse_args
+
+    args = parse_args(build_parser(), ["ask", "v.mp4", "Q1?", "--model", "m", "Q2?", "--jsonl", "a.jsonl", "Q3?"])
+    assert args.questions == ["Q1?", "Q2?", "Q3?"] and args.model == "m" and args.jsonl == "a.jsonl"
+    assert parse_args(build_parser(), ["ask", "v.mp4", "--quantize", "int8"]).questions == []
+    for argv in (["ask", "v.mp4", "--nope", "Q?"], ["caption", "v.mp4", "extra"]):
+        with pytest.raises(SystemExit):
+            parse_args(build_parser(), argv)
+    assert "unrecognized arguments" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/usr/bin/python3") or not glob.glob("/usr/lib/python3*/EXTERNALLY-MANAGED"),
                     reason="no distribution python3 with PEP 668 here")
