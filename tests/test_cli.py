@@ -179,3 +179,15 @@ def test_a_caption_with_newlines_stays_on_one_status_line():
     snap = {"state": "running", "last_caption": {"text": "a goal!\nwhat a shot\r\n  replay"}}
     assert summary(snap)["last caption"] == "a goal! what a shot replay"
     assert "\n" not in one_line(snap) and "\r" not in one_line(snap)
+
+
+def test_drain_sends_the_token_the_server_reads(monkeypatch):
+    """The server takes its token from $LIVECC_API_TOKEN (README, Security): `livecc drain` must send that
+    one by default (it read $LIVECC_TOKEN, so a drain against a server with a token got 401)."""
+    from pipeline.cli import build_parser, parse_args
+    from pipeline.config import TOKEN_ENV
+
+    monkeypatch.delenv("LIVECC_TOKEN", raising=False)
+    monkeypatch.setenv(TOKEN_ENV, "s3cret-token-0123456789")
+    assert parse_args(build_parser(), ["drain", "node1"]).token == "s3cret-token-0123456789"
+    assert parse_args(build_parser(), ["drain", "node1", "--token", "other"]).token == "other"
