@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import subprocess
 import sys
 import time
@@ -59,6 +60,18 @@ def test_run_help_example_keeps_stream_keys_off_the_command_line():
     r = livecc("run", "--help")
     assert r.returncode == 0
     assert "live2/KEY" not in r.stdout and "LIVECC_RESTREAM_URL" in r.stdout
+
+
+def test_run_help_names_every_built_in_sink():
+    """`livecc run --help` lists the sink kinds as the README does (it left out restream, youtube and obs)."""
+    from pipeline.cli import build_parser
+    from pipeline.plugins import registry
+
+    run = build_parser()._subparsers._group_actions[0].choices["run"]
+    help_text = next(a.help for a in run._actions if a.dest == "sink")
+    listing = help_text.split(":", 1)[1].split(";")[0]  # "console, jsonl:FILE, ..., obs[:ws://HOST:PORT], ..."
+    kinds = set(re.findall(r"(?:^ |, )([a-z]+)", listing))
+    assert set(registry.names()) <= kinds, set(registry.names()) - kinds
 
 
 @pytest.mark.parametrize("flag", ENGINE_FLAGS)
