@@ -30,12 +30,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """``parser.parse_args``, except that a command whose positionals end in a list (``livecc ask VIDEO
+    [QUESTION ...]``) also takes the ones written after or between its options: argparse fills such a list
+    from the first run of positionals only and calls the rest "unrecognized arguments"."""
+    args, extra = parser.parse_known_args(argv)
+    field = getattr(args, "trailing_positionals", None)
+    if extra and field and not any(e.startswith("-") for e in extra):
+        getattr(args, field).extend(extra)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     # torchao (where installed) registers enums with torch's pytree at import, and torch >= 2.14 logs a
     # deprecation line for each: noise on every command's stderr, which is for one-line errors and logs
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     if args.command is None:  # a bare `livecc`: what it can do, not an argparse complaint
         parser.print_help(sys.stderr)
         return 2

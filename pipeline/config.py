@@ -399,6 +399,8 @@ def validate_sink(block: Any, label: str = "sinks[0]") -> dict:
                 raise ConfigError(f"{label}({kind}).{field}: {problem}")
     if kind == "twitch":
         _check_twitch(checked, label)
+    if kind == "youtube":
+        _check_youtube(checked, label)
     return {"kind": kind, **settings}
 
 
@@ -445,6 +447,14 @@ def _check_twitch(settings: Any, label: str) -> None:
         raise ConfigError(f"{label}(twitch): no OAuth token: Twitch drops every message of an anonymous user, "
                           f"so nothing would be posted. Set ${env} (or token: in the config; a bot account's "
                           "token from https://dev.twitch.tv/docs/irc/authenticate-bot)")
+
+
+def _check_youtube(settings: Any, label: str) -> None:
+    """The ingestion key is read from the environment only (never the config): without it nothing can be sent."""
+    env = getattr(settings, "key_env", "YOUTUBE_CAPTION_KEY")
+    if not os.environ.get(env):
+        raise ConfigError(f"{label}(youtube): no caption ingestion key: set ${env} to the cid= value of the URL "
+                          "YouTube Studio shows (Go live -> Stream settings -> captions: POST captions to URL)")
 
 
 def check_security(cfg: RunConfig, where: str = "config") -> None:

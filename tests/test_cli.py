@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import subprocess
 import sys
 import time
@@ -61,6 +62,18 @@ def test_run_help_example_keeps_stream_keys_off_the_command_line():
     assert "live2/KEY" not in r.stdout and "LIVECC_RESTREAM_URL" in r.stdout
 
 
+def test_run_help_names_every_built_in_sink():
+    """`livecc run --help` lists the sink kinds as the README does (it left out restream, youtube and obs)."""
+    from pipeline.cli import build_parser
+    from pipeline.plugins import registry
+
+    run = build_parser()._subparsers._group_actions[0].choices["run"]
+    help_text = next(a.help for a in run._actions if a.dest == "sink")
+    listing = help_text.split(":", 1)[1].split(";")[0]  # "console, jsonl:FILE, ..., obs[:ws://HOST:PORT], ..."
+    kinds = set(re.findall(r"(?:^ |, )([a-z]+)", listing))
+    assert set(registry.names()) <= kinds, set(registry.names()) - kinds
+
+
 @pytest.mark.parametrize("flag", ENGINE_FLAGS)
 def test_engine_flags_are_engine_config_fields_with_the_defaults_their_help_names(flag):
     """The flags are defined once (commands/options.py) and map onto EngineConfig's fields."""
@@ -97,6 +110,20 @@ def test_ask_takes_the_engine_flags_with_video_qa_defaults(capsys):
         with pytest.raises(SystemExit):
             parse(*bad)
     assert "--query" in capsys.readouterr().err
+
+
+def test_ask_questions_may_follow_options(capsys):
+    """`livecc ask match.mp4 --model M "Q1" "Q2"`: questions after (or between) options are questions, in
+    order, as they are before the options (argparse alone leaves them "unrecognized")."""
+    from pipeline.cli import build_parser, parse_args
+
+    args = parse_args(build_parser(), ["ask", "v.mp4", "Q1?", "--model", "m", "Q2?", "--jsonl", "a.jsonl", "Q3?"])
+    assert args.questions == ["Q1?", "Q2?", "Q3?"] and args.model == "m" and args.jsonl == "a.jsonl"
+    assert parse_args(build_parser(), ["ask", "v.mp4", "--quantize", "int8"]).questions == []
+    for argv in (["ask", "v.mp4", "--nope", "Q?"], ["caption", "v.mp4", "extra"]):
+        with pytest.raises(SystemExit):
+            parse_args(build_parser(), argv)
+    assert "unrecognized arguments" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -165,3 +192,15 @@ def test_a_caption_with_newlines_stays_on_one_status_line():
     snap = {"state": "running", "last_caption": {"text": "a goal!\nwhat a shot\r\n  replay"}}
     assert summary(snap)["last caption"] == "a goal! what a shot replay"
     assert "\n" not in one_line(snap) and "\r" not in one_line(snap)
+
+
+def test_drain_sends_the_token_the_server_reads(monkeypatch):
+    """The server takes its token from $LIVECC_API_TOKEN (README, Security): `livecc drain` must send that
+    one by default (it read $LIVECC_TOKEN, so a drain against a server with a token got 401)."""
+    from pipeline.cli import build_parser, parse_args
+    from pipeline.config import TOKEN_ENV
+
+    monkeypatch.delenv("LIVECC_TOKEN", raising=False)
+    monkeypatch.setenv(TOKEN_ENV, "s3cret-token-0123456789")
+    assert parse_args(build_parser(), ["drain", "node1"]).token == "s3cret-token-0123456789"
+    assert parse_args(build_parser(), ["drain", "node1", "--token", "other"]).token == "other"

@@ -117,6 +117,18 @@ def test_twitch_without_a_token_is_refused_plain_irc_is_not(monkeypatch):
     config.load(sinks=["twitch:#chan"])
 
 
+def test_youtube_without_its_key_is_refused_before_the_model_loads(monkeypatch):
+    """The key lives only in the environment: without it the sink can send nothing. It was found at the
+    sink's start, after the model loaded, and the run went on to exit 1 with every caption lost."""
+    monkeypatch.delenv("YOUTUBE_CAPTION_KEY", raising=False)
+    with pytest.raises(ConfigError, match=r"\(youtube\): no caption ingestion key: set \$YOUTUBE_CAPTION_KEY"):
+        config.load(sinks=["youtube"])
+    with pytest.raises(ConfigError, match=r"set \$MY_KEY"):
+        config.load(sinks=["youtube"], overrides=["sinks[0].key_env=MY_KEY"])
+    monkeypatch.setenv("YOUTUBE_CAPTION_KEY", "abcd-efgh")
+    config.load(sinks=["youtube"])
+
+
 def test_a_disconnected_sink_is_never_reported_ok():
     from pipeline.fanout.dispatch import Dispatcher
     from pipeline.plugins import make_sink

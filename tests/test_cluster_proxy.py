@@ -91,3 +91,22 @@ def test_overlay_page_events_and_websocket_pass_through_the_head(head):
     inner.stop()  # the actor gone (restarting): 502, not a hang
     status, body, _ = get(f"{base}/overlay/s1/captions.json")
     assert status == 502 and "does not answer" in body
+
+
+def test_no_ray_cluster_is_one_line_naming_our_flag(monkeypatch):
+    """`livecc serve --cluster auto` with no Ray cluster running: Ray's own advice ("setting `--address` flag
+    or `RAY_ADDRESS`") names a flag livecc does not have; the error says how to start one or what to pass."""
+    ray = pytest.importorskip("ray")
+    from pipeline.cluster.service import ClusterService
+    from pipeline.errors import PipelineError
+
+    def init(**kw):
+        raise ConnectionError("Could not find any running Ray instance. Please specify the one to connect to by "
+                              "setting `--address` flag or `RAY_ADDRESS` environment variable.")
+
+    monkeypatch.setattr(ray, "init", init)
+    svc = ClusterService({}, [{"id": "a", "source": "lavfi:testsrc2"}], address="auto")
+    with pytest.raises(PipelineError) as e:
+        svc.start()
+    assert "--address" not in str(e.value) and "ray start --head" in str(e.value)
+    assert "--cluster HOST:6379" in str(e.value)

@@ -163,6 +163,31 @@ def test_delivery_error_is_not_retried_and_start_is_retried():
     d.stop(2)
 
 
+def test_a_delivery_error_is_logged_as_one_line_a_bug_with_its_traceback(caplog):
+    """A DeliveryError is the sink's own one-line verdict (webhook: "connection refused after 4 attempts"):
+    the log gets that line, not a traceback through the dispatcher (a user read it as a crash); an
+    unexpected exception (a bug) keeps its first traceback."""
+    class Refused(Recorder):
+        name = "refused"
+
+        def on_caption(self, c):
+            if c.text == "bug":
+                raise KeyError("oops")
+            raise DeliveryError("webhook http://x/: connection refused after 4 attempt(s)")
+
+    s = Refused()
+    d = Dispatcher([s], retry=Backoff(initial=0.01, max_attempts=1))
+    with caplog.at_level("WARNING", logger="pipeline.fanout.dispatch"):
+        d.start()
+        d.caption(cap("x"))
+        assert wait_for(lambda: d.status()["refused"]["failed"] == 1)
+        d.caption(cap("bug"))
+        assert wait_for(lambda: d.status()["refused"]["failed"] == 2)
+        d.stop(2)
+    records = [r for r in caplog.records if "refused" in r.getMessage() or "oops" in r.getMessage()]
+    assert [bool(r.exc_info) for r in records[:2]] == [False, True], [r.getMessage() for r in records]
+
+
 def test_bounded_queue_drops_oldest_and_frames_latest_wins():
     h = Hanger()
     slow = SlowFrames()

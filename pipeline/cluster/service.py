@@ -182,7 +182,11 @@ class ClusterService(StreamsHTTP):
         try:
             ray.init(address=self.address, namespace=NAMESPACE, logging_level=logging.WARNING)
         except (ConnectionError, RuntimeError, ValueError) as e:
-            raise PipelineError(f"--cluster {self.address}: {e}") from None
+            msg = str(e)
+            if "Could not find any running Ray instance" in msg:  # Ray's advice names its own --address flag
+                msg = ("no running Ray cluster found on this machine: start one (`ray start --head`, docs/cluster.md) "
+                       "or give its address: --cluster HOST:6379 or --cluster ray://HOST:10001")
+            raise PipelineError(f"--cluster {self.address}: {msg}") from None
         if threading.current_thread() is threading.main_thread():
             for s, h in handlers.items():  # ray.init puts its own in place: SIGTERM must stop the streams cleanly
                 signal.signal(s, h)

@@ -31,7 +31,7 @@ def add_parser(sub) -> None:
                         "question and answer must fit")
     # the engine flags of run and caption, greedy and 512 tokens per answer as video_qa
     add_engine_args(p, query=False, greedy=True, max_new_tokens=MAX_NEW_TOKENS)
-    p.set_defaults(func=main)
+    p.set_defaults(func=main, trailing_positionals="questions")  # questions may follow options (cli.parse_args)
 
 
 def check_question(question: str) -> str:

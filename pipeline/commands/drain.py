@@ -7,6 +7,8 @@ import json
 import os
 import sys
 
+from ..config import TOKEN_ENV
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("drain", help="move a cluster node's streams to other nodes (livecc serve --cluster)",
@@ -15,8 +17,10 @@ def add_parser(sub) -> None:
                                    "or a node name, as GET /api/nodes lists them.")
     p.add_argument("node", metavar="NODE")
     p.add_argument("--url", default="http://127.0.0.1:8765", help="the head's HTTP API (default %(default)s)")
-    p.add_argument("--token", default=os.environ.get("LIVECC_TOKEN"),
-                   help="the server's token (default: $LIVECC_TOKEN)")
+    # the server reads its token from $LIVECC_API_TOKEN (pipeline.config.TOKEN_ENV); $LIVECC_TOKEN, which this
+    # command read before, still works
+    p.add_argument("--token", default=os.environ.get(TOKEN_ENV) or os.environ.get("LIVECC_TOKEN"),
+                   help=f"the server's token (default: ${TOKEN_ENV}, as the server)")
     p.set_defaults(func=main)
 
 
@@ -29,7 +33,8 @@ def main(args) -> int:
     try:
         r = requests.post(f"{args.url.rstrip('/')}/api/nodes/{args.node}/drain", headers=headers, timeout=120)
     except requests.RequestException as e:
-        raise UserError(f"{args.url}: {type(e).__name__}: {e}") from None
+        raise UserError(f"{args.url}: {type(e).__name__}: {e} (is `livecc serve --cluster` running there? "
+                        "--url gives the head's address)") from None
     try:
         body = r.json()
     except ValueError:

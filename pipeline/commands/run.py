@@ -36,7 +36,8 @@ def add_parser(sub) -> None:
                    "webcam-narration, obs-overlay, restream)")
     p.add_argument("--sink", action="append", default=[], metavar="KIND[:TARGET]",
                    help="add a sink (repeatable): console, jsonl:FILE, srt:FILE, vtt:FILE, burnin:URL|FILE, "
-                        "overlay[:PORT], twitch:#channel, webhook:URL; none at all: console")
+                        "restream:URL|FILE, youtube, obs[:ws://HOST:PORT], overlay[:PORT], twitch:#channel, "
+                        "webhook:URL, subtitles:FILE (docs/sinks.md); none at all: console")
     p.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY.PATH=VALUE",
                    help="override any config key, e.g. --set engine.max_new_tokens=32 --set sinks[0].fps=25")
     p.add_argument("--host", help="HTTP server address (default 127.0.0.1; elsewhere needs a token)")

@@ -66,6 +66,7 @@ class _Worker:
         self.call_started: float | None = None
         self.call_what = ""
         self.counters = collections.Counter()
+        self.traced = False  # a traceback logged already (only the first unexpected error gets one)
         self.last_error: str | None = None
         self.thread = threading.Thread(target=self._run, name=f"sink-{name}", daemon=True)
 
@@ -153,9 +154,11 @@ class _Worker:
     def _error(self, what: str, e: BaseException) -> None:
         self.counters["errors"] += 1
         self.last_error = redact(f"{what}: {type(e).__name__}: {e}")
-        # the first error's traceback, for a bug; a disk or network error (OSError) says all in one line
-        log.warning("sink %s: %s", self.name, self.last_error,
-                    exc_info=self.counters["errors"] <= 1 and not isinstance(e, OSError))
+        # the first unexpected error's traceback, for a bug; a disk or network error (OSError) and a sink's own
+        # verdict after its retries (DeliveryError) say all in one line
+        trace = not isinstance(e, (OSError, DeliveryError)) and not self.traced
+        self.traced = self.traced or trace
+        log.warning("sink %s: %s", self.name, self.last_error, exc_info=trace)
 
     def _ensure_started(self) -> bool:
         attempt = 0
