@@ -196,11 +196,41 @@ def test_a_caption_with_newlines_stays_on_one_status_line():
 
 def test_drain_sends_the_token_the_server_reads(monkeypatch):
     """The server takes its token from $LIVECC_API_TOKEN (README, Security): `livecc drain` must send that
-    one by default (it read $LIVECC_TOKEN, so a drain against a server with a token got 401)."""
-    from pipeline.cli import build_parser, parse_args
+    one by default (it read $LIVECC_TOKEN, so a drain against a server with a token got 401); --token wins.
+    A real HTTP server on loopback records the Authorization header of each request."""
+    import http.server
+    import json
+    import threading
+
+    from pipeline.cli import main
     from pipeline.config import TOKEN_ENV
 
-    monkeypatch.delenv("LIVECC_TOKEN", raising=False)
-    monkeypatch.setenv(TOKEN_ENV, "s3cret-token-0123456789")
-    assert parse_args(build_parser(), ["drain", "node1"]).token == "s3cret-token-0123456789"
-    assert parse_args(build_parser(), ["drain", "node1", "--token", "other"]).token == "other"
+    seen = []
+
+    class Head(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            seen.append((self.path, self.headers.get("Authorization")))
+            body = json.dumps({"moved": []}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Head)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}"
+    try:
+        monkeypatch.delenv("LIVECC_TOKEN", raising=False)
+        monkeypatch.setenv(TOKEN_ENV, "s3cret-token-0123456789")
+        assert main(["drain", "node1", "--url", url]) == 0
+        assert main(["drain", "node1", "--url", url, "--token", "other"]) == 0
+    finally:
+        srv.shutdown()
+    assert seen == [("/api/nodes/node1/drain", "Bearer s3cret-token-0123456789"),
+                    ("/api/nodes/node1/drain", "Bearer other")]
+
+

@@ -7,8 +7,6 @@ import json
 import os
 import sys
 
-from ..config import TOKEN_ENV
-
 
 def add_parser(sub) -> None:
     p = sub.add_parser("drain", help="move a cluster node's streams to other nodes (livecc serve --cluster)",
@@ -17,19 +15,20 @@ def add_parser(sub) -> None:
                                    "or a node name, as GET /api/nodes lists them.")
     p.add_argument("node", metavar="NODE")
     p.add_argument("--url", default="http://127.0.0.1:8765", help="the head's HTTP API (default %(default)s)")
-    # the server reads its token from $LIVECC_API_TOKEN (pipeline.config.TOKEN_ENV); $LIVECC_TOKEN, which this
-    # command read before, still works
-    p.add_argument("--token", default=os.environ.get(TOKEN_ENV) or os.environ.get("LIVECC_TOKEN"),
-                   help=f"the server's token (default: ${TOKEN_ENV}, as the server)")
+    p.add_argument("--token", help="the server's token (default: $LIVECC_API_TOKEN, as the server)")
     p.set_defaults(func=main)
 
 
 def main(args) -> int:
     import requests
 
+    from ..config import TOKEN_ENV  # (not at the top: the parser imports no third-party package, not even yaml)
     from ..errors import UserError
 
-    headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
+    # the server reads its token from $LIVECC_API_TOKEN (TOKEN_ENV); $LIVECC_TOKEN, which this command read
+    # before, still works
+    token = args.token or os.environ.get(TOKEN_ENV) or os.environ.get("LIVECC_TOKEN")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
         r = requests.post(f"{args.url.rstrip('/')}/api/nodes/{args.node}/drain", headers=headers, timeout=120)
     except requests.RequestException as e:
