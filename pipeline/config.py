@@ -350,6 +350,7 @@ def validate(data: dict, where: str = "config", cli_sinks: int = 0) -> RunConfig
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
     check_security(cfg, where)
+    output_files(cfg.sinks, where)  # two sinks on one file: refused here, before anything loads
     return cfg
 
 
@@ -406,6 +407,34 @@ def validate_sink(block: Any, label: str = "sinks[0]") -> dict:
 
 #: sink settings that name a file the sink writes (a URL there is left to the sink)
 OUTPUT_FIELDS = ("path", "output")
+
+
+def output_files(sinks: list[dict], where: str) -> dict[str, str]:
+    """The files a stream's sinks write: ``{real path: "sinks[i] (kind)"}``, from its validated ``sinks``
+    blocks (a sink's default path counts: a bare ``jsonl`` writes ``events.jsonl``). URLs and stdout are not
+    files. Relative paths are taken from the working directory, as the sinks open them.
+
+    Raises ConfigError naming ``where`` when two of the stream's sinks write one file."""
+    from .plugins import sink_class
+
+    out: dict[str, str] = {}
+    for i, block in enumerate(sinks):
+        settings = dict(block)
+        kind = settings.pop("kind")
+        try:
+            checked = sink_class(kind).Settings.model_validate(settings)
+        except Exception:  # validate() checked it already
+            continue
+        for field in OUTPUT_FIELDS:
+            value = getattr(checked, field, None)
+            if not isinstance(value, str) or not value or value in ("-", "stdout") or "://" in value:
+                continue
+            path = os.path.realpath(os.path.expanduser(value))
+            label = f"sinks[{i}] ({kind})"
+            if path in out:
+                raise ConfigError(f"{where}: {label} writes {path}, as {out[path]} does: give each sink its own file")
+            out[path] = label
+    return out
 
 
 def output_path_problem(target: str) -> str | None:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import re
 import threading
 from typing import Any
@@ -38,7 +37,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 
 from .app import Pipeline, PipelineError, resolve_source
-from .config import OUTPUT_FIELDS, ConfigError, RunConfig, validate
+from .config import ConfigError, RunConfig, output_files, validate
 from .server import HttpServer, Route, from_settings
 from .streams_http import StreamConflict, StreamsHTTP
 
@@ -90,34 +89,6 @@ def check_source(scfg: RunConfig, where: str) -> None:
         resolve_source(scfg.capture.source, scfg.capture)
     except PipelineError as e:
         raise ConfigError(f"{where}: source: {e}") from None
-
-
-def output_files(sinks: list[dict], where: str) -> dict[str, str]:
-    """The files a stream's sinks write: ``{real path: "sinks[i] (kind)"}``, from its validated ``sinks``
-    blocks (a sink's default path counts: a bare ``jsonl`` writes ``events.jsonl``). URLs and stdout are not
-    files. Relative paths are taken from the working directory, as the sinks open them.
-
-    Raises ConfigError naming ``where`` when two of the stream's sinks write one file."""
-    from .plugins import sink_class
-
-    out: dict[str, str] = {}
-    for i, block in enumerate(sinks):
-        settings = dict(block)
-        kind = settings.pop("kind")
-        try:
-            checked = sink_class(kind).Settings.model_validate(settings)
-        except Exception:  # validate() checked it already
-            continue
-        for field in OUTPUT_FIELDS:
-            value = getattr(checked, field, None)
-            if not isinstance(value, str) or not value or value in ("-", "stdout") or "://" in value:
-                continue
-            path = os.path.realpath(os.path.expanduser(value))
-            label = f"sinks[{i}] ({kind})"
-            if path in out:
-                raise ConfigError(f"{where}: {label} writes {path}, as {out[path]} does: give each sink its own file")
-            out[path] = label
-    return out
 
 
 def start_server(settings, routes: list[Route]) -> HttpServer:

@@ -187,3 +187,15 @@ def test_readme_config_reference_documents_every_key():
         ("server", config.ServerSection), ("status", config.StatusSection), ("log", config.LogSection),
         ("shutdown", config.ShutdownSection)) for key in model.model_fields if f"`{key}`" not in ref]
     assert not missing, f"README config reference lacks {missing}"
+
+
+def test_two_sinks_of_one_run_never_write_one_file(tmp_path, monkeypatch):
+    """`livecc run --sink jsonl:a.jsonl --sink srt:a.jsonl` (or the same file by another name) would interleave
+    two formats in one file: refused before anything loads, naming both sinks. A bare `jsonl` writes
+    events.jsonl, so `jsonl` + `jsonl:events.jsonl` clash too; URLs and distinct files are fine."""
+    monkeypatch.chdir(tmp_path)
+    msg = error_of(None, sinks=["jsonl:a.jsonl", "srt:./sub/../a.jsonl"])
+    assert "sinks[1] (srt) writes" in msg and "as sinks[0] (jsonl) does" in msg, msg
+    assert "as sinks[0] (jsonl) does" in error_of(None, sinks=["jsonl", "jsonl:events.jsonl"])
+    cfg = config.load(None, sinks=["jsonl:a.jsonl", "srt:a.srt", "webhook:http://127.0.0.1:9/x"])
+    assert [s["kind"] for s in cfg.sinks] == ["jsonl", "srt", "webhook"]
