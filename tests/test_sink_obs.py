@@ -159,6 +159,27 @@ def test_obs_wrong_password_is_reported(fake_obs, monkeypatch):
     assert fake_obs.identified == 0 and "wrong" not in sink.error
 
 
+def test_obs_never_reached_is_lost_data():
+    """OBS not running for the whole run (nothing listens on its port: a real refused connection): the captions
+    were never sent, so the run must not end as a quiet "stopped" - the dispatcher reports the sink failed
+    (``livecc run`` exits 1, 'sink lost data'). A run with nothing to send is fine."""
+    from pipeline.fanout.dispatch import Dispatcher
+
+    url = f"ws://127.0.0.1:{free_port()}"
+    idle = ObsSink(url=url, backoff_initial_s=0.1, backoff_max_s=0.2)
+    idle.start()
+    idle.stop()  # nothing given: nothing lost
+    sink = ObsSink(url=url, backoff_initial_s=0.1, backoff_max_s=0.2)
+    d = Dispatcher([sink])
+    d.start()
+    for t in ("one", "two"):
+        d.caption(Caption(0, 1, t))
+    time.sleep(0.5)
+    final = d.stop(10)["obs"]
+    assert final["state"] == "failed", final
+    assert "never reached" in final["last_error"] and "none of 2 captions" in final["last_error"], final
+
+
 @needs_nginx
 @pytest.mark.skipif(not obs_studio.available(), reason="needs obs-studio and Xvfb")
 def test_real_obs_acknowledges_captions_and_survives_a_restart(tmp_path, monkeypatch):

@@ -13,7 +13,8 @@ The password is read from the environment (``password_env``, default ``OBS_WEBSO
 When OBS goes away (restart, crash) the sink reconnects with ``pipeline.backoff.Backoff``;
 captions that wait longer than ``max_age_s`` are dropped (counted ``stale``: a late live caption
 misleads more than a missing one). A wrong password (close code 4009) is not retried: the next
-caption raises ``DeliveryError``.
+caption raises ``DeliveryError``. A run that never reached OBS while it had captions to send ends with
+``DeliveryError`` from ``stop`` (lost data: ``livecc run`` exits 1 and says so), not a quiet "stopped".
 """
 
 from __future__ import annotations
@@ -114,6 +115,7 @@ class ObsSink(Sink):
         if caption.kind == "answer":
             text = self.settings.answer_prefix + text
         self._pending.append((time.monotonic(), text))
+        self.counters["captions"] += 1
         self._notify()
 
     def stop(self) -> None:
@@ -123,6 +125,10 @@ class ObsSink(Sink):
             self._thread.join(self.settings.stop_timeout_s + self.settings.timeout_s)
         if self.error:
             raise DeliveryError(self.error)
+        if self.counters["captions"] and not self.counters["connects"]:
+            raise DeliveryError(f"OBS at {redact(self.settings.url)} was never reached: none of "
+                                f"{self.counters['captions']} captions was sent (is OBS running, with Tools -> "
+                                f"WebSocket Server Settings -> Enable WebSocket server?)")
 
     def describe(self) -> str:
         return f"obs:{redact(self.settings.url)}"
