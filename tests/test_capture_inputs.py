@@ -17,7 +17,7 @@ import pytest
 
 import servers
 from capture_helpers import grab
-from pipeline.capture import Backoff, CaptureError, CaptureThread, ClipQueue, LiveSampler, RingBuffer
+from pipeline.capture import Backoff, CaptureError, CaptureThread, ClipQueue, LiveSampler, RingBuffer, resolve
 from pipeline.capture.files import decode_frames, file_clips
 
 pytestmark = pytest.mark.timeout(90)
@@ -346,3 +346,52 @@ def test_livecc_run_burns_in_a_rotated_file_upright(landscape, tmp_path):
     top = slice(0, 160)  # above the caption box
     diff = np.abs(_shown(out, 180, 320)[top].astype(int) - _shown(rot, 180, 320)[top]).mean()
     assert diff < 12, diff  # x264 at the burn-in's bitrate; sideways would not even have this shape
+
+
+# -- a raw elementary stream: no timestamps at all ------------------------------------------------
+@pytest.fixture(scope="module")
+def raw_h264(tmp_path_factory):
+    """4 s of 160x120 at 10 fps as a raw H.264 elementary stream (a ``.h264`` file, what a Raspberry
+    Pi camera, a drone or ``ffmpeg -f h264`` writes): no container, no pts on any packet or frame."""
+    return servers.make_video(tmp_path_factory.mktemp("raw") / "cam.h264", size="160x120", fps=10, seconds=4)
+
+
+def test_raw_h264_file_is_captioned_on_its_frame_clock(raw_h264):
+    """livecc caption: frames without timestamps are timed by their durations (the stream's frame
+    rate), so 4 s of video are an opener and one turn, as the same video in an MP4 is (was: every
+    frame skipped, 'no frame could be decoded')."""
+    frames = list(decode_frames(raw_h264))
+    assert len(frames) == 40
+    assert [round(f.pts, 6) for f, _ in frames] == [round(i / 10, 6) for i in range(40)]
+    clips = list(file_clips(raw_h264))
+    assert [(c.start, c.stop) for c in clips] == [(0.0, 3.0), (3.0, 4.0)]
+
+
+def test_raw_h264_file_plays_at_its_frame_rate_in_the_capture_thread(raw_h264):
+    """livecc run: a file without timestamps gets stream time from its frames' durations, not the
+    wall clock of decoding (was: 4 s of video as 0.1 s of stream time, paced at decode speed: one turn)."""
+    seen = []
+
+    class Recording(RingBuffer):
+        def put(self, frame):
+            seen.append(frame.pts)
+            super().put(frame)
+
+    cap = CaptureThread(resolve(str(raw_h264), pace=False), Recording(4)).start()
+    try:
+        assert cap.done.wait(20)
+    finally:
+        assert cap.stop(5)
+    assert cap.error is None and cap.state == "ended"
+    assert len(seen) == 40
+    assert seen == pytest.approx([i / 10 for i in range(40)], abs=1e-6)
+
+
+def test_raw_h264_file_for_ask(raw_h264):
+    """livecc ask / --protocol evaluation: the whole-video read plans 8 frames (2 fps of 4 s), not
+    'no video frames'."""
+    from pipeline.capture import whole_video
+
+    p = whole_video.plan(raw_h264)
+    assert len(p.indices) == 8
+    assert whole_video.read_frames(raw_h264, p).shape[0] == 8

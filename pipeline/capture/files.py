@@ -67,7 +67,9 @@ def _open(path: str | Path):
 
 def decode_frames(path: str | Path) -> Iterator[tuple[Frame, float]]:
     """(frame, end time) for every decoded frame, pts from 0, upright as players show it (the
-    display rotation applied: :class:`~pipeline.capture.frames.Upright`). Corrupt packets are skipped."""
+    display rotation applied: :class:`~pipeline.capture.frames.Upright`). Corrupt packets are skipped.
+    A frame without a timestamp (a raw ``.h264`` / ``.hevc`` elementary stream has none) starts where
+    the previous frame ended: such a stream is timed by its frame durations (the stream's frame rate)."""
     container = _open(path)
     try:
         stream = container.streams.video[0]
@@ -79,15 +81,16 @@ def decode_frames(path: str | Path) -> Iterator[tuple[Frame, float]]:
         upright = Upright()
         try:
             for frame in _decode_skipping_damage(container, stream):
-                if frame.pts is None:
-                    continue
                 # exact arithmetic: an end time of 2.5 s must compare equal to the grid time 2.5
-                tb = frame.time_base
+                tb = frame.time_base or stream.time_base or Fraction(1, 90000)
                 dur = frame.duration * tb if getattr(frame, "duration", None) else 1 / rate
-                first = frame.pts * tb if first is None else first
-                t = frame.pts * tb - first
-                if end is not None and t < end - dur:  # timestamps went back (concatenated files): continue
-                    first, t = frame.pts * tb - end, end
+                if frame.pts is None:  # no timestamp: right after the previous frame
+                    t = end if end is not None else Fraction(0)
+                else:
+                    first = frame.pts * tb - (end or 0) if first is None else first
+                    t = frame.pts * tb - first
+                    if end is not None and t < end - dur:  # timestamps went back (concatenated files): continue
+                        first, t = frame.pts * tb - end, end
                 end = t + dur
                 img = upright.image(frame)
                 yield Frame(img, float(t), time.monotonic(), index), float(t + dur)
