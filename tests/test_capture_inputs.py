@@ -395,3 +395,24 @@ def test_raw_h264_file_for_ask(raw_h264):
     p = whole_video.plan(raw_h264)
     assert len(p.indices) == 8
     assert whole_video.read_frames(raw_h264, p).shape[0] == 8
+
+
+# -- a clip cut with stream copy: packets before the cut are in the file, marked discard ----------
+def test_stream_copy_cut_for_ask(tmp_path):
+    """``ffmpeg -ss 1.5 -i in.mp4 -c copy cut.mp4`` (the usual way to trim a clip) keeps the GOP before
+    the cut point and an edit list that hides it: those packets are flagged discard, and the decoder
+    drops their frames. The whole-video read (livecc ask, --protocol evaluation) must count and time
+    the frames that are shown (was: 60 packets counted, 45 frames decoded: 'only 9 of the 12 planned
+    frames could be decoded')."""
+    from pipeline.capture import whole_video
+
+    src = servers.make_video(tmp_path / "in.mp4", size="160x120", fps=10, seconds=6, gop=30)
+    cut = tmp_path / "cut.mp4"
+    subprocess.run([servers.FFMPEG, "-nostdin", "-loglevel", "error", "-y", "-ss", "1.5", "-i", str(src), "-c", "copy",
+                    str(cut)], check=True)
+    shown = len(list(decode_frames(cut)))
+    assert shown == 45
+    ends, _, _ = whole_video.frame_end_times(cut)
+    assert len(ends) == shown and ends[0] == pytest.approx(0.1) and ends[-1] == pytest.approx(4.5)
+    p = whole_video.plan(cut)
+    assert whole_video.read_frames(cut, p).shape[0] == len(p.indices) == 8

@@ -51,7 +51,9 @@ class VideoPlan:
 def frame_end_times(path: str | Path) -> tuple[np.ndarray, float, tuple[int, int]]:
     """(end time of every frame in seconds, float32, ascending; average frame rate; (height, width)).
 
-    Read from the packets (nothing is decoded): pts relative to the first, plus the packet duration.
+    Read from the packets (nothing is decoded): pts relative to the first, plus the packet duration;
+    packets flagged discard (before the cut of a stream-copied MP4: an edit list hides them, the
+    decoder drops their frames) are not frames.
     A packet without a pts (a raw ``.h264`` / ``.hevc`` elementary stream has none) starts where the
     previous one ended; the frame rate of such a stream is its frames per second of those times (the
     demuxer's rate for it is a default, 25). Raises VideoFileError for a file with no video frames.
@@ -65,7 +67,7 @@ def frame_end_times(path: str | Path) -> tuple[np.ndarray, float, tuple[int, int
         pts, durs = [], []
         untimed = False
         for packet in container.demux(stream):
-            if packet.size:
+            if packet.size and not packet.is_discard:  # discard: hidden by an edit list, not decoded
                 if packet.pts is not None:
                     pts.append(packet.pts)
                 else:  # right after the previous packet
