@@ -18,9 +18,10 @@ import pytest
 import servers
 from capture_helpers import grab
 from pipeline.capture import Backoff, CaptureError, CaptureThread, ClipQueue, LiveSampler, RingBuffer, resolve
-from pipeline.capture.files import decode_frames, file_clips
+from pipeline.capture.files import VideoFileError, decode_frames, file_clips, probe
 
 pytestmark = pytest.mark.timeout(90)
+ROOT = Path(__file__).resolve().parent.parent
 
 
 # -- rotation -----------------------------------------------------------------------------------
@@ -416,3 +417,24 @@ def test_stream_copy_cut_for_ask(tmp_path):
     assert len(ends) == shown and ends[0] == pytest.approx(0.1) and ends[-1] == pytest.approx(4.5)
     p = whole_video.plan(cut)
     assert whole_video.read_frames(cut, p).shape[0] == len(p.indices) == 8
+
+
+# -- a text file given as the source --------------------------------------------------------------
+def test_text_file_is_not_a_video(tmp_path):
+    """FFmpeg's tty demuxer opens any .txt / .nfo / .ans file as a 'video' of the text drawn as ANSI art
+    (640x400, 25 fps, as long as the text). A notes or log file given by mistake must be an error,
+    not captioned (was: 'livecc caption notes.txt' captioned 51 s of rendered text)."""
+    text = tmp_path / "notes.txt"
+    text.write_text((ROOT / "README.md").read_text() * 2)
+    with pytest.raises(VideoFileError, match="text file"):
+        list(file_clips(text))
+    with pytest.raises(VideoFileError, match="text file"):
+        probe(text)
+    events = []
+    cap = CaptureThread(resolve(str(text), pace=False), RingBuffer(4), on_event=events.append).start()
+    try:
+        assert cap.done.wait(20)
+    finally:
+        assert cap.stop(5)
+    assert [e.kind for e in events] == ["source_error"] and "text file" in events[0].detail, events
+    assert cap.stats["frames"] == 0

@@ -18,7 +18,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from .frames import MAX_PIXELS, MAX_RATIO, Upright, resize_frames
+from .frames import MAX_PIXELS, MAX_RATIO, TEXT_DEMUXERS, Upright, resize_frames
 from .sampler import FPS, OPENER_FRAMES, TURN_FRAMES, conform
 from ..types import Clip, Frame
 from ..errors import VideoFileError  # noqa: F401  (re-exported)
@@ -57,6 +57,9 @@ def _open(path: str | Path):
     if not container.streams.video:
         container.close()
         raise VideoFileError(f"{path} has no video stream")
+    if container.format.name in TEXT_DEMUXERS:
+        container.close()
+        raise VideoFileError(f"{path} is a text file, not a video")
     w, h = container.streams.video[0].width or 0, container.streams.video[0].height or 0
     if w > 0 and h > 0 and max(w, h) / min(w, h) > MAX_RATIO:
         container.close()

@@ -22,7 +22,7 @@ import pipeline.capture.hls as hls
 from pipeline.capture.errors import CaptureError, NoVideoYet
 from pipeline.capture.relay import Relay
 from pipeline.capture.sources import LOW_LATENCY_OPTIONS, Source
-from pipeline.capture.frames import MAX_RATIO, Upright
+from pipeline.capture.frames import MAX_RATIO, TEXT_DEMUXERS, Upright
 from pipeline.redact import redact
 
 log = logging.getLogger(__name__)
@@ -232,6 +232,8 @@ def _video_stream(source: Source, container) -> av.video.stream.VideoStream:
     if not container.streams.video:
         kinds = ", ".join(sorted({s.type for s in container.streams})) or "no streams"
         raise CaptureError(f"{source.display}: no video stream (has {kinds})")
+    if container.format.name in TEXT_DEMUXERS:
+        raise CaptureError(f"{source.display}: a text file, not a video")
     stream = container.streams.video[0]
     ctx = stream.codec_context
     if ctx is None or stream.codec_context.codec is None:
