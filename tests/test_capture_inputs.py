@@ -438,3 +438,32 @@ def test_text_file_is_not_a_video(tmp_path):
         assert cap.stop(5)
     assert [e.kind for e in events] == ["source_error"] and "text file" in events[0].detail, events
     assert cap.stats["frames"] == 0
+
+
+# -- timestamps that jump far forward (concatenated recordings) -----------------------------------
+def test_timestamps_jumping_an_hour_forward(tmp_path):
+    """Two 3-s MPEG-TS recordings concatenated, the second's timestamps an hour on (``cat a.ts b.ts``
+    of an encoder restarted later). livecc caption continues the video after the jump, as the capture
+    thread (livecc run) does for a jump over 10 s: 6 s of video are the opener and 3 turns (was: the 90
+    frames after the jump taken one per turn, 90 turns labelled 3-93 s for 3 s of video)."""
+    a = servers.make_video(tmp_path / "a.ts", size="160x120", fps=30, seconds=3)
+    b = servers.make_video(tmp_path / "b.ts", size="160x120", fps=30, seconds=3, extra=["-output_ts_offset", "3600"])
+    joined = tmp_path / "joined.ts"
+    joined.write_bytes(a.read_bytes() + b.read_bytes())
+    frames = [f for f, _ in decode_frames(joined)]
+    assert len(frames) == 180 and frames[-1].pts == pytest.approx(179 / 30, abs=1e-3)
+    clips = list(file_clips(joined))
+    assert [(c.start, c.stop) for c in clips] == [(0.0, 3.0), (3.0, 4.0), (4.0, 5.0), (5.0, 6.0)]
+    seen = []
+
+    class Recording(RingBuffer):
+        def put(self, frame):
+            seen.append(frame.pts)
+            super().put(frame)
+
+    cap = CaptureThread(resolve(str(joined), pace=False), Recording(4)).start()
+    try:
+        assert cap.done.wait(20)
+    finally:
+        assert cap.stop(5)
+    assert seen == pytest.approx([f.pts for f in frames], abs=1e-3)  # livecc run: the same stream time

@@ -19,6 +19,7 @@ import av
 import numpy as np
 
 from .frames import MAX_PIXELS, MAX_RATIO, TEXT_DEMUXERS, Upright, resize_frames
+from .reader import JUMP_S
 from .sampler import FPS, OPENER_FRAMES, TURN_FRAMES, conform
 from ..types import Clip, Frame
 from ..errors import VideoFileError  # noqa: F401  (re-exported)
@@ -72,7 +73,10 @@ def decode_frames(path: str | Path) -> Iterator[tuple[Frame, float]]:
     """(frame, end time) for every decoded frame, pts from 0, upright as players show it (the
     display rotation applied: :class:`~pipeline.capture.frames.Upright`). Corrupt packets are skipped.
     A frame without a timestamp (a raw ``.h264`` / ``.hevc`` elementary stream has none) starts where
-    the previous frame ended: such a stream is timed by its frame durations (the stream's frame rate)."""
+    the previous frame ended: such a stream is timed by its frame durations (the stream's frame rate).
+    Timestamps that go back, or on by more than ``JUMP_S`` (10 s) past the previous frame's end
+    (concatenated recordings), are a discontinuity: the video continues at the previous frame's end,
+    as the capture thread continues it."""
     container = _open(path)
     try:
         stream = container.streams.video[0]
@@ -92,7 +96,8 @@ def decode_frames(path: str | Path) -> Iterator[tuple[Frame, float]]:
                 else:
                     first = frame.pts * tb - (end or 0) if first is None else first
                     t = frame.pts * tb - first
-                    if end is not None and t < end - dur:  # timestamps went back (concatenated files): continue
+                    if end is not None and not end - dur <= t <= end + JUMP_S:
+                        # timestamps went back or jumped far on (concatenated recordings): continue
                         first, t = frame.pts * tb - end, end
                 end = t + dur
                 img = upright.image(frame)
