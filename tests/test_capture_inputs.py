@@ -17,10 +17,11 @@ import pytest
 
 import servers
 from capture_helpers import grab
-from pipeline.capture import Backoff, CaptureError, CaptureThread, ClipQueue, LiveSampler, RingBuffer
-from pipeline.capture.files import decode_frames, file_clips
+from pipeline.capture import Backoff, CaptureError, CaptureThread, ClipQueue, LiveSampler, RingBuffer, resolve
+from pipeline.capture.files import VideoFileError, decode_frames, file_clips, probe
 
 pytestmark = pytest.mark.timeout(90)
+ROOT = Path(__file__).resolve().parent.parent
 
 
 # -- rotation -----------------------------------------------------------------------------------
@@ -346,3 +347,123 @@ def test_livecc_run_burns_in_a_rotated_file_upright(landscape, tmp_path):
     top = slice(0, 160)  # above the caption box
     diff = np.abs(_shown(out, 180, 320)[top].astype(int) - _shown(rot, 180, 320)[top]).mean()
     assert diff < 12, diff  # x264 at the burn-in's bitrate; sideways would not even have this shape
+
+
+# -- a raw elementary stream: no timestamps at all ------------------------------------------------
+@pytest.fixture(scope="module")
+def raw_h264(tmp_path_factory):
+    """4 s of 160x120 at 10 fps as a raw H.264 elementary stream (a ``.h264`` file, what a Raspberry
+    Pi camera, a drone or ``ffmpeg -f h264`` writes): no container, no pts on any packet or frame."""
+    return servers.make_video(tmp_path_factory.mktemp("raw") / "cam.h264", size="160x120", fps=10, seconds=4)
+
+
+def test_raw_h264_file_is_captioned_on_its_frame_clock(raw_h264):
+    """livecc caption: frames without timestamps are timed by their durations (the stream's frame
+    rate), so 4 s of video are an opener and one turn, as the same video in an MP4 is (was: every
+    frame skipped, 'no frame could be decoded')."""
+    frames = list(decode_frames(raw_h264))
+    assert len(frames) == 40
+    assert [round(f.pts, 6) for f, _ in frames] == [round(i / 10, 6) for i in range(40)]
+    clips = list(file_clips(raw_h264))
+    assert [(c.start, c.stop) for c in clips] == [(0.0, 3.0), (3.0, 4.0)]
+
+
+def test_raw_h264_file_plays_at_its_frame_rate_in_the_capture_thread(raw_h264):
+    """livecc run: a file without timestamps gets stream time from its frames' durations, not the
+    wall clock of decoding (was: 4 s of video as 0.1 s of stream time, paced at decode speed: one turn)."""
+    seen = []
+
+    class Recording(RingBuffer):
+        def put(self, frame):
+            seen.append(frame.pts)
+            super().put(frame)
+
+    cap = CaptureThread(resolve(str(raw_h264), pace=False), Recording(4)).start()
+    try:
+        assert cap.done.wait(20)
+    finally:
+        assert cap.stop(5)
+    assert cap.error is None and cap.state == "ended"
+    assert len(seen) == 40
+    assert seen == pytest.approx([i / 10 for i in range(40)], abs=1e-6)
+
+
+def test_raw_h264_file_for_ask(raw_h264):
+    """livecc ask / --protocol evaluation: the whole-video read plans 8 frames (2 fps of 4 s), not
+    'no video frames'."""
+    from pipeline.capture import whole_video
+
+    p = whole_video.plan(raw_h264)
+    assert len(p.indices) == 8
+    assert whole_video.read_frames(raw_h264, p).shape[0] == 8
+
+
+# -- a clip cut with stream copy: packets before the cut are in the file, marked discard ----------
+def test_stream_copy_cut_for_ask(tmp_path):
+    """``ffmpeg -ss 1.5 -i in.mp4 -c copy cut.mp4`` (the usual way to trim a clip) keeps the GOP before
+    the cut point and an edit list that hides it: those packets are flagged discard, and the decoder
+    drops their frames. The whole-video read (livecc ask, --protocol evaluation) must count and time
+    the frames that are shown (was: 60 packets counted, 45 frames decoded: 'only 9 of the 12 planned
+    frames could be decoded')."""
+    from pipeline.capture import whole_video
+
+    src = servers.make_video(tmp_path / "in.mp4", size="160x120", fps=10, seconds=6, gop=30)
+    cut = tmp_path / "cut.mp4"
+    subprocess.run([servers.FFMPEG, "-nostdin", "-loglevel", "error", "-y", "-ss", "1.5", "-i", str(src), "-c", "copy",
+                    str(cut)], check=True)
+    shown = len(list(decode_frames(cut)))
+    assert shown == 45
+    ends, _, _ = whole_video.frame_end_times(cut)
+    assert len(ends) == shown and ends[0] == pytest.approx(0.1) and ends[-1] == pytest.approx(4.5)
+    p = whole_video.plan(cut)
+    assert whole_video.read_frames(cut, p).shape[0] == len(p.indices) == 8
+
+
+# -- a text file given as the source --------------------------------------------------------------
+def test_text_file_is_not_a_video(tmp_path):
+    """FFmpeg's tty demuxer opens any .txt / .nfo / .ans file as a 'video' of the text drawn as ANSI art
+    (640x400, 25 fps, as long as the text). A notes or log file given by mistake must be an error,
+    not captioned (was: 'livecc caption notes.txt' captioned 51 s of rendered text)."""
+    text = tmp_path / "notes.txt"
+    text.write_text((ROOT / "README.md").read_text() * 2)
+    with pytest.raises(VideoFileError, match="text file"):
+        list(file_clips(text))
+    with pytest.raises(VideoFileError, match="text file"):
+        probe(text)
+    events = []
+    cap = CaptureThread(resolve(str(text), pace=False), RingBuffer(4), on_event=events.append).start()
+    try:
+        assert cap.done.wait(20)
+    finally:
+        assert cap.stop(5)
+    assert [e.kind for e in events] == ["source_error"] and "text file" in events[0].detail, events
+    assert cap.stats["frames"] == 0
+
+
+# -- timestamps that jump far forward (concatenated recordings) -----------------------------------
+def test_timestamps_jumping_an_hour_forward(tmp_path):
+    """Two 3-s MPEG-TS recordings concatenated, the second's timestamps an hour on (``cat a.ts b.ts``
+    of an encoder restarted later). livecc caption continues the video after the jump, as the capture
+    thread (livecc run) does for a jump over 10 s: 6 s of video are the opener and 3 turns (was: the 90
+    frames after the jump taken one per turn, 90 turns labelled 3-93 s for 3 s of video)."""
+    a = servers.make_video(tmp_path / "a.ts", size="160x120", fps=30, seconds=3)
+    b = servers.make_video(tmp_path / "b.ts", size="160x120", fps=30, seconds=3, extra=["-output_ts_offset", "3600"])
+    joined = tmp_path / "joined.ts"
+    joined.write_bytes(a.read_bytes() + b.read_bytes())
+    frames = [f for f, _ in decode_frames(joined)]
+    assert len(frames) == 180 and frames[-1].pts == pytest.approx(179 / 30, abs=1e-3)
+    clips = list(file_clips(joined))
+    assert [(c.start, c.stop) for c in clips] == [(0.0, 3.0), (3.0, 4.0), (4.0, 5.0), (5.0, 6.0)]
+    seen = []
+
+    class Recording(RingBuffer):
+        def put(self, frame):
+            seen.append(frame.pts)
+            super().put(frame)
+
+    cap = CaptureThread(resolve(str(joined), pace=False), Recording(4)).start()
+    try:
+        assert cap.done.wait(20)
+    finally:
+        assert cap.stop(5)
+    assert seen == pytest.approx([f.pts for f in frames], abs=1e-3)  # livecc run: the same stream time

@@ -18,7 +18,8 @@ from pathlib import Path
 import av
 import numpy as np
 
-from .frames import MAX_PIXELS, MAX_RATIO, Upright, resize_frames
+from .frames import MAX_PIXELS, MAX_RATIO, TEXT_DEMUXERS, Upright, resize_frames
+from .reader import JUMP_S
 from .sampler import FPS, OPENER_FRAMES, TURN_FRAMES, conform
 from ..types import Clip, Frame
 from ..errors import VideoFileError  # noqa: F401  (re-exported)
@@ -57,6 +58,9 @@ def _open(path: str | Path):
     if not container.streams.video:
         container.close()
         raise VideoFileError(f"{path} has no video stream")
+    if container.format.name in TEXT_DEMUXERS:
+        container.close()
+        raise VideoFileError(f"{path} is a text file, not a video")
     w, h = container.streams.video[0].width or 0, container.streams.video[0].height or 0
     if w > 0 and h > 0 and max(w, h) / min(w, h) > MAX_RATIO:
         container.close()
@@ -67,7 +71,12 @@ def _open(path: str | Path):
 
 def decode_frames(path: str | Path) -> Iterator[tuple[Frame, float]]:
     """(frame, end time) for every decoded frame, pts from 0, upright as players show it (the
-    display rotation applied: :class:`~pipeline.capture.frames.Upright`). Corrupt packets are skipped."""
+    display rotation applied: :class:`~pipeline.capture.frames.Upright`). Corrupt packets are skipped.
+    A frame without a timestamp (a raw ``.h264`` / ``.hevc`` elementary stream has none) starts where
+    the previous frame ended: such a stream is timed by its frame durations (the stream's frame rate).
+    Timestamps that go back, or on by more than ``JUMP_S`` (10 s) past the previous frame's end
+    (concatenated recordings), are a discontinuity: the video continues at the previous frame's end,
+    as the capture thread continues it."""
     container = _open(path)
     try:
         stream = container.streams.video[0]
@@ -79,15 +88,17 @@ def decode_frames(path: str | Path) -> Iterator[tuple[Frame, float]]:
         upright = Upright()
         try:
             for frame in _decode_skipping_damage(container, stream):
-                if frame.pts is None:
-                    continue
                 # exact arithmetic: an end time of 2.5 s must compare equal to the grid time 2.5
-                tb = frame.time_base
+                tb = frame.time_base or stream.time_base or Fraction(1, 90000)
                 dur = frame.duration * tb if getattr(frame, "duration", None) else 1 / rate
-                first = frame.pts * tb if first is None else first
-                t = frame.pts * tb - first
-                if end is not None and t < end - dur:  # timestamps went back (concatenated files): continue
-                    first, t = frame.pts * tb - end, end
+                if frame.pts is None:  # no timestamp: right after the previous frame
+                    t = end if end is not None else Fraction(0)
+                else:
+                    first = frame.pts * tb - (end or 0) if first is None else first
+                    t = frame.pts * tb - first
+                    if end is not None and not end - dur <= t <= end + JUMP_S:
+                        # timestamps went back or jumped far on (concatenated recordings): continue
+                        first, t = frame.pts * tb - end, end
                 end = t + dur
                 img = upright.image(frame)
                 yield Frame(img, float(t), time.monotonic(), index), float(t + dur)

@@ -14,6 +14,9 @@ FACTOR = 28  # patch 14 x spatial merge 2
 MIN_PIXELS = 100 * FACTOR * FACTOR
 MAX_PIXELS = 384 * FACTOR * FACTOR  # LiveCC's default per frame
 MAX_RATIO = 200
+# FFmpeg demuxers that turn a text file into a "video" (tty: .txt/.nfo/.ans/.asc/... drawn as ANSI art):
+# a file opened by one of them is a text file given by mistake, not something to caption
+TEXT_DEMUXERS = frozenset({"tty"})
 
 
 class Upright:

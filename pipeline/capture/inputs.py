@@ -22,7 +22,7 @@ import pipeline.capture.hls as hls
 from pipeline.capture.errors import CaptureError, NoVideoYet
 from pipeline.capture.relay import Relay
 from pipeline.capture.sources import LOW_LATENCY_OPTIONS, Source
-from pipeline.capture.frames import MAX_RATIO, Upright
+from pipeline.capture.frames import MAX_RATIO, TEXT_DEMUXERS, Upright
 from pipeline.redact import redact
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,9 @@ class PyAVInput:
     playlist: hls.Playlist | None = None
     read_timeout: float = 0.0  # seconds without a packet before a read fails (an HLS playlist's stall timeout)
     upright: Upright = field(default_factory=Upright)  # the display rotation: per open (a new publisher may differ)
+    # a finite input (a file): a frame without a timestamp (a raw .h264 elementary stream) is timed at
+    # the previous frame's end (durations: the stream's frame rate), not left to the wall clock of decoding
+    finite: bool = False
 
     @property
     def interval(self) -> float:
@@ -80,8 +83,10 @@ class PyAVInput:
              ) -> Iterator[Picture | av.Packet | Exception]:
         """See :class:`Input`. Pictures are turned upright (``Upright``). With ``seen`` and an HLS playlist,
         video packets ``seen`` reports as captured before (a re-read segment) are decoded, since later frames
-        refer to them, but their frames are not yielded again."""
+        refer to them, but their frames are not yielded again. A ``finite`` input's frames without a
+        timestamp get the previous frame's end time (0 for the first)."""
         vs = self.stream
+        clock = None  # a finite input: where the last frame ended, seconds
         try:
             aus = self.container.streams.audio[0] if audio and self.container.streams.audio else None
         except Exception:  # noqa: BLE001 - an audio stream PyAV cannot describe: captions need only the video
@@ -102,9 +107,15 @@ class PyAVInput:
             for f in frames:
                 if replayed_to is not None and f.pts is not None and f.pts <= replayed_to:
                     continue
+                t = f.time
+                if self.finite:
+                    if t is None:
+                        t = clock if clock is not None else 0.0
+                    dur = f.duration * f.time_base if f.duration and f.time_base else None
+                    clock = t + (float(dur) if dur else self.interval)
                 turn = self.upright.turn(f)
                 w, h = (f.height, f.width) if turn in (90, 270) else (f.width, f.height)
-                yield Picture(f.time, (w, h, f.format.name), partial(self.upright.image, f, turn))
+                yield Picture(t, (w, h, f.format.name), partial(self.upright.image, f, turn))
 
     def close(self) -> None:
         try:
@@ -214,13 +225,15 @@ def open_input(source: Source, *, relay: bool | None = None, on_relay: Callable[
         if only_audio:
             raise NoVideoYet(str(e)) from None
         raise
-    return PyAVInput(container, stream, rel, playlist, source.read_timeout)
+    return PyAVInput(container, stream, rel, playlist, source.read_timeout, finite=not source.live)
 
 
 def _video_stream(source: Source, container) -> av.video.stream.VideoStream:
     if not container.streams.video:
         kinds = ", ".join(sorted({s.type for s in container.streams})) or "no streams"
         raise CaptureError(f"{source.display}: no video stream (has {kinds})")
+    if container.format.name in TEXT_DEMUXERS:
+        raise CaptureError(f"{source.display}: a text file, not a video")
     stream = container.streams.video[0]
     ctx = stream.codec_context
     if ctx is None or stream.codec_context.codec is None:

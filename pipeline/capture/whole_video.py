@@ -51,18 +51,28 @@ class VideoPlan:
 def frame_end_times(path: str | Path) -> tuple[np.ndarray, float, tuple[int, int]]:
     """(end time of every frame in seconds, float32, ascending; average frame rate; (height, width)).
 
-    Read from the packets (nothing is decoded): pts relative to the first, plus the packet duration.
-    Raises VideoFileError for a file with no video frames.
+    Read from the packets (nothing is decoded): pts relative to the first, plus the packet duration;
+    packets flagged discard (before the cut of a stream-copied MP4: an edit list hides them, the
+    decoder drops their frames) are not frames.
+    A packet without a pts (a raw ``.h264`` / ``.hevc`` elementary stream has none) starts where the
+    previous one ended; the frame rate of such a stream is its frames per second of those times (the
+    demuxer's rate for it is a default, 25). Raises VideoFileError for a file with no video frames.
     """
     container = _open(path)
     try:
         stream = container.streams.video[0]
         tb = stream.time_base
         rate = stream.average_rate or stream.guessed_rate
+        nominal = round(1 / (float(rate or 30) * float(tb)))  # one frame, in time_base units
         pts, durs = [], []
+        untimed = False
         for packet in container.demux(stream):
-            if packet.pts is not None and packet.size:
-                pts.append(packet.pts)
+            if packet.size and not packet.is_discard:  # discard: hidden by an edit list, not decoded
+                if packet.pts is not None:
+                    pts.append(packet.pts)
+                else:  # right after the previous packet
+                    untimed = True
+                    pts.append(pts[-1] + (durs[-1] or nominal) if pts else 0)
                 durs.append(packet.duration or 0)
         size = (stream.height or 0, stream.width or 0)
     finally:
@@ -75,6 +85,8 @@ def frame_end_times(path: str | Path) -> tuple[np.ndarray, float, tuple[int, int
     fps = float(rate) if rate else 30.0
     d = np.where(d > 0, d, round(1 / (fps * float(tb))))
     ends = ((p - p[0] + d) * float(tb)).astype(np.float32)
+    if untimed and ends[-1] > 0:
+        fps = len(ends) / float(ends[-1])
     return ends, fps, size
 
 
