@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -41,6 +42,13 @@ def test_demo_runs_offline_and_writes_its_outputs(tmp_path):
     assert len(caps) >= 8, f"{len(caps)} turns"
     assert len(subs) == len([c for c in caps if c["text"].strip() not in ("", "...")])
     assert r.stdout.count("[00:") >= len(subs)  # the console sink printed them
+
+    # it names the tiny checkpoint for the other commands, with a command that works as printed
+    line = next(x.strip() for x in r.stderr.splitlines() if x.strip().startswith("livecc caption "))
+    c = subprocess.run(LIVECC + shlex.split(line)[1:], cwd=tmp_path, capture_output=True, text=True, timeout=180,
+                       stdin=subprocess.DEVNULL)
+    assert c.returncode == 0, c.stderr[-3000:]
+    assert len(list(srt.parse((tmp_path / "captions.srt").read_text()))) >= 5
 
     info = servers.ffprobe(str(out / "burnin.mp4"))
     v = [s for s in info["streams"] if s["codec_type"] == "video"][0]

@@ -8,6 +8,7 @@ with captions burned in (MP4) and the OBS overlay page.
 
 from __future__ import annotations
 
+import shlex
 import socket
 import sys
 from pathlib import Path
@@ -98,7 +99,10 @@ done. Look at:
   {out / 'burnin.mp4'}      the test video with the captions burned in (any player)
   {srt}    SubRip subtitles (load next to the video: e.g. mpv {video} --sub-file={srt})
   {out / 'captions.jsonl'}  one JSON object per turn (start, stop, text, latency_s, ...)
-The words are random: the tiny model has random weights. For real captions, on a GPU machine:
+The words are random: the tiny model has random weights. It stays in {ckpt}: the other commands
+take it on this machine too, e.g.
+  livecc caption {shlex.quote(str(video))} --model {shlex.quote(str(ckpt))} --device cpu --srt captions.srt
+For real captions, on a GPU machine:
   LIVECC_EXTRAS=gpu bash scripts/install.sh
   livecc run YOUR_STREAM_URL --model chenjoya/LiveCC-7B-Instruct --config configs/sports.yaml --sink overlay
 """, file=sys.stderr, flush=True)
