@@ -172,6 +172,7 @@ def test_evaluation_protocol_command(video, model, tmp_path):
                                  "--model", str(model), "--device", "cpu", "--seed", "0", "--jsonl", str(out),
                                  "--srt", str(srt)], capture_output=True, text=True, timeout=300, env=ENV)
     assert r.returncode == 0, r.stderr
+    assert "Loading weights" not in r.stderr and "it/s]" not in r.stderr, r.stderr  # no progress bar in a pipe
     [record] = read_jsonl(out)
     assert record["video_id"] == video.stem and record["event_id"] == "7"
     assert (record["begin"], record["end"]) == (4.0, 12.0) and record["pred"].endswith("...")

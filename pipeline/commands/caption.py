@@ -60,7 +60,7 @@ def cmd_caption(args) -> int:
     sinks = [make_sink(dict(b)) for b in cfg.sinks]
 
     set_cpu_threads(args.threads)
-    if not sys.stderr.isatty():
+    if args.quiet or not sys.stderr.isatty():
         quiet_progress_bars()  # as `livecc run`: stderr holds log records and the result line only
     from ..engine import StreamingSession, load_model
 

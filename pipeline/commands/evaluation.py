@@ -47,7 +47,7 @@ def main(args) -> int:
     import dataclasses
 
     from ..errors import UserError
-    from .options import engine_overrides
+    from .options import engine_overrides, quiet_progress_bars
     from ..engine import EngineConfig, StreamingSession, load_model
     from ..plugins import make_sink
     from ..types import Caption
@@ -70,6 +70,8 @@ def main(args) -> int:
                         f"{p.video_tokens} video tokens, plus {cfg.max_new_tokens} per turn for {turns} turns, over "
                         f"{cfg.max_context} tokens; use a shorter --start/--end range")
     frames = read_frames(args.video, p)
+    if args.quiet or not sys.stderr.isatty():
+        quiet_progress_bars()  # as the live protocol: no weight-loading bar in a pipe, a log or with --quiet
     sinks = [make_sink({"kind": "srt", "path": args.srt})] if args.srt else []
     if args.vtt:
         sinks.append(make_sink({"kind": "vtt", "path": args.vtt}))
