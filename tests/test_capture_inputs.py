@@ -368,6 +368,41 @@ def test_raw_h264_file_is_captioned_on_its_frame_clock(raw_h264):
     assert [(c.start, c.stop) for c in clips] == [(0.0, 3.0), (3.0, 4.0)]
 
 
+def test_livecc_caption_of_a_raw_h264_file_on_a_terminal(raw_h264, tmp_path):
+    """The command on a terminal (a pty: the progress bar runs) for a file whose length is unknown before it is
+    read: no bar over a made-up length, and the summary gives the video time captioned (was '0.0 s of video')."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    from pipeline.fixtures.tiny import tiny_checkpoint
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; from pipeline.cli import main; sys.exit(main())",
+                             "caption", str(raw_h264), "--model", str(tiny_checkpoint("small")), "--device", "cpu",
+                             "--srt", str(tmp_path / "cam.srt")],
+                            stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, close_fds=True)
+    os.close(slave)
+    seen = b""
+    try:
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # the child closed the terminal
+                break
+            if not chunk:
+                break
+            seen += chunk
+        assert proc.wait(120) == 0, seen[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+    assert b"captioned 2 turns (4.0 s of video)" in seen, seen[-2000:]
+    assert b"Traceback" not in seen
+
+
 def test_raw_h264_file_plays_at_its_frame_rate_in_the_capture_thread(raw_h264):
     """livecc run: a file without timestamps gets stream time from its frames' durations, not the
     wall clock of decoding (was: 4 s of video as 0.1 s of stream time, paced at decode speed: one turn)."""

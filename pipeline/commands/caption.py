@@ -69,7 +69,7 @@ def cmd_caption(args) -> int:
     session = StreamingSession(model, engine_cfg)
     for s in sinks:
         s.start()
-    turns, t0 = 0, time.perf_counter()
+    turns, t0, covered = 0, time.perf_counter(), 0.0
     progress = _progress(duration, quiet=args.quiet)
     try:
         for clip in file_clips(args.video, max_pixels=engine_cfg.max_pixels):
@@ -78,12 +78,13 @@ def cmd_caption(args) -> int:
             for s in sinks:
                 s.on_caption(caption)
             progress(clip.stop, caption.text)
+            covered = clip.stop  # video time captioned (the probed duration may be unknown or span a timestamp jump)
     finally:
         for s in sinks:
             s.stop()
         progress(None, None)
     took = time.perf_counter() - t0
-    print(f"captioned {turns} turns ({duration:.1f} s of video) in {took:.1f} s "
+    print(f"captioned {turns} turns ({covered:.1f} s of video) in {took:.1f} s "
           f"({took / max(turns, 1) * 1000:.0f} ms per turn)", file=sys.stderr)  # the result, not a log record
     return 0
 
@@ -94,9 +95,12 @@ def _progress(duration: float, quiet: bool):
         return lambda at, text: None
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:.0f}/{task.total:.0f} s"),
-                   TimeRemainingColumn(), transient=True)
-    task = bar.add_task("captioning", total=max(duration, 1.0))
+    if duration > 0:
+        bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:.0f}/{task.total:.0f} s"),
+                       TimeRemainingColumn(), transient=True)
+    else:  # the length is unknown (a raw .h264 stream has none): the seconds done, no bar
+        bar = Progress(TextColumn("{task.description}"), TextColumn("{task.completed:.0f} s"), transient=True)
+    task = bar.add_task("captioning", total=duration if duration > 0 else None)
     bar.start()
 
     def update(at, text):
