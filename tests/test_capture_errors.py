@@ -84,3 +84,24 @@ def test_live_stream_without_video(nginx_rtmp, stream_key):
     with audio_only:
         err, _ = _fail(url, within=10.0)
     assert "no video stream (has audio)" in str(err), err
+
+
+def test_a_source_down_for_hours_does_not_flood_the_log(caplog):
+    """A live source that stays down is retried forever (every ``reconnect_max_s``, 5 s: 17,280 attempts a day);
+    the log gets a warning for the first attempts, then one now and then with the count, not one per attempt.
+    Here 300 real refused connections with no wait between them stand in for hours of retries."""
+    import logging
+
+    port = servers.free_port()  # nothing listens there: connection refused, at once
+    cap = CaptureThread(f"rtmp://127.0.0.1:{port}/live/key", RingBuffer(2), wait_for_source=True,
+                        backoff=Backoff(initial=0.0, max_delay=0.0))
+    with caplog.at_level(logging.WARNING, logger="pipeline.capture.reader"):
+        cap.start()
+        deadline = time.monotonic() + 30
+        while cap.stats["attempts"] < 300 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert cap.stop(5)
+    assert cap.stats["attempts"] >= 300 and cap.state == "stopped"
+    lines = [r for r in caplog.records if r.name == "pipeline.capture.reader" and r.levelno >= logging.WARNING]
+    assert 1 <= len(lines) <= 10, f"{len(lines)} warning lines for {cap.stats['attempts']} attempts"
+    assert "refused" in cap.state_reason.lower() or "refused" in lines[-1].getMessage().lower()

@@ -188,6 +188,26 @@ def test_a_delivery_error_is_logged_as_one_line_a_bug_with_its_traceback(caplog)
     assert [bool(r.exc_info) for r in records[:2]] == [False, True], [r.getMessage() for r in records]
 
 
+def test_a_sink_target_down_for_hours_does_not_flood_the_log(caplog):
+    """A webhook whose server is down for the whole run (a real refused port): every caption fails, a day of
+    captions is 86,400 failures. The log gets the first few and then one line a minute with the count, not a
+    line per caption; the status keeps counting every failure and the latest error."""
+    import servers
+    from plugins.sinks.webhook import WebhookSink
+
+    sink = WebhookSink(url=f"http://127.0.0.1:{servers.free_port()}/hook", retries=0, timeout_s=2)
+    d = Dispatcher([sink], queue_size=1000)
+    with caplog.at_level("WARNING", logger="pipeline.fanout.dispatch"):
+        d.start()
+        for i in range(400):
+            d.caption(cap(f"c{i}", i))
+        assert wait_for(lambda: d.status()["webhook"]["failed"] == 400, 25)
+        final = d.stop(5)["webhook"]
+    assert final["state"] == "failed" and final["errors"] == 400 and "refused" in final["last_error"].lower()
+    lines = [r for r in caplog.records if r.name == "pipeline.fanout.dispatch" and "webhook" in r.getMessage()]
+    assert 1 <= len(lines) <= 10, f"{len(lines)} warning lines for 400 failed captions"
+
+
 def test_bounded_queue_drops_oldest_and_frames_latest_wins():
     h = Hanger()
     slow = SlowFrames()

@@ -229,6 +229,28 @@ def test_burnin_rtmp_reconnects_after_server_restart(nginx):
     assert info["streams"][0]["codec_name"] == "h264" and float(info["format"]["duration"]) > 1.0
 
 
+def test_an_output_down_for_hours_does_not_flood_the_log(caplog):
+    """A restream whose RTMP server stays down (a real refused port) is retried forever, every
+    ``reconnect_max_s`` (10 s: 8,640 attempts a day). The log gets a warning for the first attempts, then one a
+    minute with the count, not one per attempt; the status counts every attempt."""
+    import logging
+
+    url = f"rtmp://127.0.0.1:{free_port()}/live/down"
+    sink = make_sink(f"burnin:{url}", fps=FPS, reconnect_initial_s=0.0, reconnect_max_s=0.0)
+    with caplog.at_level(logging.WARNING, logger="plugins.sinks.burnin.sink"):
+        sink.start()
+        try:
+            sink.on_frame(Frame(source_image(0), 0.0, index=0))
+            deadline = time.monotonic() + 20
+            while sink.counters["opens"] < 60 and time.monotonic() < deadline:
+                time.sleep(0.05)
+        finally:
+            sink.stop()
+    assert sink.counters["opens"] >= 60 and sink.counters["reconnects"] == 0
+    lines = [r for r in caplog.records if r.name == "plugins.sinks.burnin.sink" and "not reachable" in r.getMessage()]
+    assert 1 <= len(lines) <= 10, f"{len(lines)} warning lines for {sink.counters['opens']} attempts"
+
+
 def test_burnin_to_mp4_finalised_on_stop(tmp_path):
     path = tmp_path / "out.mp4"
     sink = make_sink(f"burnin:{path}", fps=FPS, ttl_s=10)

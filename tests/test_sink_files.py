@@ -55,6 +55,25 @@ def test_srt_parses_and_timings_match(tmp_path):
     assert all(len(line) <= 42 for line in subs[3].content.splitlines()) and "\n" in subs[3].content
 
 
+@pytest.mark.parametrize("ext", ["srt", "vtt"])
+def test_cues_stay_in_order_across_the_100_hour_mark(tmp_path, ext):
+    """A 24/7 stream passes 100 hours of stream time on its fifth day: the hours field grows a digit there (SRT's
+    ``hh`` and WebVTT's hours accept more). The cue before the mark still ends where the next begins (its end
+    stamp is rewritten in place): no two cues overlap, at 100 h as at 1000 h."""
+    path = tmp_path / f"long.{ext}"
+    caps = [Caption(t, t + 1.0, f"minute {k}") for k, t in enumerate(
+        [359_996.0 + i for i in range(8)] + [3_599_996.0 + i for i in range(8)])]
+    run(make_sink(f"{ext}:{path}", linger_s=2.0), captions=caps)
+    if ext == "srt":
+        got = [(c.start.total_seconds(), c.end.total_seconds()) for c in srt.parse(path.read_text())]
+    else:
+        got = [(secs(c.start), secs(c.end)) for c in webvtt.read(str(path))]
+    assert [start for start, _ in got] == [c.start for c in caps]
+    for (_, end), (nxt, _) in zip(got, got[1:]):
+        assert end <= nxt, got
+    assert "100:00:00" in path.read_text() and "1000:00:00" in path.read_text()
+
+
 def test_vtt_parses_escapes_and_timings_match(tmp_path):
     path = tmp_path / "out.vtt"
     run(make_sink({"vtt": {"path": str(path), "linger_s": 1.0}}))

@@ -180,6 +180,24 @@ def test_obs_never_reached_is_lost_data():
     assert "never reached" in final["last_error"] and "none of 2 captions" in final["last_error"], final
 
 
+def test_obs_down_for_hours_keeps_only_captions_young_enough_to_send():
+    """OBS unreachable for a long run (a real refused port): the captions that pile up meanwhile are dropped once
+    older than ``max_age_s`` (they would be dropped as stale on reconnect anyway), so what the sink holds stays
+    bounded by age, not by how long OBS has been away (3,000 captions here; a day at one a second is 86,400)."""
+    sink = ObsSink(url=f"ws://127.0.0.1:{free_port()}", backoff_initial_s=0.1, backoff_max_s=0.2, max_age_s=0.2)
+    sink.start()
+    try:
+        for i in range(3000):
+            sink.on_caption(Caption(i, i + 1, f"caption {i}"))
+        time.sleep(0.3)  # every caption above is now older than max_age_s
+        sink.on_caption(Caption(3000, 3001, "the latest"))
+        assert sink.stats()["pending"] == 1, sink.stats()["pending"]
+        assert sink.counters["stale"] == 3000
+    finally:
+        with pytest.raises(DeliveryError, match="never reached"):
+            sink.stop()
+
+
 @needs_nginx
 @pytest.mark.skipif(not obs_studio.available(), reason="needs obs-studio and Xvfb")
 def test_real_obs_acknowledges_captions_and_survives_a_restart(tmp_path, monkeypatch):

@@ -117,6 +117,34 @@ def test_youtube_captions_survive_a_20s_outage(server, monkeypatch, caplog):
     check(server, sink, sent, caplog)
 
 
+def test_youtube_outage_of_hours_holds_a_bounded_backlog(server, monkeypatch):
+    """YouTube's ingestion answering 503 for a long time (3,000 captions here; a day at one a second is 86,400):
+    the sink holds at most ``max_pending`` captions, letting the oldest not yet in a request go (counted lost, so
+    the run reports it); once YouTube is back the newest are delivered in order, the request in flight unchanged."""
+    monkeypatch.setenv("YOUTUBE_CAPTION_KEY", KEY)
+    server.fail_until = time.monotonic() + 3600
+    sink = YoutubeSink(url=server.url, backoff_initial_s=0.05, backoff_max_s=0.1, max_batch=10, max_pending=100)
+    sink.start()
+    try:
+        for i in range(3000):
+            sink.on_caption(Caption(i, i + 1, f"caption {i}", created_at=time.time(), latency_s=0.2))
+            assert len(sink._pending) <= 100
+        assert server.seqs  # the first request was tried (and failed) meanwhile
+        server.fail_until = 0.0
+        deadline = time.monotonic() + 20
+        while sink.stats()["pending"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        with pytest.raises(DeliveryError, match="not delivered"):
+            sink.stop()
+    assert not server.errors, server.errors
+    texts = [t for _, _, t in server.accepted]
+    numbers = [int(t.split()[1]) for t in texts]
+    assert numbers == sorted(numbers) and len(texts) == 100
+    assert numbers[-90:] == list(range(2910, 3000))  # the newest, after the first batch (in flight all along)
+    assert sink.counters["lost"] == 3000 - 100
+
+
 def test_youtube_wrong_key_is_reported_not_retried(server, monkeypatch):
     monkeypatch.setenv("YOUTUBE_CAPTION_KEY", "wrong")
     sink = YoutubeSink(url=server.url, backoff_initial_s=0.1)

@@ -7,7 +7,7 @@ and the skipped ones are counted. Audio (for sinks with ``wants_audio``) is deli
 through its own bounded queue (``audio_queue_size``): when full, the oldest chunk is dropped and
 counted (``audio_dropped``); audio is never retried.
 
-A sink call that raises is logged and retried with exponential backoff (``retry``, a
+A sink call that raises is logged (at most ``ERROR_LINES`` lines a minute per sink) and retried with exponential backoff (``retry``, a
 :class:`~pipeline.backoff.Backoff` whose ``max_attempts`` counts every attempt at one item); when the
 attempts run out the item is dropped and the sink reported ``failed`` until its next success. After
 ``stop``, a sink that lost anything (an item given up, a start that never succeeded, a failed ``stop``)
@@ -44,6 +44,11 @@ RETRY = Backoff(initial=0.2, factor=2.0, max_delay=10.0, max_attempts=4)
 
 _STOP = object()
 
+# a sink's error lines: at most this many a minute (a target down for hours fails every caption: one line each
+# would be 3,600 an hour); the next line logged says how many were held back. Counters and last_error see all.
+ERROR_LINES = 5
+ERROR_WINDOW_S = 60.0
+
 
 class _Worker:
     def __init__(self, sink: Sink, name: str, queue_size: int, backoff: Backoff, call_timeout: float,
@@ -67,6 +72,9 @@ class _Worker:
         self.call_what = ""
         self.counters = collections.Counter()
         self.traced = False  # a traceback logged already (only the first unexpected error gets one)
+        self._log_window = float("-inf")  # monotonic start of the current ERROR_WINDOW_S
+        self._log_lines = 0  # error lines logged in it
+        self._log_held = 0  # error lines held back since the last one logged
         self.last_error: str | None = None
         self.thread = threading.Thread(target=self._run, name=f"sink-{name}", daemon=True)
 
@@ -158,7 +166,17 @@ class _Worker:
         # verdict after its retries (DeliveryError) say all in one line
         trace = not isinstance(e, (OSError, DeliveryError)) and not self.traced
         self.traced = self.traced or trace
-        log.warning("sink %s: %s", self.name, self.last_error, exc_info=trace)
+        now = time.monotonic()
+        if now - self._log_window >= ERROR_WINDOW_S:
+            self._log_window, self._log_lines = now, 0
+        if self._log_lines >= ERROR_LINES and not trace:
+            self._log_held += 1
+            log.debug("sink %s: %s", self.name, self.last_error)
+            return
+        self._log_lines += 1
+        held, self._log_held = self._log_held, 0
+        more = f" ({held} more errors since the last line)" if held else ""
+        log.warning("sink %s: %s%s", self.name, self.last_error, more, exc_info=trace)
 
     def _ensure_started(self) -> bool:
         attempt = 0

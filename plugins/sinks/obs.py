@@ -61,7 +61,7 @@ class ObsSink(Sink):
         timeout_s: float = 5.0
         backoff_initial_s: float = 0.5
         backoff_max_s: float = 5.0
-        max_age_s: float = 10.0  # a caption older than this when OBS is back is dropped
+        max_age_s: float = 10.0  # a caption older than this is dropped (never sent late; not held while OBS is away)
         answer_prefix: str = "A: "
         stop_timeout_s: float = 5.0
 
@@ -79,6 +79,7 @@ class ObsSink(Sink):
         self.error: str | None = None
         self.obs_version: str | None = None
         self._pending: collections.deque = collections.deque()  # (monotonic, text)
+        self._pending_lock = threading.Lock()  # the caller's thread appends and prunes, the sink's thread sends
         self._wake: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -114,7 +115,12 @@ class ObsSink(Sink):
         text = " ".join(caption.text.split())
         if caption.kind == "answer":
             text = self.settings.answer_prefix + text
-        self._pending.append((time.monotonic(), text))
+        now = time.monotonic()
+        with self._pending_lock:  # while OBS is away nothing is sent: what has aged past max_age_s goes now
+            while self._pending and now - self._pending[0][0] > self.settings.max_age_s:
+                self._pending.popleft()
+                self.counters["stale"] += 1
+            self._pending.append((now, text))
         self.counters["captions"] += 1
         self._notify()
 
@@ -228,15 +234,20 @@ class ObsSink(Sink):
                     return
                 await self._idle(ws)
                 continue
-            at, text = self._pending[0]
-            if time.monotonic() - at > s.max_age_s:
-                self._pending.popleft()
-                self.counters["stale"] += 1
-                continue
+            with self._pending_lock:
+                if not self._pending:
+                    continue
+                item = self._pending[0]
+                if time.monotonic() - item[0] > s.max_age_s:
+                    self._pending.popleft()
+                    self.counters["stale"] += 1
+                    continue
             rid = str(next(self._ids))
             await ws.send_json({"op": 6, "d": {"requestType": "SendStreamCaption", "requestId": rid,
-                                               "requestData": {"captionText": text}}})
-            self._pending.popleft()  # sent: never sent again (OBS may already have shown it)
+                                               "requestData": {"captionText": item[1]}}})
+            with self._pending_lock:  # sent: never sent again (OBS may already have shown it)
+                if self._pending and self._pending[0] is item:  # not pruned meanwhile by on_caption
+                    self._pending.popleft()
             deadline = time.monotonic() + s.timeout_s
             while True:
                 reply = await self._receive(ws, max(0.01, deadline - time.monotonic()))

@@ -22,12 +22,14 @@ from pipeline.fanout.outputs import append_record, claim_output_path
 from pipeline.fanout.sink import CaptionText, Sink
 
 
-def _stamp(t: float, sep: str) -> str:
+def _stamp(t: float, sep: str, width: int = 0) -> str:
+    """``hh:mm:ss,mmm`` (``sep`` before the milliseconds); the hours zero-padded so the stamp is at least
+    ``width`` characters (two digits at least; past 100 hours they grow, as SRT and WebVTT parsers accept)."""
     ms = int(round(max(0.0, t) * 1000))
     h, ms = divmod(ms, 3_600_000)
     m, ms = divmod(ms, 60_000)
     s, ms = divmod(ms, 1000)
-    return f"{h:02d}:{m:02d}:{s:02d}{sep}{ms:03d}"
+    return f"{h:0{max(2, width - 10)}d}:{m:02d}:{s:02d}{sep}{ms:03d}"
 
 
 class SubtitleSink(Sink):
@@ -67,9 +69,10 @@ class SubtitleSink(Sink):
     def _append(self, data: bytes) -> None:
         self._size = append_record(self._fd, data, self._size, fsync=self.settings.fsync)
 
-    def _set_end(self, stamp: float, offset: int) -> None:
-        """Rewrite a cue's end timestamp in place (same width: the file's size does not change)."""
-        os.pwrite(self._fd, _stamp(stamp, self._sep).encode(), offset)
+    def _set_end(self, stamp: float, offset: int, width: int = 0) -> None:
+        """Rewrite a cue's end timestamp in place, ``width`` characters wide (that of the stamp it replaces, so
+        the file's size does not change: an earlier time that has fewer hour digits is zero-padded)."""
+        os.pwrite(self._fd, _stamp(stamp, self._sep, width).encode(), offset)
 
     # --- sink ------------------------------------------------------------------------
     def start(self) -> None:
@@ -101,7 +104,7 @@ class SubtitleSink(Sink):
         if self._prev is not None:
             p_start, p_end, p_off = self._prev
             start = max(start, p_start + self.settings.min_duration_s)
-            if start < p_end and len(_stamp(start, self._sep)) == len(_stamp(p_end, self._sep)):
+            if start < p_end:
                 cut = (p_end, p_off)
         end = max(caption.stop + self.settings.linger_s, start + self.settings.min_duration_s)
         head = f"{self._count + 1}\n" if self.fmt == "srt" else ""
@@ -110,7 +113,7 @@ class SubtitleSink(Sink):
         cue = f"{line}{_stamp(end, self._sep)}\n{text}\n\n".encode()
         # cut first, then add the cue: a crash in between leaves a shorter cue, never an overlap
         if cut is not None:
-            self._set_end(start, cut[1])
+            self._set_end(start, cut[1], len(_stamp(cut[0], self._sep)))
         try:
             self._append(cue)  # whole or nothing (a full disk): the file ends where it did
         except OSError:

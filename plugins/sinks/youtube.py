@@ -14,7 +14,8 @@ its latency and its clip length) + ``offset_s`` (the delay of your encoder to Yo
 Delivery: a sender thread posts whatever is pending in order. A request that fails (connection
 error, timeout, 5xx, 429) is repeated unchanged (same ``seq`` and body, so a server that did get
 it can tell) with ``pipeline.backoff.Backoff`` until it is accepted; captions that arrive meanwhile
-go into the next request. Other 4xx (a wrong key) are not retried: that request's captions are
+go into the next request, at most ``max_pending`` held (an outage of hours: the oldest not yet in a
+request is let go and counted ``lost``). Other 4xx (a wrong key) are not retried: that request's captions are
 counted ``lost`` and the next caption raises ``DeliveryError``. On stop the sender gets up to
 ``stop_timeout_s`` to send what is pending; anything left is counted lost and reported.
 
@@ -33,7 +34,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
-from pydantic import field_validator
+from pydantic import Field, field_validator, model_validator
 
 from pipeline.backoff import Backoff
 from pipeline.fanout.sink import DeliveryError, Sink, SinkSettings
@@ -73,7 +74,10 @@ class YoutubeSink(Sink):
         timeout_s: float = 5.0
         backoff_initial_s: float = 0.5
         backoff_max_s: float = 10.0
-        max_batch: int = 50  # captions in one request at most
+        max_batch: int = Field(50, ge=1)  # captions in one request at most
+        # captions held while YouTube does not take them (an outage): past this the oldest not yet in a request
+        # goes (counted lost); at one caption a second, 10 minutes
+        max_pending: int = 600
         answer_prefix: str = "A: "
         stop_timeout_s: float = 10.0
 
@@ -86,12 +90,19 @@ class YoutubeSink(Sink):
                 raise ValueError("put the ingestion key (cid=...) in the environment (key_env), not in the URL")
             return v
 
+        @model_validator(mode="after")
+        def _pending_holds_a_batch(self):
+            if self.max_pending < self.max_batch:
+                raise ValueError(f"max_pending ({self.max_pending}) must be at least max_batch ({self.max_batch})")
+            return self
+
     def __init__(self, *a, **kw) -> None:
         super().__init__(*a, **kw)
         self.counters = {"sent": 0, "requests": 0, "retries": 0, "lost": 0}
         self.seq = 1
         self.clock_offset = 0.0  # server clock - local clock, seconds
-        self._pending: list[tuple[float, str]] = []  # (unix time, text) not yet in a request
+        self._pending: list[tuple[float, str]] = []  # (unix time, text) not yet accepted, the request's first
+        self._sending = 0  # the first this many of ``_pending`` are the request being sent (kept as they are)
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -118,6 +129,9 @@ class YoutubeSink(Sink):
         when = caption.created_at - caption.latency_s - max(0.0, caption.stop - caption.start) + self.settings.offset_s
         with self._cond:
             self._pending.append((when, text))
+            if len(self._pending) > self.settings.max_pending:  # a long outage: the oldest not in the request goes
+                del self._pending[self._sending]
+                self.counters["lost"] += 1
             self._cond.notify()
         if self.error:
             raise DeliveryError(self.error)
@@ -186,6 +200,7 @@ class YoutubeSink(Sink):
                 if not self._pending:
                     return
                 batch = self._pending[: s.max_batch]
+                self._sending = len(batch)
             if self._stop.is_set() and deadline is None:
                 deadline = time.monotonic() + s.stop_timeout_s
             if deadline is not None and time.monotonic() >= deadline:
@@ -226,3 +241,4 @@ class YoutubeSink(Sink):
                     time.sleep(min(delay, left))
             with self._cond:
                 del self._pending[: len(batch)]
+                self._sending = 0

@@ -60,6 +60,8 @@ from .output import Output, is_network, nvenc_available, resolve
 from .render import CaptionRenderer, fit_into
 
 log = logging.getLogger(__name__)
+RETRY_WARNINGS = 5  # a network output that stays down: the first failed attempts each warn, then one a minute
+RETRY_LOG_EVERY_S = 60.0
 
 
 class BurninSettings(SinkSettings):
@@ -166,6 +168,7 @@ class _Encoder:
         self.n = 0
         self.pts_base = 0
         self.failures = 0  # failed opens/connections in a row
+        self.warned_at = float("-inf")  # monotonic time of the last retry warning
         self.next_open = 0.0
         self.fresh = False  # opened, no packet muxed yet (RTMP connects at the first packet)
         self.connected_once = False
@@ -220,9 +223,15 @@ class _Encoder:
     def _retry_later(self, what: str, e: BaseException) -> None:
         self.failures += 1
         delay = self.backoff.delay(self.failures + 1)
-        log.warning("%s output %s %s: %s; retry in %.1f s", self.sink.name, redact(self.s.output), what,
-                    redact(str(e)), delay)
-        self.next_open = time.monotonic() + delay
+        now = time.monotonic()
+        # an output down for hours: a warning for each of the first attempts, then one a minute (the rest at debug)
+        loud = self.failures <= RETRY_WARNINGS or now - self.warned_at >= RETRY_LOG_EVERY_S
+        if loud:
+            self.warned_at = now
+        quiet = " (failed attempts are logged once a minute from now on)" if self.failures == RETRY_WARNINGS else ""
+        (log.warning if loud else log.debug)("%s output %s %s: %s; retry in %.1f s (attempt %d)%s", self.sink.name,
+                                             redact(self.s.output), what, redact(str(e)), delay, self.failures, quiet)
+        self.next_open = now + delay
 
     def ensure_open(self, now: float) -> bool:
         """Open the output when it is closed and its retry time has come. False: offline tick."""
