@@ -11,7 +11,7 @@ import time
 
 import pytest
 from aiohttp import web
-from servers import LoopbackApp
+from servers import LoopbackApp, wait_until
 
 from pipeline.fanout.sink import DeliveryError
 from pipeline.types import Caption
@@ -126,10 +126,11 @@ def test_youtube_outage_of_hours_holds_a_bounded_backlog(server, monkeypatch):
     sink = YoutubeSink(url=server.url, backoff_initial_s=0.05, backoff_max_s=0.1, max_batch=10, max_pending=100)
     sink.start()
     try:
-        for i in range(3000):
+        sink.on_caption(Caption(0, 1, "caption 0", created_at=time.time(), latency_s=0.2))
+        wait_until(lambda: server.seqs, 20, "the first request tried (and refused)")  # in flight from now on
+        for i in range(1, 3000):
             sink.on_caption(Caption(i, i + 1, f"caption {i}", created_at=time.time(), latency_s=0.2))
             assert len(sink._pending) <= 100
-        assert server.seqs  # the first request was tried (and failed) meanwhile
         server.fail_until = 0.0
         deadline = time.monotonic() + 20
         while sink.stats()["pending"] and time.monotonic() < deadline:
@@ -141,7 +142,7 @@ def test_youtube_outage_of_hours_holds_a_bounded_backlog(server, monkeypatch):
     texts = [t for _, _, t in server.accepted]
     numbers = [int(t.split()[1]) for t in texts]
     assert numbers == sorted(numbers) and len(texts) == 100
-    assert numbers[-90:] == list(range(2910, 3000))  # the newest, after the first batch (in flight all along)
+    assert numbers[0] == 0 and numbers[1:] == list(range(2901, 3000))  # the request in flight, then the newest
     assert sink.counters["lost"] == 3000 - 100
 
 
