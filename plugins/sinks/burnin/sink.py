@@ -375,8 +375,9 @@ class BurninSink(Sink):
     # --- sink API (called from the dispatcher's worker thread) -------------------------
     def start(self) -> None:
         out = self.settings.output
-        if self._claimed is None and resolve(self.settings)[1] not in ("hls", "flv", "mpegts") \
-                and not is_network(out):  # a file: an earlier run's is never overwritten silently
+        # a file (any container: .ts and .flv use the muxers of network outputs too): an earlier run's is never
+        # overwritten silently; HLS is a live window that the muxer rotates
+        if self._claimed is None and not is_network(out) and resolve(self.settings)[1] != "hls":
             self._claimed = str(claim_output_path(out, self.settings.existing))
             if self._claimed != out:
                 self.settings = self.settings.model_copy(update={"output": self._claimed})
