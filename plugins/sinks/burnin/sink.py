@@ -342,6 +342,7 @@ class BurninSink(Sink):
     name = "burnin"
     wants_frames = True
     target_field = "output"
+    folder_target = "index.m3u8"  # an existing folder is an HLS output (output.resolve)
     Settings = BurninSettings
 
     def __init__(self, *a, **kw) -> None:
