@@ -419,3 +419,22 @@ def test_a_second_run_does_not_overwrite_an_earlier_file_of_any_container(tmp_pa
     assert second.exists(), sorted(p.name for p in tmp_path.iterdir())
     for p in (path, second):
         assert 0.6 <= float(ffprobe(p)["format"]["duration"]) <= 1.5
+
+
+def test_two_runs_at_once_write_two_files(tmp_path):
+    """A second run's burn-in started while the first's is running with the same output (the first's file is
+    still empty: no frame yet) writes ``out.1.mp4``; both files play, each with its own run's video."""
+    path = tmp_path / "out.mp4"
+    first, second = make_sink(f"burnin:{path}", fps=FPS, audio=False), make_sink(f"burnin:{path}", fps=FPS, audio=False)
+    first.start()
+    second.start()
+    feeders = [Feeder(first, 1.0), Feeder(second, 2.0)]
+    for f in feeders:
+        f.start()
+    feeders[0].join()
+    first.stop()
+    feeders[1].join()
+    second.stop()
+    assert second.describe().endswith("out.1.mp4"), second.describe()
+    assert 0.6 <= float(ffprobe(path)["format"]["duration"]) <= 1.5
+    assert 1.6 <= float(ffprobe(tmp_path / "out.1.mp4")["format"]["duration"]) <= 2.5

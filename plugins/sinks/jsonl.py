@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.fanout.outputs import Existing, append_record, claim_output_path
+from pipeline.fanout.outputs import Existing, append_record, open_output
 from pipeline.fanout.sink import CaptionText, Sink
 
 
@@ -41,10 +41,8 @@ class JsonlSink(Sink):
         path = self.settings.path
         if path in ("-", "stdout"):
             return
-        if self._path is None:  # a retried start keeps the name it claimed
-            self._path = claim_output_path(path, self.settings.existing)
-        trunc = os.O_TRUNC if self.settings.existing == "overwrite" else 0
-        fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | trunc, 0o644)
+        # a retried start keeps the name it claimed (a "new" or "overwrite" file holds nothing of an earlier run)
+        self._path, fd = open_output(self._path or path, self.settings.existing)
         try:
             end = os.lseek(fd, 0, os.SEEK_END) if stat.S_ISREG(os.fstat(fd).st_mode) else None  # None: a pipe
             if end:  # an earlier run's records: continue after them, on a line of their own

@@ -18,7 +18,7 @@ import textwrap
 from pathlib import Path
 from typing import Literal
 
-from pipeline.fanout.outputs import append_record, claim_output_path
+from pipeline.fanout.outputs import append_record, open_output
 from pipeline.fanout.sink import CaptionText, Sink
 
 
@@ -73,10 +73,8 @@ class SubtitleSink(Sink):
 
     # --- sink ------------------------------------------------------------------------
     def start(self) -> None:
-        if self._path is None:  # a retried start keeps the name it claimed
-            self._path = claim_output_path(self.settings.path, self.settings.existing)
-        trunc = os.O_TRUNC if self.settings.existing == "overwrite" else 0
-        self._fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | trunc, 0o644)
+        # a retried start keeps the name it claimed (still empty: a failed header was cut back)
+        self._path, self._fd = open_output(self._path or self.settings.path, self.settings.existing)
         self._size = 0
         self._sep = "." if self.fmt == "vtt" else ","
         self._count = 0

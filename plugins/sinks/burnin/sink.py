@@ -52,7 +52,7 @@ from PIL import ImageColor
 from pydantic import field_validator
 
 from pipeline.backoff import Backoff
-from pipeline.fanout.outputs import Existing, claim_output_path
+from pipeline.fanout.outputs import Existing, open_output
 from pipeline.fanout.sink import DeliveryError, Sink, SinkSettings, redact
 
 from .cea608 import Cea608Track
@@ -372,6 +372,7 @@ class BurninSink(Sink):
         self._audio_seen = False
         self.has_audio = False  # the current output has an audio stream
         self._claimed: str | None = None  # the file name start() took (kept across retried starts)
+        self._lock_fd: int | None = None  # holds the claim (outputs.open_output) until stop
 
     # --- sink API (called from the dispatcher's worker thread) -------------------------
     def start(self) -> None:
@@ -379,7 +380,9 @@ class BurninSink(Sink):
         # a file (any container: .ts and .flv use the muxers of network outputs too): an earlier run's is never
         # overwritten silently; HLS is a live window that the muxer rotates
         if self._claimed is None and not is_network(out) and resolve(self.settings)[1] != "hls":
-            self._claimed = str(claim_output_path(out, self.settings.existing))
+            # the lock (an fd kept until stop) keeps a second run from claiming the file before a frame is in it
+            claimed, self._lock_fd = open_output(out, self.settings.existing)
+            self._claimed = str(claimed)
             if self._claimed != out:
                 self.settings = self.settings.model_copy(update={"output": self._claimed})
         self._stop.clear()
@@ -430,8 +433,12 @@ class BurninSink(Sink):
             t.join(self.settings.stop_timeout_s)
             if t.is_alive():
                 log.error("%s encoder did not finish within %.1f s", self.name, self.settings.stop_timeout_s)
-            elif self._claimed is not None and os.path.isfile(self._claimed) and os.path.getsize(self._claimed) == 0:
-                os.unlink(self._claimed)  # stopped before the first frame: no empty file that no player opens
+            else:
+                if self._claimed is not None and os.path.isfile(self._claimed) and os.path.getsize(self._claimed) == 0:
+                    os.unlink(self._claimed)  # stopped before the first frame: no empty file that no player opens
+                lock, self._lock_fd = self._lock_fd, None
+                if lock is not None:
+                    os.close(lock)
         self._check()
 
     def describe(self) -> str:
