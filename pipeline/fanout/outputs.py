@@ -120,6 +120,13 @@ def _claim(path: str | os.PathLike, policy: Existing) -> tuple[Path, int]:
     raise FileExistsError(errno.EEXIST, "no free numbered name next to it", str(p))
 
 
+def deleted(fd: int | None) -> bool:
+    """Whether the file open as ``fd`` no longer has a name (deleted, or replaced, under the running sink):
+    what is written to it is lost when it is closed. None (a file that could not be opened again) counts
+    as deleted."""
+    return fd is None or os.fstat(fd).st_nlink == 0
+
+
 def append_record(fd: int, data: bytes, offset: int | None, *, fsync: bool = False) -> int | None:
     """Write ``data`` at ``offset`` of the open file ``fd`` whole, or leave the file as it was.
 
