@@ -395,6 +395,9 @@ def validate_sink(block: Any, label: str = "sinks[0]") -> dict:
     for field in OUTPUT_FIELDS:
         value = getattr(checked, field, None)
         if isinstance(value, str):
+            inner = getattr(cls, "folder_target", None)  # a folder is a valid target: check the file in it
+            if inner and "://" not in value and Path(value).expanduser().is_dir():
+                value = os.path.join(value, inner)
             problem = output_path_problem(value)
             if problem:
                 raise ConfigError(f"{label}({kind}).{field}: {problem}")

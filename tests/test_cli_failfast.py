@@ -145,3 +145,16 @@ def test_a_disconnected_sink_is_never_reported_ok():
         assert st["detail"]["connected"] is False and st["state"] == "disconnected", st
     finally:
         d.stop(timeout=10)
+
+
+@pytest.mark.parametrize("target", ["hls/", "hls"])
+def test_an_hls_folder_of_an_earlier_run_is_accepted(tmp_path, target):
+    """burnin/restream to an HLS folder (``out/``, or any existing folder: docs/sinks.md) is not 'a directory':
+    the first run creates it, so the same command run again must not be refused with exit 2."""
+    (tmp_path / "hls").mkdir()
+    (tmp_path / "hls" / "index.m3u8").write_text("#EXTM3U\n")  # what the first run left
+    for kind in ("burnin", "restream"):
+        block = config.validate_sink(f"{kind}:{tmp_path / target}")
+        assert block["kind"] == kind
+    with pytest.raises(ConfigError, match="is a directory"):
+        config.validate_sink(f"srt:{tmp_path / 'hls'}")  # a file sink still may not write a folder

@@ -53,6 +53,37 @@ def test_sigterm_to_the_process_group_twice_is_one_stop_request(tmp_path, tiny):
     assert "stopping now" not in text and "SIGTERM: stopping" in text, text[-2000:]
 
 
+def test_sighup_is_a_clean_stop_that_finalises_the_files(tmp_path, tiny):
+    """The terminal closed (an ssh session dropped): the kernel sends SIGHUP. It once killed the run (status
+    129, no 'done' line) and left a plain (unfragmented) MP4 with no moov atom, unreadable; it is a stop
+    request like SIGTERM: the turn finishes, every sink is closed and finalised, exit status 0."""
+    log = tmp_path / "livecc.log"
+    mp4 = tmp_path / "b.mp4"
+    cmd = [*LIVECC, "run", "lavfi:testsrc2=size=320x240:rate=10", "--model", tiny, "--device", "cpu",
+           "--port", "0", "--status", "off", "--sink", f"burnin:{mp4}", "--sink", f"srt:{tmp_path / 'c.srt'}",
+           "--set", "sinks[0].fragmented_mp4=false", "--set", "sinks[0].fps=10", "--set", "sinks[0].audio=false"]
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    try:
+        servers.wait_until(lambda: b"capturing" in log.read_bytes() or proc.poll() is not None, 180,
+                           "livecc run capturing")
+        servers.wait_until(lambda: mp4.exists() and mp4.stat().st_size > 0 or proc.poll() is not None, 60,
+                           "the MP4 written")
+        assert proc.poll() is None, log.read_text()
+        proc.send_signal(signal.SIGHUP)
+        code = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert code == 0, (code, text[-2000:])
+    assert "SIGHUP: stopping" in text and "done:" in text, text[-2000:]
+    probe = subprocess.run(["ffprobe", "-v", "error", "-show_entries", "stream=codec_name", "-of", "csv=p=0",
+                            str(mp4)], capture_output=True, text=True, timeout=60)
+    assert probe.returncode == 0 and probe.stdout.strip() == "h264", probe.stderr
+
+
 def test_the_status_table_ends_on_stopped_not_running(tmp_path, tiny):
     from pipeline.fixtures.testvideo import test_video
 

@@ -423,3 +423,40 @@ def test_a_second_run_does_not_overwrite_an_earlier_mp4(tmp_path):
     sink.start()
     sink.stop()
     assert not (tmp_path / "out.2.mp4").exists()
+
+
+@pytest.mark.parametrize("ext", ["ts", "flv", "mkv"])
+def test_a_second_run_does_not_overwrite_an_earlier_file_of_any_container(tmp_path, ext):
+    """Not only MP4: a second run to ``out.ts`` / ``out.flv`` (muxers also used for network outputs) leaves the
+    first run's file as it was and writes ``out.1.EXT``."""
+    path = tmp_path / f"out.{ext}"
+    for _ in range(2):
+        sink = make_sink(f"burnin:{path}", fps=FPS, audio=False)
+        sink.start()
+        feeder = Feeder(sink, 1.0)
+        feeder.start()
+        feeder.join()
+        sink.stop()
+    second = tmp_path / f"out.1.{ext}"
+    assert second.exists(), sorted(p.name for p in tmp_path.iterdir())
+    for p in (path, second):
+        assert 0.6 <= float(ffprobe(p)["format"]["duration"]) <= 1.5
+
+
+def test_two_runs_at_once_write_two_files(tmp_path):
+    """A second run's burn-in started while the first's is running with the same output (the first's file is
+    still empty: no frame yet) writes ``out.1.mp4``; both files play, each with its own run's video."""
+    path = tmp_path / "out.mp4"
+    first, second = make_sink(f"burnin:{path}", fps=FPS, audio=False), make_sink(f"burnin:{path}", fps=FPS, audio=False)
+    first.start()
+    second.start()
+    feeders = [Feeder(first, 1.0), Feeder(second, 2.0)]
+    for f in feeders:
+        f.start()
+    feeders[0].join()
+    first.stop()
+    feeders[1].join()
+    second.stop()
+    assert second.describe().endswith("out.1.mp4"), second.describe()
+    assert 0.6 <= float(ffprobe(path)["format"]["duration"]) <= 1.5
+    assert 1.6 <= float(ffprobe(tmp_path / "out.1.mp4")["format"]["duration"]) <= 2.5

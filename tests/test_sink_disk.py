@@ -175,3 +175,47 @@ def test_jsonl_to_a_fifo(tmp_path):
     run_sink(f"jsonl:{path}", ["one", "two"])
     reader.join(10)
     assert [json.loads(x)["text"] for x in got[0].splitlines()] == ["one", "two"]
+
+
+#: A first run in its own process: starts a sink, then writes one caption per line read from stdin, then stops.
+FIRST_RUN = """
+import sys
+from pipeline.plugins import make_sink
+from pipeline.types import Caption
+sink = make_sink(sys.argv[1])
+sink.start()
+print("started", flush=True)
+for i, line in enumerate(sys.stdin):
+    sink.on_caption(Caption(i, i + 1, line.strip()))
+    print("written", flush=True)
+sink.stop()
+print("stopped", flush=True)
+"""
+
+
+@pytest.mark.parametrize("ext", ["jsonl", "srt", "vtt"])
+def test_two_runs_at_once_on_one_file_never_mix(tmp_path, ext):
+    """A second run started while the first still writes the same file (its sink started, nothing written yet:
+    an empty claimed file; then both write). The first run's file holds exactly its own captions; the second
+    writes another file (``name.1.ext``, named in its status) that holds exactly its own."""
+    path = tmp_path / f"c.{ext}"
+    first = subprocess.Popen([sys.executable, "-c", FIRST_RUN, f"{ext}:{path}"], cwd=ROOT, text=True,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert first.stdout.readline().strip() == "started"
+        second = make_sink(f"{ext}:{path}")
+        second.start()
+        for i in range(3):
+            first.stdin.write(f"first run caption {i}\n")
+            first.stdin.flush()
+            assert first.stdout.readline().strip() == "written"
+            second.on_caption(Caption(i, i + 1, f"second {i}"))
+        other = Path(second.stats()["path"])
+        second.stop()
+        first.stdin.close()
+        assert first.stdout.readline().strip() == "stopped"
+    finally:
+        first.kill()
+        first.wait(10)
+    assert texts_of(path) == [f"first run caption {i}" for i in range(3)]
+    assert other != path and texts_of(other) == [f"second {i}" for i in range(3)]

@@ -201,3 +201,39 @@ def test_one_caption_text_policy(tmp_path, capsys):
     run(make_sink(f"jsonl:{log}", include_answers=False, include_silence=False, include_events=False),
         [CAPTIONS[0], CAPTIONS[1], answer])
     assert [json.loads(x)["text"] for x in log.read_text().splitlines()] == [CAPTIONS[0].text]
+
+
+@pytest.mark.parametrize("ext", ["jsonl", "srt", "vtt"])
+def test_output_deleted_while_running_is_written_again(tmp_path, ext):
+    """The output file deleted under a running sink (``rm``, a cleanup job): the captions after it went into
+    the deleted inode, lost with no word. The sink notices, says so, and writes a new file at its path
+    (a valid file of its own: SRT numbering and the VTT header start again)."""
+    import logging
+
+    path = tmp_path / f"c.{ext}"
+    sink = make_sink(f"{ext}:{path}")
+    sink.start()
+    for i in range(2):
+        sink.on_caption(Caption(i, i + 1, f"before {i}"))
+    path.unlink()
+    records = logging.getLogger("plugins.sinks")
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda r: seen.append(r.getMessage())
+    records.addHandler(handler)
+    try:
+        for i in range(2, 4):
+            sink.on_caption(Caption(i, i + 1, f"after {i}"))
+        sink.stop()
+    finally:
+        records.removeHandler(handler)
+    if ext == "jsonl":
+        texts = [json.loads(line)["text"] for line in path.read_text().splitlines()]
+    elif ext == "srt":
+        subs = list(srt.parse(path.read_text()))
+        assert [s.index for s in subs] == [1, 2]
+        texts = [s.content for s in subs]
+    else:
+        texts = [c.text for c in webvtt.read(str(path))]
+    assert texts == ["after 2", "after 3"]
+    assert any("deleted" in m for m in seen), seen

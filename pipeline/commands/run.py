@@ -64,7 +64,7 @@ def cmd_run(args) -> int:
 
 
 def execute(cfg, *, verbose: bool = False, model=None, on_started=None, threads: int | None = None) -> int:
-    """Run a validated config until the source ends or SIGINT/SIGTERM; the process's exit status.
+    """Run a validated config until the source ends or SIGINT/SIGTERM/SIGHUP; the process's exit status.
 
     ``threads``: torch's CPU thread count (``set_cpu_threads``; None: its default)."""
     from ..app import Pipeline, PipelineError
@@ -126,8 +126,15 @@ def execute(cfg, *, verbose: bool = False, model=None, on_started=None, threads:
     return 0
 
 
+#: the signals that ask a run to stop cleanly (SIGINT first: a second one quits at once)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM) + ((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ())
+
+
 def _install_signals(pipeline):
-    """SIGINT / SIGTERM: a graceful stop; a second SIGINT (Ctrl-C again): exit at once (status 130).
+    """SIGINT / SIGTERM / SIGHUP: a graceful stop; a second SIGINT (Ctrl-C again): exit at once (status 130).
+
+    SIGHUP is what a closed terminal (a dropped ssh session) sends: its default action killed the run
+    with its files unfinalised (a plain MP4 without its index).
 
     More SIGTERMs are the same stop request: ``timeout``, systemd and Docker send SIGTERM to the process
     and to its process group, so one ``timeout`` expiry arrives twice (GNU coreutils ``timeout.c``:
@@ -147,7 +154,7 @@ def _install_signals(pipeline):
             pipeline.request_stop()  # waits: Event.set takes a lock the interrupted Event.wait may hold
 
     try:
-        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        old = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
     except ValueError:  # not the main thread (embedded use): the caller handles signals
         return _Restore(None, hits)
     return _Restore(old, hits)
@@ -165,7 +172,8 @@ class _Restore:
         if self.signal_name and self.old:  # the process is on its way out: a repeated SIGTERM (timeout and
             # systemd send it twice) must not kill it while it finishes (Python resets its own handlers to the
             # default at exit, which kills; it keeps SIG_IGN)
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            self.old.pop(signal.SIGTERM, None)
+            for s in STOP_SIGNALS[1:]:  # SIGTERM, SIGHUP
+                signal.signal(s, signal.SIG_IGN)
+                self.old.pop(s, None)
         for s, h in (self.old or {}).items():
             signal.signal(s, h)

@@ -64,6 +64,9 @@ class Sink:
     wants_audio: ClassVar[bool] = False
     #: Which setting the ``kind:TARGET`` command-line shorthand fills (None: no target).
     target_field: ClassVar[str | None] = None
+    #: The file the sink writes when its target is an existing folder (HLS: ``index.m3u8``), so that the
+    #: checks before start accept the folder an earlier run made. None: a folder is not a valid target.
+    folder_target: ClassVar[str | None] = None
     #: Set by the dispatcher before each call: the ``time.monotonic()`` by which the call must
     #: return (the start of the call + the dispatcher's ``call_timeout``, or its shutdown
     #: deadline when earlier), else the sink is reported hung. A sink that retries on its own

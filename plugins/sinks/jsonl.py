@@ -13,14 +13,17 @@ lines from the earlier ones (stream times and turns start again after it).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import stat
 import sys
 import time
 from pathlib import Path
 
-from pipeline.fanout.outputs import Existing, append_record, claim_output_path
+from pipeline.fanout.outputs import Existing, append_record, deleted, open_output
 from pipeline.fanout.sink import CaptionText, Sink
+
+log = logging.getLogger(__name__)
 
 
 class JsonlSink(Sink):
@@ -41,10 +44,8 @@ class JsonlSink(Sink):
         path = self.settings.path
         if path in ("-", "stdout"):
             return
-        if self._path is None:  # a retried start keeps the name it claimed
-            self._path = claim_output_path(path, self.settings.existing)
-        trunc = os.O_TRUNC if self.settings.existing == "overwrite" else 0
-        fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | trunc, 0o644)
+        # a retried start keeps the name it claimed (a "new" or "overwrite" file holds nothing of an earlier run)
+        self._path, fd = open_output(self._path or path, self.settings.existing)
         try:
             end = os.lseek(fd, 0, os.SEEK_END) if stat.S_ISREG(os.fstat(fd).st_mode) else None  # None: a pipe
             if end:  # an earlier run's records: continue after them, on a line of their own
@@ -64,7 +65,17 @@ class JsonlSink(Sink):
             sys.stdout.write(line)
             sys.stdout.flush()
             return
+        if self._end is not None and deleted(self._fd):  # rm'd under us: a new file, not a lost inode
+            self._reopen()
         self._end = append_record(self._fd, line.encode(), self._end, fsync=self.settings.fsync)
+
+    def _reopen(self) -> None:
+        if self._fd is not None:
+            log.warning("jsonl: %s was deleted while being written: writing a new %s", self._path, self._path)
+            os.close(self._fd)
+            self._fd = None
+        self._path, self._fd = open_output(self._path, "append")  # raises: the dispatcher retries
+        self._end = os.lseek(self._fd, 0, os.SEEK_END)
 
     def on_caption(self, caption) -> None:
         if self.text_of(caption) is None:

@@ -13,13 +13,16 @@ writes ``name.1.srt`` (``existing: new``; ``overwrite`` replaces it).
 
 from __future__ import annotations
 
+import logging
 import os
 import textwrap
 from pathlib import Path
 from typing import Literal
 
-from pipeline.fanout.outputs import append_record, claim_output_path
+from pipeline.fanout.outputs import append_record, deleted, open_output
 from pipeline.fanout.sink import CaptionText, Sink
+
+log = logging.getLogger(__name__)
 
 
 def _stamp(t: float, sep: str, width: int = 0) -> str:
@@ -76,10 +79,8 @@ class SubtitleSink(Sink):
 
     # --- sink ------------------------------------------------------------------------
     def start(self) -> None:
-        if self._path is None:  # a retried start keeps the name it claimed
-            self._path = claim_output_path(self.settings.path, self.settings.existing)
-        trunc = os.O_TRUNC if self.settings.existing == "overwrite" else 0
-        self._fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | trunc, 0o644)
+        # a retried start keeps the name it claimed (still empty: a failed header was cut back)
+        self._path, self._fd = open_output(self._path or self.settings.path, self.settings.existing)
         self._size = 0
         self._sep = "." if self.fmt == "vtt" else ","
         self._count = 0
@@ -99,6 +100,8 @@ class SubtitleSink(Sink):
         text = self._clean(text)
         if not text:
             return
+        if deleted(self._fd):  # rm'd under us: a new file (a valid one of its own), not a lost inode
+            self._reopen()
         start = caption.start
         cut = None  # the previous cue ends where this one begins
         if self._prev is not None:
@@ -122,6 +125,21 @@ class SubtitleSink(Sink):
             raise
         self._count += 1
         self._prev = (start, end, end_off)
+
+    def _reopen(self) -> None:
+        if self._fd is not None:
+            log.warning("%s: %s was deleted while being written: writing a new %s", self.name, self._path, self._path)
+            os.close(self._fd)
+            self._fd = None
+        self._path, self._fd = open_output(self._path, "new")  # raises: the dispatcher retries
+        self._size, self._count, self._prev = 0, 0, None
+        if self.fmt == "vtt":
+            try:
+                self._append(b"WEBVTT\n\n")
+            except OSError:  # no cue without its header: the next call opens it again
+                os.close(self._fd)
+                self._fd = None
+                raise
 
     def stop(self) -> None:
         fd, self._fd = self._fd, None

@@ -52,7 +52,7 @@ from PIL import ImageColor
 from pydantic import field_validator
 
 from pipeline.backoff import Backoff
-from pipeline.fanout.outputs import Existing, claim_output_path
+from pipeline.fanout.outputs import Existing, open_output
 from pipeline.fanout.sink import DeliveryError, Sink, SinkSettings, redact
 
 from .cea608 import Cea608Track
@@ -351,6 +351,7 @@ class BurninSink(Sink):
     name = "burnin"
     wants_frames = True
     target_field = "output"
+    folder_target = "index.m3u8"  # an existing folder is an HLS output (output.resolve)
     Settings = BurninSettings
 
     def __init__(self, *a, **kw) -> None:
@@ -380,13 +381,17 @@ class BurninSink(Sink):
         self._audio_seen = False
         self.has_audio = False  # the current output has an audio stream
         self._claimed: str | None = None  # the file name start() took (kept across retried starts)
+        self._lock_fd: int | None = None  # holds the claim (outputs.open_output) until stop
 
     # --- sink API (called from the dispatcher's worker thread) -------------------------
     def start(self) -> None:
         out = self.settings.output
-        if self._claimed is None and resolve(self.settings)[1] not in ("hls", "flv", "mpegts") \
-                and not is_network(out):  # a file: an earlier run's is never overwritten silently
-            self._claimed = str(claim_output_path(out, self.settings.existing))
+        # a file (any container: .ts and .flv use the muxers of network outputs too): an earlier run's is never
+        # overwritten silently; HLS is a live window that the muxer rotates
+        if self._claimed is None and not is_network(out) and resolve(self.settings)[1] != "hls":
+            # the lock (an fd kept until stop) keeps a second run from claiming the file before a frame is in it
+            claimed, self._lock_fd = open_output(out, self.settings.existing)
+            self._claimed = str(claimed)
             if self._claimed != out:
                 self.settings = self.settings.model_copy(update={"output": self._claimed})
         self._stop.clear()
@@ -437,8 +442,12 @@ class BurninSink(Sink):
             t.join(self.settings.stop_timeout_s)
             if t.is_alive():
                 log.error("%s encoder did not finish within %.1f s", self.name, self.settings.stop_timeout_s)
-            elif self._claimed is not None and os.path.isfile(self._claimed) and os.path.getsize(self._claimed) == 0:
-                os.unlink(self._claimed)  # stopped before the first frame: no empty file that no player opens
+            else:
+                if self._claimed is not None and os.path.isfile(self._claimed) and os.path.getsize(self._claimed) == 0:
+                    os.unlink(self._claimed)  # stopped before the first frame: no empty file that no player opens
+                lock, self._lock_fd = self._lock_fd, None
+                if lock is not None:
+                    os.close(lock)
         self._check()
 
     def describe(self) -> str:
