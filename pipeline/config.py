@@ -413,11 +413,13 @@ OUTPUT_FIELDS = ("path", "output")
 
 
 def output_files(sinks: list[dict], where: str) -> dict[str, str]:
-    """The files a stream's sinks write: ``{real path: "sinks[i] (kind)"}``, from its validated ``sinks``
-    blocks (a sink's default path counts: a bare ``jsonl`` writes ``events.jsonl``). URLs and stdout are not
-    files. Relative paths are taken from the working directory, as the sinks open them.
+    """Where a stream's sinks write: ``{real path or URL: "sinks[i] (kind)"}``, from its validated ``sinks``
+    blocks (a sink's default path counts: a bare ``jsonl`` writes ``events.jsonl``). A network output
+    (``rtmp://...``, ``srt://...``: a burn-in or restream target) counts by its URL, as two publishers to
+    one stream key fight over it; stdout does not count. Relative paths are taken from the working
+    directory, as the sinks open them. Print the keys through ``redact`` (a URL may hold a stream key).
 
-    Raises ConfigError naming ``where`` when two of the stream's sinks write one file."""
+    Raises ConfigError naming ``where`` when two of the stream's sinks write one file or one URL."""
     from .plugins import sink_class
 
     out: dict[str, str] = {}
@@ -430,13 +432,14 @@ def output_files(sinks: list[dict], where: str) -> dict[str, str]:
             continue
         for field in OUTPUT_FIELDS:
             value = getattr(checked, field, None)
-            if not isinstance(value, str) or not value or value in ("-", "stdout") or "://" in value:
+            if not isinstance(value, str) or not value or value in ("-", "stdout"):
                 continue
-            path = os.path.realpath(os.path.expanduser(value))
+            key = value.rstrip("/") if "://" in value else os.path.realpath(os.path.expanduser(value))
             label = f"sinks[{i}] ({kind})"
-            if path in out:
-                raise ConfigError(f"{where}: {label} writes {path}, as {out[path]} does: give each sink its own file")
-            out[path] = label
+            if key in out:
+                raise ConfigError(f"{where}: {label} writes {redact(key)}, as {out[key]} does: give each sink its own "
+                                  f"{'URL' if '://' in key else 'file'}")
+            out[key] = label
     return out
 
 

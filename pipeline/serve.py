@@ -18,8 +18,9 @@ while it runs (the routes, shared with ``--cluster``: ``streams_http.py``):
     GET    /metrics                        every stream's families, labelled ``stream="{id}"``
     GET    /health                         {"live", "ready", "streams", "capacity", "free"}
 
-Two streams never write one file (``output_files``): a second stream naming a file that a running one writes
-is refused (HTTP 409), as is a streams file with such streams or with one id twice (before the model loads).
+Two streams never write one file or publish to one URL (``config.output_files``): a second stream naming a
+file or an output URL (an RTMP stream key) that a running one writes is refused (HTTP 409), as is a streams
+file with such streams or with one id twice (before the model loads).
 A stream that does not fit (every KV-cache row taken: ``engine.max_streams`` or what the GPU's memory
 allows at ``engine.max_context``) is refused with a message saying how many fit.
 """
@@ -38,6 +39,7 @@ from prometheus_client.metrics_core import Metric
 
 from .app import Pipeline, PipelineError, resolve_source
 from .config import ConfigError, RunConfig, output_files, validate
+from .redact import redact
 from .server import HttpServer, Route, from_settings
 from .streams_http import StreamConflict, StreamsHTTP
 
@@ -176,8 +178,8 @@ class Service(StreamsHTTP):
             check_source(scfg, f"{label} ({sid})")
             for path, sink in output_files(scfg.sinks, f"{label} ({sid})").items():
                 if path in files:
-                    raise ConfigError(f"{label} ({sid}): {sink} writes {path}, as stream {files[path]!r} does: "
-                                      "give each stream its own file (sinks: in its entry)")
+                    raise ConfigError(f"{label} ({sid}): {sink} writes {redact(path)}, as stream {files[path]!r} "
+                                      "does: give each stream its own file or URL (sinks: in its entry)")
                 files[path] = sid
 
     # -- lifecycle ---------------------------------------------------------------------------------------
@@ -212,8 +214,8 @@ class Service(StreamsHTTP):
                 raise StreamConflict(f"stream {sid!r} exists already")
             for path, sink in files.items():
                 if path in self._files:
-                    raise StreamConflict(f"stream {sid!r}: {sink} writes {path}, which stream "
-                                         f"{self._files[path]!r} writes already (give each stream its own file)")
+                    raise StreamConflict(f"stream {sid!r}: {sink} writes {redact(path)}, which stream "
+                                         f"{self._files[path]!r} writes already (give each stream its own file or URL)")
             if self._free() <= 0:
                 raise PipelineError(f"no room for stream {sid!r}: all {self.engine.slots} streams of "
                                     f"{self.engine.cfg.max_context} context tokens are taken on this GPU "

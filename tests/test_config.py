@@ -192,10 +192,13 @@ def test_readme_config_reference_documents_every_key():
 def test_two_sinks_of_one_run_never_write_one_file(tmp_path, monkeypatch):
     """`livecc run --sink jsonl:a.jsonl --sink srt:a.jsonl` (or the same file by another name) would interleave
     two formats in one file: refused before anything loads, naming both sinks. A bare `jsonl` writes
-    events.jsonl, so `jsonl` + `jsonl:events.jsonl` clash too; URLs and distinct files are fine."""
+    events.jsonl, so `jsonl` + `jsonl:events.jsonl` clash too; so do two outputs to one RTMP stream key (the
+    key redacted in the message); distinct files and URLs are fine."""
     monkeypatch.chdir(tmp_path)
     msg = error_of(None, sinks=["jsonl:a.jsonl", "srt:./sub/../a.jsonl"])
     assert "sinks[1] (srt) writes" in msg and "as sinks[0] (jsonl) does" in msg, msg
     assert "as sinks[0] (jsonl) does" in error_of(None, sinks=["jsonl", "jsonl:events.jsonl"])
+    msg = error_of(None, sinks=["burnin:rtmp://127.0.0.1/live/s3cretkey", "restream:rtmp://127.0.0.1/live/s3cretkey"])
+    assert "as sinks[0] (burnin) does: give each sink its own URL" in msg and "s3cretkey" not in msg, msg
     cfg = config.load(None, sinks=["jsonl:a.jsonl", "srt:a.srt", "webhook:http://127.0.0.1:9/x"])
     assert [s["kind"] for s in cfg.sinks] == ["jsonl", "srt", "webhook"]

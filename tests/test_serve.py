@@ -282,6 +282,11 @@ def test_streams_file_refuses_shared_output_files_and_duplicate_ids(tmp_path, mo
     with pytest.raises(ConfigError, match=r"streams\[1\].*captions\.jsonl.*'a'"):
         Service({**shared, "sinks": ["jsonl:captions.jsonl"]},
                 [{"id": "a", "source": "rtmp://127.0.0.1/live/a"}, {"id": "b", "source": "rtmp://127.0.0.1/live/b"}])
+    with pytest.raises(ConfigError, match=r"streams\[1\].*rtmp://127\.0\.0\.1/live/\*\*\*.*'a'") as e:
+        # two streams publishing to one RTMP stream key (the second would be refused by the server, or fight)
+        Service(shared, [{"id": "a", "source": "rtmp://127.0.0.1/live/a", "sinks": ["burnin:rtmp://127.0.0.1/live/s3cretkey"]},
+                         {"id": "b", "source": "rtmp://127.0.0.1/live/b", "sinks": ["restream:rtmp://127.0.0.1/live/s3cretkey/"]}])
+    assert "s3cretkey" not in str(e.value)
     Service({**shared, "sinks": ["jsonl:captions.jsonl"]},  # each stream its own file: fine
             [{"id": "a", "source": "rtmp://127.0.0.1/live/a"},
              {"id": "b", "source": "rtmp://127.0.0.1/live/b", "sinks": ["jsonl:b.jsonl"]}])
