@@ -95,12 +95,13 @@ def ray_cluster(tmp_path):
 
 
 def runs(path: Path) -> list[list[dict]]:
-    """The caption lines of a JSONL sink's file, split at its run_start lines (a restarted stream actor)."""
+    """The turn lines of a JSONL sink's file (captions and answers: an answer takes a turn number too), split at
+    its run_start lines (a restarted stream actor)."""
     out: list[list[dict]] = [[]]
     for r in servers.read_jsonl(path) if path.exists() else []:
         if r.get("type") == "run_start":
             out.append([])
-        elif r.get("type") == "caption" and r.get("kind") == "caption":
+        elif r.get("type") == "caption":
             out[-1].append(r)
     return out
 
@@ -219,6 +220,9 @@ def test_streams_move_off_a_killed_node_and_a_drained_one(nginx_rtmp, publisher,
         assert status == 200 and isinstance(ans["answer"], str), ans
         assert request("POST", f"{base}/api/streams/c2/pause")[1] == {"paused": True}
         assert request("POST", f"{base}/api/streams/c2/resume")[1] == {"paused": False}
+        # the answer took a turn number: the captions after it go on from it (checked with the others below)
+        wait_until(lambda: [r.get("kind") for r in runs(jsonl["c2"])[-1]][-1:] == ["caption"]
+                   and "answer" in [r.get("kind") for r in runs(jsonl["c2"])[-1]], 60, "a caption after c2's answer")
 
         # no room: the one live worker holds three rows, all taken
         status, body = request("POST", f"{base}/api/streams", {"id": "c4", "source": nginx_rtmp.url("cluster-c1")})
