@@ -460,3 +460,35 @@ def test_two_runs_at_once_write_two_files(tmp_path):
     assert second.describe().endswith("out.1.mp4"), second.describe()
     assert 0.6 <= float(ffprobe(path)["format"]["duration"]) <= 1.5
     assert 1.6 <= float(ffprobe(tmp_path / "out.1.mp4")["format"]["duration"]) <= 2.5
+
+
+@pytest.mark.parametrize("kind", ["mp4", "plain-mp4", "hls"])
+def test_output_folder_deleted_while_running_is_written_again(tmp_path, kind, caplog):
+    """The folder holding the burn-in output removed under a running sink (``rm -rf``, a cleanup job). Before: an
+    MP4 went on into the deleted inode (nothing at the path, status ``stopped``, no word: every later frame lost);
+    an HLS encoder died at its next segment (the stream over for the rest of the run). Now the sink says so (one
+    warning, counted in ``outputs_deleted``), makes the folder again and writes a new output at the same path,
+    which ffprobe reads with the frames after the deletion."""
+    import logging
+
+    folder = tmp_path / "out"
+    settings = {"fps": FPS, "gop_s": 0.5, "audio": False}
+    if kind == "hls":
+        sink = make_sink({"burnin": {"output": f"{folder}/hls/", "hls_time": 0.5, **settings}})
+        probe = folder / "hls" / "index.m3u8"
+    else:
+        sink = make_sink(f"burnin:{folder / 'b.mp4'}", fragmented_mp4=kind == "mp4", **settings)
+        probe = folder / "b.mp4"
+    with caplog.at_level(logging.WARNING, logger="plugins.sinks.burnin.sink"):
+        sink.start()
+        feeder = Feeder(sink, 3.0)
+        feeder.start()
+        time.sleep(1.0)
+        shutil.rmtree(folder)
+        feeder.join()
+        sink.stop()  # raises when the encoder died
+    assert sink.error is None and sink.counters["outputs_deleted"] == 1, (sink.error, sink.stats())
+    warnings = [r.getMessage() for r in caplog.records if "deleted" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    frames = int(ffprobe(probe)["streams"][0]["nb_read_frames"])
+    assert frames >= 15, frames  # the ~2 s after the deletion (HLS: the last segments of its window)

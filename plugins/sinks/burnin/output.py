@@ -124,6 +124,7 @@ class Output:
         target, fmt, options = resolve(s)
         self.kind = fmt
         self.is_network = is_network(target)
+        self.path = None if self.is_network else target  # the file (HLS: the playlist) on this machine
         if target.lower().startswith("srt://"):
             self.relay = SrtRelay(target)
             self.container = av.open(self.relay.stdin, "w", format="mpegts")

@@ -52,7 +52,7 @@ from PIL import ImageColor
 from pydantic import field_validator
 
 from pipeline.backoff import Backoff
-from pipeline.fanout.outputs import Existing, open_output
+from pipeline.fanout.outputs import Existing, deleted, open_output
 from pipeline.fanout.sink import DeliveryError, Sink, SinkSettings, redact
 
 from .cea608 import Cea608Track
@@ -298,13 +298,49 @@ class _Encoder:
                 self.connected_once = True
         except Exception as e:
             if not out.is_network:
-                raise
+                if not self.output_gone():
+                    raise
+                self.restart_deleted()  # an HLS folder removed just before a segment was opened in it
+                return
             self._retry_later("not reachable" if self.fresh else "lost", e)
             try:
                 out.close(flush=False)
             except Exception:
                 pass
             self.out = None
+
+    def output_gone(self) -> bool:
+        """Whether the open file output lost its name under the running sink: the file or its folder deleted (or
+        replaced); what is written to it then is lost. An HLS output: its folder gone. Network outputs: False."""
+        out = self.out
+        if out is None or out.path is None:
+            return False
+        if out.kind == "hls":
+            return not os.path.isdir(os.path.dirname(os.path.abspath(out.path)))
+        lock = self.sink._lock_fd  # the claimed file: the inode the muxer writes
+        return deleted(lock) if lock is not None else not os.path.exists(out.path)
+
+    def restart_deleted(self) -> None:
+        """The output was deleted under the sink (see :meth:`output_gone`): say so once, drop the lost output and
+        claim the path again (its folder made again); the next tick opens a new output there, as a reconnect of a
+        network output does. Raises when the path cannot be claimed (a folder now in the way): the encoder stops
+        with that error, reported as the sink's."""
+        sink, out = self.sink, self.out
+        sink.counters["outputs_deleted"] += 1
+        log.warning("%s: %s was deleted while being written: writing a new %s", sink.name, out.path, out.path)
+        self.out = None
+        try:
+            out.close(flush=False)  # into the deleted file (HLS: its playlist cannot be written): nothing to keep
+        except Exception:
+            pass
+        if sink._lock_fd is not None:
+            os.close(sink._lock_fd)
+            sink._lock_fd = None
+            claimed, sink._lock_fd = open_output(sink._claimed, "new")
+            if str(claimed) != sink._claimed:  # something else took the name meanwhile
+                sink._claimed = str(claimed)
+                sink.settings = sink.settings.model_copy(update={"output": sink._claimed})
+                self.s = sink.settings
 
     @property
     def tick_time(self) -> float:
@@ -329,6 +365,8 @@ class _Encoder:
             if behind > s.fps:  # more than a second behind: skip ahead, stay real-time
                 sink.counters["ticks_skipped"] += behind
                 self.n += behind
+            if self.output_gone():
+                self.restart_deleted()
             if not self.hold_for_audio(now, frame) and self.ensure_open(now):
                 self.write_tick(now, frame)
                 sink._pump_audio(self.out, now, sink.t0 + self.pts_base * self.period)
