@@ -492,3 +492,46 @@ def test_output_folder_deleted_while_running_is_written_again(tmp_path, kind, ca
     assert len(warnings) == 1, warnings
     frames = int(ffprobe(probe)["streams"][0]["nb_read_frames"])
     assert frames >= 15, frames  # the ~2 s after the deletion (HLS: the last segments of its window)
+
+
+def test_hls_on_a_full_disk_counts_the_loss_and_goes_on(small_disk):
+    """An HLS output on a disk that fills up mid-run (a real 2 MiB tmpfs), then gets space back. Before: the HLS
+    muxer ignores its write errors: segments written empty or cut short, the sink ``ok`` and then ``stopped``,
+    exit 0, no word. Now the failed writes are counted: the sink is ``failed`` with ``No space left on device``
+    while it lasts and at the end (``livecc run`` exits 1); the stream goes on once space returns and its playlist
+    plays (ffprobe)."""
+    from pipeline.backoff import Backoff
+    from pipeline.fanout.dispatch import Dispatcher
+
+    sink = make_sink({"burnin": {"output": f"{small_disk}/hls/", "hls_time": 0.5, "fps": FPS, "gop_s": 0.5,
+                                 "bitrate": "1M", "audio": False}})
+    d = Dispatcher([sink], retry=Backoff(initial=0.01, max_attempts=2))
+    d.start()
+    rng = np.random.default_rng(0)
+    noise = [rng.integers(0, 255, (H, W, 3), dtype=np.uint8) for _ in range(8)]  # incompressible
+    ballast = small_disk / ".ballast"
+    full_status = None
+    t0, i = time.monotonic(), 0
+    while (t := time.monotonic() - t0) < 4.5:
+        d.frame(Frame(noise[i % 8], i / FPS, index=i))
+        if i % 8 == 0:
+            d.caption(Caption(i / FPS, i / FPS + 0.2, f"caption {i}"))
+        if i == 30:  # 1 s in: fill the disk
+            with open(ballast, "wb") as f:
+                try:
+                    while True:
+                        f.write(b"\0" * 65536)
+                        f.flush()
+                except OSError:
+                    pass
+        if i == 75:  # 2.5 s in: the status while full, then space back
+            full_status = d.status()[sink.name]
+            ballast.unlink()
+        i += 1
+        time.sleep(max(0.0, t0 + i / FPS - time.monotonic()))
+    final = d.stop(10)[sink.name]
+    assert full_status["state"] == "failed" and "No space left" in (full_status["last_error"] or ""), full_status
+    assert final["state"] == "failed" and "No space left" in (final["last_error"] or ""), final
+    assert sink.error is None  # the encoder went on: a full disk for a while does not end the stream
+    frames = int(ffprobe(small_disk / "hls" / "index.m3u8")["streams"][0]["nb_read_frames"])
+    assert frames >= 30, frames  # the segments written after space returned play
