@@ -535,3 +535,77 @@ def test_hls_on_a_full_disk_counts_the_loss_and_goes_on(small_disk):
     assert sink.error is None  # the encoder went on: a full disk for a while does not end the stream
     frames = int(ffprobe(small_disk / "hls" / "index.m3u8")["streams"][0]["nb_read_frames"])
     assert frames >= 30, frames  # the segments written after space returned play
+
+
+#: An HLS burn-in in its own process (another user when the test runs as root, for whom permissions do not count):
+#: frames for ``seconds``; "ready" after 1 s, then waits for a line on stdin; prints its outcome as JSON.
+HLS_WRITER = """
+import json, sys, time, numpy as np
+from pipeline.plugins import make_sink
+from pipeline.types import Frame
+sink = make_sink({"burnin": {"output": sys.argv[1] + "/", "hls_time": 0.5, "fps": 30, "gop_s": 0.5, "audio": False}})
+sink.start()
+img = np.full((96, 160, 3), 100, np.uint8)
+t0, i = time.monotonic(), 0
+while time.monotonic() - t0 < 4.0:
+    sink.on_frame(Frame(img, i / 30, index=i))
+    i += 1
+    if i == 30:
+        print("ready", flush=True)
+    if i in (30, 75):
+        sys.stdin.readline()
+    time.sleep(max(0.0, t0 + i / 30 - time.monotonic()))
+error = None
+try:
+    sink.stop()
+except Exception as e:
+    error = str(e)
+print(json.dumps({"stop_error": error, "encoder_error": repr(sink.error) if sink.error else None,
+                  "write_errors": sink.counters["write_errors"]}), flush=True)
+"""
+
+
+def test_hls_folder_made_read_only_counts_the_loss_and_goes_on(tmp_path):
+    """The HLS folder made read-only (``chmod 555``) under a running burn-in, then writable again. Before: the
+    encoder died at its next segment (the stream over for the rest of the run). Now the segments it cannot create
+    are counted (``write_errors``), ``stop`` reports the loss (the sink ends ``failed``), no traceback is printed,
+    and the stream goes on in the folder once it can write there again (its playlist plays)."""
+    import tempfile
+
+    root = os.geteuid() == 0
+    if root and not shutil.which("setpriv"):
+        pytest.skip("running as root (chmod does not stop root's writes) and no setpriv to run the writer as another user")
+    base = Path(tempfile.mkdtemp(prefix="livecc-ro-"))  # not under pytest's 0700 tmp: the other user must reach it
+    folder = base / "hls"
+    folder.mkdir()
+    try:
+        cmd = [os.sys.executable, "-c", HLS_WRITER, str(folder)]
+        if root:
+            os.chmod(base, 0o755)
+            os.chown(folder, 65534, 65534)
+            cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                cwd=Path(__file__).resolve().parent.parent,
+                                env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+        try:
+            assert proc.stdout.readline().strip() == "ready"
+            os.chmod(folder, 0o555)
+            proc.stdin.write("\n")
+            proc.stdin.flush()
+            time.sleep(1.5)  # a few segments' time with the folder read-only
+            os.chmod(folder, 0o755)
+            proc.stdin.write("\n")
+            proc.stdin.flush()
+            out, err = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+            proc.wait(10)
+        result = json.loads(out.splitlines()[-1])
+        assert result["encoder_error"] is None, (result, err[-2000:])  # the stream went on
+        assert result["write_errors"] > 0 and "Permission denied" in (result["stop_error"] or ""), result
+        assert "Traceback" not in err, err[-3000:]
+        frames = int(ffprobe(folder / "index.m3u8")["streams"][0]["nb_read_frames"])
+        assert frames >= 15, frames  # written after the folder could be written again
+    finally:
+        os.chmod(folder, 0o755)
+        shutil.rmtree(base, ignore_errors=True)

@@ -113,10 +113,10 @@ class CountedFile:
     ignores its files' write errors: on a full disk its segments came out empty or cut short and nobody heard of
     it. Here every failed write is kept in ``owner.write_errors`` (``owner.failing`` until a write succeeds again)
     and the rest of that file is dropped, as FFmpeg's own file IO does after an error; the muxer goes on, so the
-    stream resumes with the next segment once space returns. A file that cannot be created for lack of space is such a file too (nothing in it);
-    other open errors (its folder gone) are raised to the muxer."""
-
-    NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+    stream resumes with the next segment once space returns. A file that cannot be created (no space, a folder
+    made read-only) is such a file too, with nothing in it: an error raised here would only be printed by PyAV
+    as a traceback, and end the stream. Its folder gone (``ENOENT``) is not counted: the encoder sees the folder
+    missing and starts the output again."""
 
     def __init__(self, path: str, owner: "Output") -> None:
         self.path, self.owner, self.failed = path, owner, False
@@ -124,9 +124,10 @@ class CountedFile:
         try:
             self.f = open(path, "wb", buffering=0)  # unbuffered: an error belongs to the write that met it
         except OSError as e:
-            if e.errno not in self.NO_SPACE:
-                raise
-            self._fail(e)
+            if e.errno == errno.ENOENT:
+                self.failed = True
+            else:
+                self._fail(e)
 
     def _fail(self, e: OSError) -> None:
         self.failed = True
