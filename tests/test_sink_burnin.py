@@ -584,6 +584,8 @@ def test_hls_folder_made_read_only_counts_the_loss_and_goes_on(tmp_path):
             os.chmod(base, 0o755)
             os.chown(folder, 65534, 65534)
             cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
+            if subprocess.run([*cmd[:4], os.sys.executable, "-c", "import av"], capture_output=True).returncode:
+                pytest.skip("running as root, and this Python cannot be run as another user (nobody)")
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 cwd=Path(__file__).resolve().parent.parent,
                                 env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
