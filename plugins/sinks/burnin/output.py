@@ -185,7 +185,7 @@ class Output:
         if target.lower().startswith("srt://"):
             self.relay = SrtRelay(target)
             self.container = av.open(self.relay.stdin, "w", format="mpegts")
-        elif fmt == "hls":
+        elif fmt == "hls" and "://" not in target:  # a local folder (a URL is left to FFmpeg)
             self.container = av.open(target, "w", format=fmt, options=options,
                                      io_open=lambda url, flags, opts: CountedFile(url, self))
         else:
