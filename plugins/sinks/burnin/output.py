@@ -146,15 +146,18 @@ class CountedFile:
         return len(data)
 
     def seek(self, offset: int, whence: int = 0) -> int:
+        """As a file's ``seek`` (0 for a file that could not be created)."""
         return self.f.seek(offset, whence) if self.f is not None else 0
 
     def tell(self) -> int:
+        """As a file's ``tell`` (0 for a file that could not be created)."""
         return self.f.tell() if self.f is not None else 0
 
     def flush(self) -> None:
-        pass  # unbuffered
+        """Nothing to do: the file is unbuffered."""
 
     def close(self) -> None:
+        """Close the file; an error is recorded, not raised."""
         if self.f is not None:
             try:
                 self.f.close()
