@@ -447,11 +447,23 @@ def output_path_problem(target: str) -> str | None:
     """Why a file cannot be created at ``target`` (None: it can, as far as can be told before writing).
 
     Caught here, before the model loads, rather than by a sink that retries forever: a directory, a path
-    under a regular file, a folder with no write permission. A target with ``://`` is a URL: not checked.
+    under a regular file, a folder with no write permission, a symlink loop, a dangling symlink into a folder
+    that does not exist (a dangling symlink into a folder that does is fine: the file is created where it
+    points). A symlink to a file is checked where it points. A target with ``://`` is a URL: not checked.
     """
     if "://" in target:
         return None
     p = Path(target).expanduser()
+    if p.is_symlink():
+        try:
+            p.stat()
+        except FileNotFoundError:  # dangling: the file would be created where it points
+            real = Path(os.path.realpath(p))
+            if not real.parent.is_dir():
+                return f"{target} is a symlink to {real}, whose folder {real.parent} does not exist"
+        except OSError as e:  # ELOOP
+            return f"{target}: a symlink loop ({e.strerror})"
+        p = Path(os.path.realpath(p))
     if p.is_dir():
         return f"{target} is a directory (give a file name in it)"
     parent = p.parent

@@ -4,6 +4,7 @@ real sockets, the real command in a subprocess."""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -158,3 +159,22 @@ def test_an_hls_folder_of_an_earlier_run_is_accepted(tmp_path, target):
         assert block["kind"] == kind
     with pytest.raises(ConfigError, match="is a directory"):
         config.validate_sink(f"srt:{tmp_path / 'hls'}")  # a file sink still may not write a folder
+
+
+@pytest.mark.parametrize("link, expected", [("loop", "a symlink loop"), ("dangling", "does not exist")])
+def test_a_sink_target_that_is_a_broken_symlink_exits_2_before_the_model_loads(tmp_path, link, expected):
+    """A JSONL target that is a symlink loop, or a dangling symlink into a folder that does not exist, was let
+    through: the model loaded, the sink's start failed (ELOOP, ENOENT) for the whole run, every caption was lost and
+    the run ended with exit 1. It is caught with the other targets that cannot be a file (README: exit 2)."""
+    target = tmp_path / "c.jsonl"
+    if link == "loop":
+        os.symlink(tmp_path / "other.jsonl", target)
+        os.symlink(target, tmp_path / "other.jsonl")
+    else:
+        os.symlink(tmp_path / "no" / "such" / "c.jsonl", target)
+    spec = f"jsonl:{target}"
+    line, _ = error_line("run", "lavfi:testsrc2", "--sink", spec)
+    assert f"--sink {spec}" in line and expected in line, line
+    if link == "dangling":  # a dangling symlink whose folder is there is fine: the file is created where it points
+        (tmp_path / "no" / "such").mkdir(parents=True)
+        assert config.validate_sink(spec)["kind"] == "jsonl"

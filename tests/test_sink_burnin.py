@@ -460,3 +460,154 @@ def test_two_runs_at_once_write_two_files(tmp_path):
     assert second.describe().endswith("out.1.mp4"), second.describe()
     assert 0.6 <= float(ffprobe(path)["format"]["duration"]) <= 1.5
     assert 1.6 <= float(ffprobe(tmp_path / "out.1.mp4")["format"]["duration"]) <= 2.5
+
+
+@pytest.mark.parametrize("kind", ["mp4", "plain-mp4", "hls"])
+def test_output_folder_deleted_while_running_is_written_again(tmp_path, kind, caplog):
+    """The folder holding the burn-in output removed under a running sink (``rm -rf``, a cleanup job). Before: an
+    MP4 went on into the deleted inode (nothing at the path, status ``stopped``, no word: every later frame lost);
+    an HLS encoder died at its next segment (the stream over for the rest of the run). Now the sink says so (one
+    warning, counted in ``outputs_deleted``), makes the folder again and writes a new output at the same path,
+    which ffprobe reads with the frames after the deletion."""
+    import logging
+
+    folder = tmp_path / "out"
+    settings = {"fps": FPS, "gop_s": 0.5, "audio": False}
+    if kind == "hls":
+        sink = make_sink({"burnin": {"output": f"{folder}/hls/", "hls_time": 0.5, **settings}})
+        probe = folder / "hls" / "index.m3u8"
+    else:
+        sink = make_sink(f"burnin:{folder / 'b.mp4'}", fragmented_mp4=kind == "mp4", **settings)
+        probe = folder / "b.mp4"
+    with caplog.at_level(logging.WARNING, logger="plugins.sinks.burnin.sink"):
+        sink.start()
+        feeder = Feeder(sink, 3.0)
+        feeder.start()
+        time.sleep(1.0)
+        shutil.rmtree(folder)
+        feeder.join()
+        sink.stop()  # raises when the encoder died
+    assert sink.error is None and sink.counters["outputs_deleted"] == 1, (sink.error, sink.stats())
+    warnings = [r.getMessage() for r in caplog.records if "deleted" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    frames = int(ffprobe(probe)["streams"][0]["nb_read_frames"])
+    assert frames >= 15, frames  # the ~2 s after the deletion (HLS: the last segments of its window)
+
+
+def test_hls_on_a_full_disk_counts_the_loss_and_goes_on(small_disk):
+    """An HLS output on a disk that fills up mid-run (a real 2 MiB tmpfs), then gets space back. Before: the HLS
+    muxer ignores its write errors: segments written empty or cut short, the sink ``ok`` and then ``stopped``,
+    exit 0, no word. Now the failed writes are counted: the sink is ``failed`` with ``No space left on device``
+    while it lasts and at the end (``livecc run`` exits 1); the stream goes on once space returns and its playlist
+    plays (ffprobe)."""
+    from pipeline.backoff import Backoff
+    from pipeline.fanout.dispatch import Dispatcher
+
+    sink = make_sink({"burnin": {"output": f"{small_disk}/hls/", "hls_time": 0.5, "fps": FPS, "gop_s": 0.5,
+                                 "bitrate": "1M", "audio": False}})
+    d = Dispatcher([sink], retry=Backoff(initial=0.01, max_attempts=2))
+    d.start()
+    rng = np.random.default_rng(0)
+    noise = [rng.integers(0, 255, (H, W, 3), dtype=np.uint8) for _ in range(8)]  # incompressible
+    ballast = small_disk / ".ballast"
+    full_status = None
+    t0, i = time.monotonic(), 0
+    while (t := time.monotonic() - t0) < 4.5:
+        d.frame(Frame(noise[i % 8], i / FPS, index=i))
+        if i % 8 == 0:
+            d.caption(Caption(i / FPS, i / FPS + 0.2, f"caption {i}"))
+        if i == 30:  # 1 s in: fill the disk
+            with open(ballast, "wb") as f:
+                try:
+                    while True:
+                        f.write(b"\0" * 65536)
+                        f.flush()
+                except OSError:
+                    pass
+        if i == 75:  # 2.5 s in: the status while full, then space back
+            full_status = d.status()[sink.name]
+            ballast.unlink()
+        i += 1
+        time.sleep(max(0.0, t0 + i / FPS - time.monotonic()))
+    final = d.stop(10)[sink.name]
+    assert full_status["state"] == "failed" and "No space left" in (full_status["last_error"] or ""), full_status
+    assert final["state"] == "failed" and "No space left" in (final["last_error"] or ""), final
+    assert sink.error is None  # the encoder went on: a full disk for a while does not end the stream
+    frames = int(ffprobe(small_disk / "hls" / "index.m3u8")["streams"][0]["nb_read_frames"])
+    assert frames >= 30, frames  # the segments written after space returned play
+
+
+#: An HLS burn-in in its own process (another user when the test runs as root, for whom permissions do not count):
+#: frames for ``seconds``; "ready" after 1 s, then waits for a line on stdin; prints its outcome as JSON.
+HLS_WRITER = """
+import json, sys, time, numpy as np
+from pipeline.plugins import make_sink
+from pipeline.types import Frame
+sink = make_sink({"burnin": {"output": sys.argv[1] + "/", "hls_time": 0.5, "fps": 30, "gop_s": 0.5, "audio": False}})
+sink.start()
+img = np.full((96, 160, 3), 100, np.uint8)
+t0, i = time.monotonic(), 0
+while time.monotonic() - t0 < 4.0:
+    sink.on_frame(Frame(img, i / 30, index=i))
+    i += 1
+    if i == 30:
+        print("ready", flush=True)
+    if i in (30, 75):
+        sys.stdin.readline()
+    time.sleep(max(0.0, t0 + i / 30 - time.monotonic()))
+error = None
+try:
+    sink.stop()
+except Exception as e:
+    error = str(e)
+print(json.dumps({"stop_error": error, "encoder_error": repr(sink.error) if sink.error else None,
+                  "write_errors": sink.counters["write_errors"]}), flush=True)
+"""
+
+
+def test_hls_folder_made_read_only_counts_the_loss_and_goes_on(tmp_path):
+    """The HLS folder made read-only (``chmod 555``) under a running burn-in, then writable again. Before: the
+    encoder died at its next segment (the stream over for the rest of the run). Now the segments it cannot create
+    are counted (``write_errors``), ``stop`` reports the loss (the sink ends ``failed``), no traceback is printed,
+    and the stream goes on in the folder once it can write there again (its playlist plays)."""
+    import tempfile
+
+    root = os.geteuid() == 0
+    if root and not shutil.which("setpriv"):
+        pytest.skip("running as root (chmod does not stop root's writes) and no setpriv to run the writer as another user")
+    base = Path(tempfile.mkdtemp(prefix="livecc-ro-"))  # not under pytest's 0700 tmp: the other user must reach it
+    folder = base / "hls"
+    folder.mkdir()
+    try:
+        cmd = [os.sys.executable, "-c", HLS_WRITER, str(folder)]
+        if root:
+            os.chmod(base, 0o755)
+            os.chown(folder, 65534, 65534)
+            cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
+            if subprocess.run([*cmd[:4], os.sys.executable, "-c", "import av"], capture_output=True).returncode:
+                pytest.skip("running as root, and this Python cannot be run as another user (nobody)")
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                cwd=Path(__file__).resolve().parent.parent,
+                                env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+        try:
+            assert proc.stdout.readline().strip() == "ready"
+            os.chmod(folder, 0o555)
+            proc.stdin.write("\n")
+            proc.stdin.flush()
+            time.sleep(1.5)  # a few segments' time with the folder read-only
+            os.chmod(folder, 0o755)
+            proc.stdin.write("\n")
+            proc.stdin.flush()
+            out, err = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+            proc.wait(10)
+        result = json.loads(out.splitlines()[-1])
+        assert result["encoder_error"] is None, (result, err[-2000:])  # the stream went on
+        assert result["write_errors"] > 0 and "Permission denied" in (result["stop_error"] or ""), result
+        assert "Traceback" not in err, err[-3000:]
+        frames = int(ffprobe(folder / "index.m3u8")["streams"][0]["nb_read_frames"])
+        assert frames >= 15, frames  # written after the folder could be written again
+    finally:
+        os.chmod(folder, 0o755)
+        shutil.rmtree(base, ignore_errors=True)

@@ -11,6 +11,7 @@ that plays up to the last complete fragment; ``.mkv``, ``.flv``, ``.ts``).
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
@@ -107,6 +108,63 @@ class SrtRelay:
             self.proc.wait(5)
 
 
+class CountedFile:
+    """A file the HLS muxer writes (a segment, the playlist), opened through PyAV's ``io_open``. FFmpeg's HLS muxer
+    ignores its files' write errors: on a full disk its segments came out empty or cut short and nobody heard of
+    it. Here every failed write is kept in ``owner.write_errors`` (``owner.failing`` until a write succeeds again)
+    and the rest of that file is dropped, as FFmpeg's own file IO does after an error; the muxer goes on, so the
+    stream resumes with the next segment once space returns. A file that cannot be created (no space, a folder
+    made read-only) is such a file too, with nothing in it: an error raised here would only be printed by PyAV
+    as a traceback, and end the stream. Its folder gone (``ENOENT``) is not counted: the encoder sees the folder
+    missing and starts the output again."""
+
+    def __init__(self, path: str, owner: "Output") -> None:
+        self.path, self.owner, self.failed = path, owner, False
+        self.f = None
+        try:
+            self.f = open(path, "wb", buffering=0)  # unbuffered: an error belongs to the write that met it
+        except OSError as e:
+            if e.errno == errno.ENOENT:
+                self.failed = True
+            else:
+                self._fail(e)
+
+    def _fail(self, e: OSError) -> None:
+        self.failed = True
+        self.owner.write_errors.append(e)
+        self.owner.failing = True
+
+    def write(self, data) -> int:
+        """Write all of ``data`` (short writes continued); a failure is recorded, not raised."""
+        view = memoryview(data)
+        try:
+            while view and not self.failed:
+                view = view[self.f.write(view):]
+                self.owner.failing = False
+        except OSError as e:
+            self._fail(e)
+        return len(data)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        """As a file's ``seek`` (0 for a file that could not be created)."""
+        return self.f.seek(offset, whence) if self.f is not None else 0
+
+    def tell(self) -> int:
+        """As a file's ``tell`` (0 for a file that could not be created)."""
+        return self.f.tell() if self.f is not None else 0
+
+    def flush(self) -> None:
+        """Nothing to do: the file is unbuffered."""
+
+    def close(self) -> None:
+        """Close the file; an error is recorded, not raised."""
+        if self.f is not None:
+            try:
+                self.f.close()
+            except OSError as e:
+                self._fail(e)
+
+
 class Output:
     """One open output: a PyAV container with one H.264 stream (``width`` x ``height`` yuv420p at
     ``s.fps``), maybe an AAC stream (48 kHz stereo), maybe an SRT relay.
@@ -124,9 +182,15 @@ class Output:
         target, fmt, options = resolve(s)
         self.kind = fmt
         self.is_network = is_network(target)
+        self.path = None if self.is_network else target  # the file (HLS: the playlist) on this machine
+        self.write_errors: list[OSError] = []  # HLS: its files' failed writes (CountedFile), oldest first
+        self.failing = False  # HLS: the last write failed
         if target.lower().startswith("srt://"):
             self.relay = SrtRelay(target)
             self.container = av.open(self.relay.stdin, "w", format="mpegts")
+        elif fmt == "hls" and "://" not in target:  # a local folder (a URL is left to FFmpeg)
+            self.container = av.open(target, "w", format=fmt, options=options,
+                                     io_open=lambda url, flags, opts: CountedFile(url, self))
         else:
             self.container = av.open(target, "w", format=fmt, options=options)
         rate = Fraction(s.fps).limit_denominator(1001)

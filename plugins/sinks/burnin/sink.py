@@ -52,7 +52,7 @@ from PIL import ImageColor
 from pydantic import field_validator
 
 from pipeline.backoff import Backoff
-from pipeline.fanout.outputs import Existing, open_output
+from pipeline.fanout.outputs import Existing, deleted, open_output
 from pipeline.fanout.sink import DeliveryError, Sink, SinkSettings, redact
 
 from .cea608 import Cea608Track
@@ -164,6 +164,7 @@ class _Encoder:
         self.period = 1.0 / s.fps
         self.backoff = Backoff(initial=s.reconnect_initial_s, max_delay=s.reconnect_max_s)
         self.out: Output | None = None
+        self.errors_seen = 0  # of self.out.write_errors, already counted
         self.cc: Cea608Track | None = None
         self.n = 0
         self.pts_base = 0
@@ -251,6 +252,7 @@ class _Encoder:
             self._retry_later("cannot open", e)
             return False
         sink.has_audio = with_audio
+        self.errors_seen = 0
         self.pts_base = self.hold[0][1] if self.hold else self.n
         self.fresh = True
         sink.counters["opens"] += 1
@@ -298,13 +300,49 @@ class _Encoder:
                 self.connected_once = True
         except Exception as e:
             if not out.is_network:
-                raise
+                if not self.output_gone():
+                    raise
+                self.restart_deleted()  # an HLS folder removed just before a segment was opened in it
+                return
             self._retry_later("not reachable" if self.fresh else "lost", e)
             try:
                 out.close(flush=False)
             except Exception:
                 pass
             self.out = None
+
+    def output_gone(self) -> bool:
+        """Whether the open file output lost its name under the running sink: the file or its folder deleted (or
+        replaced); what is written to it then is lost. An HLS output: its folder gone. Network outputs: False."""
+        out = self.out
+        if out is None or out.path is None:
+            return False
+        if out.kind == "hls":
+            return not os.path.isdir(os.path.dirname(os.path.abspath(out.path)))
+        lock = self.sink._lock_fd  # the claimed file: the inode the muxer writes
+        return deleted(lock) if lock is not None else not os.path.exists(out.path)
+
+    def restart_deleted(self) -> None:
+        """The output was deleted under the sink (see :meth:`output_gone`): say so once, drop the lost output and
+        claim the path again (its folder made again); the next tick opens a new output there, as a reconnect of a
+        network output does. Raises when the path cannot be claimed (a folder now in the way): the encoder stops
+        with that error, reported as the sink's."""
+        sink, out = self.sink, self.out
+        sink.counters["outputs_deleted"] += 1
+        log.warning("%s: %s was deleted while being written: writing a new %s", sink.name, out.path, out.path)
+        self.out = None
+        try:
+            out.close(flush=False)  # into the deleted file (HLS: its playlist cannot be written): nothing to keep
+        except Exception:
+            pass
+        if sink._lock_fd is not None:
+            os.close(sink._lock_fd)
+            sink._lock_fd = None
+            claimed, sink._lock_fd = open_output(sink._claimed, "new")
+            if str(claimed) != sink._claimed:  # something else took the name meanwhile
+                sink._claimed = str(claimed)
+                sink.settings = sink.settings.model_copy(update={"output": sink._claimed})
+                self.s = sink.settings
 
     @property
     def tick_time(self) -> float:
@@ -329,10 +367,23 @@ class _Encoder:
             if behind > s.fps:  # more than a second behind: skip ahead, stay real-time
                 sink.counters["ticks_skipped"] += behind
                 self.n += behind
+            if self.output_gone():
+                self.restart_deleted()
             if not self.hold_for_audio(now, frame) and self.ensure_open(now):
                 self.write_tick(now, frame)
                 sink._pump_audio(self.out, now, sink.t0 + self.pts_base * self.period)
+                self.note_write_errors()
             self.n += 1
+
+    def note_write_errors(self) -> None:
+        """Count the output's new failed writes (HLS on a full disk: its muxer goes on without them)."""
+        out = self.out
+        if out is None:
+            return
+        self.sink._failing = out.failing
+        if len(out.write_errors) > self.errors_seen:
+            new, self.errors_seen = len(out.write_errors) - self.errors_seen, len(out.write_errors)
+            self.sink._note_loss(new, out.write_errors[-1])
 
     def close(self) -> None:
         """Finalise the output; a file that cannot be finalised is the sink's error."""
@@ -344,6 +395,7 @@ class _Encoder:
             if self.sink.error is None and not self.out.is_network:
                 self.sink.error = e
             log.warning("%s output close: %s", self.sink.name, redact(str(e)))
+        self.note_write_errors()  # the last segment and the final playlist
         self.out = None
 
 
@@ -382,6 +434,10 @@ class BurninSink(Sink):
         self.has_audio = False  # the current output has an audio stream
         self._claimed: str | None = None  # the file name start() took (kept across retried starts)
         self._lock_fd: int | None = None  # holds the claim (outputs.open_output) until stop
+        self._lost_reported = 0  # counters["write_errors"] when the last call reported them
+        self._lost_error: str | None = None  # the newest failed write
+        self._failing = False  # the output's last write failed (and no write has succeeded since)
+        self._lost_warned = float("-inf")  # monotonic time of the last warning about them
 
     # --- sink API (called from the dispatcher's worker thread) -------------------------
     def start(self) -> None:
@@ -398,11 +454,31 @@ class BurninSink(Sink):
         self._thread = threading.Thread(target=self._run, name=f"{self.name}-encoder", daemon=True)
         self._thread.start()
 
-    def _check(self) -> None:
+    def _check(self, final: bool = False) -> None:
         """Report a dead encoder on every caption/event (sticky: it does not restart by itself,
-        a file output would be overwritten); frames are not checked, to keep the log quiet."""
+        a file output would be overwritten); frames are not checked, to keep the log quiet. Failed writes the
+        encoder went on after (HLS on a full disk) are reported on every call while its writes fail, once after
+        they stop, and at ``stop`` (``final``) when the run had any: the sink lost video."""
         if self.error is not None:
             raise DeliveryError(redact(f"{self.name} encoder failed: {type(self.error).__name__}: {self.error}"))
+        lost = self.counters["write_errors"]
+        if lost > (0 if final else self._lost_reported) or (self._failing and not final):
+            new, self._lost_reported = lost - self._lost_reported, lost
+            what = (f"{lost} writes failed in this run" if final else f"{new} writes failed" if new
+                    else "its writes still fail")
+            raise DeliveryError(redact(f"{self.name} output {self.settings.output}: {what}, video lost: "
+                                       f"{self._lost_error}"))
+
+    def _note_loss(self, n: int, error: OSError) -> None:
+        """``n`` more failed writes of the output (encoder thread): counted, reported by the next call (see
+        :meth:`_check`); a warning for the first, then at most one a minute."""
+        self._lost_error = str(error)
+        self.counters["write_errors"] += n
+        now = time.monotonic()
+        if now - self._lost_warned >= RETRY_LOG_EVERY_S:
+            self._lost_warned = now
+            log.warning("%s output %s: a write failed (%s): video lost until it can write again "
+                        "(counted in write_errors)", self.name, redact(self.settings.output), error)
 
     def on_frame(self, frame) -> None:
         with self._lock:
@@ -448,7 +524,7 @@ class BurninSink(Sink):
                 lock, self._lock_fd = self._lock_fd, None
                 if lock is not None:
                     os.close(lock)
-        self._check()
+        self._check(final=True)
 
     def describe(self) -> str:
         return f"{self.name}:{redact(self.settings.output)}"
