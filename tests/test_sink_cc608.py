@@ -212,3 +212,19 @@ def test_popon_captions_replaced_before_they_showed_do_not_block_the_next():
         for _ in range(60):
             track.frame(text)
     assert track.frame("e") == [EOC]  # "e" was loaded ahead: it shows on its frame
+
+
+@pytest.mark.parametrize("mode", ["rollup", "popon"])
+def test_caption_without_608_characters_does_not_leave_the_previous_one_on_screen(tmp_path, mode):
+    """A caption 608 cannot write at all (Russian, Chinese) replaced the previous one in the sink,
+    but in roll-up nothing was sent for it: the previous caption stayed on the viewer's screen
+    for the whole of the new one (FFmpeg read "Hello world" from 1.0 to 4.0 s). It must be erased
+    on the frame the unwritable caption is due."""
+    caps = [(1.0, 2.5, "Hello world"), (2.5, 4.0, "Привет мир 中文"), (4.0, 5.5, "Back again")]
+    path = tmp_path / "out.ts"
+    drive(str(path), caps, 6.5, mode)
+    cues = cc_cues(path)
+    hello = [c for c in cues if "Hello" in c[2]]
+    assert hello and all(c[1] <= 2.5 + FRAME + 1e-3 for c in hello), cues
+    back = [c for c in cues if c[2].endswith("Back again")]
+    assert back and abs(back[0][0] - 4.0) <= FRAME + 1e-3, cues

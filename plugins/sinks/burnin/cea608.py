@@ -12,7 +12,7 @@ Three parts:
   time, at the 608 rate (about 30 pairs a second: ``30 / fps`` a frame, carried over). Roll-up
   (RU2-RU4, the default; the mode is sent when the track starts) begins each new caption with a
   carriage return on the frame it is due and writes its rows on the bottom row as they arrive
-  (older rows scroll up); pop-on loads
+  (older rows scroll up; a caption with nothing 608 can write erases the screen instead); pop-on loads
   the next caption into the hidden buffer ahead of time and shows it with End Of Caption on the
   exact frame it becomes due. A new caption supersedes what is still unsent of the previous one
   (it starts on its frame instead of queueing behind it). Control codes are sent twice (the 608 redundancy rule); an expired
@@ -201,7 +201,9 @@ class Cea608Track:
             if not active:
                 self._out.extend(_control(EDM))
             elif self.mode == "rollup":
-                self._out.extend(self._roll(active))
+                # nothing 608 can write (all of it Cyrillic, CJK ...): erase (EDM) rather than
+                # leave the previous caption on screen as if it were this one
+                self._out.extend(self._roll(active) or _control(EDM))
             else:
                 if self._loading != active:  # not preloaded: load it now, show it when loaded
                     self._preload.clear()
