@@ -228,3 +228,17 @@ def test_caption_without_608_characters_does_not_leave_the_previous_one_on_scree
     assert hello and all(c[1] <= 2.5 + FRAME + 1e-3 for c in hello), cues
     back = [c for c in cues if c[2].endswith("Back again")]
     assert back and abs(back[0][0] - 4.0) <= FRAME + 1e-3, cues
+
+
+@pytest.mark.parametrize("mode", ["rollup", "popon"])
+def test_repeated_special_characters_are_all_shown(tmp_path, mode):
+    """Special characters (CEA-608 "Special North American character set", 0x11 0x30-0x3F) are
+    two-byte codes like control codes, and decoders ignore the second of two identical ones in
+    a row (FFmpeg's ccaption_dec, libcaption, iOS, VLC): "♪♪" read back as "♪"."""
+    caps = [(1.0, 3.5, "♪♪ la la ♪♪"), (4.0, 6.5, "½½ ®®®")]
+    path = tmp_path / "out.ts"
+    drive(str(path), caps, 7.5, mode)
+    cues = cc_cues(path)
+    for start, _, text in caps:
+        at = [c for c in cues if abs(c[0] - start) <= FRAME + 1e-3]
+        assert at and at[-1][2].endswith(text), (text, cues)

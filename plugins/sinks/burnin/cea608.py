@@ -111,7 +111,21 @@ def encode_text(text: str, max_rows: int | None) -> tuple[list[list[int]], int]:
     return [_pairs(r) for r in (rows if max_rows is None else rows[-max_rows:])], dropped
 
 
+DER = 0x94A4  # Delete to End of Row (CEA-608 miscellaneous control code 0x14 0x24, CC1)
+# Between two identical two-byte character codes. CEA-608 decoders ignore the second of two
+# identical codes in a row (the control-code redundancy rule; FFmpeg's ccaption_dec, libcaption,
+# iOS and VLC apply it to the special characters too), so "♪♪" showed one note. Delete to End of
+# Row at the write position erases nothing (the rest of the row is empty: pop-on loads a cleared
+# buffer, roll-up writes a fresh bottom row) and moves no cursor; it is a different code, so the
+# repeat that follows is written. (Backspace would do, but FFmpeg's decoder ignores it.)
+_SEPARATE = [DER, DER]
+
+
 def _pairs(columns: list[list[str]]) -> list[int]:
+    """One row's columns as byte pairs: basic characters two to a pair (padded with a null,
+    0x80), special and extended characters (CEA-608 Special North American / Extended Western
+    European sets, two-byte codes) a pair each; an identical two-byte code right after another
+    gets a Delete to End of Row between them so the decoder does not drop it as a repeat."""
     pairs: list[int] = []
     pending: str | None = None  # a basic character waiting for its partner
     for codes in columns:
@@ -126,6 +140,8 @@ def _pairs(columns: list[list[str]]) -> list[int]:
                 if pending is not None:
                     pairs.append(int(pending + "80", 16))
                     pending = None
+                if pairs and pairs[-1] == int(code, 16):
+                    pairs += _SEPARATE
                 pairs.append(int(code, 16))
     if pending is not None:
         pairs.append(int(pending + "80", 16))
