@@ -242,3 +242,15 @@ def test_repeated_special_characters_are_all_shown(tmp_path, mode):
     for start, _, text in caps:
         at = [c for c in cues if abs(c[0] - start) <= FRAME + 1e-3]
         assert at and at[-1][2].endswith(text), (text, cues)
+
+
+def test_decomposed_accents_keep_their_608_letter(tmp_path):
+    """Text in Unicode decomposed form (NFD: 'e' + U+0301, as macOS and some tokenizers give it)
+    lost the accent 608 has ('café' came out 'cafe', the accent counted as dropped): each
+    combining mark was mapped alone instead of with its letter."""
+    nfd = "cafe\u0301 man\u0303ana U\u0308ber"
+    rows, dropped = encode_text(nfd, None)
+    assert (rows, dropped) == encode_text("café mañana Über", None)
+    path = tmp_path / "out.ts"
+    drive(str(path), [(1.0, 3.0, nfd)], 4.0, "popon")
+    assert [c[2] for c in cc_cues(path)] == ["café mañana Über"]

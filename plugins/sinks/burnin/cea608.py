@@ -80,6 +80,8 @@ def encode_text(text: str, max_rows: int | None) -> tuple[list[list[int]], int]:
 
     Words wrap at 32 columns (longer words are cut). Each row is a list of 16-bit pairs:
     basic characters two to a pair (padded with 0x80), special/extended ones a pair each."""
+    # composed first (NFC): 'e' + U+0301 is 'é', which 608 has; a combining mark alone is dropped
+    text = unicodedata.normalize("NFC", text)
     dropped = 0
     rows: list[list[list[str]]] = []  # rows of columns; a column is its list of hex codes
     cur: list[list[str]] = []
