@@ -254,3 +254,15 @@ def test_decomposed_accents_keep_their_608_letter(tmp_path):
     path = tmp_path / "out.ts"
     drive(str(path), [(1.0, 3.0, nfd)], 4.0, "popon")
     assert [c[2] for c in cc_cues(path)] == ["café mañana Über"]
+
+
+@pytest.mark.parametrize("mode", ["rollup", "popon"])
+def test_rows_wrap_at_32_columns_of_what_is_written(tmp_path, mode):
+    """A character written as several 608 characters ('…' -> '...', 'ﬁ' -> 'fi') counted as one
+    column when rows were wrapped, so a row could hold more than 32 characters and the decoder
+    dropped the rest (FFmpeg read 'fine fine ... fi' and 'stop…' as 'sto')."""
+    text = "Wait… what… really… yes… no… ok… ﬁne"
+    path = tmp_path / "out.ts"
+    drive(str(path), [(3.0, 6.0, text)], 7.0, mode)
+    cues = cc_cues(path)
+    assert cues and cues[-1][2] == "Wait... what... really... yes... no... ok... fine", cues

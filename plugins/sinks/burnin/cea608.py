@@ -57,21 +57,23 @@ def _char_codes(ch: str) -> list[str] | None:
     return None
 
 
-def map_char(ch: str) -> list[str]:
-    """608 hex codes for ``ch``: itself, else its accent-stripped decomposition, else [] (dropped)."""
+def map_char(ch: str) -> list[list[str]]:
+    """The 608 columns ``ch`` is written as, each its hex codes: itself (one column), else its
+    accent-stripped compatibility decomposition (one column a character: '…' is three), else []
+    (dropped)."""
     codes = _char_codes(ch)
     if codes is not None:
-        return codes
+        return [codes]
     if ch.isspace():
-        return [scc.CHARACTER_TO_CODE[" "]]
-    out: list[str] = []
+        return [[scc.CHARACTER_TO_CODE[" "]]]
+    out: list[list[str]] = []
     for c in unicodedata.normalize("NFKD", ch):
         if unicodedata.combining(c):
             continue
         codes = _char_codes(c)
         if codes is None:
             return []
-        out += codes
+        out.append(codes)
     return out
 
 
@@ -88,9 +90,9 @@ def encode_text(text: str, max_rows: int | None) -> tuple[list[list[int]], int]:
     for word in text.split():
         cols = []
         for ch in word:
-            codes = map_char(ch)
-            if codes:
-                cols.append(codes)
+            columns = map_char(ch)
+            if columns:
+                cols += columns  # a row is 32 of what is written, not of the caption's characters
             else:
                 dropped += 1
         if not cols:
