@@ -266,3 +266,15 @@ def test_rows_wrap_at_32_columns_of_what_is_written(tmp_path, mode):
     drive(str(path), [(3.0, 6.0, text)], 7.0, mode)
     cues = cc_cues(path)
     assert cues and cues[-1][2] == "Wait... what... really... yes... no... ok... fine", cues
+
+
+def test_latin_letters_without_a_decomposition_get_their_nearest_608_letters(tmp_path):
+    """Letters and punctuation that Unicode does not decompose (Polish ł, French œ, Danish æ,
+    Icelandic ð/þ, the en dash, the euro sign) were dropped, not replaced by their nearest 608
+    letters as the docs say: 'Łódź – œuvre' came out 'ódz  uvre'."""
+    text = "Łódź – œuvre Æsir ðþ 5 €"
+    rows, dropped = encode_text(text, None)
+    assert dropped == 0
+    path = tmp_path / "out.ts"
+    drive(str(path), [(1.0, 4.0, text)], 5.0, "rollup")
+    assert [c[2] for c in cc_cues(path)] == ["Lódz - oeuvre AEsir dth 5 EUR"]

@@ -5,8 +5,9 @@ Three parts:
 - ``encode_text``: caption text -> rows of 608 byte pairs (at most 32 columns a row). The code
   tables (basic, special and extended characters, preamble address codes, control codes) are
   pycaption's SCC tables (``pycaption.scc.constants``), whose hex words already carry the odd
-  parity bit. A character outside the 608 set is mapped (Unicode compatibility decomposition
-  without accents, then pycaption's substitutes) or dropped; an extended character is preceded by
+  parity bit. A character outside the 608 set is mapped (``LATIN_FALLBACK`` for Latin letters
+  and punctuation Unicode does not decompose, else its compatibility decomposition without
+  accents) or dropped; an extended character is preceded by
   its basic substitute, as CEA-608 requires (a decoder that knows it backspaces over it).
 - ``Cea608Track``: the caption channel CC1 (field 1) as a stream of byte pairs, one video frame at a
   time, at the 608 rate (about 30 pairs a second: ``30 / fps`` a frame, carried over). Roll-up
@@ -57,17 +58,29 @@ def _char_codes(ch: str) -> list[str] | None:
     return None
 
 
+# Latin letters and punctuation that have no Unicode decomposition to a 608 character, with
+# their usual ASCII spelling (the fallback for characters outside CEA-608's basic, special and
+# extended sets; Cyrillic, Greek, CJK and emoji have none and are dropped).
+LATIN_FALLBACK = {
+    "Ł": "L", "ł": "l", "Đ": "D", "đ": "d", "Ð": "D", "ð": "d", "Þ": "Th", "þ": "th",
+    "Œ": "OE", "œ": "oe", "Æ": "AE", "æ": "ae", "ı": "i", "Ħ": "H", "ħ": "h", "Ŧ": "T", "ŧ": "t",
+    "Ŋ": "N", "ŋ": "n", "ĸ": "k", "ƒ": "f",
+    "–": "-", "‐": "-", "‑": "-", "‒": "-", "−": "-", "―": "-", "„": '"', "‟": '"', "‚": "'",
+    "‛": "'", "‹": "<", "›": ">", "′": "'", "″": '"', "×": "x", "·": ".", "€": "EUR",
+}
+
+
 def map_char(ch: str) -> list[list[str]]:
     """The 608 columns ``ch`` is written as, each its hex codes: itself (one column), else its
-    accent-stripped compatibility decomposition (one column a character: '…' is three), else []
-    (dropped)."""
+    ``LATIN_FALLBACK`` spelling or its accent-stripped compatibility decomposition (one column a
+    character: '…' is three), else [] (dropped)."""
     codes = _char_codes(ch)
     if codes is not None:
         return [codes]
     if ch.isspace():
         return [[scc.CHARACTER_TO_CODE[" "]]]
     out: list[list[str]] = []
-    for c in unicodedata.normalize("NFKD", ch):
+    for c in LATIN_FALLBACK.get(ch) or unicodedata.normalize("NFKD", ch):
         if unicodedata.combining(c):
             continue
         codes = _char_codes(c)
