@@ -278,3 +278,43 @@ def test_latin_letters_without_a_decomposition_get_their_nearest_608_letters(tmp
     path = tmp_path / "out.ts"
     drive(str(path), [(1.0, 4.0, text)], 5.0, "rollup")
     assert [c[2] for c in cc_cues(path)] == ["Lódz - oeuvre AEsir dth 5 EUR"]
+
+
+@needs_nginx
+def test_dropped_character_count_survives_a_reconnect(tmp_path):
+    """``cc_dropped_chars`` was copied from the 608 track, which starts again at every output
+    open: after an RTMP reconnect the count fell back (6 dropped before the outage, 3 after:
+    reported 3, not 9). It counts each caption's dropped characters once, for the whole run."""
+    ngx = NginxRtmp(tmp_path / "nginx", free_port())
+    ngx.start()
+    sink = RestreamSink(output=f"rtmp://127.0.0.1:{ngx.port}/live/cc", fps=FPS, ttl_s=1.0, cc_mode="rollup",
+                        codec="libx264", preset="ultrafast", bitrate="300k", gop_s=1, audio=False,
+                        reconnect_initial_s=0.3, reconnect_max_s=1.0)
+    img = np.full((H, W, 3), 90, np.uint8)
+    sink.start()
+    try:
+        a, i, step = time.monotonic(), 0, 0
+        while True:
+            now = time.monotonic() - a
+            while i * FRAME <= now:
+                sink.on_frame(Frame(img, i * FRAME, arrival=a + i * FRAME, index=i))
+                i += 1
+            if step == 0 and now >= 0.5:
+                sink.on_caption(Caption(0.5, 1.0, "Привет"))  # 6 dropped
+                step = 1
+            elif step == 1 and now >= 2.0 and sink.counters.get("cc_dropped_chars") == 6:
+                ngx.stop()
+                time.sleep(1.0)
+                ngx.start()
+                step = 2
+            elif step == 2 and sink.counters["opens"] >= 2 and sink.counters["frames_out"] > 0:
+                sink.on_caption(Caption(now, now + 0.5, "мир ok"))  # 3 dropped
+                step, t3 = 3, now
+            elif step == 3 and now >= t3 + 1.0:
+                break
+            assert now < 20, (step, sink.counters)
+            time.sleep(0.02)
+    finally:
+        sink.stop()
+        ngx.stop()
+    assert sink.counters["cc_dropped_chars"] == 9, sink.counters
