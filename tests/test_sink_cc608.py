@@ -212,3 +212,109 @@ def test_popon_captions_replaced_before_they_showed_do_not_block_the_next():
         for _ in range(60):
             track.frame(text)
     assert track.frame("e") == [EOC]  # "e" was loaded ahead: it shows on its frame
+
+
+@pytest.mark.parametrize("mode", ["rollup", "popon"])
+def test_caption_without_608_characters_does_not_leave_the_previous_one_on_screen(tmp_path, mode):
+    """A caption 608 cannot write at all (Russian, Chinese) replaced the previous one in the sink,
+    but in roll-up nothing was sent for it: the previous caption stayed on the viewer's screen
+    for the whole of the new one (FFmpeg read "Hello world" from 1.0 to 4.0 s). It must be erased
+    on the frame the unwritable caption is due."""
+    caps = [(1.0, 2.5, "Hello world"), (2.5, 4.0, "Привет мир 中文"), (4.0, 5.5, "Back again")]
+    path = tmp_path / "out.ts"
+    drive(str(path), caps, 6.5, mode)
+    cues = cc_cues(path)
+    hello = [c for c in cues if "Hello" in c[2]]
+    assert hello and all(c[1] <= 2.5 + FRAME + 1e-3 for c in hello), cues
+    back = [c for c in cues if c[2].endswith("Back again")]
+    assert back and abs(back[0][0] - 4.0) <= FRAME + 1e-3, cues
+
+
+@pytest.mark.parametrize("mode", ["rollup", "popon"])
+def test_repeated_special_characters_are_all_shown(tmp_path, mode):
+    """Special characters (CEA-608 "Special North American character set", 0x11 0x30-0x3F) are
+    two-byte codes like control codes, and decoders ignore the second of two identical ones in
+    a row (FFmpeg's ccaption_dec, libcaption, iOS, VLC): "♪♪" read back as "♪"."""
+    caps = [(1.0, 3.5, "♪♪ la la ♪♪"), (4.0, 6.5, "½½ ®®®")]
+    path = tmp_path / "out.ts"
+    drive(str(path), caps, 7.5, mode)
+    cues = cc_cues(path)
+    for start, _, text in caps:
+        at = [c for c in cues if abs(c[0] - start) <= FRAME + 1e-3]
+        assert at and at[-1][2].endswith(text), (text, cues)
+
+
+def test_decomposed_accents_keep_their_608_letter(tmp_path):
+    """Text in Unicode decomposed form (NFD: 'e' + U+0301, as macOS and some tokenizers give it)
+    lost the accent 608 has ('café' came out 'cafe', the accent counted as dropped): each
+    combining mark was mapped alone instead of with its letter."""
+    nfd = "cafe\u0301 man\u0303ana U\u0308ber"
+    rows, dropped = encode_text(nfd, None)
+    assert (rows, dropped) == encode_text("café mañana Über", None)
+    path = tmp_path / "out.ts"
+    drive(str(path), [(1.0, 3.0, nfd)], 4.0, "popon")
+    assert [c[2] for c in cc_cues(path)] == ["café mañana Über"]
+
+
+@pytest.mark.parametrize("mode", ["rollup", "popon"])
+def test_rows_wrap_at_32_columns_of_what_is_written(tmp_path, mode):
+    """A character written as several 608 characters ('…' -> '...', 'ﬁ' -> 'fi') counted as one
+    column when rows were wrapped, so a row could hold more than 32 characters and the decoder
+    dropped the rest (FFmpeg read 'fine fine ... fi' and 'stop…' as 'sto')."""
+    text = "Wait… what… really… yes… no… ok… ﬁne"
+    path = tmp_path / "out.ts"
+    drive(str(path), [(3.0, 6.0, text)], 7.0, mode)
+    cues = cc_cues(path)
+    assert cues and cues[-1][2] == "Wait... what... really... yes... no... ok... fine", cues
+
+
+def test_latin_letters_without_a_decomposition_get_their_nearest_608_letters(tmp_path):
+    """Letters and punctuation that Unicode does not decompose (Polish ł, French œ, Danish æ,
+    Icelandic ð/þ, the en dash, the euro sign) were dropped, not replaced by their nearest 608
+    letters as the docs say: 'Łódź – œuvre' came out 'ódz  uvre'."""
+    text = "Łódź – œuvre Æsir ðþ 5 €"
+    rows, dropped = encode_text(text, None)
+    assert dropped == 0
+    path = tmp_path / "out.ts"
+    drive(str(path), [(1.0, 4.0, text)], 5.0, "rollup")
+    assert [c[2] for c in cc_cues(path)] == ["Lódz - oeuvre AEsir dth 5 EUR"]
+
+
+@needs_nginx
+def test_dropped_character_count_survives_a_reconnect(tmp_path):
+    """``cc_dropped_chars`` was copied from the 608 track, which starts again at every output
+    open: after an RTMP reconnect the count fell back (6 dropped before the outage, 3 after:
+    reported 3, not 9). It counts each caption's dropped characters once, for the whole run."""
+    ngx = NginxRtmp(tmp_path / "nginx", free_port())
+    ngx.start()
+    sink = RestreamSink(output=f"rtmp://127.0.0.1:{ngx.port}/live/cc", fps=FPS, ttl_s=1.0, cc_mode="rollup",
+                        codec="libx264", preset="ultrafast", bitrate="300k", gop_s=1, audio=False,
+                        reconnect_initial_s=0.3, reconnect_max_s=1.0)
+    img = np.full((H, W, 3), 90, np.uint8)
+    sink.start()
+    try:
+        a, i, step = time.monotonic(), 0, 0
+        while True:
+            now = time.monotonic() - a
+            while i * FRAME <= now:
+                sink.on_frame(Frame(img, i * FRAME, arrival=a + i * FRAME, index=i))
+                i += 1
+            if step == 0 and now >= 0.5:
+                sink.on_caption(Caption(0.5, 1.0, "Привет"))  # 6 dropped
+                step = 1
+            elif step == 1 and now >= 2.0 and sink.counters.get("cc_dropped_chars") == 6:
+                ngx.stop()
+                time.sleep(1.0)
+                ngx.start()
+                step = 2
+            elif step == 2 and sink.counters["opens"] >= 2 and sink.counters["frames_out"] > 0:
+                sink.on_caption(Caption(now, now + 0.5, "мир ok"))  # 3 dropped
+                step, t3 = 3, now
+            elif step == 3 and now >= t3 + 1.0:
+                break
+            assert now < 20, (step, sink.counters)
+            time.sleep(0.02)
+    finally:
+        sink.stop()
+        ngx.stop()
+    assert sink.counters["cc_dropped_chars"] == 9, sink.counters

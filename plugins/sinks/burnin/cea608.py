@@ -5,14 +5,15 @@ Three parts:
 - ``encode_text``: caption text -> rows of 608 byte pairs (at most 32 columns a row). The code
   tables (basic, special and extended characters, preamble address codes, control codes) are
   pycaption's SCC tables (``pycaption.scc.constants``), whose hex words already carry the odd
-  parity bit. A character outside the 608 set is mapped (Unicode compatibility decomposition
-  without accents, then pycaption's substitutes) or dropped; an extended character is preceded by
+  parity bit. A character outside the 608 set is mapped (``LATIN_FALLBACK`` for Latin letters
+  and punctuation Unicode does not decompose, else its compatibility decomposition without
+  accents) or dropped; an extended character is preceded by
   its basic substitute, as CEA-608 requires (a decoder that knows it backspaces over it).
 - ``Cea608Track``: the caption channel CC1 (field 1) as a stream of byte pairs, one video frame at a
   time, at the 608 rate (about 30 pairs a second: ``30 / fps`` a frame, carried over). Roll-up
   (RU2-RU4, the default; the mode is sent when the track starts) begins each new caption with a
   carriage return on the frame it is due and writes its rows on the bottom row as they arrive
-  (older rows scroll up); pop-on loads
+  (older rows scroll up; a caption with nothing 608 can write erases the screen instead); pop-on loads
   the next caption into the hidden buffer ahead of time and shows it with End Of Caption on the
   exact frame it becomes due. A new caption supersedes what is still unsent of the previous one
   (it starts on its frame instead of queueing behind it). Control codes are sent twice (the 608 redundancy rule); an expired
@@ -57,21 +58,35 @@ def _char_codes(ch: str) -> list[str] | None:
     return None
 
 
-def map_char(ch: str) -> list[str]:
-    """608 hex codes for ``ch``: itself, else its accent-stripped decomposition, else [] (dropped)."""
+# Latin letters and punctuation that have no Unicode decomposition to a 608 character, with
+# their usual ASCII spelling (the fallback for characters outside CEA-608's basic, special and
+# extended sets; Cyrillic, Greek, CJK and emoji have none and are dropped).
+LATIN_FALLBACK = {
+    "Ł": "L", "ł": "l", "Đ": "D", "đ": "d", "Ð": "D", "ð": "d", "Þ": "Th", "þ": "th",
+    "Œ": "OE", "œ": "oe", "Æ": "AE", "æ": "ae", "ı": "i", "Ħ": "H", "ħ": "h", "Ŧ": "T", "ŧ": "t",
+    "Ŋ": "N", "ŋ": "n", "ĸ": "k", "ƒ": "f",
+    "–": "-", "‐": "-", "‑": "-", "‒": "-", "−": "-", "―": "-", "„": '"', "‟": '"', "‚": "'",
+    "‛": "'", "‹": "<", "›": ">", "′": "'", "″": '"', "×": "x", "·": ".", "€": "EUR",
+}
+
+
+def map_char(ch: str) -> list[list[str]]:
+    """The 608 columns ``ch`` is written as, each its hex codes: itself (one column), else its
+    ``LATIN_FALLBACK`` spelling or its accent-stripped compatibility decomposition (one column a
+    character: '…' is three), else [] (dropped)."""
     codes = _char_codes(ch)
     if codes is not None:
-        return codes
+        return [codes]
     if ch.isspace():
-        return [scc.CHARACTER_TO_CODE[" "]]
-    out: list[str] = []
-    for c in unicodedata.normalize("NFKD", ch):
+        return [[scc.CHARACTER_TO_CODE[" "]]]
+    out: list[list[str]] = []
+    for c in LATIN_FALLBACK.get(ch) or unicodedata.normalize("NFKD", ch):
         if unicodedata.combining(c):
             continue
         codes = _char_codes(c)
         if codes is None:
             return []
-        out += codes
+        out.append(codes)
     return out
 
 
@@ -80,15 +95,17 @@ def encode_text(text: str, max_rows: int | None) -> tuple[list[list[int]], int]:
 
     Words wrap at 32 columns (longer words are cut). Each row is a list of 16-bit pairs:
     basic characters two to a pair (padded with 0x80), special/extended ones a pair each."""
+    # composed first (NFC): 'e' + U+0301 is 'é', which 608 has; a combining mark alone is dropped
+    text = unicodedata.normalize("NFC", text)
     dropped = 0
     rows: list[list[list[str]]] = []  # rows of columns; a column is its list of hex codes
     cur: list[list[str]] = []
     for word in text.split():
         cols = []
         for ch in word:
-            codes = map_char(ch)
-            if codes:
-                cols.append(codes)
+            columns = map_char(ch)
+            if columns:
+                cols += columns  # a row is 32 of what is written, not of the caption's characters
             else:
                 dropped += 1
         if not cols:
@@ -111,7 +128,21 @@ def encode_text(text: str, max_rows: int | None) -> tuple[list[list[int]], int]:
     return [_pairs(r) for r in (rows if max_rows is None else rows[-max_rows:])], dropped
 
 
+DER = 0x94A4  # Delete to End of Row (CEA-608 miscellaneous control code 0x14 0x24, CC1)
+# Between two identical two-byte character codes. CEA-608 decoders ignore the second of two
+# identical codes in a row (the control-code redundancy rule; FFmpeg's ccaption_dec, libcaption,
+# iOS and VLC apply it to the special characters too), so "♪♪" showed one note. Delete to End of
+# Row at the write position erases nothing (the rest of the row is empty: pop-on loads a cleared
+# buffer, roll-up writes a fresh bottom row) and moves no cursor; it is a different code, so the
+# repeat that follows is written. (Backspace would do, but FFmpeg's decoder ignores it.)
+_SEPARATE = [DER, DER]
+
+
 def _pairs(columns: list[list[str]]) -> list[int]:
+    """One row's columns as byte pairs: basic characters two to a pair (padded with a null,
+    0x80), special and extended characters (CEA-608 Special North American / Extended Western
+    European sets, two-byte codes) a pair each; an identical two-byte code right after another
+    gets a Delete to End of Row between them so the decoder does not drop it as a repeat."""
     pairs: list[int] = []
     pending: str | None = None  # a basic character waiting for its partner
     for codes in columns:
@@ -126,6 +157,8 @@ def _pairs(columns: list[list[str]]) -> list[int]:
                 if pending is not None:
                     pairs.append(int(pending + "80", 16))
                     pending = None
+                if pairs and pairs[-1] == int(code, 16):
+                    pairs += _SEPARATE
                 pairs.append(int(code, 16))
     if pending is not None:
         pairs.append(int(pending + "80", 16))
@@ -201,7 +234,9 @@ class Cea608Track:
             if not active:
                 self._out.extend(_control(EDM))
             elif self.mode == "rollup":
-                self._out.extend(self._roll(active))
+                # nothing 608 can write (all of it Cyrillic, CJK ...): erase (EDM) rather than
+                # leave the previous caption on screen as if it were this one
+                self._out.extend(self._roll(active) or _control(EDM))
             else:
                 if self._loading != active:  # not preloaded: load it now, show it when loaded
                     self._preload.clear()

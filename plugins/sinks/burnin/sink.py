@@ -55,7 +55,7 @@ from pipeline.backoff import Backoff
 from pipeline.fanout.outputs import Existing, deleted, open_output
 from pipeline.fanout.sink import DeliveryError, Sink, SinkSettings, redact
 
-from .cea608 import Cea608Track
+from .cea608 import Cea608Track, encode_text
 from .output import Output, is_network, nvenc_available, resolve
 from .render import CaptionRenderer, fit_into
 
@@ -269,9 +269,7 @@ class _Encoder:
             return None
         for t in self.sink._take_prepared():
             self.cc.prepare(t)
-        pairs = self.cc.frame(text)
-        self.sink.counters["cc_dropped_chars"] = self.cc.dropped
-        return pairs
+        return self.cc.frame(text)
 
     def write_tick(self, now: float, frame) -> None:
         """Compose and encode this tick's frame (after any held ones); a lost network output is
@@ -504,8 +502,11 @@ class BurninSink(Sink):
             text = self.settings.answer_prefix + text
         with self._lock:
             self._pending.append((text, caption.start, time.monotonic()))
-            if self.settings.cc == "608" and self.settings.delay_s > 0:
-                self._prepared.append(text)
+            if self.settings.cc == "608":
+                # once a caption, for the run (the 608 track starts again at every output open)
+                self.counters["cc_dropped_chars"] += encode_text(text, None)[1]
+                if self.settings.delay_s > 0:
+                    self._prepared.append(text)
         self._check()
 
     def on_event(self, event) -> None:
