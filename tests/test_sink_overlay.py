@@ -330,3 +330,22 @@ def test_readme_screenshot(overlay, page, tmp_path):
     out.save(target, optimize=True)
     print(f"\nscreenshot: {target}")
     assert target.stat().st_size < 200_000
+
+
+def test_a_lone_surrogate_does_not_cut_the_page_off(overlay, page):
+    """A caption with a lone surrogate (not encodable as UTF-8) once made every send to a page raise,
+    the hello on each reconnect too: the page lost its stream for good. Now it shows U+FFFD."""
+    page.goto(overlay.url + "?mode=replace")
+    wait_connected(page, "ws")
+    overlay.on_caption(Caption(0, 1, "broken \ud800 text"))
+    wait_js(page, "document.body.dataset.count === '1'")
+    assert box_text(page) == "broken \ufffd text"
+    overlay.on_caption(Caption(1, 2, "the next caption"))
+    wait_js(page, "document.body.dataset.count === '2'")
+    assert box_text(page) == "the next caption"
+    page.goto(overlay.url + "?transport=sse")  # a page (re)connecting gets the recent ones
+    wait_connected(page, "sse")
+    wait_js(page, "document.querySelector('#box').textContent.includes('the next caption')")
+    assert "broken \ufffd text" in box_text(page)
+    status, body = http_get(overlay.server.url + "/captions.json")
+    assert status == 200 and [c["text"] for c in json.loads(body)["captions"]] == ["broken \ufffd text", "the next caption"]
