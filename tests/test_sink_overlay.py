@@ -349,3 +349,21 @@ def test_a_lone_surrogate_does_not_cut_the_page_off(overlay, page):
     assert "broken \ufffd text" in box_text(page)
     status, body = http_get(overlay.server.url + "/captions.json")
     assert status == 200 and [c["text"] for c in json.loads(body)["captions"]] == ["broken \ufffd text", "the next caption"]
+
+
+@pytest.mark.parametrize("position", ["top", "middle", "bottom"])
+def test_a_very_long_caption_keeps_the_latest_words_on_screen(overlay, page, position):
+    """A 10,000-character caption once grew the box to 16,000 px: at the top or middle the newest
+    words were far below the screen. The box now fits the screen; the oldest text is cut (…)."""
+    page.goto(f"{overlay.url}?position={position}")
+    wait_connected(page, "ws")
+    overlay.on_caption(Caption(0, 1, "word " * 2000))
+    overlay.on_caption(Caption(1, 2, "THE LATEST WORDS"))
+    wait_js(page, "document.body.dataset.count === '2'")
+    box, last = page.evaluate("""(() => { const b = document.querySelector('#box'); const r = b.getBoundingClientRect();
+        const rects = b.lastChild.getClientRects(); const l = rects[rects.length - 1];
+        return [[r.top, r.bottom], [l.top, l.bottom]]; })()""")
+    assert 0 <= box[0] and box[1] <= 540, box  # the viewport is 960 x 540
+    assert 0 <= last[0] and last[1] <= 540, last
+    text = box_text(page)
+    assert text.endswith("word THE LATEST WORDS") and text.startswith("…") and len(text) < 2000

@@ -51,12 +51,33 @@
     if (box.firstChild && box.firstChild.textContent.charAt(0) === " ") {
       box.firstChild.textContent = box.firstChild.textContent.slice(1);
     }
+    fit();
     requestAnimationFrame(function () { span.classList.remove("new"); });
     box.classList.remove("empty", "expired");
     lastText = text;
     document.body.dataset.count = String((parseInt(document.body.dataset.count || "0", 10)) + 1);
     if (hideTimer) clearTimeout(hideTimer);
     if (ttl > 0) hideTimer = setTimeout(function () { box.classList.add("expired"); }, ttl * 1000);
+  }
+  // the box is at most 88vh high (overlay.css): what does not fit goes from the start, whole
+  // captions first, then the start of the oldest one left (binary search: a few layouts, not one per character)
+  function fits() { return box.scrollHeight <= box.clientHeight + 1; }
+  function fit() {
+    if (fits()) return;
+    while (box.childNodes.length > 1) { // drop the oldest captions while the rest still overflows
+      var oldest = box.removeChild(box.firstChild);
+      if (fits()) { box.insertBefore(oldest, box.firstChild); break; }
+    }
+    var first = box.firstChild;
+    var full = first.textContent, lo = 1, hi = full.length;
+    while (lo < hi) {
+      var mid = (lo + hi) >> 1;
+      first.textContent = "\u2026" + full.slice(mid);
+      if (fits()) hi = mid; else lo = mid + 1;
+    }
+    // do not start inside a character: a low surrogate, a combining mark, a joiner or a variation selector
+    while (lo < full.length && /[\udc00-\udfff\u0300-\u036f\u200c\u200d\ufe00-\ufe0f]/.test(full.charAt(lo))) lo++;
+    first.textContent = "\u2026" + full.slice(lo).replace(/^\s+/, "");
   }
   function clear() { while (box.firstChild) box.removeChild(box.firstChild); box.classList.add("empty"); }
 
