@@ -367,3 +367,27 @@ def test_a_very_long_caption_keeps_the_latest_words_on_screen(overlay, page, pos
     assert 0 <= last[0] and last[1] <= 540, last
     text = box_text(page)
     assert text.endswith("word THE LATEST WORDS") and text.startswith("…") and len(text) < 2000
+
+
+@pytest.mark.parametrize("transport", ["sse", "auto"])
+def test_a_page_refused_with_503_connects_once_a_slot_is_free(transport, page):
+    """Beyond max_clients a page gets a 503. An EventSource treats that as final (it is closed, no
+    retry of its own): the page once stayed dark for good, although the docs say it retries."""
+    sink = make_sink({"kind": "overlay", "port": 0, "max_clients": 1, "ping_s": 0.5, "ttl": 0, "fade": 0})
+    sink.start()
+    stuck = raw_client(sink.server.port, "/events")
+    try:
+        wait_for(lambda: sink.stats()["clients"] == 1, 5, "the slot taken")
+        page.goto(sink.url + ("?transport=sse" if transport == "sse" else ""))
+        # auto: three refused WebSockets (0.5 + 1 + 2 s apart), then SSE, refused too
+        wait_js(page, "document.body.dataset.transport === 'sse'", 10)
+        time.sleep(1.5)
+        assert page.evaluate("document.body.dataset.connected") == "0"
+        stuck.close()
+        wait_for(lambda: sink.stats()["clients"] == 0, 5, "the slot freed")
+        wait_connected(page, "sse")
+        sink.on_caption(Caption(0, 1, "in at last"))
+        wait_js(page, "document.querySelector('#box').textContent.includes('in at last')")
+    finally:
+        stuck.close()
+        sink.stop()

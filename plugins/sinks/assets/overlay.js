@@ -103,12 +103,21 @@
 
   var wsFailures = 0;
   var delay = 500;
+  var sseDelay = 1000;
   function connectSSE() {
     setState("sse", false);
     var es = new EventSource(prefix + "/events" + query);
-    es.onopen = function () { setState("sse", true); };
+    es.onopen = function () { sseDelay = 1000; setState("sse", true); };
     es.onmessage = function (ev) { handle(ev.data); };
-    es.onerror = function () { setState("sse", false); }; // EventSource reconnects by itself
+    es.onerror = function () {
+      setState("sse", false);
+      // a dropped stream or a server that is down: EventSource reconnects by itself. An answer that
+      // is not a stream (503 too many clients, 401, a proxy's 502) closes it for good: retry here
+      if (es.readyState === 2) {
+        setTimeout(connectSSE, sseDelay);
+        sseDelay = Math.min(5000, sseDelay * 2);
+      }
+    };
   }
   function connectWS() {
     var ws;
