@@ -391,3 +391,21 @@ def test_a_page_refused_with_503_connects_once_a_slot_is_free(transport, page):
     finally:
         stuck.close()
         sink.stop()
+
+
+def test_a_bad_url_parameter_falls_back_to_the_sinks_own_setting(shared_server, page):
+    """A URL parameter the page cannot use is ignored: the page keeps this sink's configured value
+    (it once fell back to the built-in default: 42 px, white, bottom), and unknown ones do nothing."""
+    srv, default, studio = shared_server
+    page.goto(studio.url + "?size=big&position=sideways&align=&mode=scroll&keep=x&ttl=soon&fade=-&what=ever")
+    wait_connected(page, "ws")
+    assert page.eval_on_selector("#box", "e => getComputedStyle(e).fontSize") == "50px"
+    assert page.eval_on_selector("#wrap", "e => e.className") == "pos-top align-center"
+    page.goto(default.url + "?color=notacolour&size=1e999&background=url(x)")
+    wait_connected(page, "ws")
+    style = "e => { const s = getComputedStyle(e); return [s.color, s.fontSize, s.backgroundColor] }"
+    assert page.eval_on_selector("#box", style) == ["rgb(255, 204, 0)", "30px", "rgba(0, 0, 0, 0.6)"]
+    for i in range(4):  # keep=x: the configured 3
+        default.on_caption(Caption(i, i + 1, f"c{i}"))
+    wait_js(page, "document.body.dataset.count === '4'")
+    assert box_text(page) == "c1 c2 c3"

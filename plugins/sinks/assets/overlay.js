@@ -4,18 +4,23 @@
   var cfg = {};
   try { cfg = JSON.parse(document.getElementById("livecc-config").textContent) || {}; } catch (e) { cfg = {}; }
   var params = new URLSearchParams(location.search);
-  function opt(name, dflt) {
-    if (params.has(name)) return params.get(name);
-    return cfg[name] !== undefined && cfg[name] !== null ? String(cfg[name]) : dflt;
+  // a value from the URL, else this sink's config, else the built-in default: the first that is valid
+  function pick(name, dflt, ok) {
+    var tries = [];
+    if (params.has(name)) tries.push(params.get(name));
+    if (cfg[name] !== undefined && cfg[name] !== null) tries.push(String(cfg[name]));
+    for (var i = 0; i < tries.length; i++) if (ok(tries[i])) return tries[i];
+    return dflt;
   }
   function num(name, dflt, lo, hi) {
-    var v = parseFloat(opt(name, dflt));
-    if (!isFinite(v)) v = parseFloat(dflt);
+    var v = parseFloat(pick(name, dflt, function (s) { return isFinite(parseFloat(s)); }));
     return Math.min(hi, Math.max(lo, v));
   }
-  function flag(name, dflt) { var v = opt(name, dflt); return v === "1" || v === "true" || v === "yes"; }
-  function colour(name, dflt) { var v = opt(name, dflt); return (window.CSS && CSS.supports("color", v)) ? v : dflt; }
-  function oneOf(name, dflt, allowed) { var v = opt(name, dflt); return allowed.indexOf(v) >= 0 ? v : dflt; }
+  var FLAGS = ["1", "true", "yes", "0", "false", "no"];
+  function flag(name, dflt) { return FLAGS.indexOf(pick(name, dflt, function (s) { return FLAGS.indexOf(s) >= 0; })) < 3; }
+  function css(prop) { return function (s) { return !!(window.CSS && CSS.supports(prop, s)); }; }
+  function colour(name, dflt) { return pick(name, dflt, css("color")); }
+  function oneOf(name, dflt, allowed) { return pick(name, dflt, function (s) { return allowed.indexOf(s) >= 0; }); }
 
   var wrap = document.getElementById("wrap");
   var box = document.getElementById("box");
@@ -27,7 +32,7 @@
   var fade = Math.round(num("fade", "300", 0, 10000));
   var transport = oneOf("transport", "auto", ["auto", "ws", "sse"]);
   wrap.className = "pos-" + position + " align-" + align;
-  box.style.fontFamily = opt("font", box.style.fontFamily || "\"DejaVu Sans\", Arial, sans-serif");
+  box.style.fontFamily = pick("font", "\"DejaVu Sans\", \"Segoe UI\", Arial, sans-serif", css("font-family"));
   box.style.fontSize = num("size", "42", 6, 300) + "px";
   box.style.color = colour("color", "#ffffff");
   var boxed = flag("box", "1");
