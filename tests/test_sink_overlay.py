@@ -409,3 +409,24 @@ def test_a_bad_url_parameter_falls_back_to_the_sinks_own_setting(shared_server, 
         default.on_caption(Caption(i, i + 1, f"c{i}"))
     wait_js(page, "document.body.dataset.count === '4'")
     assert box_text(page) == "c1 c2 c3"
+
+
+def test_a_right_to_left_caption_reads_right_to_left(overlay, page):
+    """Each caption gets its own direction from its first strong letter (dir=auto). A Hebrew or Arabic
+    caption once laid out in the page's left-to-right paragraph: its final '!' was drawn at its
+    right, that is before its first word for a reader of Hebrew; a caption after it was not isolated."""
+    page.goto(overlay.url)
+    wait_connected(page, "ws")
+    overlay.on_caption(Caption(0, 1, "שלום עולם!"))
+    overlay.on_caption(Caption(1, 2, "مرحبا 2024!"))
+    overlay.on_caption(Caption(2, 3, "Score 2"))
+    wait_js(page, "document.body.dataset.count === '3'")
+    lefts = page.evaluate("""(() => [...document.querySelectorAll('#box .cap')].map(s => {
+        const t = s.firstChild, r = document.createRange(), xs = {};
+        for (let i = 0; i < t.length; i++) { r.setStart(t, i); r.setEnd(t, i + 1); xs[i] = r.getBoundingClientRect().left; }
+        return [t.data, xs]; }))()""")
+    (he, he_x), (ar, ar_x), (en, en_x) = lefts
+    assert he_x[str(he.index("!"))] < he_x[str(he.index("ם", 5))] < he_x[str(he.index("ש"))]  # ! ... עולם ... שלום
+    assert ar_x[str(ar.index("!"))] < ar_x[str(ar.index("م"))]
+    assert en_x[str(en.index("S"))] < en_x[str(en.index("2"))]
+    assert page.eval_on_selector_all("#box .cap", "els => els.map(e => e.dir)") == ["auto", "auto", "auto"]

@@ -50,6 +50,7 @@
     if (!text || text === "...") return; // silence: keep what is shown
     var span = document.createElement("span");
     span.className = "cap new" + (c.kind === "answer" ? " answer" : "");
+    span.dir = "auto"; // its own direction (Arabic, Hebrew: right to left), isolated from its neighbours
     span.textContent = (box.childNodes.length ? " " : "") + text; // text, never HTML
     box.appendChild(span);
     while (box.childNodes.length > keep) box.removeChild(box.firstChild);
