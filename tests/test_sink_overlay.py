@@ -330,3 +330,103 @@ def test_readme_screenshot(overlay, page, tmp_path):
     out.save(target, optimize=True)
     print(f"\nscreenshot: {target}")
     assert target.stat().st_size < 200_000
+
+
+def test_a_lone_surrogate_does_not_cut_the_page_off(overlay, page):
+    """A caption with a lone surrogate (not encodable as UTF-8) once made every send to a page raise,
+    the hello on each reconnect too: the page lost its stream for good. Now it shows U+FFFD."""
+    page.goto(overlay.url + "?mode=replace")
+    wait_connected(page, "ws")
+    overlay.on_caption(Caption(0, 1, "broken \ud800 text"))
+    wait_js(page, "document.body.dataset.count === '1'")
+    assert box_text(page) == "broken \ufffd text"
+    overlay.on_caption(Caption(1, 2, "the next caption"))
+    wait_js(page, "document.body.dataset.count === '2'")
+    assert box_text(page) == "the next caption"
+    page.goto(overlay.url + "?transport=sse")  # a page (re)connecting gets the recent ones
+    wait_connected(page, "sse")
+    wait_js(page, "document.querySelector('#box').textContent.includes('the next caption')")
+    assert "broken \ufffd text" in box_text(page)
+    status, body = http_get(overlay.server.url + "/captions.json")
+    assert status == 200 and [c["text"] for c in json.loads(body)["captions"]] == ["broken \ufffd text", "the next caption"]
+
+
+@pytest.mark.parametrize("position", ["top", "middle", "bottom"])
+def test_a_very_long_caption_keeps_the_latest_words_on_screen(overlay, page, position):
+    """A 10,000-character caption once grew the box to 16,000 px: at the top or middle the newest
+    words were far below the screen. The box now fits the screen; the oldest text is cut (…)."""
+    page.goto(f"{overlay.url}?position={position}")
+    wait_connected(page, "ws")
+    overlay.on_caption(Caption(0, 1, "word " * 2000))
+    overlay.on_caption(Caption(1, 2, "THE LATEST WORDS"))
+    wait_js(page, "document.body.dataset.count === '2'")
+    box, last = page.evaluate("""(() => { const b = document.querySelector('#box'); const r = b.getBoundingClientRect();
+        const rects = b.lastChild.getClientRects(); const l = rects[rects.length - 1];
+        return [[r.top, r.bottom], [l.top, l.bottom]]; })()""")
+    assert 0 <= box[0] and box[1] <= 540, box  # the viewport is 960 x 540
+    assert 0 <= last[0] and last[1] <= 540, last
+    text = box_text(page)
+    assert text.endswith("word THE LATEST WORDS") and text.startswith("…") and len(text) < 2000
+
+
+@pytest.mark.parametrize("transport", ["sse", "auto"])
+def test_a_page_refused_with_503_connects_once_a_slot_is_free(transport, page):
+    """Beyond max_clients a page gets a 503. An EventSource treats that as final (it is closed, no
+    retry of its own): the page once stayed dark for good, although the docs say it retries."""
+    sink = make_sink({"kind": "overlay", "port": 0, "max_clients": 1, "ping_s": 0.5, "ttl": 0, "fade": 0})
+    sink.start()
+    stuck = raw_client(sink.server.port, "/events")
+    try:
+        wait_for(lambda: sink.stats()["clients"] == 1, 5, "the slot taken")
+        page.goto(sink.url + ("?transport=sse" if transport == "sse" else ""))
+        # auto: three refused WebSockets (0.5 + 1 + 2 s apart), then SSE, refused too
+        wait_js(page, "document.body.dataset.transport === 'sse'", 10)
+        time.sleep(1.5)
+        assert page.evaluate("document.body.dataset.connected") == "0"
+        stuck.close()
+        wait_for(lambda: sink.stats()["clients"] == 0, 5, "the slot freed")
+        wait_connected(page, "sse")
+        sink.on_caption(Caption(0, 1, "in at last"))
+        wait_js(page, "document.querySelector('#box').textContent.includes('in at last')")
+    finally:
+        stuck.close()
+        sink.stop()
+
+
+def test_a_bad_url_parameter_falls_back_to_the_sinks_own_setting(shared_server, page):
+    """A URL parameter the page cannot use is ignored: the page keeps this sink's configured value
+    (it once fell back to the built-in default: 42 px, white, bottom), and unknown ones do nothing."""
+    srv, default, studio = shared_server
+    page.goto(studio.url + "?size=big&position=sideways&align=&mode=scroll&keep=x&ttl=soon&fade=-&what=ever")
+    wait_connected(page, "ws")
+    assert page.eval_on_selector("#box", "e => getComputedStyle(e).fontSize") == "50px"
+    assert page.eval_on_selector("#wrap", "e => e.className") == "pos-top align-center"
+    page.goto(default.url + "?color=notacolour&size=1e999&background=url(x)")
+    wait_connected(page, "ws")
+    style = "e => { const s = getComputedStyle(e); return [s.color, s.fontSize, s.backgroundColor] }"
+    assert page.eval_on_selector("#box", style) == ["rgb(255, 204, 0)", "30px", "rgba(0, 0, 0, 0.6)"]
+    for i in range(4):  # keep=x: the configured 3
+        default.on_caption(Caption(i, i + 1, f"c{i}"))
+    wait_js(page, "document.body.dataset.count === '4'")
+    assert box_text(page) == "c1 c2 c3"
+
+
+def test_a_right_to_left_caption_reads_right_to_left(overlay, page):
+    """Each caption gets its own direction from its first strong letter (dir=auto). A Hebrew or Arabic
+    caption once laid out in the page's left-to-right paragraph: its final '!' was drawn at its
+    right, that is before its first word for a reader of Hebrew; a caption after it was not isolated."""
+    page.goto(overlay.url)
+    wait_connected(page, "ws")
+    overlay.on_caption(Caption(0, 1, "שלום עולם!"))
+    overlay.on_caption(Caption(1, 2, "مرحبا 2024!"))
+    overlay.on_caption(Caption(2, 3, "Score 2"))
+    wait_js(page, "document.body.dataset.count === '3'")
+    lefts = page.evaluate("""(() => [...document.querySelectorAll('#box .cap')].map(s => {
+        const t = s.firstChild, r = document.createRange(), xs = {};
+        for (let i = 0; i < t.length; i++) { r.setStart(t, i); r.setEnd(t, i + 1); xs[i] = r.getBoundingClientRect().left; }
+        return [t.data, xs]; }))()""")
+    (he, he_x), (ar, ar_x), (en, en_x) = lefts
+    assert he_x[str(he.index("!"))] < he_x[str(he.index("ם", 5))] < he_x[str(he.index("ש"))]  # ! ... עולם ... שלום
+    assert ar_x[str(ar.index("!"))] < ar_x[str(ar.index("م"))]
+    assert en_x[str(en.index("S"))] < en_x[str(en.index("2"))]
+    assert page.eval_on_selector_all("#box .cap", "els => els.map(e => e.dir)") == ["auto", "auto", "auto"]

@@ -56,6 +56,16 @@ _CSS_VALUE = re.compile(r"^[#(),.%\w\s\"'-]{0,120}$")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 
 
+def valid_unicode(text: str) -> str:
+    """``text`` with every lone surrogate (not encodable as UTF-8) replaced by U+FFFD; a pair
+    split in two code points is joined. Anything sent to a page must encode."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
 def _json_for_html(obj: Any) -> str:
     return json.dumps(obj).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
@@ -190,13 +200,16 @@ class OverlaySink(Sink):
 
     def publish(self, message: dict) -> None:
         """Send one message to every page (thread-safe); captions are also kept in ``recent``."""
+        data = json.dumps(message, ensure_ascii=False)
+        if (valid := valid_unicode(data)) is not data:  # a lone surrogate would fail every send, and the
+            data, message = valid, json.loads(valid)  # hello of each reconnect: the page would be cut off
         msg_id = None
         if message.get("type") == "caption":
             msg_id = next(self._ids)
             self.recent.append((msg_id, message["caption"]))
         loop = self.server.loop if self.server is not None else None
         if loop is not None and self.server.running:
-            loop.call_soon_threadsafe(self._fanout, msg_id, json.dumps(message, ensure_ascii=False))
+            loop.call_soon_threadsafe(self._fanout, msg_id, data)
 
     def stop(self) -> None:
         srv = self.server
