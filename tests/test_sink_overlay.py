@@ -59,8 +59,9 @@ def page(browser):
     pg.close()
 
 
-def wait_js(page, expr: str, timeout: float = 5.0) -> None:
-    """Poll a JS expression from here (page.wait_for_function uses eval, which our CSP forbids)."""
+def wait_js(page, expr: str, timeout: float = 15.0) -> None:
+    """Poll a JS expression from here (page.wait_for_function uses eval, which our CSP forbids). 15 s: a CI
+    check with two Chromium test runs beside it once took over 5 s to show a first caption."""
     end = time.monotonic() + timeout
     while not page.evaluate(expr):
         if time.monotonic() > end:
