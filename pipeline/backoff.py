@@ -1,4 +1,5 @@
-"""One retry schedule for every loop that reconnects or re-sends (capture, sinks, outputs).
+"""One retry schedule for every loop that reconnects or re-sends (capture, sinks, outputs), and one rule
+for how often such a loop's failures are logged (``LogLimit``).
 
 Threads that retry wait on their own stop event, so a stop request ends the wait at once:
 ``backoff.wait(stop_event, attempt)`` sleeps for ``delay(attempt)`` seconds unless stopped first.
@@ -7,7 +8,8 @@ Threads that retry wait on their own stop event, so a stop request ends the wait
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -33,3 +35,32 @@ class Backoff:
     def wait(self, stop: threading.Event, attempt: int) -> bool:
         """Sleep ``delay(attempt)`` seconds or until ``stop`` is set; True if stopped."""
         return stop.wait(self.delay(attempt))
+
+
+@dataclass
+class LogLimit:
+    """Which occurrences of a repeating failure to log as warnings, so that a source or target down for hours
+    does not write a line per retry (about 17,000 a day at a 5-s backoff): occurrence ``n`` (1-based, counted by
+    the caller: attempts since the last success, errors so far) is logged when ``n <= first`` or when
+    ``every_s`` seconds (monotonic) have passed since the last one logged; the others go to debug level.
+    Not thread-safe: one per retrying thread."""
+
+    first: int = 5
+    every_s: float = 60.0
+    _last: float = field(default=float("-inf"), repr=False)
+    _held: int = field(default=0, repr=False)
+
+    def check(self, n: int, now: float | None = None) -> str | None:
+        """None: log occurrence ``n`` at debug level. Else the suffix for its warning line: how many were left
+        out since the last one logged and, at the ``first``-th, that the rest come once every ``every_s`` s
+        ('' when there is nothing to say)."""
+        now = time.monotonic() if now is None else now
+        if n > self.first and now - self._last < self.every_s:
+            self._held += 1
+            return None
+        self._last = now
+        notes = [f"{self._held} more since the last line"] if self._held else []
+        if n == self.first:
+            notes.append(f"from now on logged once every {self.every_s:g} s")
+        self._held = 0
+        return f" ({'; '.join(notes)})" if notes else ""

@@ -105,3 +105,18 @@ def test_a_source_down_for_hours_does_not_flood_the_log(caplog):
     lines = [r for r in caplog.records if r.name == "pipeline.capture.reader" and r.levelno >= logging.WARNING]
     assert 1 <= len(lines) <= 10, f"{len(lines)} warning lines for {cap.stats['attempts']} attempts"
     assert "refused" in cap.state_reason.lower() or "refused" in lines[-1].getMessage().lower()
+
+
+def test_log_limit_rule():
+    """``backoff.LogLimit``, the one rule for the capture thread's, the burn-in output's and the dispatcher's
+    repeated failures: the first ``first`` occurrences each logged, then one every ``every_s`` seconds with the
+    number left out since the last line; the ``first``-th says so."""
+    from pipeline.backoff import LogLimit
+
+    lim = LogLimit(first=3, every_s=60.0)
+    got = [lim.check(n, now=100.0 + n) for n in range(1, 8)]  # 7 failures within 7 s
+    assert got[:2] == ["", ""] and "once every 60 s" in got[2] and got[3:] == [None] * 4
+    assert lim.check(8, now=103.0 + 60.0) == " (4 more since the last line)"  # a minute after the last line
+    assert lim.check(9, now=164.0) is None
+    one = LogLimit(first=1)
+    assert one.check(1, now=0.0) is not None and one.check(2, now=59.0) is None and one.check(3, now=60.0)

@@ -40,7 +40,7 @@ from typing import Callable
 
 import av
 
-from pipeline.backoff import Backoff
+from pipeline.backoff import Backoff, LogLimit
 import pipeline.capture.hls as hls
 from pipeline.capture.errors import CaptureError, NoVideoYet
 from pipeline.capture.inputs import VIDEO_WAIT_US, Input, Picture, describe, open_input
@@ -56,10 +56,6 @@ JUMP_S = 10.0  # a pts jump larger than this inside one session is a discontinui
 # gap by more than this, stream time counts the wall-clock gap (not for HLS, which arrives in bursts)
 HIDDEN_GAP_S = 1.0
 SEEN_PACKETS = 4096  # HLS: video packets remembered to skip re-read ones (over 2 min at 30 fps)
-# a source that stays down: a warning for each of the first attempts, then one a minute (the rest at debug level), so
-# hours of retries every few seconds do not flood the log
-RETRY_WARNINGS = 5
-RETRY_LOG_EVERY_S = 60.0
 _ids = itertools.count(1)
 
 
@@ -97,7 +93,7 @@ class CaptureThread:
         self._read_timeout = 0.0  # the open input's (an HLS playlist's stall timeout can be longer)
         self._connected = False  # a frame has come: later failures are losses, retried
         self._attempt = 0  # failed attempts since the last session that brought frames
-        self._retry_logged = float("-inf")  # monotonic time of the last retry warning
+        self._retry_log = LogLimit()  # a source down for hours: the first attempts each warn, then one a minute
         self._seen: collections.OrderedDict = collections.OrderedDict()  # HLS: (pts, digest) of packets
         self.stats = {"frames": 0, "sessions": 0, "attempts": 0, "lost": 0, "decode_errors": 0,
                       "format_changes": 0, "audio_chunks": 0, "audio_errors": 0, "replayed_packets": 0,
@@ -279,15 +275,9 @@ class CaptureThread:
         else:
             self._set_state("lost", reason)
         delay = self.backoff.delay(self._attempt)
-        now = time.monotonic()
-        if self._attempt <= RETRY_WARNINGS or now - self._retry_logged >= RETRY_LOG_EVERY_S:
-            self._retry_logged = now
-            quiet = " (failed attempts are logged once a minute from now on)" if self._attempt == RETRY_WARNINGS else ""
-            log.warning("%s: attempt %d failed (%s); retrying in %.1fs%s", self.source.display, self._attempt,
-                        reason, delay, quiet)
-        else:
-            log.debug("%s: attempt %d failed (%s); retrying in %.1fs", self.source.display, self._attempt, reason,
-                      delay)
+        note = self._retry_log.check(self._attempt)
+        (log.debug if note is None else log.warning)("%s: attempt %d failed (%s); retrying in %.1fs%s",
+                                                     self.source.display, self._attempt, reason, delay, note or "")
         return not self._stop.wait(delay)
 
     def _wait_new_playlist(self) -> bool:

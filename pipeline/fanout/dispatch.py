@@ -7,7 +7,7 @@ and the skipped ones are counted. Audio (for sinks with ``wants_audio``) is deli
 through its own bounded queue (``audio_queue_size``): when full, the oldest chunk is dropped and
 counted (``audio_dropped``); audio is never retried.
 
-A sink call that raises is logged (at most ``ERROR_LINES`` lines a minute per sink) and retried with exponential backoff (``retry``, a
+A sink call that raises is logged (``LogLimit``: the first errors, then one a minute per sink) and retried with exponential backoff (``retry``, a
 :class:`~pipeline.backoff.Backoff` whose ``max_attempts`` counts every attempt at one item); when the
 attempts run out the item is dropped and the sink reported ``failed`` until its next success. After
 ``stop``, a sink that lost anything (an item given up, a start that never succeeded, a failed ``stop``)
@@ -28,7 +28,7 @@ import time
 from typing import Any, Iterable
 
 from .sink import DeliveryError, Sink
-from ..backoff import Backoff
+from ..backoff import Backoff, LogLimit
 from ..redact import redact
 from ..types import AudioChunk, Caption, Frame, StreamEvent
 
@@ -43,11 +43,6 @@ RETRY = Backoff(initial=0.2, factor=2.0, max_delay=10.0, max_attempts=4)
 
 
 _STOP = object()
-
-# a sink's error lines: at most this many a minute (a target down for hours fails every caption: one line each
-# would be 3,600 an hour); the next line logged says how many were held back. Counters and last_error see all.
-ERROR_LINES = 5
-ERROR_WINDOW_S = 60.0
 
 
 class _Worker:
@@ -72,9 +67,9 @@ class _Worker:
         self.call_what = ""
         self.counters = collections.Counter()
         self.traced = False  # a traceback logged already (only the first unexpected error gets one)
-        self._log_window = float("-inf")  # monotonic start of the current ERROR_WINDOW_S
-        self._log_lines = 0  # error lines logged in it
-        self._log_held = 0  # error lines held back since the last one logged
+        # a target down for hours fails every caption (3,600 lines an hour): the first errors each warn, then one a
+        # minute, saying how many were left out; counters and last_error see all
+        self._error_log = LogLimit()
         self.last_error: str | None = None
         self.thread = threading.Thread(target=self._run, name=f"sink-{name}", daemon=True)
 
@@ -166,17 +161,11 @@ class _Worker:
         # verdict after its retries (DeliveryError) say all in one line
         trace = not isinstance(e, (OSError, DeliveryError)) and not self.traced
         self.traced = self.traced or trace
-        now = time.monotonic()
-        if now - self._log_window >= ERROR_WINDOW_S:
-            self._log_window, self._log_lines = now, 0
-        if self._log_lines >= ERROR_LINES and not trace:
-            self._log_held += 1
+        note = self._error_log.check(self.counters["errors"])
+        if note is None and not trace:
             log.debug("sink %s: %s", self.name, self.last_error)
             return
-        self._log_lines += 1
-        held, self._log_held = self._log_held, 0
-        more = f" ({held} more errors since the last line)" if held else ""
-        log.warning("sink %s: %s%s", self.name, self.last_error, more, exc_info=trace)
+        log.warning("sink %s: %s%s", self.name, self.last_error, note or "", exc_info=trace)
 
     def _ensure_started(self) -> bool:
         attempt = 0

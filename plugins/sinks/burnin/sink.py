@@ -51,7 +51,7 @@ import numpy as np
 from PIL import ImageColor
 from pydantic import field_validator
 
-from pipeline.backoff import Backoff
+from pipeline.backoff import Backoff, LogLimit
 from pipeline.fanout.outputs import Existing, deleted, open_output
 from pipeline.fanout.sink import DeliveryError, Sink, SinkSettings, redact
 
@@ -60,8 +60,6 @@ from .output import Output, is_network, nvenc_available, resolve
 from .render import CaptionRenderer, fit_into
 
 log = logging.getLogger(__name__)
-RETRY_WARNINGS = 5  # a network output that stays down: the first failed attempts each warn, then one a minute
-RETRY_LOG_EVERY_S = 60.0
 
 
 class BurninSettings(SinkSettings):
@@ -169,7 +167,7 @@ class _Encoder:
         self.n = 0
         self.pts_base = 0
         self.failures = 0  # failed opens/connections in a row
-        self.warned_at = float("-inf")  # monotonic time of the last retry warning
+        self.retry_log = LogLimit()  # an output down for hours: the first failed attempts each warn, then one a minute
         self.next_open = 0.0
         self.fresh = False  # opened, no packet muxed yet (RTMP connects at the first packet)
         self.connected_once = False
@@ -225,13 +223,10 @@ class _Encoder:
         self.failures += 1
         delay = self.backoff.delay(self.failures + 1)
         now = time.monotonic()
-        # an output down for hours: a warning for each of the first attempts, then one a minute (the rest at debug)
-        loud = self.failures <= RETRY_WARNINGS or now - self.warned_at >= RETRY_LOG_EVERY_S
-        if loud:
-            self.warned_at = now
-        quiet = " (failed attempts are logged once a minute from now on)" if self.failures == RETRY_WARNINGS else ""
-        (log.warning if loud else log.debug)("%s output %s %s: %s; retry in %.1f s (attempt %d)%s", self.sink.name,
-                                             redact(self.s.output), what, redact(str(e)), delay, self.failures, quiet)
+        note = self.retry_log.check(self.failures, now)
+        (log.debug if note is None else log.warning)("%s output %s %s: %s; retry in %.1f s (attempt %d)%s",
+                                                     self.sink.name, redact(self.s.output), what, redact(str(e)),
+                                                     delay, self.failures, note or "")
         self.next_open = now + delay
 
     def ensure_open(self, now: float) -> bool:
@@ -435,7 +430,7 @@ class BurninSink(Sink):
         self._lost_reported = 0  # counters["write_errors"] when the last call reported them
         self._lost_error: str | None = None  # the newest failed write
         self._failing = False  # the output's last write failed (and no write has succeeded since)
-        self._lost_warned = float("-inf")  # monotonic time of the last warning about them
+        self._lost_log = LogLimit(first=1)  # failed writes: a warning for the first, then at most one a minute
 
     # --- sink API (called from the dispatcher's worker thread) -------------------------
     def start(self) -> None:
@@ -472,11 +467,10 @@ class BurninSink(Sink):
         :meth:`_check`); a warning for the first, then at most one a minute."""
         self._lost_error = str(error)
         self.counters["write_errors"] += n
-        now = time.monotonic()
-        if now - self._lost_warned >= RETRY_LOG_EVERY_S:
-            self._lost_warned = now
+        note = self._lost_log.check(self.counters["write_errors"])
+        if note is not None:
             log.warning("%s output %s: a write failed (%s): video lost until it can write again "
-                        "(counted in write_errors)", self.name, redact(self.settings.output), error)
+                        "(counted in write_errors)%s", self.name, redact(self.settings.output), error, note)
 
     def on_frame(self, frame) -> None:
         with self._lock:
