@@ -403,21 +403,28 @@ def test_livecc_caption_of_a_raw_h264_file_on_a_terminal(raw_h264, tmp_path):
     assert b"Traceback" not in seen
 
 
-def test_raw_h264_file_plays_at_its_frame_rate_in_the_capture_thread(raw_h264):
-    """livecc run: a file without timestamps gets stream time from its frames' durations, not the
-    wall clock of decoding (was: 4 s of video as 0.1 s of stream time, paced at decode speed: one turn)."""
-    seen = []
+def captured_pts(path) -> tuple[CaptureThread, list[float]]:
+    """Run the capture thread over the file ``path`` unpaced to its end: (the stopped thread, every frame's
+    stream time in seconds, in order)."""
+    seen: list[float] = []
 
     class Recording(RingBuffer):
         def put(self, frame):
             seen.append(frame.pts)
             super().put(frame)
 
-    cap = CaptureThread(resolve(str(raw_h264), pace=False), Recording(4)).start()
+    cap = CaptureThread(resolve(str(path), pace=False), Recording(4)).start()
     try:
         assert cap.done.wait(20)
     finally:
         assert cap.stop(5)
+    return cap, seen
+
+
+def test_raw_h264_file_plays_at_its_frame_rate_in_the_capture_thread(raw_h264):
+    """livecc run: a file without timestamps gets stream time from its frames' durations, not the
+    wall clock of decoding (was: 4 s of video as 0.1 s of stream time, paced at decode speed: one turn)."""
+    cap, seen = captured_pts(raw_h264)
     assert cap.error is None and cap.state == "ended"
     assert len(seen) == 40
     assert seen == pytest.approx([i / 10 for i in range(40)], abs=1e-6)
@@ -489,16 +496,5 @@ def test_timestamps_jumping_an_hour_forward(tmp_path):
     assert len(frames) == 180 and frames[-1].pts == pytest.approx(179 / 30, abs=1e-3)
     clips = list(file_clips(joined))
     assert [(c.start, c.stop) for c in clips] == [(0.0, 3.0), (3.0, 4.0), (4.0, 5.0), (5.0, 6.0)]
-    seen = []
-
-    class Recording(RingBuffer):
-        def put(self, frame):
-            seen.append(frame.pts)
-            super().put(frame)
-
-    cap = CaptureThread(resolve(str(joined), pace=False), Recording(4)).start()
-    try:
-        assert cap.done.wait(20)
-    finally:
-        assert cap.stop(5)
+    cap, seen = captured_pts(joined)
     assert seen == pytest.approx([f.pts for f in frames], abs=1e-3)  # livecc run: the same stream time

@@ -25,6 +25,22 @@ def tiny():
     return str(tiny_checkpoint("small"))
 
 
+def start_capturing(cmd: list[str], log) -> subprocess.Popen:
+    """Start ``cmd`` (a ``livecc run``) in its own process group (as under timeout/systemd), its output in the
+    file ``log``, and wait until it says it is capturing; the process is still running then."""
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    try:
+        servers.wait_until(lambda: b"capturing" in log.read_bytes() or proc.poll() is not None, 180,
+                           "livecc run capturing")
+        assert proc.poll() is None, log.read_text()
+    except BaseException:
+        proc.kill()
+        raise
+    return proc
+
+
 def test_sigterm_to_the_process_group_twice_is_one_stop_request(tmp_path, tiny):
     """GNU timeout sends its SIGTERM to the child and then to the process group (systemd and Docker signal
     every process of the unit / container too): the child gets it twice, merged into one by the kernel
@@ -34,13 +50,8 @@ def test_sigterm_to_the_process_group_twice_is_one_stop_request(tmp_path, tiny):
     out = tmp_path / "c.srt"
     cmd = [*LIVECC, "run", "lavfi:testsrc2=size=320x240:rate=10", "--model", tiny, "--device", "cpu",
            "--port", "0", "--status", "off", "--sink", f"srt:{out}"]
-    with open(log, "wb") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)  # its own process group, as under timeout/systemd
+    proc = start_capturing(cmd, log)
     try:
-        servers.wait_until(lambda: b"capturing" in log.read_bytes() or proc.poll() is not None, 180,
-                           "livecc run capturing")
-        assert proc.poll() is None, log.read_text()
         os.killpg(proc.pid, signal.SIGTERM)
         time.sleep(0.3)
         os.killpg(proc.pid, signal.SIGTERM)
@@ -62,12 +73,8 @@ def test_sighup_is_a_clean_stop_that_finalises_the_files(tmp_path, tiny):
     cmd = [*LIVECC, "run", "lavfi:testsrc2=size=320x240:rate=10", "--model", tiny, "--device", "cpu",
            "--port", "0", "--status", "off", "--sink", f"burnin:{mp4}", "--sink", f"srt:{tmp_path / 'c.srt'}",
            "--set", "sinks[0].fragmented_mp4=false", "--set", "sinks[0].fps=10", "--set", "sinks[0].audio=false"]
-    with open(log, "wb") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
+    proc = start_capturing(cmd, log)
     try:
-        servers.wait_until(lambda: b"capturing" in log.read_bytes() or proc.poll() is not None, 180,
-                           "livecc run capturing")
         servers.wait_until(lambda: mp4.exists() and mp4.stat().st_size > 0 or proc.poll() is not None, 60,
                            "the MP4 written")
         assert proc.poll() is None, log.read_text()
