@@ -335,3 +335,40 @@ def test_merge_attention_equals_attention_over_all_keys():
     o1, l1 = attention(k[:11], v[:11])
     o2, l2 = attention(k[11:], v[11:])
     torch.testing.assert_close(merge_attention(o1, l1, o2, l2), full, rtol=1e-5, atol=1e-6)
+
+
+def test_the_compiled_decode_step_equals_the_eager_one_and_stores_its_keys(model):
+    """The decode step as CUDA compiles it, here with CPU inductor: ``pre_attention_store`` writes each row's new key
+    and value into the cache from the compiled function (index tensors only, in place), and the one-row step, compiled
+    apart with coordinate-descent tuning, computes its products as multiply-and-sum reductions (``model.linear``).
+    Logits and the stored keys equal the eager step's for one row and for three."""
+    import torch._dynamo
+
+    from pipeline.engine.model import _one_row_post
+    from pipeline.engine.runner import ModelRunner
+
+    results = []
+    for compiled in (False, True):
+        gen = torch.Generator().manual_seed(0)  # the same cache and inputs for both
+        torch._dynamo.reset()
+        r = ModelRunner(model, slots=3, capacity=256, graphs=False, compile=False)
+        m = r.model
+        for s in range(3):
+            r.cache.lengths[s] = 20 + 7 * s
+            r.cache.k[:, s].normal_(generator=gen), r.cache.v[:, s].normal_(generator=gen)
+        if compiled:
+            m.compile(None, {"coordinate_descent_tuning": True})
+        out = []
+        for nb in (1, 3):
+            x = torch.randn(nb, m.hidden, generator=gen, dtype=m.dtype)
+            at = torch.tensor(r.cache.lengths[:nb])
+            pos = at + 5
+            out.append(r.decode_step(x, pos, at, window=r.windows[0]))
+        if compiled:
+            assert m.step_fns(1)[1]._torchdynamo_orig_callable is _one_row_post  # the one-row functions ran
+        results.append((out, r.cache.k.clone(), r.cache.v.clone()))
+    (eager, ke, ve), (comp, kc, vc) = results
+    for a, b in zip(eager, comp):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), (a - b).abs().max()
+    assert torch.allclose(ke, kc, atol=1e-5) and torch.allclose(ve, vc, atol=1e-5)
+    assert not torch.equal(kc[:, 0, :, 20], torch.zeros_like(kc[:, 0, :, 20]))  # written at each row's length

@@ -28,7 +28,8 @@ class DecodeGraphs:
         self.runner = runner
         self.compile = compile
         if compile:
-            runner.model.compile(runner.compile_options)  # compiled on the first warm-up of each batch size
+            # compiled on the first warm-up of each batch size
+            runner.model.compile(runner.compile_options, runner.one_row_compile_options)
         slots, dev = runner.cache.slots, runner.device
         m = runner.model
         self.x = torch.zeros(slots, m.hidden, dtype=m.dtype, device=dev)  # the tokens' embeddings

@@ -4,7 +4,7 @@ Keys are stored rotated (mRoPE applied), values as computed. Storage per tensor:
 ``(layers, slots, kv_heads, capacity, head_dim)`` in the model dtype; a token costs
 ``layers · 2 · kv_heads · head_dim · itemsize`` bytes (LiveCC-7B in bfloat16: 28·2·4·128·2 = 56 KiB,
 so 1.75 GiB per 32k-token slot). The cache is the only owner of the lengths: writers go through
-``write`` (any tokens of any rows) / ``decode_write`` and ``advance``; ``evict`` drops a span and moves the
+``write`` (any tokens of any rows) / ``decode_index`` (a decode step's stores, made by the step itself) and ``advance``; ``evict`` drops a span and moves the
 rest down. ``varlen`` views a layer as the packed key/value sequence of FlashAttention's variable-length
 kernel, so one kernel call attends over many rows in place.
 """
@@ -25,6 +25,10 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.slots = slots
         self.capacity = capacity
+        # decode_index's constant parts: one 0-dim tensor per layer (separate allocations: torch.compile sees the
+        # same input each layer, no recompilation) and the KV-head numbers
+        self._layer_ids = [torch.tensor(i, device=device) for i in range(layers)]
+        self._heads = torch.arange(kv_heads, device=device)[None]
         self.lengths = [0] * slots  # tokens in use per slot
         self._free = list(range(slots))
 
@@ -89,10 +93,12 @@ class KVCache:
         """Views (1, kv_heads, end, head_dim) of one slot's first ``end`` positions."""
         return self.k[layer, slot:slot + 1, :, :end], self.v[layer, slot:slot + 1, :, :end]
 
-    def decode_write(self, layer: int, rows: torch.Tensor, at: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """One token per row: ``k``/``v`` (B, kv_heads, 1, head_dim) into slot ``rows[b]`` at position ``at[b]``
-        (device int64 tensors, (B,)); no host sync, so it can be captured in a CUDA graph."""
-        self.write(layer, rows, at, k[:, :, 0], v[:, :, 0])
+    def decode_index(self, layer: int, rows: torch.Tensor, at: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Index tensors for ``self.k.index_put_(index, k)`` that put a decode step's key ``k`` (B, kv_heads,
+        head_dim) of row b into slot ``rows[b]`` at position ``at[b]`` (device int64 (B,)): tensors only (views, no
+        kernel), broadcast to (B, kv_heads), for ``model.pre_attention_store``."""
+        B = rows.shape[0]
+        return self._layer_ids[layer].expand(B, 1), rows[:, None], self._heads, at[:, None]
 
     def varlen(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer ``layer``'s keys and values as one packed sequence (L, kv_heads, head_dim) for FlashAttention's

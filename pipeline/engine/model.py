@@ -73,11 +73,25 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * h.to(x.dtype)
 
 
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``; inside torch.compile, for ONE row against a plain weight, written as multiply-and-sum, so
+    that inductor generates a Triton reduction that reads the weight once (coordinate-descent tuned:
+    ``ModelRunner.one_row_compile_options``) instead of calling cuBLAS's matrix-vector kernel. H200, LiveCC-7B's
+    products for one decode step: 3.61 ms against 3.95 (q|k|v 3.25 vs 2.99 TB/s, gate|up 4.34 vs 3.83, lm_head 4.52
+    vs 4.21; ``scripts/profile_gemv.py``). Several rows (cuBLAS is as fast there), eager code and torchao's
+    quantized weights (their own kernels) take ``F.linear``. x (..., in), w (out, in), b (out,) -> (..., out)."""
+    if torch.compiler.is_compiling() and x.numel() == x.shape[-1] and type(w) in (torch.Tensor, nn.Parameter):
+        y = (x.reshape(1, -1) * w).sum(-1, dtype=torch.float32).to(x.dtype)
+        y = y if b is None else y + b
+        return y.reshape(*x.shape[:-1], w.shape[0])
+    return F.linear(x, w, b)
+
+
 def pre_attention(x, ln_w, qkv_w, qkv_b, cos, sin, eps: float, n_heads: int, n_kv: int, head_dim: int):
     """Norm -> q|k|v -> rotary. x (B, T, hidden); cos/sin (B, 1, T, head_dim) ->
     q (B, n_heads, T, head_dim), k and v (B, n_kv, T, head_dim)."""
     B, T = x.shape[0], x.shape[1]
-    q, k, v = F.linear(rms_norm(x, ln_w, eps), qkv_w, qkv_b).split(
+    q, k, v = linear(rms_norm(x, ln_w, eps), qkv_w, qkv_b).split(
         [n_heads * head_dim, n_kv * head_dim, n_kv * head_dim], dim=-1)
     q = q.view(B, T, n_heads, head_dim).transpose(1, 2)
     k = k.view(B, T, n_kv, head_dim).transpose(1, 2)
@@ -85,11 +99,24 @@ def pre_attention(x, ln_w, qkv_w, qkv_b, cos, sin, eps: float, n_heads: int, n_k
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
 
 
+def pre_attention_store(x, ln_w, qkv_w, qkv_b, cos, sin, eps: float, n_heads: int, n_kv: int, head_dim: int,
+                        k_cache, v_cache, index):
+    """``pre_attention`` of a decode step (T = 1) that also stores each row's new key and value in the cache, so that
+    the compiled step writes them from its own kernel instead of two scatter kernels a layer (56 of them took 0.22
+    ms of a 5.4-ms step on an H200). ``k_cache``/``v_cache``: the whole cache storage; ``index``: a tuple of
+    broadcastable int64 index tensors, one per cache dimension but the last (``KVCache.decode_index``); only index
+    tensors, no slices, so torch.compile scatters in place instead of copying the layer (measured)."""
+    q, k, v = pre_attention(x, ln_w, qkv_w, qkv_b, cos, sin, eps, n_heads, n_kv, head_dim)
+    k_cache.index_put_(index, k[:, :, 0])
+    v_cache.index_put_(index, v[:, :, 0])
+    return q, k, v
+
+
 def post_attention(x, o, o_w, ln_w, gate_up_w, down_w, eps: float):
     """Output projection + residual, norm -> SwiGLU MLP + residual. x (B, T, hidden), o (B, T, q)."""
-    x = x + F.linear(o, o_w)
-    gate, up = F.linear(rms_norm(x, ln_w, eps), gate_up_w).chunk(2, dim=-1)
-    return x + F.linear(F.silu(gate) * up, down_w)
+    x = x + linear(o, o_w)
+    gate, up = linear(rms_norm(x, ln_w, eps), gate_up_w).chunk(2, dim=-1)
+    return x + linear(F.silu(gate) * up, down_w)
 
 
 @torch.no_grad()
@@ -114,6 +141,14 @@ def fuse_projections(layer) -> None:
     mlp.up_proj.weight = nn.Parameter(gate_up[ni:], requires_grad=False)
     layer.qkv_weight, layer.qkv_bias, layer.gate_up_weight = qkv, bias, gate_up
     layer._livecc_fused = True
+
+
+def _one_row_pre_store(*args):  # the one-row decode step's, under their own code objects (TextModel.compile)
+    return pre_attention_store(*args)
+
+
+def _one_row_post(*args):
+    return post_attention(*args)
 
 
 def _prefill_pre(*args):  # pre_attention under another code object (TextModel.compile_prefill)
@@ -165,29 +200,43 @@ class TextModel:
         self.layers = [LayerWeights(l.input_layernorm.weight, l.qkv_weight, l.qkv_bias, l.self_attn.o_proj.weight,
                                     l.post_attention_layernorm.weight, l.gate_up_weight, l.mlp.down_proj.weight)
                        for l in text.layers]
-        self.pre, self.post = pre_attention, post_attention
+        self.pre_store, self.post = pre_attention_store, post_attention  # the decode step's (compiled by ``compile``)
         self.prefill_pre, self.prefill_post = pre_attention, post_attention  # compiled by ``compile_prefill``
         self.head = self.logits  # the decode step's logits (compiled with ``compile``)
+        self.one_row = None  # the one-row decode step's (pre_store, post, head), compiled apart (``compile``)
 
     @property
     def n_layers(self) -> int:
         return len(self.layers)
 
-    def compile(self, options: dict | None = None) -> None:
+    def compile(self, options: dict | None = None, one_row_options: dict | None = None) -> None:
         """Fuse the small kernels around attention (norms, rotary, residuals, SiLU) with torch.compile, one
-        static-shape graph per batch size. Used by the decode step; prefill stays eager (a dynamic-length
-        compile of it measured slower on an H100, 41 vs 28 ms). ``options``: inductor settings for these
-        compilations only (``runner.compile_options``)."""
+        static-shape graph per batch size. Used by the decode step (``step_fns``). ``options``: inductor settings
+        for these compilations (``runner.compile_options``); ``one_row_options``: for the one-row step, compiled
+        apart (its products are Triton reductions: ``linear``), so that their tuning does not lengthen the
+        compilation of every other batch size."""
         import torch._dynamo
 
         # one recompilation per decode batch-size bucket (runner.BATCH_BUCKETS): above dynamo's default of 8
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        self.pre = torch.compile(pre_attention, fullgraph=True, dynamic=False, options=options)
-        self.post = torch.compile(post_attention, fullgraph=True, dynamic=False, options=options)
-        self.head = torch.compile(self.logits, fullgraph=True, dynamic=False, options=options)
+
+        def c(fn, opts):
+            return torch.compile(fn, fullgraph=True, dynamic=False, options=opts)
+        self.pre_store, self.post, self.head = c(pre_attention_store, options), c(post_attention, options), \
+            c(self.logits, options)
+        one = options if one_row_options is None else one_row_options
+        # wrappers with their own code objects: dynamo keeps their graphs apart from the other batch sizes'
+        self.one_row = (c(_one_row_pre_store, one), c(_one_row_post, one), c(self._one_row_logits, one))
 
     def uncompile(self) -> None:
-        self.pre, self.post, self.head = pre_attention, post_attention, self.logits
+        self.pre_store, self.post, self.head = pre_attention_store, post_attention, self.logits
+        self.one_row = None
+
+    def step_fns(self, rows: int):
+        """(pre_store, post, head) of a decode step of ``rows`` rows: compiled ones after ``compile``."""
+        if rows == 1 and self.one_row is not None:
+            return self.one_row
+        return self.pre_store, self.post, self.head
 
     def compile_prefill(self, options: dict | None = None) -> None:
         """The prefill's norms, rotary, residuals and SiLU fused by torch.compile with a dynamic token count
@@ -214,21 +263,28 @@ class TextModel:
         f = torch.cat((f, f), dim=-1)[:, None]
         return f.cos().to(self.dtype), f.sin().to(self.dtype)
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, attend: Attend, pre=None, post=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, attend: Attend, pre=None, post=None,
+                store=None) -> torch.Tensor:
         """Hidden states (B, T, hidden) after every layer, for embeddings ``x`` (B, T, hidden) at positions
-        ``pos`` (3, B, T). ``attend`` stores each layer's new keys/values and attends (see module doc)."""
+        ``pos`` (3, B, T). ``attend`` stores each layer's new keys/values and attends (see module doc); with
+        ``store`` = (k_cache, v_cache, index(layer) -> index tensors), ``pre`` has ``pre_attention_store``'s
+        signature and stores them itself."""
         pre, post = pre or pre_attention, post or post_attention
         cos, sin = self.rotary(pos)
         B, T = x.shape[0], x.shape[1]
         for i, w in enumerate(self.layers):
-            q, k, v = pre(x, w.ln1, w.qkv_w, w.qkv_b, cos, sin, self.eps, self.n_heads, self.n_kv, self.head_dim)
+            args = (x, w.ln1, w.qkv_w, w.qkv_b, cos, sin, self.eps, self.n_heads, self.n_kv, self.head_dim)
+            q, k, v = pre(*args, store[0], store[1], store[2](i)) if store else pre(*args)
             o = attend(i, q, k, v)
             x = post(x, o.reshape(B, T, -1), w.o_w, w.ln2, w.gate_up_w, w.down_w, self.eps)
         return x
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Float32 logits (..., vocab) for final hidden states (..., hidden)."""
-        return self.lm_head(self.norm(h)).float()
+        return linear(self.norm(h), self.lm_head.weight, self.lm_head.bias).float()
+
+    def _one_row_logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.logits(h)
 
     def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """Embeddings (..., hidden) on the model's device for token ids (...) int64 on any device: looked up where

@@ -78,6 +78,8 @@ class ModelRunner:
         # the pattern matcher is off so that rewrite cannot happen (the int8 matrix is converted, then cuBLAS)
         self.compile_options = {"coordinate_descent_tuning": True, "pattern_matcher": False} \
             if loaded.quantize == "int8" else None
+        # the one-row decode step's: coordinate-descent tuning for its products' Triton reductions (model.linear)
+        self.one_row_compile_options = self.compile_options or {"coordinate_descent_tuning": True}
         self.vision = VisionTower(loaded.visual, use_graphs=self.use_graphs, compile=compile_)
         # PyTorch's FlashAttention kernels need Ampere (8.0) or newer; older GPUs take the masked SDPA path
         self.flash = on_cuda and m.dtype in (torch.bfloat16, torch.float16) and \
@@ -312,20 +314,20 @@ class ModelRunner:
             cu_k = (cu_q * cache.varlen_stride).clamp_(max=(nb - 1) * cache.varlen_stride + self.capacity)
             used = (at + 1).to(torch.int32)
 
-            def attend(i, q, k, v):
-                cache.decode_write(i, rows, at, k, v)
+            def attend(i, q, k, v):  # this row's key/value already stored by pre_attention_store
                 kf, vf = cache.varlen(i)
                 return m.attend_varlen(q[:, :, 0].contiguous(), kf, vf, cu_q, cu_k, used, 1, window)[:, None]
         else:
             masked = (torch.arange(window, device=x.device)[None, :] > at[:, None])[:, None, None, :]
 
             def attend(i, q, k, v):
-                cache.decode_write(i, rows, at, k, v)
                 kw, vw = cache.window(i, nb, window)
                 return m.attend_rows(q, kw, vw, masked)
 
-        h = m.forward(x, pos.expand(3, nb)[:, :, None], attend, m.pre, m.post)
-        return m.head(h[:, 0])
+        store = (cache.k, cache.v, lambda i: cache.decode_index(i, rows, at))
+        pre, post, head = m.step_fns(nb)
+        h = m.forward(x, pos.expand(3, nb)[:, :, None], attend, pre, post, store=store)
+        return head(h[:, 0])
 
     def warm_up(self) -> None:
         """Compile the prefill and compile and capture every decode batch size this cache can run
