@@ -112,6 +112,8 @@ def run(model, n: int, warmup: float, seconds: float, slots: int | None, pool: l
     core.overlap = overlap == "on"
     if prefill_graphs == "off":
         core.runner.prefill_graphs = None
+    elif prefill_graphs == "flash" and core.runner.prefill_graphs is not None:
+        core.runner.prefill_graphs.cudnn = False  # the graphs' attention over the past through FlashAttention only
     core.prefill_batch = prefill_batch or core.prefill_batch
     core.decode_steps_per_prefill = steps_per_prefill or core.decode_steps_per_prefill
     streams = []
@@ -221,9 +223,10 @@ def main(argv=None) -> int:
     ap.add_argument("--overlap", nargs="+", default=["on"], choices=["on", "off"],
                     help="launch each decode step before reading the last one's tokens (on, the engine's default) or "
                          "read them first (off); each value is a run")
-    ap.add_argument("--prefill-graphs", nargs="+", default=["on"], choices=["on", "off"],
-                    help="a lone row's prefill replayed from a CUDA graph (on, the engine's default) or eager; each "
-                         "value is a run")
+    ap.add_argument("--prefill-graphs", nargs="+", default=["on"], choices=["on", "flash", "off"],
+                    help="a lone row's prefill replayed from a CUDA graph (on, the engine's default: the past's "
+                         "2048-key blocks through cuDNN on Hopper), the graphs with FlashAttention alone (flash), "
+                         "or eager (off); each value is a run")
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--quantize", choices=["none", "int8", "int4", "fp8"], default="none",
                     help="the language model's weights (engine.quantize)")

@@ -203,7 +203,8 @@ def test_prefill_answers_in_the_callers_order(model):
 def test_prefill_graphs_keep_the_recently_used_lengths():
     """``PrefillGraphs``' policy (the capture itself is CUDA's: tests/test_gpu.py): a (slot, length) is captured
     the second time it is seen, turns longer than ``max_tokens`` stay eager, and beyond ``limit`` graphs the least
-    recently replayed is dropped."""
+    recently replayed is dropped. With cuDNN for the past (Hopper), the key also holds the past's whole 2048-key
+    blocks: a longer past is captured at once (its length was seen twice) and the graph of the shorter one dropped."""
     from types import SimpleNamespace
 
     from pipeline.engine.cuda_graphs import PrefillGraphs
@@ -211,26 +212,37 @@ def test_prefill_graphs_keep_the_recently_used_lengths():
     captured = []
 
     class Recording(PrefillGraphs):
-        def _capture(self, slot, x, pos, at, used):  # stands in for the CUDA capture; replays nothing
-            captured.append((slot, x.shape[0]))
+        def _capture(self, slot, x, pos, at, used, past):  # stands in for the CUDA capture; replays nothing
+            captured.append((slot, x.shape[0], past))
             return SimpleNamespace(replay=lambda: None), (x.clone(), pos.clone(), at.clone(),
                                                           torch.zeros(1, dtype=torch.int32)), torch.ones(1, 5)
 
-    runner = SimpleNamespace(cache=SimpleNamespace(slots=1))
+    runner = SimpleNamespace(cache=SimpleNamespace(slots=1), cudnn_past=False)
     graphs = Recording(runner, pool=None, limit=2, max_tokens=8)
 
-    def turn(slot, n):
+    def turn(slot, n, start=10):
         return graphs.run(slot, torch.zeros(n, 4), torch.zeros(3, 1, n, dtype=torch.long),
-                          torch.arange(n), 10 + n)
+                          torch.arange(n), start + n)
 
     assert turn(0, 5) is None and captured == []  # first sight: eager
-    assert turn(0, 5) is not None and captured == [(0, 5)]  # second: captured and replayed
-    assert turn(0, 9) is None and turn(0, 9) is None and captured == [(0, 5)]  # too long: always eager
+    assert turn(0, 5) is not None and captured == [(0, 5, 0)]  # second: captured and replayed
+    assert turn(0, 9) is None and turn(0, 9) is None and captured == [(0, 5, 0)]  # too long: always eager
     turn(0, 6), turn(0, 6)  # (0, 6) captured: two graphs
     turn(0, 5)  # (0, 5) used again: (0, 6) is now the least recent
     turn(0, 7), turn(0, 7)  # a third: (0, 6) dropped
-    assert list(graphs.graphs) == [(0, 5), (0, 7)]
-    assert turn(0, 5) is not None and captured == [(0, 5), (0, 6), (0, 7)]
+    assert list(graphs.graphs) == [(0, 5, 0), (0, 7, 0)]
+    assert turn(0, 5) is not None and captured == [(0, 5, 0), (0, 6, 0), (0, 7, 0)]
+
+    captured.clear()
+    runner.cudnn_past = True
+    graphs = Recording(runner, pool=None, limit=4, max_tokens=512)
+    assert turn(0, 386, 2100) is None and turn(0, 386, 2486) is not None  # one block of past through cuDNN
+    assert turn(0, 386, 4000) is not None and captured == [(0, 386, 2048)]  # same block: replayed
+    assert turn(0, 386, 4100) is not None and captured == [(0, 386, 2048), (0, 386, 4096)]  # two blocks: at once
+    assert list(graphs.graphs) == [(0, 386, 4096)]  # the one-block graph dropped
+    assert turn(0, 40, 4100) is None and turn(0, 40, 4200) is not None and captured[-1] == (0, 40, 0)  # < 64 tokens
+    runner.cudnn_past = False  # cuDNN failed in the eager prefill: the graphs stop using it too
+    assert turn(0, 386, 4100) is not None and captured[-1] == (0, 386, 0)
 
 
 def test_a_failed_decode_step_fails_only_the_turns_still_decoding(model):

@@ -272,3 +272,41 @@ def test_a_lone_rows_prefill_replayed_from_its_graph_equals_the_eager_prefill():
         ka, _ = ca.row(layer, 0, n)
         kb, _ = cb.row(layer, 0, n)
         assert torch.allclose(ka.float(), kb.float(), atol=0.05)
+
+
+def test_a_lone_rows_prefill_graph_reads_whole_blocks_of_past_through_cudnn():
+    """On Hopper a prefill graph reads the row's whole 2048-key blocks of past through cuDNN, as the eager prefill
+    does, keyed by that past: 386-token turns after 2,100 keys (one block) and on past 4,096 (two blocks), replayed
+    from their graphs, give the eager prefill's logits and keys; the one-block graph is dropped when the two-block
+    one is captured, and cuDNN stays on (its capture did not fail)."""
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("the past goes through cuDNN from Hopper on")
+    from pipeline.engine import load_model
+    from pipeline.engine.runner import ModelRunner
+    from pipeline.fixtures.tiny import tiny_checkpoint
+
+    model = load_model(str(tiny_checkpoint("small")), device="cuda", dtype="bfloat16")
+    gen = torch.Generator().manual_seed(0)
+    turns = []
+    start = 0
+    for n in [2100] + [386] * 9:
+        turns.append((0, torch.randint(0, 4000, (n,), generator=gen).tolist(), torch.arange(start, start + n).expand(3, n),
+                      None))
+        start += n
+    graphed = ModelRunner(model, slots=2, capacity=8192, graphs=True, compile=False)
+    eager = ModelRunner(model, slots=2, capacity=8192, graphs=False)
+    assert graphed.prefill_graphs is not None and graphed.prefill_graphs.cudnn and eager.cudnn_past
+    keys_seen = []
+    for t in turns:
+        a, b = graphed.prefill([t]), eager.prefill([t])
+        keys_seen.append(set(graphed.prefill_graphs.graphs))
+        assert torch.allclose(a, b, atol=0.05, rtol=0.02), (a - b).abs().max()
+    assert {(0, 386, 2048)} in keys_seen  # replayed with one block of past through cuDNN ...
+    assert keys_seen[-1] == {(0, 386, 4096)}  # ... then two, the shorter one dropped
+    assert graphed.prefill_graphs.cudnn and graphed.prefill_graphs.enabled
+    n = graphed.cache.length(0)
+    assert n == eager.cache.length(0) == start
+    for layer in (0, graphed.model.n_layers - 1):
+        ka, _ = graphed.cache.row(layer, 0, n)
+        kb, _ = eager.cache.row(layer, 0, n)
+        assert torch.allclose(ka.float(), kb.float(), atol=0.05)

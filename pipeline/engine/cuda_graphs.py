@@ -98,14 +98,17 @@ class DecodeGraphs:
 
 
 class PrefillGraphs:
-    """One stream's prefill replayed from a CUDA graph, keyed by (slot, turn length).
+    """One stream's prefill replayed from a CUDA graph, keyed by (slot, turn length, cuDNN past).
 
     Alone, one row's prefill is bound by the CPU launching its ≈ 1,300 kernels (H200, 386-token turns at 16k:
     ≈ 40 ms of wall for 18–26 ms of GPU work, ``scripts/profile_turn.py``), and every video turn of a stream at one
     resolution has the same length. So the prefill of a lone row is captured once its (slot, length) has been seen
-    twice, and replayed after that with new values in four small inputs. The graph attends with the one
-    FlashAttention varlen call over the whole row (key bound = the cache capacity, the used length an input);
-    cuDNN's attention over the past plans per past length, so it stays with the eager prefill of several rows.
+    twice, and replayed after that with new values in four small inputs. The graph attends with one
+    FlashAttention varlen call (key bound = the cache capacity, the used length an input); on Hopper the past's
+    whole ``PAST_BLOCK``s go to cuDNN as in the eager prefill (``ModelRunner.prefill_one``). cuDNN plans per
+    shape, so that part of the key is the past it reads (a multiple of 2048 keys: a new graph every ≈ 5 s of a
+    1080p stream, and the graph of the shorter past is dropped then). If cuDNN cannot be captured, the graphs
+    attend with FlashAttention alone from then on (logged once).
     Their activations share the decode graphs' memory pool; each graph keeps its inputs (≈ 3 MB for a 386-token
     turn of the 7B), so at most ``limit`` graphs are kept (least recently used dropped first; default 2 per
     slot, at least 8) and turns longer than ``max_tokens`` stay eager (a long question is rarely asked twice)."""
@@ -113,28 +116,35 @@ class PrefillGraphs:
     def __init__(self, runner, pool, limit: int | None = None, max_tokens: int = 2048):
         self.runner, self.pool, self.max_tokens = runner, pool, max_tokens
         self.limit = limit or max(8, 2 * runner.cache.slots)
-        self.graphs: OrderedDict[tuple[int, int], tuple] = OrderedDict()
+        self.graphs: OrderedDict[tuple[int, int, int], tuple] = OrderedDict()
         self.seen: dict[tuple[int, int], int] = {}
         self.enabled = True
+        self.cudnn = runner.cudnn_past  # the past's blocks through cuDNN inside the graphs (Hopper)
 
     def run(self, slot: int, x: torch.Tensor, pos: torch.Tensor, at: torch.Tensor, used: int) -> torch.Tensor | None:
         """Float32 logits (1, V) of the turn's last token, or None if this turn is not (yet) served by a graph
         (then the caller runs the eager prefill). x (T, hidden) the turn's embeddings, pos (3, 1, T) int64 mRoPE
         positions, at (T,) int64 cache positions, ``used`` the row's length after the turn."""
-        key = (slot, x.shape[0])
+        from .runner import past_block
+
+        T = x.shape[0]
+        past = past_block(used - T, T) if self.cudnn and self.runner.cudnn_past else 0
+        key = (slot, T, past)
         if key not in self.graphs:
-            if not self.enabled or x.shape[0] > self.max_tokens:
+            if not self.enabled or T > self.max_tokens:
                 return None
             if len(self.seen) > 4096:  # one-off lengths (questions) must not pile up over hours
                 self.seen.clear()
-            self.seen[key] = self.seen.get(key, 0) + 1
-            if self.seen[key] < 2:
+            self.seen[key[:2]] = self.seen.get(key[:2], 0) + 1
+            if self.seen[key[:2]] < 2:
                 return None
-            entry = self._capture(slot, x, pos, at, used)
+            entry = self._capture(slot, x, pos, at, used, past)
             if entry is None:
                 return None
+            for old in [k for k in self.graphs if k[:2] == key[:2]]:  # a shorter past: not needed again
+                del self.graphs[old]
             while len(self.graphs) >= self.limit:  # a dropped length must be seen twice again to come back
-                self.seen[self.graphs.popitem(last=False)[0]] = 0
+                self.seen[self.graphs.popitem(last=False)[0][:2]] = 0
             self.graphs[key] = entry
         self.graphs.move_to_end(key)
         g, inputs, out = self.graphs[key]
@@ -145,18 +155,19 @@ class PrefillGraphs:
         return out.clone()
 
     @torch.inference_mode()
-    def _capture(self, slot, x, pos, at, used):
+    def _capture(self, slot, x, pos, at, used, past):
         runner = self.runner
-        dev = x.device
+        dev, T = x.device, x.shape[0]
         inputs = (x.clone(), pos.clone(), at.clone(), torch.full((1,), used, dtype=torch.int32, device=dev))
         stride = runner.cache.varlen_stride
-        fixed = (torch.full((x.shape[0],), slot, dtype=torch.long, device=dev),
-                 torch.tensor([0, x.shape[0]], dtype=torch.int32, device=dev),
-                 torch.tensor([slot * stride, slot * stride + runner.capacity], dtype=torch.int32, device=dev))
+        fixed = (torch.full((T,), slot, dtype=torch.long, device=dev),
+                 torch.tensor([0, T], dtype=torch.int32, device=dev),
+                 torch.tensor([slot * stride + past, slot * stride + runner.capacity], dtype=torch.int32, device=dev),
+                 torch.arange(T, device=dev))
         out = torch.empty(1, runner.model.vocab, dtype=torch.float32, device=dev)
 
         def step():
-            out.copy_(runner.prefill_one(*inputs, *fixed))
+            out.copy_(runner.prefill_one(*inputs, *fixed, slot=slot, past=past))
 
         try:
             stream = torch.cuda.Stream()
@@ -171,8 +182,13 @@ class PrefillGraphs:
             self.seen[(slot, x.shape[0])] = 0
             return None
         except Exception as e:  # noqa: BLE001 - captioning goes on with the eager prefill
+            if past:  # cuDNN inside a graph: the graphs attend with FlashAttention alone from now on
+                log.warning("capturing cuDNN's attention in the prefill graph failed (%s); the prefill graphs use "
+                            "FlashAttention alone", first_line(e))
+                self.cudnn = False
+                return None
             log.warning("capturing the prefill in a CUDA graph failed (%s); prefill stays eager", first_line(e))
             self.enabled = False
             return None
-        log.debug("captured the prefill of slot %d, %d tokens", slot, x.shape[0])
+        log.debug("captured the prefill of slot %d, %d tokens, %d past keys through cuDNN", slot, T, past)
         return g, inputs + fixed, out  # the graph reads ``fixed`` too: kept alive with it

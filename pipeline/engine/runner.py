@@ -7,7 +7,7 @@
   tokens: one FlashAttention variable-length call per layer for every row on CUDA (reading the rows in
   place in the cache; on Hopper the past's 2048-key blocks through cuDNN, merged by log-sum-exp), SDPA
   with a causal mask row by row elsewhere. A lone row's prefill is replayed from a CUDA graph once its (slot, turn
-  length) has been seen twice (``cuda_graphs.PrefillGraphs``: one FlashAttention call a layer over the whole row).
+  length) has been seen twice (``cuda_graphs.PrefillGraphs``: the same attention, the cuDNN part keyed by its past).
 - ``decode(slots, tokens, positions)``: one token for each of B streams in one pass over the weights.
   The step always covers cache rows 0..nb-1 (nb = a batch-size bucket holding the highest slot), so
   its shapes depend only on (nb, attention window) and it is captured as a CUDA graph per pair
@@ -46,6 +46,12 @@ WINDOWS = (1024,) + tuple(range(2048, 131072 + 1, 2048))
 # at least PAST_MIN_QUERIES tokens): cuDNN plans once per shape (≈ 35 ms), so the block sizes are few
 PAST_BLOCK = 2048
 PAST_MIN_QUERIES = 64
+
+
+def past_block(start: int, n: int) -> int:
+    """How many of a row's ``start`` cached keys its prefill of ``n`` new tokens reads through cuDNN: whole
+    ``PAST_BLOCK``s, for turns of at least ``PAST_MIN_QUERIES`` tokens (0: FlashAttention reads the whole row)."""
+    return start // PAST_BLOCK * PAST_BLOCK if n >= PAST_MIN_QUERIES else 0
 
 
 def bucket(n: int, sizes: tuple[int, ...], cap: int) -> int:
@@ -176,18 +182,29 @@ class ModelRunner:
         last = offs[1:] - 1 if order == sorted(order) else (offs[1:] - 1)[np.argsort(order)]  # the caller's order
         return m.logits(h[0, torch.tensor(last, device=dev)])
 
-    def prefill_one(self, x, pos, at, used, rows, cu_q, cu_k) -> torch.Tensor:
+    def prefill_one(self, x, pos, at, used, rows, cu_q, cu_k, tok_pos, slot: int = 0, past: int = 0) -> torch.Tensor:
         """The prefill of one row as ``PrefillGraphs`` captures it: fixed shapes, every varying value in a tensor.
         x (T, hidden) embeddings, pos (3, 1, T) int64, at (T,) int64 cache positions, used (1,) int32 the row's length
-        after the turn, rows (T,) int64 its slot, cu_q (2,) int32 [0, T], cu_k (2,) int32 where the row starts and
-        ends in ``KVCache.varlen``. One FlashAttention varlen call a layer over the whole row (key bound: the
-        capacity). Returns float32 logits (1, V) of the last token."""
+        after the turn, rows (T,) int64 its slot, cu_q (2,) int32 [0, T], cu_k (2,) int32 where the row's keys after
+        its first ``past`` start and where they end in ``KVCache.varlen``, tok_pos (T,) int64 0..T-1. One
+        FlashAttention varlen call a layer over the row (key bound: the capacity); with ``past`` > 0 (a multiple of
+        ``PAST_BLOCK``) the first ``past`` keys of ``slot`` through cuDNN (``TextModel.attend_past``), merged by
+        log-sum-exp as in the eager prefill. Returns float32 logits (1, V) of the last token."""
         m, cache, T = self.model, self.cache, x.shape[0]
+        used_tail = used - past if past else used
+        tok_row = rows.new_zeros(T)  # for attend_varlen_lse (a padded log-sum-exp layout in older builds)
 
         def attend(i, q, k, v):
             cache.write(i, rows, at, k[0].transpose(0, 1), v[0].transpose(0, 1))
             kf, vf = cache.varlen(i)
-            return m.attend_varlen(q[0].transpose(0, 1).contiguous(), kf, vf, cu_q, cu_k, used, T, self.capacity)[None]
+            qp = q[0].transpose(0, 1).contiguous()  # T, H, d
+            if not past:
+                return m.attend_varlen(qp, kf, vf, cu_q, cu_k, used, T, self.capacity)[None]
+            o, lse = m.attend_varlen_lse(qp, kf, vf, cu_q, cu_k, used_tail, T, self.capacity - past,
+                                         tok_row, tok_pos)
+            kb, vb = cache.row(i, slot, past)
+            ob, lb = m.attend_past(qp, kb, vb)
+            return merge_attention(ob, lb, o, lse)[None]
 
         h = m.forward(x[None], pos, attend, m.prefill_pre, m.prefill_post)
         return m.logits(h[0, -1:])
@@ -210,8 +227,7 @@ class ModelRunner:
             return cu_k, used, max(e - k for e, k in zip(ends, skip))
         plain = keys_from([0] * len(turns))
         max_q = max(lens)
-        bulk = [s // PAST_BLOCK * PAST_BLOCK if self.cudnn_past and n >= PAST_MIN_QUERIES else 0
-                for s, n in zip(starts, lens)]
+        bulk = [past_block(s, n) if self.cudnn_past else 0 for s, n in zip(starts, lens)]
         if any(bulk):
             tail = keys_from(bulk)
             tok_row = torch.tensor(np.repeat(np.arange(len(turns)), lens), device=dev)
