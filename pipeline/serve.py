@@ -148,6 +148,34 @@ class _Merged:
         yield from families.values()
 
 
+class EndedStreams(dict):
+    """Streams that ended by themselves (source over or failed): id -> {sink: final status}, for the service's summary
+    and exit status at its stop. A service runs for months with streams coming and going, so this is bounded: the
+    newest ``keep`` that lost data (a sink ``failed`` or ``hung``: they decide the exit status) and the newest ``keep``
+    that did not; ``dropped_clean``/``dropped_lost`` count the ones let go."""
+
+    def __init__(self, keep: int = 256):
+        super().__init__()
+        self.keep = keep
+        self.dropped_clean = self.dropped_lost = 0
+
+    @staticmethod
+    def lost(final: dict) -> bool:
+        return any(v.get("state") in ("failed", "hung") for v in final.values() if isinstance(v, dict))
+
+    def add(self, sid: str, final: dict) -> None:
+        self.pop(sid, None)
+        self[sid] = final
+        for lost in (False, True):
+            kind = [k for k, v in self.items() if self.lost(v) == lost]
+            for k in kind[:max(0, len(kind) - self.keep)]:  # oldest first (dicts keep insertion order)
+                del self[k]
+                if lost:
+                    self.dropped_lost += 1
+                else:
+                    self.dropped_clean += 1
+
+
 class Service(StreamsHTTP):
     """``start()``, ``add_stream``/``remove_stream`` at any time, ``wait()``, ``stop()``."""
 
@@ -164,7 +192,7 @@ class Service(StreamsHTTP):
         self.registry.register(_Merged(self))
         self._lock = threading.Lock()
         self._done = threading.Event()
-        self.ended: dict[str, dict] = {}  # streams that ended by themselves: their sinks' final status
+        self.ended = EndedStreams()  # streams that ended by themselves: their sinks' final status
         self._starting: set[str] = set()  # ids of streams being started (not in ``streams`` yet)
         self._files: dict[str, str] = {}  # real path -> the id of the stream (running or starting) that writes it
         ids: dict[str, int] = {}
@@ -268,7 +296,7 @@ class Service(StreamsHTTP):
             mine = self.streams.get(sid) is p
         if mine and not self._done.is_set():
             final = self.remove_stream(sid)
-            self.ended[sid] = final
+            self.ended.add(sid, final)
             log.info("stream %s ended%s", sid, f" ({p.error})" if p.error else "")
 
     def remove_stream(self, sid: str) -> dict:

@@ -374,3 +374,22 @@ def test_an_unknown_key_of_a_stream_entry_suggests_the_key_meant():
         stream_config({}, {"id": "a", "source": "rtmp://127.0.0.1/live/a", "sink": ["console"]}, "f.yaml: streams[0]")
     with pytest.raises(ConfigError, match=r"unknown key 'colour' \(a stream takes capture, id"):
         stream_config({}, {"id": "a", "source": "rtmp://127.0.0.1/live/a", "colour": 1}, "f.yaml: streams[0]")
+
+
+def test_ended_streams_stay_bounded_and_keep_the_ones_that_lost_data():
+    """A service runs for months with streams coming and going: the ended streams' final statuses are bounded (the
+    newest ``keep`` of each kind), a stream that lost data is not pushed out by clean ones, and what was let go is
+    counted (``livecc serve`` still exits 1 for an earlier loss)."""
+    from pipeline.serve import EndedStreams
+
+    ended = EndedStreams(keep=3)
+    ended.add("lost-1", {"jsonl": {"state": "failed", "last_error": "disk full"}})
+    for i in range(10):
+        ended.add(f"ok-{i}", {"jsonl": {"state": "ok"}})
+    assert list(ended) == ["lost-1", "ok-7", "ok-8", "ok-9"] and ended.dropped_clean == 7
+    for i in range(4):
+        ended.add(f"hung-{i}", {"webhook": {"state": "hung"}, "jsonl": {"state": "ok"}})
+    assert [k for k in ended if k.startswith(("lost", "hung"))] == ["hung-1", "hung-2", "hung-3"]
+    assert ended.dropped_lost == 2 and ended.dropped_clean == 7 and len(ended) == 6
+    ended.add("ok-8", {"jsonl": {"state": "ok"}})  # the same id again: one entry, the newest
+    assert list(ended)[-1] == "ok-8" and len(ended) == 6

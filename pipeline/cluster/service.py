@@ -35,7 +35,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ..app import PipelineError
 from ..config import validate
-from ..serve import start_server, stream_config
+from ..serve import EndedStreams, start_server, stream_config
 from ..server import HttpServer, Route, error
 from ..streams_http import StreamsHTTP
 
@@ -161,7 +161,7 @@ class ClusterService(StreamsHTTP):
         self.specs = list(streams or [])
         self.workers: dict[str, _Worker] = {}
         self.streams: dict[str, _Stream] = {}
-        self.ended: dict[str, dict] = {}
+        self.ended = EndedStreams()  # streams that ended by themselves: their sinks' final status
         self.events: list[dict] = []
         self.drained: set[str] = set()  # node ids: no new workers there
         self.lost: set[str] = set()  # node ids whose worker died: none made there again (a node back is a new id)
@@ -457,7 +457,7 @@ class ClusterService(StreamsHTTP):
                 st.incarnation, st.sinks = info["incarnation"], info.get("sinks")
                 self._event("stream_restarted", st.sid, worker=w.name)
             elif info["ended"] and st.sid in self.streams:
-                self.ended[st.sid] = self.remove_stream(st.sid)
+                self.ended.add(st.sid, self.remove_stream(st.sid))
                 self._event("stream_ended", st.sid, detail=info["error"])
 
     # -- reporting --------------------------------------------------------------------------------------------

@@ -94,9 +94,12 @@ def main(args) -> int:
         restore()
     lost = [f"{sid}/{n} ({v['state']}: {v.get('last_error')})" for sid, sinks in final.items()
             for n, v in sinks.items() if v.get("state") in ("failed", "hung")]
-    log.info("done: %d streams", len(final))
-    if lost:
-        print(f"livecc: error: sink lost data: {'; '.join(lost)}", file=sys.stderr)
+    ended = service.ended
+    earlier = ended.dropped_lost
+    log.info("done: %d streams", len(final) + ended.dropped_clean + earlier)
+    if lost or earlier:
+        more = f" (and {earlier} earlier streams, no longer listed)" if earlier else ""
+        print(f"livecc: error: sink lost data: {'; '.join(lost)}{more}", file=sys.stderr)
         return 1
     return 0
 
