@@ -318,3 +318,29 @@ def test_dropped_character_count_survives_a_reconnect(tmp_path):
         sink.stop()
         ngx.stop()
     assert sink.counters["cc_dropped_chars"] == 9, sink.counters
+
+
+def test_popon_rows_beyond_cc_rows_are_counted(tmp_path):
+    """Pop-on shows a caption's last ``cc_rows`` rows; the rows before them were dropped with no trace (the count of
+    what was not carried said 0). FFmpeg reads back the last rows only, and the sink counts what it cut
+    (``cc_cut_chars``: the columns of the rows before, spaces included); roll-up scrolls every row through, cuts
+    nothing."""
+    from plugins.sinks.burnin.cea608 import cut_columns
+
+    text = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen"
+    rows = [" ".join(text.split()[:6]), " ".join(text.split()[6:11]), " ".join(text.split()[11:])]
+    assert [len(r) for r in rows] == [27, 27, 32] and len(encode_text(text, None)[0]) == 3  # 32-column rows
+    assert cut_columns(text, 2) == 27 and cut_columns(text, 3) == 0 and cut_columns("", 2) == 0
+    path = tmp_path / "out.ts"
+    s = RestreamSettings(output=str(path), fps=FPS, codec="libx264", preset="ultrafast", gop_s=1)
+    out = Output(s, W, H, "libx264")
+    track = Cea608Track("popon", 2, FPS)
+    vf = av.VideoFrame.from_ndarray(np.full((H, W, 3), 90, np.uint8), format="rgb24").reformat(format="yuv420p")
+    for n in range(round(4.0 * FPS)):
+        out.write(vf, n, track.frame(text if 1.0 <= n * FRAME < 3.0 else None))
+    out.close()
+    assert [c[2] for c in cc_cues(path)] == [" ".join(rows[1:])]
+    for mode, cut in (("popon", 27), ("rollup", 0)):
+        sink = RestreamSink(output=str(tmp_path / f"{mode}.ts"), fps=FPS, cc_mode=mode, cc_rows=2)
+        sink.on_caption(Caption(0.5, 1.0, text))
+        assert sink.counters["cc_cut_chars"] == cut and sink.counters["cc_dropped_chars"] == 0, sink.counters

@@ -90,11 +90,9 @@ def map_char(ch: str) -> list[list[str]]:
     return out
 
 
-def encode_text(text: str, max_rows: int | None) -> tuple[list[list[int]], int]:
-    """Caption text -> (the last ``max_rows`` rows (None: all) of byte pairs, characters dropped).
-
-    Words wrap at 32 columns (longer words are cut). Each row is a list of 16-bit pairs:
-    basic characters two to a pair (padded with 0x80), special/extended ones a pair each."""
+def _layout(text: str) -> tuple[list[list[list[str]]], int]:
+    """Caption text -> (its rows of columns, each column its list of hex codes; characters dropped). Words wrap at
+    32 columns of what is written (longer words are cut)."""
     # composed first (NFC): 'e' + U+0301 is 'é', which 608 has; a combining mark alone is dropped
     text = unicodedata.normalize("NFC", text)
     dropped = 0
@@ -125,7 +123,23 @@ def encode_text(text: str, max_rows: int | None) -> tuple[list[list[int]], int]:
         cur += cols
     if cur:
         rows.append(cur)
+    return rows, dropped
+
+
+def encode_text(text: str, max_rows: int | None) -> tuple[list[list[int]], int]:
+    """Caption text -> (the last ``max_rows`` rows (None: all) of byte pairs, characters dropped).
+
+    Words wrap at 32 columns (longer words are cut). Each row is a list of 16-bit pairs:
+    basic characters two to a pair (padded with 0x80), special/extended ones a pair each."""
+    rows, dropped = _layout(text)
     return [_pairs(r) for r in (rows if max_rows is None else rows[-max_rows:])], dropped
+
+
+def cut_columns(text: str, max_rows: int) -> int:
+    """Columns (written characters and spaces) of ``text`` in the rows before its last ``max_rows``: what a pop-on
+    caption of at most ``max_rows`` rows does not show."""
+    rows, _ = _layout(text)
+    return sum(len(r) for r in rows[:-max_rows]) if len(rows) > max_rows else 0
 
 
 DER = 0x94A4  # Delete to End of Row (CEA-608 miscellaneous control code 0x14 0x24, CC1)

@@ -55,7 +55,7 @@ from pipeline.backoff import Backoff, LogLimit
 from pipeline.fanout.outputs import Existing, deleted, open_output
 from pipeline.fanout.sink import DeliveryError, Sink, SinkSettings, redact
 
-from .cea608 import Cea608Track, encode_text
+from .cea608 import Cea608Track, cut_columns, encode_text
 from .output import Output, is_network, nvenc_available, resolve
 from .render import CaptionRenderer, fit_into
 
@@ -499,6 +499,8 @@ class BurninSink(Sink):
             if self.settings.cc == "608":
                 # once a caption, for the run (the 608 track starts again at every output open)
                 self.counters["cc_dropped_chars"] += encode_text(text, None)[1]
+                if self.settings.cc_mode == "popon":  # pop-on shows a caption's last cc_rows rows
+                    self.counters["cc_cut_chars"] += cut_columns(text, self.settings.cc_rows)
                 if self.settings.delay_s > 0:
                     self._prepared.append(text)
         self._check()
