@@ -379,29 +379,51 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(d)], check=False)
 
 
-def test_disk_full_leaves_a_playable_mp4_and_the_sink_failed(small_disk):
+def test_a_full_disk_leaves_a_playable_mp4_and_the_stream_goes_on_in_a_new_one(small_disk):
+    """A burn-in MP4 on a disk that fills up mid-run (a real 2 MiB tmpfs), then gets space back. Before: the encoder
+    stopped for good at the first failed write (the file played up to its last fragment, nothing after). Now the
+    full file is closed as it is (it plays), the sink is ``failed`` with ``No space left on device`` while it lasts
+    and at the end (``livecc run`` exits 1: video was lost), and once space returns the stream goes on in
+    ``full.1.mp4``, which plays too."""
+    from pipeline.backoff import Backoff
+    from pipeline.fanout.dispatch import Dispatcher
+
     path = small_disk / "full.mp4"
-    sink = make_sink(f"burnin:{path}", fps=FPS, gop_s=0.5, bitrate="20M", audio=False)
-    sink.start()
+    sink = make_sink({"burnin": {"output": str(path), "fps": FPS, "gop_s": 0.5, "bitrate": "2M", "audio": False,
+                                 "reconnect_initial_s": 0.2, "reconnect_max_s": 0.5}})
+    d = Dispatcher([sink], retry=Backoff(initial=0.01, max_attempts=2))
+    d.start()
     rng = np.random.default_rng(0)
     noise = [rng.integers(0, 255, (H, W, 3), dtype=np.uint8) for _ in range(8)]  # incompressible
-    t0 = time.monotonic()
-    i = 0
-    while sink.error is None and time.monotonic() - t0 < 15:
-        sink.on_frame(Frame(noise[i % 8], i / FPS, index=i))
+    ballast = small_disk / ".ballast"
+    full_status = None
+    t0, i = time.monotonic(), 0
+    while (t := time.monotonic() - t0) < 6.0:
+        d.frame(Frame(noise[i % 8], i / FPS, index=i))
+        if i % 8 == 0:
+            d.caption(Caption(i / FPS, i / FPS + 0.2, f"caption {i}"))
+        if i == 15:  # 0.5 s in: fill what the video has not filled yet
+            with open(ballast, "wb") as f:
+                try:
+                    while True:
+                        f.write(b"\0" * 65536)
+                        f.flush()
+                except OSError:
+                    pass
+        if i == 75:  # 2.5 s in: the status while full, then space back (and the first file out of the way)
+            full_status = d.status()[sink.name]
+            ballast.unlink()
         i += 1
         time.sleep(max(0.0, t0 + i / FPS - time.monotonic()))
-    assert isinstance(sink.error, OSError), sink.error  # ENOSPC, not a silent stop
-    with pytest.raises(Exception, match="No space left|ENOSPC|Errno 28"):
-        sink.on_caption(Caption(0, 1, "reported"))
-    sink.stop_timeout_s = 5
-    try:
-        sink.stop()
-    except Exception:
-        pass  # the same error again
-    assert path.stat().st_size > 1_000_000
-    frames = int(ffprobe(path)["streams"][0]["nb_read_frames"])
-    assert frames >= 15, frames  # everything up to the last complete fragment decodes
+    final = d.stop(10)[sink.name]
+    assert full_status["state"] == "failed" and "No space left" in (full_status["last_error"] or ""), full_status
+    assert final["state"] == "failed" and "No space left" in (final["last_error"] or ""), final
+    assert sink.error is None  # the encoder went on
+    assert int(ffprobe(path)["streams"][0]["nb_read_frames"]) >= 5  # up to its last complete fragment
+    second = small_disk / "full.1.mp4"
+    assert second.exists(), sorted(p.name for p in small_disk.iterdir())
+    assert int(ffprobe(second)["streams"][0]["nb_read_frames"]) >= 15  # written after space returned
+    assert sink.counters["outputs_started_after_full_disk"] == 1
 
 
 def test_a_second_run_does_not_overwrite_an_earlier_mp4(tmp_path):

@@ -50,6 +50,12 @@ def parse_rate(v: str) -> int:
     return int(float(v[:-1] if mult != 1 else v) * mult)
 
 
+def disk_full(e: BaseException) -> bool:
+    """Whether ``e`` says the disk, or the user's quota, is full (ENOSPC, EDQUOT: from the OS, or from FFmpeg as
+    PyAV's ``av.error.OSError``, which carries the errno)."""
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
 def is_network(output: str) -> bool:
     return output.lower().startswith(NETWORK_SCHEMES)
 

@@ -56,7 +56,7 @@ from pipeline.fanout.outputs import Existing, deleted, open_output
 from pipeline.fanout.sink import DeliveryError, Sink, SinkSettings, redact
 
 from .cea608 import Cea608Track, cut_columns, encode_text
-from .output import Output, is_network, nvenc_available, resolve
+from .output import Output, disk_full, is_network, nvenc_available, resolve
 from .render import CaptionRenderer, fit_into
 
 log = logging.getLogger(__name__)
@@ -176,6 +176,7 @@ class _Encoder:
         self.hold: list = []  # (frame, tick, text) composed while the first open waits for audio
         self.last_frame = None  # the input frame of the last tick written or held
         self.hold_until: float | None = None
+        self.reclaim = False  # a file output stopped by a full disk: the next open claims a new file (claim_next)
 
     def wait_first_frame(self, now: float, frame) -> bool:
         """Fix the output size, codec and clock at the first frame (or at once with width+height)."""
@@ -238,14 +239,23 @@ class _Encoder:
             sink.counters["ticks_offline"] += 1
             return False
         try:
+            if self.reclaim:  # after a full disk: a new file next to the one that stopped (name.1.mp4 ...)
+                self.claim_next()
             with_audio = self.s.audio and sink._audio_seen
             self.out = Output(self.s, *sink.size, sink.codec, audio=with_audio)
         except Exception as e:
             self.hold.clear()
-            if not is_network(self.s.output):
+            if is_network(self.s.output):
+                self._retry_later("cannot open", e)
+            elif disk_full(e):  # still full: the ticks until the next try are lost (ticks_offline)
+                self.reclaim = self.reclaim or self.sink._claimed is not None
+                sink._failing = True
+                sink._note_loss(1, e)
+                self._retry_later("cannot open", e)
+            else:
                 raise
-            self._retry_later("cannot open", e)
             return False
+        self.reclaim = False
         sink.has_audio = with_audio
         self.errors_seen = 0
         self.pts_base = self.hold[0][1] if self.hold else self.n
@@ -293,9 +303,12 @@ class _Encoder:
                 self.connected_once = True
         except Exception as e:
             if not out.is_network:
-                if not self.output_gone():
+                if self.output_gone():
+                    self.restart_deleted()  # an HLS folder removed just before a segment was opened in it
+                elif disk_full(e):
+                    self.stop_full(e)
+                else:
                     raise
-                self.restart_deleted()  # an HLS folder removed just before a segment was opened in it
                 return
             self._retry_later("not reachable" if self.fresh else "lost", e)
             try:
@@ -336,6 +349,39 @@ class _Encoder:
                 sink._claimed = str(claimed)
                 sink.settings = sink.settings.model_copy(update={"output": sink._claimed})
                 self.s = sink.settings
+
+    def stop_full(self, e: OSError) -> None:
+        """A file output whose disk is full (or over quota): it is closed as it is (a fragmented MP4 plays up to its
+        last complete fragment, a TS/MKV up to its last whole packet), the write counted lost and the sink
+        ``failed``; the encoder goes on offline and tries, with the reconnect backoff, to open a new file next to it
+        (``claim_next``), so the stream resumes once space returns. (Before, the encoder stopped for good.)"""
+        sink, out = self.sink, self.out
+        self.out = None
+        sink._failing = True
+        sink._note_loss(1, e)
+        try:
+            out.close(flush=False)
+        except Exception:
+            pass
+        self.reclaim = sink._claimed is not None
+        self._retry_later("cannot write", e)
+
+    def claim_next(self) -> None:
+        """The file the output goes on in after a full disk: the one claimed if it is still empty (an attempt that
+        could not write even the header), else the next free ``name.N.ext`` of the path asked for (outputs.
+        open_output, ``existing: new``). Raises OSError as ``open_output`` (on a full disk, maybe)."""
+        sink = self.sink
+        if sink._lock_fd is not None and not deleted(sink._lock_fd) and os.fstat(sink._lock_fd).st_size == 0:
+            return
+        if sink._lock_fd is not None:
+            os.close(sink._lock_fd)
+            sink._lock_fd = None
+        claimed, sink._lock_fd = open_output(sink._asked, "new")
+        log.warning("%s: %s could not be written (disk full): going on in %s", sink.name, sink._claimed, claimed)
+        sink._claimed = str(claimed)
+        sink.counters["outputs_started_after_full_disk"] += 1
+        sink.settings = sink.settings.model_copy(update={"output": sink._claimed})
+        self.s = sink.settings
 
     @property
     def tick_time(self) -> float:
@@ -426,6 +472,7 @@ class BurninSink(Sink):
         self._audio_seen = False
         self.has_audio = False  # the current output has an audio stream
         self._claimed: str | None = None  # the file name start() took (kept across retried starts)
+        self._asked: str | None = None  # the file name asked for (the numbered names go next to it)
         self._lock_fd: int | None = None  # holds the claim (outputs.open_output) until stop
         self._lost_reported = 0  # counters["write_errors"] when the last call reported them
         self._lost_error: str | None = None  # the newest failed write
@@ -440,7 +487,7 @@ class BurninSink(Sink):
         if self._claimed is None and not is_network(out) and resolve(self.settings)[1] != "hls":
             # the lock (an fd kept until stop) keeps a second run from claiming the file before a frame is in it
             claimed, self._lock_fd = open_output(out, self.settings.existing)
-            self._claimed = str(claimed)
+            self._claimed, self._asked = str(claimed), out
             if self._claimed != out:
                 self.settings = self.settings.model_copy(update={"output": self._claimed})
         self._stop.clear()
