@@ -217,12 +217,14 @@ def test_prefill_graphs_keep_the_recently_used_lengths():
             return SimpleNamespace(replay=lambda: None), (x.clone(), pos.clone(), at.clone(),
                                                           torch.zeros(1, dtype=torch.int32)), torch.ones(1, 5)
 
-    runner = SimpleNamespace(cache=SimpleNamespace(slots=1), cudnn_past=False)
+    from pipeline.engine.runner import past_block
+
+    runner = SimpleNamespace(cache=SimpleNamespace(slots=1), cudnn_past=True)
     graphs = Recording(runner, pool=None, limit=2, max_tokens=8)
 
-    def turn(slot, n, start=10):
+    def turn(slot, n, start=10, past=0):
         return graphs.run(slot, torch.zeros(n, 4), torch.zeros(3, 1, n, dtype=torch.long),
-                          torch.arange(n), start + n)
+                          torch.arange(n), start + n, past)
 
     assert turn(0, 5) is None and captured == []  # first sight: eager
     assert turn(0, 5) is not None and captured == [(0, 5, 0)]  # second: captured and replayed
@@ -234,15 +236,14 @@ def test_prefill_graphs_keep_the_recently_used_lengths():
     assert turn(0, 5) is not None and captured == [(0, 5, 0), (0, 6, 0), (0, 7, 0)]
 
     captured.clear()
-    runner.cudnn_past = True
     graphs = Recording(runner, pool=None, limit=4, max_tokens=512)
-    assert turn(0, 386, 2100) is None and turn(0, 386, 2486) is not None  # one block of past through cuDNN
-    assert turn(0, 386, 4000) is not None and captured == [(0, 386, 2048)]  # same block: replayed
-    assert turn(0, 386, 4100) is not None and captured == [(0, 386, 2048), (0, 386, 4096)]  # two blocks: at once
+    pb = lambda start: turn(0, 386, start, past=past_block(start, 386))  # noqa: E731 - as ModelRunner.prefill
+    assert pb(2100) is None and pb(2486) is not None  # one block of past through cuDNN
+    assert pb(4000) is not None and captured == [(0, 386, 2048)]  # same block: replayed
+    assert pb(4100) is not None and captured == [(0, 386, 2048), (0, 386, 4096)]  # two blocks: captured at once
     assert list(graphs.graphs) == [(0, 386, 4096)]  # the one-block graph dropped
-    assert turn(0, 40, 4100) is None and turn(0, 40, 4200) is not None and captured[-1] == (0, 40, 0)  # < 64 tokens
-    runner.cudnn_past = False  # cuDNN failed in the eager prefill: the graphs stop using it too
-    assert turn(0, 386, 4100) is not None and captured[-1] == (0, 386, 0)
+    assert past_block(4100, 40) == 0 and past_block(2047, 386) == 0  # < 64 new tokens, or no whole block
+    assert turn(0, 386, 4100) is not None and captured[-1] == (0, 386, 0)  # cuDNN off: its own graph
 
 
 def test_a_failed_decode_step_fails_only_the_turns_still_decoding(model):

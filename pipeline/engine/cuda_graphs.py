@@ -121,14 +121,13 @@ class PrefillGraphs:
         self.enabled = True
         self.cudnn = runner.cudnn_past  # the past's blocks through cuDNN inside the graphs (Hopper)
 
-    def run(self, slot: int, x: torch.Tensor, pos: torch.Tensor, at: torch.Tensor, used: int) -> torch.Tensor | None:
+    def run(self, slot: int, x: torch.Tensor, pos: torch.Tensor, at: torch.Tensor, used: int,
+            past: int = 0) -> torch.Tensor | None:
         """Float32 logits (1, V) of the turn's last token, or None if this turn is not (yet) served by a graph
         (then the caller runs the eager prefill). x (T, hidden) the turn's embeddings, pos (3, 1, T) int64 mRoPE
-        positions, at (T,) int64 cache positions, ``used`` the row's length after the turn."""
-        from .runner import past_block
-
+        positions, at (T,) int64 cache positions, ``used`` the row's length after the turn, ``past`` how many of
+        the row's first keys go through cuDNN (a multiple of ``runner.PAST_BLOCK``; 0 unless ``self.cudnn``)."""
         T = x.shape[0]
-        past = past_block(used - T, T) if self.cudnn and self.runner.cudnn_past else 0
         key = (slot, T, past)
         if key not in self.graphs:
             if not self.enabled or T > self.max_tokens:

@@ -161,7 +161,9 @@ class ModelRunner:
 
         pos = pos.to(dev)
         if len(turns) == 1 and self.prefill_graphs is not None:  # a lone row: replayed from its graph once seen twice
-            logits = self.prefill_graphs.run(turns[0][0], x[0], pos, at, starts[0] + lens[0])
+            graphs = self.prefill_graphs
+            past = past_block(starts[0], lens[0]) if self.cudnn_past and graphs.cudnn else 0
+            logits = graphs.run(turns[0][0], x[0], pos, at, starts[0] + lens[0], past)
             if logits is not None:
                 cache.advance(turns[0][0], lens[0])
                 return logits
