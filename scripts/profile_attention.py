@@ -47,16 +47,16 @@ LAYERS, H, KV, D, T = 28, 28, 4, 128, 386
 G = H // KV
 
 
-def graph_ms(fn, reps: int = 50, prep=None):
-    """(GPU ms of one replay of a CUDA graph of ``fn`` for every layer, per layer; the graph; its layer-0 output).
-    ``prep()``, if given, runs once before the layers (what a step computes once for all layers)."""
+def graph_ms(fn, reps: int = 50, prep=None, copies: int = LAYERS):
+    """(GPU ms of one replay of a CUDA graph of ``fn(i)`` for i < ``copies`` (every layer), per call; the graph;
+    its first output). ``prep()``, if given, runs once before the calls (what a step computes once for all layers)."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
         for _ in range(2):
             if prep:
                 prep()
-            for i in range(LAYERS):
+            for i in range(copies):
                 fn(i)
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
@@ -64,7 +64,7 @@ def graph_ms(fn, reps: int = 50, prep=None):
         if prep:
             prep()
         out0 = fn(0)
-        for i in range(1, LAYERS):
+        for i in range(1, copies):
             fn(i)
     for _ in range(3):
         g.replay()
@@ -74,7 +74,7 @@ def graph_ms(fn, reps: int = 50, prep=None):
         g.replay()
     b.record()
     torch.cuda.synchronize()
-    return a.elapsed_time(b) / reps / LAYERS, g, out0
+    return a.elapsed_time(b) / reps / copies, g, out0
 
 
 def reference(q, k, v, causal_new: int = 0):

@@ -18,6 +18,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from profile_attention import graph_ms  # noqa: E402 - scripts/ is this script's folder
+
 SHAPES = {  # name: (out, in), LiveCC-7B (Qwen2-VL-7B's language model)
     "q|k|v": (3584 + 2 * 512, 3584),
     "o": (3584, 3584),
@@ -25,28 +27,6 @@ SHAPES = {  # name: (out, in), LiveCC-7B (Qwen2-VL-7B's language model)
     "down": (3584, 18944),
     "lm_head": (151936, 3584),
 }
-
-
-def graph_us(fn, copies: int, reps: int = 50) -> float:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            for i in range(copies):
-                fn(i)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(copies):
-            fn(i)
-    g.replay()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(reps):
-        g.replay()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) / reps / copies * 1e3
 
 
 def reduction(x, w):
@@ -83,7 +63,7 @@ def main() -> int:
                         torch.backends.cuda.preferred_blas_library(way)
                         fn = lambda i: F.linear(x, ws[i])  # noqa: E731
                     diffs.append(f"{way} {(fn(0).float() - want).abs().max().item():.2g}")
-                    us = graph_us(fn, copies)
+                    us = graph_ms(fn, copies=copies)[0] * 1e3
                     out += [f"{us:.1f}", f"{mb / us:.2f}"]
                     total[(way, M)] = total.get((way, M), 0.0) + us * (28 if copies == 28 else 1)
                 except Exception as e:  # noqa: BLE001 - reported

@@ -379,30 +379,25 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(d)], check=False)
 
 
-def test_a_full_disk_leaves_a_playable_mp4_and_the_stream_goes_on_in_a_new_one(small_disk):
-    """A burn-in MP4 on a disk that fills up mid-run (a real 2 MiB tmpfs), then gets space back. Before: the encoder
-    stopped for good at the first failed write (the file played up to its last fragment, nothing after). Now the
-    full file is closed as it is (it plays), the sink is ``failed`` with ``No space left on device`` while it lasts
-    and at the end (``livecc run`` exits 1: video was lost), and once space returns the stream goes on in
-    ``full.1.mp4``, which plays too."""
+def feed_through_a_full_disk(sink, disk, seconds: float, fill_at: int, free_at: int):
+    """Frames of incompressible noise (and a caption every 8) through a ``Dispatcher`` to ``sink`` for ``seconds``
+    at FPS; at frame ``fill_at`` a ballast file fills ``disk``, at ``free_at`` the status is taken and the ballast
+    removed. Returns (the sink's status while full, its final status)."""
     from pipeline.backoff import Backoff
     from pipeline.fanout.dispatch import Dispatcher
 
-    path = small_disk / "full.mp4"
-    sink = make_sink({"burnin": {"output": str(path), "fps": FPS, "gop_s": 0.5, "bitrate": "2M", "audio": False,
-                                 "reconnect_initial_s": 0.2, "reconnect_max_s": 0.5}})
     d = Dispatcher([sink], retry=Backoff(initial=0.01, max_attempts=2))
     d.start()
     rng = np.random.default_rng(0)
     noise = [rng.integers(0, 255, (H, W, 3), dtype=np.uint8) for _ in range(8)]  # incompressible
-    ballast = small_disk / ".ballast"
+    ballast = disk / ".ballast"
     full_status = None
     t0, i = time.monotonic(), 0
-    while (t := time.monotonic() - t0) < 6.0:
+    while time.monotonic() - t0 < seconds:
         d.frame(Frame(noise[i % 8], i / FPS, index=i))
         if i % 8 == 0:
             d.caption(Caption(i / FPS, i / FPS + 0.2, f"caption {i}"))
-        if i == 15:  # 0.5 s in: fill what the video has not filled yet
+        if i == fill_at:
             with open(ballast, "wb") as f:
                 try:
                     while True:
@@ -410,12 +405,25 @@ def test_a_full_disk_leaves_a_playable_mp4_and_the_stream_goes_on_in_a_new_one(s
                         f.flush()
                 except OSError:
                     pass
-        if i == 75:  # 2.5 s in: the status while full, then space back (and the first file out of the way)
+        if i == free_at:
             full_status = d.status()[sink.name]
             ballast.unlink()
         i += 1
         time.sleep(max(0.0, t0 + i / FPS - time.monotonic()))
-    final = d.stop(10)[sink.name]
+    return full_status, d.stop(10)[sink.name]
+
+
+def test_a_full_disk_leaves_a_playable_mp4_and_the_stream_goes_on_in_a_new_one(small_disk):
+    """A burn-in MP4 on a disk that fills up mid-run (a real 2 MiB tmpfs), then gets space back. Before: the encoder
+    stopped for good at the first failed write (the file played up to its last fragment, nothing after). Now the
+    full file is closed as it is (it plays), the sink is ``failed`` with ``No space left on device`` while it lasts
+    and at the end (``livecc run`` exits 1: video was lost), and once space returns the stream goes on in
+    ``full.1.mp4``, which plays too."""
+    path = small_disk / "full.mp4"
+    sink = make_sink({"burnin": {"output": str(path), "fps": FPS, "gop_s": 0.5, "bitrate": "2M", "audio": False,
+                                 "reconnect_initial_s": 0.2, "reconnect_max_s": 0.5}})
+    # 0.5 s in: fill what the video has not filled yet; 2.5 s in: the status while full, then space back
+    full_status, final = feed_through_a_full_disk(sink, small_disk, 6.0, fill_at=15, free_at=75)
     assert full_status["state"] == "failed" and "No space left" in (full_status["last_error"] or ""), full_status
     assert final["state"] == "failed" and "No space left" in (final["last_error"] or ""), final
     assert sink.error is None  # the encoder went on
@@ -522,36 +530,10 @@ def test_hls_on_a_full_disk_counts_the_loss_and_goes_on(small_disk):
     exit 0, no word. Now the failed writes are counted: the sink is ``failed`` with ``No space left on device``
     while it lasts and at the end (``livecc run`` exits 1); the stream goes on once space returns and its playlist
     plays (ffprobe)."""
-    from pipeline.backoff import Backoff
-    from pipeline.fanout.dispatch import Dispatcher
-
     sink = make_sink({"burnin": {"output": f"{small_disk}/hls/", "hls_time": 0.5, "fps": FPS, "gop_s": 0.5,
                                  "bitrate": "1M", "audio": False}})
-    d = Dispatcher([sink], retry=Backoff(initial=0.01, max_attempts=2))
-    d.start()
-    rng = np.random.default_rng(0)
-    noise = [rng.integers(0, 255, (H, W, 3), dtype=np.uint8) for _ in range(8)]  # incompressible
-    ballast = small_disk / ".ballast"
-    full_status = None
-    t0, i = time.monotonic(), 0
-    while (t := time.monotonic() - t0) < 4.5:
-        d.frame(Frame(noise[i % 8], i / FPS, index=i))
-        if i % 8 == 0:
-            d.caption(Caption(i / FPS, i / FPS + 0.2, f"caption {i}"))
-        if i == 30:  # 1 s in: fill the disk
-            with open(ballast, "wb") as f:
-                try:
-                    while True:
-                        f.write(b"\0" * 65536)
-                        f.flush()
-                except OSError:
-                    pass
-        if i == 75:  # 2.5 s in: the status while full, then space back
-            full_status = d.status()[sink.name]
-            ballast.unlink()
-        i += 1
-        time.sleep(max(0.0, t0 + i / FPS - time.monotonic()))
-    final = d.stop(10)[sink.name]
+    # 1 s in: fill the disk; 2.5 s in: the status while full, then space back
+    full_status, final = feed_through_a_full_disk(sink, small_disk, 4.5, fill_at=30, free_at=75)
     assert full_status["state"] == "failed" and "No space left" in (full_status["last_error"] or ""), full_status
     assert final["state"] == "failed" and "No space left" in (final["last_error"] or ""), final
     assert sink.error is None  # the encoder went on: a full disk for a while does not end the stream
