@@ -4,9 +4,9 @@ Keys are stored rotated (mRoPE applied), values as computed. Storage per tensor:
 ``(layers, slots, kv_heads, capacity, head_dim)`` in the model dtype; a token costs
 ``layers · 2 · kv_heads · head_dim · itemsize`` bytes (LiveCC-7B in bfloat16: 28·2·4·128·2 = 56 KiB,
 so 1.75 GiB per 32k-token slot). The cache is the only owner of the lengths: writers go through
-``write`` (any tokens of any rows) / ``decode_index`` (a decode step's stores, made by the step itself) and ``advance``; ``evict`` drops a span and moves the
-rest down. ``varlen`` views a layer as the packed key/value sequence of FlashAttention's variable-length
-kernel, so one kernel call attends over many rows in place.
+``write`` (any tokens of any rows) / ``decode_index`` (where a decode step stores its own) and ``advance``;
+``evict`` drops a span and moves the rest down. ``varlen`` views a layer as the packed key/value sequence of
+FlashAttention's variable-length kernel, so one kernel call attends over many rows in place.
 """
 
 from __future__ import annotations

@@ -193,8 +193,9 @@ class ModelRunner:
         ``PAST_BLOCK``) the first ``past`` keys of ``slot`` through cuDNN (``TextModel.attend_past``), merged by
         log-sum-exp as in the eager prefill. Returns float32 logits (1, V) of the last token."""
         m, cache, T = self.model, self.cache, x.shape[0]
-        used_tail = used - past if past else used
-        tok_row = rows.new_zeros(T)  # for attend_varlen_lse (a padded log-sum-exp layout in older builds)
+        if past:
+            used_tail = used - past
+            tok_row = rows.new_zeros(T)  # for attend_varlen_lse (a padded log-sum-exp layout in older builds)
 
         def attend(i, q, k, v):
             cache.write(i, rows, at, k[0].transpose(0, 1), v[0].transpose(0, 1))
