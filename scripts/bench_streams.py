@@ -234,13 +234,18 @@ def main(argv=None) -> int:
     if a.processes:
         return side_by_side(a)
     dev = torch.device(a.device)
+    t_load = time.perf_counter()
     model = loaded(a.shape, a.tokenizer, dev, torch.bfloat16 if dev.type == "cuda" else torch.float32, a.quantize)
+    # progress on stderr (a GPU call has a time limit: what took the time shows even when a run is cut short)
+    print(f"# model loaded in {time.perf_counter() - t_load:.0f} s", file=sys.stderr, flush=True)
     pool = list(synthetic_clips(64))
     if a.probe:
         print(probe(model, a.streams, a.probe, pool), flush=True)
     rows = []
     for n, pb, k, pc, mc, ov, pg in itertools.product(a.streams, a.prefill_batch, a.steps_per_prefill,
                                                       a.prefill_compiled, a.max_context, a.overlap, a.prefill_graphs):
+        print(f"# {n} streams: starting (compiling every batch size, then {a.warmup:g} s of warm-up and "
+              f"{a.seconds:g} s measured)", file=sys.stderr, flush=True)
         rows.append(run(model, n, a.warmup, a.seconds, a.slots, pool, pb, k, pc, mc, ov, pg))
         print(json.dumps(rows[-1]), flush=True)
         gc.collect()

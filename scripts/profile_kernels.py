@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -63,8 +64,12 @@ def main() -> int:
                     help="the language model's weights (engine.quantize): the decode step's kernels in that mode")
     args = ap.parse_args()
     dev = torch.device("cuda")
+    t0 = time.perf_counter()
     model = loaded("7b", args.tokenizer, dev, torch.bfloat16, args.quantize)
+    print(f"# model loaded in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)  # progress
+    t0 = time.perf_counter()
     core = make_core(model, EngineConfig(greedy=True, max_context=32768, quantize=args.quantize), slots=max(args.rows))
+    print(f"# engine compiled and captured in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     r, m, cache = core.runner, core.runner.model, core.runner.cache
     H, KV, D = m.n_heads, m.n_kv, m.head_dim
     g = H // KV
