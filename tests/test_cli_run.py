@@ -41,6 +41,18 @@ def start_capturing(cmd: list[str], log) -> subprocess.Popen:
     return proc
 
 
+def stopped(proc, log, stop) -> tuple[int, str]:
+    """Run ``stop()`` (it signals ``proc``), wait up to 60 s for the exit; (exit status, the log). The process is
+    killed if it is still there (a failed assertion in ``stop`` or a hang)."""
+    try:
+        stop()
+        code = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return code, log.read_text()
+
+
 def test_sigterm_to_the_process_group_twice_is_one_stop_request(tmp_path, tiny):
     """GNU timeout sends its SIGTERM to the child and then to the process group (systemd and Docker signal
     every process of the unit / container too): the child gets it twice, merged into one by the kernel
@@ -51,15 +63,12 @@ def test_sigterm_to_the_process_group_twice_is_one_stop_request(tmp_path, tiny):
     cmd = [*LIVECC, "run", "lavfi:testsrc2=size=320x240:rate=10", "--model", tiny, "--device", "cpu",
            "--port", "0", "--status", "off", "--sink", f"srt:{out}"]
     proc = start_capturing(cmd, log)
-    try:
+
+    def twice():
         os.killpg(proc.pid, signal.SIGTERM)
         time.sleep(0.3)
         os.killpg(proc.pid, signal.SIGTERM)
-        code = proc.wait(60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    text = log.read_text()
+    code, text = stopped(proc, log, twice)
     assert code == 0, (code, text[-2000:])
     assert "stopping now" not in text and "SIGTERM: stopping" in text, text[-2000:]
 
@@ -74,16 +83,13 @@ def test_sighup_is_a_clean_stop_that_finalises_the_files(tmp_path, tiny):
            "--port", "0", "--status", "off", "--sink", f"burnin:{mp4}", "--sink", f"srt:{tmp_path / 'c.srt'}",
            "--set", "sinks[0].fragmented_mp4=false", "--set", "sinks[0].fps=10", "--set", "sinks[0].audio=false"]
     proc = start_capturing(cmd, log)
-    try:
+
+    def hang_up():
         servers.wait_until(lambda: mp4.exists() and mp4.stat().st_size > 0 or proc.poll() is not None, 60,
                            "the MP4 written")
         assert proc.poll() is None, log.read_text()
         proc.send_signal(signal.SIGHUP)
-        code = proc.wait(60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    text = log.read_text()
+    code, text = stopped(proc, log, hang_up)
     assert code == 0, (code, text[-2000:])
     assert "SIGHUP: stopping" in text and "done:" in text, text[-2000:]
     probe = subprocess.run(["ffprobe", "-v", "error", "-show_entries", "stream=codec_name", "-of", "csv=p=0",
