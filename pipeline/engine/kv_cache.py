@@ -96,7 +96,7 @@ class KVCache:
     def decode_index(self, layer: int, rows: torch.Tensor, at: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Index tensors for ``self.k.index_put_(index, k)`` that put a decode step's key ``k`` (B, kv_heads,
         head_dim) of row b into slot ``rows[b]`` at position ``at[b]`` (device int64 (B,)): tensors only (views, no
-        kernel), broadcast to (B, kv_heads), for ``model.pre_attention_store``."""
+        kernel), broadcast to (B, kv_heads), for ``model.store_kv``."""
         B = rows.shape[0]
         return self._layer_ids[layer].expand(B, 1), rows[:, None], self._heads, at[:, None]
 

@@ -74,17 +74,49 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear``; inside torch.compile, for ONE row against a plain weight, written as multiply-and-sum, so
-    that inductor generates a Triton reduction that reads the weight once (coordinate-descent tuned:
-    ``ModelRunner.one_row_compile_options``) instead of calling cuBLAS's matrix-vector kernel. H200, LiveCC-7B's
-    products for one decode step: 3.61 ms against 3.95 (q|k|v 3.25 vs 2.99 TB/s, gate|up 4.34 vs 3.83, lm_head 4.52
-    vs 4.21; ``scripts/profile_gemv.py``). Several rows (cuBLAS is as fast there), eager code and torchao's
-    quantized weights (their own kernels) take ``F.linear``. x (..., in), w (out, in), b (out,) -> (..., out)."""
-    if torch.compiler.is_compiling() and x.numel() == x.shape[-1] and type(w) in (torch.Tensor, nn.Parameter):
-        y = (x.reshape(1, -1) * w).sum(-1, dtype=torch.float32).to(x.dtype)
+    """``F.linear``; inside torch.compile, for ONE row, written as multiply-and-sum so that inductor generates a
+    Triton reduction that reads the weight once (coordinate-descent tuned: ``ModelRunner.one_row_compile_options``)
+    instead of calling cuBLAS's matrix-vector kernel. H200, LiveCC-7B's products for one decode step: 3.61 ms
+    against 3.95 (q|k|v 3.25 vs 2.99 TB/s, gate|up 4.34 vs 3.83, lm_head 4.52 vs 4.21; ``scripts/profile_gemv.py``).
+
+    The same for torchao's weights with one scale per output row (``engine.quantize`` int8 and fp8: ``qdata``
+    (out, in) int8 / float8_e4m3fn, ``scale`` (out, 1) float32): the reduction converts each weight as it reads
+    it and scales the sum, so a step reads one byte a weight (``per_row_parts``). For fp8 that leaves the row's
+    activations in bfloat16 (torchao would quantize them to fp8 for ``torch._scaled_mm``, whose 128-row tiles
+    read a one-row product at ≈ 2.2 TB/s): the same weights, a more exact product. Several rows (cuBLAS is as
+    fast there), eager code and other weights take ``F.linear``. x (..., in), w (out, in), b (out,) ->
+    (..., out)."""
+    if torch.compiler.is_compiling() and x.numel() == x.shape[-1]:
+        if type(w) in (torch.Tensor, nn.Parameter):
+            y = (x.reshape(1, -1) * w).sum(-1, dtype=torch.float32)
+        elif (parts := per_row_parts(w)) is not None:
+            q, zero, scale = parts
+            q = q.to(x.dtype) if zero is None else q.to(x.dtype) - zero.to(x.dtype)
+            y = (x.reshape(1, -1) * q).sum(-1, dtype=torch.float32) * scale.reshape(-1)
+        else:
+            return F.linear(x, w, b)
+        y = y.to(x.dtype)
         y = y if b is None else y + b
         return y.reshape(*x.shape[:-1], w.shape[0])
     return F.linear(x, w, b)
+
+
+PER_ROW_DTYPES = (torch.int8, torch.float8_e4m3fn)
+
+
+def per_row_parts(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None:
+    """(qdata (out, in) int8 / float8_e4m3fn, zero_point (out, 1) or None, scale (out, 1) float32) of a torchao
+    weight quantized with one scale per output row (``Int8Tensor`` of ``Int8WeightOnlyConfig``: zero points of
+    0; ``Float8Tensor`` of ``PerRow`` granularity: none), such that w = (qdata - zero_point) * scale; None for
+    any other weight."""
+    q, scale = getattr(w, "qdata", None), getattr(w, "scale", None)
+    zero = getattr(w, "zero_point", None)
+    if not isinstance(q, torch.Tensor) or not isinstance(scale, torch.Tensor) or q.dtype not in PER_ROW_DTYPES:
+        return None
+    rows = (q.shape[0], 1)
+    if q.dim() != 2 or tuple(scale.shape) != rows or (zero is not None and tuple(zero.shape) != rows):
+        return None
+    return q, zero, scale
 
 
 def pre_attention(x, ln_w, qkv_w, qkv_b, cos, sin, eps: float, n_heads: int, n_kv: int, head_dim: int):
@@ -101,15 +133,42 @@ def pre_attention(x, ln_w, qkv_w, qkv_b, cos, sin, eps: float, n_heads: int, n_k
 
 def pre_attention_store(x, ln_w, qkv_w, qkv_b, cos, sin, eps: float, n_heads: int, n_kv: int, head_dim: int,
                         k_cache, v_cache, index):
-    """``pre_attention`` of a decode step (T = 1) that also stores each row's new key and value in the cache, so that
-    the compiled step writes them from its own kernel instead of two scatter kernels a layer (56 of them took 0.22
-    ms of a 5.4-ms step on an H200). ``k_cache``/``v_cache``: the whole cache storage; ``index``: a tuple of
-    broadcastable int64 index tensors, one per cache dimension but the last (``KVCache.decode_index``); only index
-    tensors, no slices, so torch.compile scatters in place instead of copying the layer (measured)."""
+    """``pre_attention`` of a decode step (T = 1), then ``store_kv`` of each row's new key and value."""
     q, k, v = pre_attention(x, ln_w, qkv_w, qkv_b, cos, sin, eps, n_heads, n_kv, head_dim)
+    store_kv(k_cache, v_cache, index, k, v)
+    return q, k, v
+
+
+def store_kv(k_cache, v_cache, index, k, v) -> None:
+    """Store a decode step's new keys and values k, v (B, kv_heads, 1, head_dim) in the cache. ``k_cache``/``v_cache``:
+    the whole cache storage; ``index``: a tuple of broadcastable int64 index tensors, one per cache dimension but the
+    last (``KVCache.decode_index``); only index tensors, no slices, so torch.compile scatters in place instead of
+    copying the layer (measured). Compiled, one kernel a layer for both (``TextModel.compile``) instead of two aten
+    scatters (56 of them took 0.22 ms of a 5.4-ms step on an H200)."""
     k_cache.index_put_(index, k[:, :, 0])
     v_cache.index_put_(index, v[:, :, 0])
-    return q, k, v
+
+
+# The compiled store's inductor settings: no autotuning. Inductor benchmarks a kernel's candidate configurations
+# on its real arguments and, for an argument the kernel writes, first saves it; where a copy on the GPU would raise
+# the peak memory it copies it to pinned host memory and back for every candidate (``CachingAutotuner.
+# copy_args_to_cpu_if_needed``). The argument here is the whole cache: 28 GiB for the keys of 32 slots x 32k
+# tokens of the 7B, so on the H200 compiling the decode steps of 32 streams ran past 400 s (from 30 s) once the
+# store sat inside the coordinate-descent-tuned one-row step.
+STORE_COMPILE_OPTIONS = {"coordinate_descent_tuning": False, "triton.autotune_pointwise": False,
+                         "max_autotune": False, "max_autotune_pointwise": False}
+
+
+def pre_then_store(pre: Callable, store: Callable) -> Callable:
+    """A function with ``pre_attention_store``'s signature running ``pre`` (``pre_attention``'s signature) and
+    ``store`` (``store_kv``'s): compiled apart, so that the tuning of ``pre`` never benchmarks a kernel writing into
+    the cache (``STORE_COMPILE_OPTIONS``)."""
+    def pre_store(*args):
+        *layer, k_cache, v_cache, index = args
+        q, k, v = pre(*layer)
+        store(k_cache, v_cache, index, k, v)
+        return q, k, v
+    return pre_store
 
 
 def post_attention(x, o, o_w, ln_w, gate_up_w, down_w, eps: float):
@@ -143,8 +202,8 @@ def fuse_projections(layer) -> None:
     layer._livecc_fused = True
 
 
-def _one_row_pre_store(*args):  # the one-row decode step's, under their own code objects (TextModel.compile)
-    return pre_attention_store(*args)
+def _one_row_pre(*args):  # the one-row decode step's, under their own code objects (TextModel.compile)
+    return pre_attention(*args)
 
 
 def _one_row_post(*args):
@@ -188,7 +247,7 @@ class TextModel:
         self.head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
         self.hidden = tc.hidden_size
         theta, self.mrope_section = _rope_settings(tc)
-        p = self.embed.weight  # never quantized (the lm_head may be: quantize.py); in host memory when quantized
+        p = self.embed.weight  # never quantized (the lm_head may be); host memory on a small GPU (quantize.py)
         self.dtype, self.device = p.dtype, text.norm.weight.device
         self.vocab = self.lm_head.weight.shape[0]
         self.inv_freq = (1.0 / (theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float) / self.head_dim))
@@ -222,11 +281,13 @@ class TextModel:
 
         def c(fn, opts):
             return torch.compile(fn, fullgraph=True, dynamic=False, options=opts)
-        self.pre_store, self.post, self.head = c(pre_attention_store, options), c(post_attention, options), \
-            c(self.logits, options)
+        store = c(store_kv, STORE_COMPILE_OPTIONS)  # apart, never autotuned (STORE_COMPILE_OPTIONS says why)
+        self.pre_store = pre_then_store(c(pre_attention, options), store)
+        self.post, self.head = c(post_attention, options), c(self.logits, options)
         one = options if one_row_options is None else one_row_options
         # wrappers with their own code objects: dynamo keeps their graphs apart from the other batch sizes'
-        self.one_row = (c(_one_row_pre_store, one), c(_one_row_post, one), c(self._one_row_logits, one))
+        self.one_row = (pre_then_store(c(_one_row_pre, one), store), c(_one_row_post, one),
+                        c(self._one_row_logits, one))
 
     def uncompile(self) -> None:
         self.pre_store, self.post, self.head = pre_attention_store, post_attention, self.logits
@@ -288,7 +349,8 @@ class TextModel:
 
     def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """Embeddings (..., hidden) on the model's device for token ids (...) int64 on any device: looked up where
-        the table lives (the GPU, or host memory for quantized weights: ``quantize.to_device``), then copied."""
+        the table lives (the GPU, or host memory for quantized weights on a GPU without room for it:
+        ``quantize.embeddings_fit``), then copied."""
         return self.embed(ids.to(self.embed.weight.device)).to(self.device, non_blocking=True)
 
     # -- attention kernels ---------------------------------------------------------------------------

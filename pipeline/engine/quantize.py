@@ -9,6 +9,10 @@
           ``Float8DynamicActivationFloat8WeightConfig(PerRow())``, ``torch._scaled_mm``); CUDA compute
           capability >= 8.9 (Ada, Hopper and later), bfloat16
 
+One row's products in the compiled decode step (one stream) do not use torchao's kernels for int8 and fp8:
+``model.linear`` reads the 1-byte codes in one reduction and scales the sum (bfloat16 activations), 1.5x faster
+than ``_scaled_mm`` for fp8 on an H200 (``scripts/profile_gemv.py --quantized``).
+
 What is quantized: every decoder layer's fused q|k|v, o, fused gate|up and down projections, and the
 lm_head (it is read once per decode step like the rest; 1 GiB in bf16 for the 7B) unless it is tied to
 the embeddings or the mode is fp8 (as vLLM's fp8 keeps it: the logits are the output itself). For fp8 a
@@ -131,10 +135,13 @@ def to_device(hf_model: nn.Module, device: torch.device, mode: str = "none") -> 
     """Move a loaded Qwen2-VL (on the CPU) to ``device``, quantizing the language model's linear weights on the
     way (see the module doc). Call ``check`` first.
 
-    The token embeddings stay in host memory (unless tied to the lm_head): 1.02 GiB for the 7B (152k x 3584
-    bfloat16) of which a turn reads a few hundred rows and a decode step one per stream (``TextModel.embed_ids``
-    looks them up there and copies them over, 7 KiB a token); on an 8-GB card that GiB is the difference between
-    fitting a 16k context and not.
+    The token embeddings (1.02 GiB for the 7B: 152k x 3584 bfloat16) go to the device only if it still has
+    ``EMBED_RESERVE`` free besides them once every other weight is there (``embeddings_fit``); otherwise they stay
+    in host memory (unless tied to the lm_head), where a turn reads a few hundred rows and a decode step one per
+    stream (``TextModel.embed_ids`` looks them up there and copies them over, 7 KiB a token): on an 8-GB card that
+    GiB is the difference between fitting a 16k context and not. In host memory the lookup needs each step's
+    token on the host, so the engine cannot launch a decode step before the previous one ends (``EngineCore``'s
+    overlap): on an H200 that cost ≈ 0.5–0.8 ms a token.
 
     Order, for the smallest peak on the device: the lm_head first, while the device is empty (quantizing a
     152k x 3.6k matrix needs several times its size in scratch: padded copies, int32 codes), then the layers
@@ -158,14 +165,36 @@ def to_device(hf_model: nn.Module, device: torch.device, mode: str = "none") -> 
     embed = text.embed_tokens
     if not tied:
         hf_model.lm_head = nn.Identity()
-        text.embed_tokens = nn.Identity()  # kept out of the move: stays in host memory (see above)
+        text.embed_tokens = nn.Identity()  # kept out of the move: placed below
     try:
         hf_model.to(device)
     finally:
         text.layers = layers
         hf_model.lm_head = lm_head
         text.embed_tokens = embed
-    log.info("quantized the language model's linear weights to %s", mode)
+    where = "host memory"
+    if not tied and embeddings_fit(embed.weight, device):
+        embed.to(device)
+        where = str(device)
+    log.info("quantized the language model's linear weights to %s; token embeddings in %s", mode, where)
+
+
+EMBED_RESERVE = 4 * 2**30  # device bytes left free besides the embeddings: a 32k KV cache of the 7B (1.75 GiB),
+# the vision tower's and a prefill's scratch at 1080p and the CUDA graphs' pools (≈ 2 GiB measured on an H200)
+
+
+def embeddings_fit(weight: torch.Tensor, device: torch.device) -> bool:
+    """Whether the token embeddings ``weight`` (vocab, hidden) fit on ``device`` with ``EMBED_RESERVE`` bytes to
+    spare: on CUDA, from the free memory (``torch.cuda.mem_get_info``) and the process's cap if one is set
+    (``torch.cuda.set_per_process_memory_fraction``); never on other devices (the CPU holds them already)."""
+    if device.type != "cuda":
+        return False
+    device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+    free, total = torch.cuda.mem_get_info(device)
+    get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    if get_fraction is not None:
+        free = min(free, int(get_fraction(device) * total) - torch.cuda.memory_reserved(device))
+    return free - weight.numel() * weight.element_size() >= EMBED_RESERVE
 
 
 def _leaves(t: torch.Tensor):
