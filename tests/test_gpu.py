@@ -136,8 +136,13 @@ def test_quantized_decode_agrees_with_bfloat16(mode):
         assert q.weight_bytes < ref.weight_bytes
     from pipeline.engine.model import language_parts
 
-    text, head = language_parts(q.hf)  # the embeddings stay in host memory unless the lm_head shares them
-    assert head.weight is text.embed_tokens.weight or text.embed_tokens.weight.device.type == "cpu"
+    from pipeline.engine.quantize import embeddings_fit
+
+    text, head = language_parts(q.hf)  # a GPU with room (this one) holds the embeddings: no host lookup per step
+    assert text.embed_tokens.weight.device.type == "cuda"
+    assert embeddings_fit(torch.empty(1000, 128, device="meta"), torch.device("cuda"))
+    free = torch.cuda.mem_get_info()[0]  # a table as large as the free memory stays in host memory
+    assert not embeddings_fit(torch.empty(free // 2, 1, dtype=torch.bfloat16, device="meta"), torch.device("cuda"))
     runner = ModelRunner(q, slots=2, capacity=4096, graphs=True, compile=True)
     random.seed(0)
     prompt = [random.randrange(4000) for _ in range(200)]
@@ -188,6 +193,41 @@ def test_make_core_compiles_every_decode_batch_size_before_the_first_stream():
         for s, req, res in zip(sessions, reqs, core.run(reqs)):
             s.finish(req, res)
     assert {nb for nb, _ in graphs.graphs} == {1, 2, 3}
+
+
+def test_compiling_the_decode_steps_never_copies_the_kv_cache_to_host_memory(monkeypatch):
+    """Inductor's autotuner saves every argument a kernel writes before it benchmarks the kernel's candidate
+    configurations, to pinned host memory when a copy on the GPU would raise the peak
+    (``CachingAutotuner.copy_args_to_cpu_if_needed``). With the decode step's cache store inside the tuned step,
+    that argument was the whole cache, copied out and back for every candidate: compiling 32 streams' decode steps
+    on the H200 (28 GiB of keys) ran past 400 s. The store is now compiled apart and never autotuned: warming up
+    every batch size of a 6-slot runner (fresh compilations, no cached tuning) copies nothing to host memory."""
+    import torch._dynamo
+    import torch._inductor.config as inductor_config
+    from torch._inductor.runtime import triton_heuristics
+
+    from pipeline.engine import load_model
+    from pipeline.engine.runner import ModelRunner
+    from pipeline.fixtures.tiny import tiny_checkpoint
+
+    copied = []
+    save = triton_heuristics.CachingAutotuner.copy_args_to_cpu_if_needed
+
+    def spy(self, *args, **kwargs):
+        out = save(self, *args, **kwargs)
+        copied.extend((self.fn.__name__, name) for name in out)
+        return out
+
+    monkeypatch.setattr(triton_heuristics.CachingAutotuner, "copy_args_to_cpu_if_needed", spy)
+    torch._dynamo.reset()
+    model = load_model(str(tiny_checkpoint("small")), device="cuda", dtype="bfloat16")
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()  # the peak is now what is allocated: no room for a copy of the cache
+    with inductor_config.patch(fx_graph_cache=False, autotune_local_cache=False):
+        runner = ModelRunner(model, slots=6, capacity=8192, graphs=True, compile=True)
+        runner.warm_up()
+    assert {nb for nb, _ in runner.graphs.graphs} == {1, 2, 4, 6} and runner.graphs.compile
+    assert not copied, copied
 
 
 def test_a_decode_step_is_launched_without_waiting_for_the_step_before():

@@ -298,7 +298,8 @@ class ModelRunner:
 
         Nothing here waits for the GPU when the embeddings are on it (host values are copied without a stream
         sync), so the core can launch a step while the previous one runs; with the table in host memory
-        (quantized weights) the lookup needs ``tokens`` on the host."""
+        (quantized weights on a GPU without room: ``quantize.embeddings_fit``) the lookup needs ``tokens`` on the
+        host."""
         m, dev = self.model, self.device
         nb, window = self.decode_shape(slots)
         x = torch.zeros(nb, m.hidden, dtype=m.dtype, device=dev)  # rows sitting out: a throw-away input
@@ -333,7 +334,7 @@ class ModelRunner:
             cu_k = (cu_q * cache.varlen_stride).clamp_(max=(nb - 1) * cache.varlen_stride + self.capacity)
             used = (at + 1).to(torch.int32)
 
-            def attend(i, q, k, v):  # this row's key/value already stored by pre_attention_store
+            def attend(i, q, k, v):  # this row's key/value already stored by model.store_kv
                 kf, vf = cache.varlen(i)
                 return m.attend_varlen(q[:, :, 0].contiguous(), kf, vf, cu_q, cu_k, used, 1, window)[:, None]
         else:
@@ -362,6 +363,13 @@ class ModelRunner:
         if self.prefill_compiled:  # the compiled prefill (dynamic token count): one text turn on row 0, then undone
             n = min(2 * PAST_MIN_QUERIES, self.capacity)
             self.prefill([(0, [0] * n, torch.arange(n).expand(3, n), None)])
+            self.cache.reset(0)
+        n = 2 * PAST_MIN_QUERIES
+        if self.cudnn_past and self.capacity >= PAST_BLOCK + n:
+            # a turn over a past block: cuDNN's first attention call (its handle and first plan) took 567 ms of a
+            # stream's prefill on an H200 when it came mid-run, at the first turn past 2,048 keys
+            self.prefill([(0, [0] * PAST_BLOCK, torch.arange(PAST_BLOCK).expand(3, PAST_BLOCK), None)])
+            self.prefill([(0, [0] * n, torch.arange(PAST_BLOCK, PAST_BLOCK + n).expand(3, n), None)])
             self.cache.reset(0)
         buckets = sorted({bucket(n, BATCH_BUCKETS, self.cache.slots) for n in range(1, self.cache.slots + 1)})
         self.graphs.warm_up(buckets)
