@@ -90,6 +90,10 @@ def run_turns(model, clips, max_context: int) -> dict:
     out.update(allocated_before_gib=before, captures=sum(t["captured"] for t in turns), compiled=bool(graphs) and graphs.compile,
                rollovers=session.rollovers)
     out.pop("turns")
+    median = sorted(t["latency"] for t in steady)[len(steady) // 2] if steady else 0.0
+    out["slow_turns"] = [dict({k: round(t[k] * 1e3, 1) for k in ("latency", "vision", "prefill", "decode")},
+                              turn=i + 1, context=t["context"], tokens=t["tokens"])
+                         for i, t in enumerate(turns[1:]) if not t["captured"] and t["latency"] > 2 * median]
     session.close()
     del session, graphs
     free()

@@ -122,7 +122,19 @@ def run(model, n: int, warmup: float, seconds: float, slots: int | None, pool: l
         streams.append(s)
         core.attach(s)
     torch.cuda.reset_peak_memory_stats() if model.device.type == "cuda" else None
+    print(f"# {n} streams: engine ready in {start_s:.0f} s", file=sys.stderr, flush=True)
     core.start()
+    beat = threading.Event()
+
+    def heartbeat():  # progress on stderr every 10 s (what a run cut short by its time limit was doing)
+        t0 = time.monotonic()
+        while not beat.wait(10.0):
+            done = sum(len(s.done) for s in streams)
+            drops = sum(len(s.dropped_at) for s in streams)
+            ctx = max(s.session.context_length for s in streams)
+            print(f"#   {time.monotonic() - t0:.0f} s: {done} turns done, {drops} clips dropped, {core.steps} decode "
+                  f"steps, longest context {ctx}", file=sys.stderr, flush=True)
+    threading.Thread(target=heartbeat, daemon=True).start()
 
     def put(i, clip):
         streams[i].put(clip)
@@ -130,6 +142,7 @@ def run(model, n: int, warmup: float, seconds: float, slots: int | None, pool: l
 
     lo, hi = pace(n, warmup, seconds, pool, put)
     time.sleep(2.0)  # let the last turns finish
+    beat.set()
     core.stop(30)
     lat = [l for s in streams for (d, l, _) in s.done if lo <= d < hi]
     toks = sum(t for s in streams for (d, _, t) in s.done if lo <= d < hi)
