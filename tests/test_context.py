@@ -177,3 +177,49 @@ def test_none_policy_fills_up(model):
     with pytest.raises(ContextFullError):
         for clip in stream(200):
             session.step(clip)
+
+
+@pytest.mark.parametrize("policy", ["rollover", "window", "none"])
+def test_a_burst_of_questions_makes_room_as_clips_do(model, policy):
+    """Viewers' questions with no clip between them: each question and its answer must fit, so when the context is
+    full the policy makes room as for a clip. Before, the context never rolled over or evicted for a question: after
+    ≈ 11 questions at a 1k context every further one failed (HTTP 409) until the next clip. ``rollover``: the
+    question opens a fresh context on the latest 3 s of frames with the question after them (a fresh session's first
+    turn on those frames and that text, token for token); ``window``: the oldest turns after the first leave;
+    ``none``: still a clear ContextFullError."""
+    cfg = EngineConfig(greedy=True, context=policy, max_context=900, max_new_tokens=4, answer_max_new_tokens=48,
+                       window_seconds=1e9, context_headroom=64)
+    session = StreamingSession(model, cfg)
+    clips = list(stream(4))
+    for clip in clips:
+        session.step(clip)
+    answers, opened = [], None
+    try:
+        for i in range(30):
+            req = session.question_request(f"What happened in part {i} of the video so far?", at=float(i))
+            if req.reset:
+                opened = (req, session.finish(req, session.core.run([req])[0]))
+                answers.append(opened[1])
+            else:
+                answers.append(session.finish(req, session.core.run([req])[0]))
+            assert session.context_length <= 900
+    except ContextFullError as e:
+        assert policy == "none", f"question {len(answers)}: {e}"
+        assert len(answers) >= 3 and "does not fit" in str(e)
+        return
+    assert policy != "none", "the context never filled: the test asks too little"
+    assert len(answers) == 30 and all(a.kind == "answer" for a in answers)
+    if policy == "window":
+        assert session.evicted_turns > 0 and session.rollovers == 0
+        assert session.segments[0].turn == 0  # the first turn (the attention sink) stays
+        return
+    assert session.rollovers >= 1 and opened is not None
+    req, answer = opened
+    assert req.frames is not None and "Time=0.0-3.0s" in req.text and answer.query.startswith("What happened")
+    fresh = StreamingSession(model, cfg)  # a fresh session's first turn: those frames, the question as the query
+    frames = np.concatenate([c.frames for c in clips])[-6:]
+    fresh.query = answer.query
+    first = fresh.video_request(Clip(frames, (0.0, 0.5, 1.0, 1.5, 2.0, 2.5)))
+    first.max_new = cfg.answer_max_new_tokens
+    assert first.ids == req.ids
+    assert fresh.finish(first, fresh.core.run([first])[0]).token_ids == answer.token_ids

@@ -131,24 +131,51 @@ class StreamingSession:
             clip = self._rollover(clip)
             query = rollover_query(self.query, self.history.text())
         elif self.turns and self.cfg.context == "window":
-            evict = self._evict(clip)
-        gt = len(clip.frames) // self.model.patches.temporal
-        m = self.model.patches.patch * self.model.patches.merge
-        grid = (gt, clip.frames.shape[1] // m, clip.frames.shape[2] // m)
-        text = self.prompt.video_turn(clip.start - self.time_offset, clip.stop - self.time_offset, query,
-                                      first=self.turns == 0)
-        req = self._request(text, [grid[0] * grid[1] * grid[2]], [grid], self.cfg.max_new_tokens, clip.frames,
-                            clip.ready_at)
+            evict = self._evict(clip.stop, self._tokens_needed(clip))
+        req = self._clip_request(clip, query, self.cfg.max_new_tokens, clip.ready_at)
         if evict is not None:
             req.evict, req.evict_ids = evict
         req.kind, req.query, req.start, req.stop = "caption", query, clip.start, clip.stop
         return req
 
+    def _clip_request(self, clip: Clip, text_after: str | None, max_new: int, due: float) -> Turn:
+        """A turn of ``clip``'s frames under its Time= label (model time), then ``text_after`` if any."""
+        gt = len(clip.frames) // self.model.patches.temporal
+        m = self.model.patches.patch * self.model.patches.merge
+        grid = (gt, clip.frames.shape[1] // m, clip.frames.shape[2] // m)
+        text = self.prompt.video_turn(clip.start - self.time_offset, clip.stop - self.time_offset, text_after,
+                                      first=self.turns == 0)
+        return self._request(text, [grid[0] * grid[1] * grid[2]], [grid], max_new, clip.frames, due)
+
     def question_request(self, question: str, at: float = 0.0) -> Turn:
-        """The request for a viewer's question about what has been seen so far (answered from the same cache)."""
+        """The request for a viewer's question about what has been seen so far (answered from the same cache).
+
+        When the question and its answer (``answer_max_new_tokens``) do not fit in what the context has left, the
+        context policy makes room as it does for a clip: ``window`` evicts the oldest turns after the first (if
+        that frees enough), otherwise (``rollover``, or a window that cannot free enough) the question opens a
+        fresh context: the most recent opener's worth of frames (3 s) with the question after them, as a rollover
+        opens with the query (``rollovers`` counts it). Only ``context: none`` raises ContextFullError then."""
         question = self.prompt.check_text(question)
         text = self.prompt.question_turn(question, first=self.turns == 0)
+        evict = None
+        if self.turns and self.cfg.context != "none":
+            need = (self.context_length + len(self.prompt.encode(text, []).ids) + self.cfg.answer_max_new_tokens
+                    - self.core.runner.capacity)
+            if need > 0:
+                now = self.segments[-1].time if self.segments else at
+                if self.cfg.context == "window" and self._can_free(now, need):
+                    evict = self._evict(now, need)
+                elif self.recent:
+                    clip = self._rollover(self.recent[-1])
+                    req = self._clip_request(clip, question, self.cfg.answer_max_new_tokens, time.monotonic())
+                    req.kind, req.query, req.start, req.stop = "answer", question, at, at
+                    return req
+                else:
+                    self.reset()
+                    text = self.prompt.question_turn(question, first=True)
         req = self._request(text, [], [], self.cfg.answer_max_new_tokens, None, time.monotonic())
+        if evict is not None:
+            req.evict, req.evict_ids = evict
         req.kind, req.query, req.start, req.stop = "answer", question, at, at
         return req
 
@@ -264,9 +291,15 @@ class StreamingSession:
         self.time_offset = stamps[0]
         return _like(clip, frames, tuple(stamps))
 
-    def _evict(self, clip: Clip) -> tuple[tuple[int, int, int], list[int]] | None:
-        """Window policy: drop the oldest turns after the first so the window (and the cache) hold."""
-        k = window_cut(self.segments, clip.stop, self.cfg.window_seconds, self._tokens_needed(clip))
+    def _can_free(self, now: float, need: int) -> bool:
+        """Whether the window policy's cut at stream time ``now`` frees at least ``need`` tokens."""
+        k = window_cut(self.segments, now, self.cfg.window_seconds, need)
+        return sum(seg.end - seg.start for seg in self.segments[1:k + 1]) >= need
+
+    def _evict(self, now: float, need: int) -> tuple[tuple[int, int, int], list[int]] | None:
+        """Window policy: drop the oldest turns after the first so the window (at stream time ``now``) and the
+        cache (``need`` more tokens) hold."""
+        k = window_cut(self.segments, now, self.cfg.window_seconds, need)
         if k == 0:
             return None
         first, last = self.segments[1], self.segments[k]
