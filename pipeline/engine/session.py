@@ -156,11 +156,11 @@ class StreamingSession:
         fresh context: the most recent opener's worth of frames (3 s) with the question after them, as a rollover
         opens with the query (``rollovers`` counts it). Only ``context: none`` raises ContextFullError then."""
         question = self.prompt.check_text(question)
-        text = self.prompt.question_turn(question, first=self.turns == 0)
         evict = None
         if self.turns and self.cfg.context != "none":
-            need = (self.context_length + len(self.prompt.encode(text, []).ids) + self.cfg.answer_max_new_tokens
-                    - self.core.runner.capacity)
+            # (a text is encoded once: ``prompt.plain`` queues the caller's text for that one encoding)
+            n = len(self.prompt.encode(self.prompt.question_turn(question, first=False), []).ids)
+            need = self.context_length + n + self.cfg.answer_max_new_tokens - self.core.runner.capacity
             if need > 0:
                 now = self.segments[-1].time if self.segments else at
                 if self.cfg.context == "window" and self._can_free(now, need):
@@ -172,7 +172,7 @@ class StreamingSession:
                     return req
                 else:
                     self.reset()
-                    text = self.prompt.question_turn(question, first=True)
+        text = self.prompt.question_turn(question, first=self.turns == 0)
         req = self._request(text, [], [], self.cfg.answer_max_new_tokens, None, time.monotonic())
         if evict is not None:
             req.evict, req.evict_ids = evict
