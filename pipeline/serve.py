@@ -20,7 +20,8 @@ while it runs (the routes, shared with ``--cluster``: ``streams_http.py``):
 
 Two streams never write one file or publish to one URL (``config.output_files``): a second stream naming a
 file or an output URL (an RTMP stream key) that a running one writes is refused (HTTP 409), as is a streams
-file with such streams or with one id twice (before the model loads).
+file with such streams or with one id twice (before the model loads); ``--cluster`` checks the same
+(``check_streams``, ``OutputClaims``: every stream's sinks run on its head node).
 A stream that does not fit (every KV-cache row taken: ``engine.max_streams`` or what the GPU's memory
 allows at ``engine.max_context``) is refused with a message saying how many fit.
 """
@@ -91,6 +92,48 @@ def check_source(scfg: RunConfig, where: str) -> None:
         resolve_source(scfg.capture.source, scfg.capture)
     except PipelineError as e:
         raise ConfigError(f"{where}: source: {e}") from None
+
+
+def check_streams(shared: dict, specs: list, where: str, sources: bool = True) -> None:
+    """Every ``streams:`` entry before anything starts: valid, ids unique, no two streams writing one file or URL
+    (``config.output_files``) and, with ``sources``, each source resolvable here (``check_source``). Raises
+    ConfigError naming the entry."""
+    ids: dict[str, int] = {}
+    files: dict[str, str] = {}
+    for i, spec in enumerate(specs):
+        label = f"{where}: streams[{i}]"
+        sid, scfg = stream_config(shared, spec, label)
+        if sid in ids:
+            raise ConfigError(f"{label}.id: {sid!r} is taken by streams[{ids[sid]}] (ids must be unique)")
+        ids[sid] = i
+        if sources:
+            check_source(scfg, f"{label} ({sid})")
+        for path, sink in output_files(scfg.sinks, f"{label} ({sid})").items():
+            if path in files:
+                raise ConfigError(f"{label} ({sid}): {sink} writes {redact(path)}, as stream {files[path]!r} "
+                                  "does: give each stream its own file or URL (sinks: in its entry)")
+            files[path] = sid
+
+
+class OutputClaims:
+    """Which stream (running or starting) writes each file or URL of ``config.output_files``: a stream added while
+    another writes one of its outputs is refused. Not locked: callers hold their own lock around it."""
+
+    def __init__(self) -> None:
+        self.by_path: dict[str, str] = {}  # real path or URL -> stream id
+
+    def claim(self, sid: str, files: dict[str, str]) -> None:
+        """Reserve ``files`` (``output_files``' result) for ``sid``; StreamConflict if another stream has one."""
+        for path, sink in files.items():
+            if path in self.by_path:
+                raise StreamConflict(f"stream {sid!r}: {sink} writes {redact(path)}, which stream "
+                                     f"{self.by_path[path]!r} writes already (give each stream its own file or URL)")
+        self.by_path.update(dict.fromkeys(files, sid))
+
+    def release(self, sid: str) -> None:
+        """``sid``'s outputs may be written by another stream again."""
+        for path in [path for path, owner in self.by_path.items() if owner == sid]:
+            del self.by_path[path]
 
 
 def start_server(settings, routes: list[Route]) -> HttpServer:
@@ -194,21 +237,8 @@ class Service(StreamsHTTP):
         self._done = threading.Event()
         self.ended = EndedStreams()  # streams that ended by themselves: their sinks' final status
         self._starting: set[str] = set()  # ids of streams being started (not in ``streams`` yet)
-        self._files: dict[str, str] = {}  # real path -> the id of the stream (running or starting) that writes it
-        ids: dict[str, int] = {}
-        files: dict[str, str] = {}
-        for i, spec in enumerate(self.specs):  # every stream checked before the model loads
-            label = f"{where}: streams[{i}]"
-            sid, scfg = stream_config(self.shared, spec, label)
-            if sid in ids:
-                raise ConfigError(f"{label}.id: {sid!r} is taken by streams[{ids[sid]}] (ids must be unique)")
-            ids[sid] = i
-            check_source(scfg, f"{label} ({sid})")
-            for path, sink in output_files(scfg.sinks, f"{label} ({sid})").items():
-                if path in files:
-                    raise ConfigError(f"{label} ({sid}): {sink} writes {redact(path)}, as stream {files[path]!r} "
-                                      "does: give each stream its own file or URL (sinks: in its entry)")
-                files[path] = sid
+        self._files = OutputClaims()
+        check_streams(self.shared, self.specs, where)  # every stream checked before the model loads
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def start(self) -> "Service":
@@ -240,16 +270,12 @@ class Service(StreamsHTTP):
         with self._lock:  # the id, the files and a KV-cache row are reserved together, before anything starts
             if sid in self.streams or sid in self._starting:
                 raise StreamConflict(f"stream {sid!r} exists already")
-            for path, sink in files.items():
-                if path in self._files:
-                    raise StreamConflict(f"stream {sid!r}: {sink} writes {redact(path)}, which stream "
-                                         f"{self._files[path]!r} writes already (give each stream its own file or URL)")
             if self._free() <= 0:
                 raise PipelineError(f"no room for stream {sid!r}: all {self.engine.slots} streams of "
                                     f"{self.engine.cfg.max_context} context tokens are taken on this GPU "
                                     "(engine.max_streams / engine.max_context)")
+            self._files.claim(sid, files)
             self._starting.add(sid)
-            self._files.update(dict.fromkeys(files, sid))
         p = None
         try:
             from .plugins import make_sink
@@ -271,7 +297,7 @@ class Service(StreamsHTTP):
                 p.stop()
             with self._lock:
                 self._starting.discard(sid)
-                self._release_files(sid)
+                self._files.release(sid)
             raise
         with self._lock:
             self._starting.discard(sid)
@@ -283,7 +309,7 @@ class Service(StreamsHTTP):
         if stopping:  # the service stopped while this stream started: stop() did not see it
             p.stop()
             with self._lock:
-                self._release_files(sid)
+                self._files.release(sid)
             raise PipelineError(f"stream {sid!r}: the service is stopping")
         threading.Thread(target=self._watch, args=(sid, p), name=f"livecc-watch-{sid}", daemon=True).start()
         log.info("stream %s: %s", sid, p.source.display)
@@ -311,12 +337,7 @@ class Service(StreamsHTTP):
             return p.stop()
         finally:
             with self._lock:
-                self._release_files(sid)
-
-    def _release_files(self, sid: str) -> None:
-        """Its files may be written by another stream again (the caller holds ``_lock``)."""
-        for path in [path for path, owner in self._files.items() if owner == sid]:
-            del self._files[path]
+                self._files.release(sid)
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._done.wait(timeout)

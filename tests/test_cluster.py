@@ -164,6 +164,11 @@ def test_streams_move_off_a_killed_node_and_a_drained_one(nginx_rtmp, publisher,
         wait_until(lambda: all(len(captions(jsonl[k])) >= 2 for k in keys), 150, "captions from every stream")
         overlay_through_head(base, "c1")
         assert request("GET", f"{base}/overlay/c2")[0] == 404  # a stream without an overlay sink
+        # a stream that would write a file another stream writes (every sink runs on the head): 409, nothing started
+        status, body = request("POST", f"{base}/api/streams", {"id": "c4", "source": nginx_rtmp.url("cluster-c1"),
+                                                               "sinks": [f"jsonl:{jsonl['c1']}"]})
+        assert status == 409 and "c1.jsonl" in body["error"] and "'c1'" in body["error"], body
+        assert "c4" not in request("GET", f"{base}/api/streams")[1]
         nodes = request("GET", f"{base}/api/nodes")[1]
         busy = {nid: n for nid, n in nodes.items() if any(w["streams"] for w in n["workers"].values())}
         assert len(busy) == 2, nodes  # spread: the worker with the most free rows takes the next stream

@@ -290,6 +290,17 @@ def test_streams_file_refuses_shared_output_files_and_duplicate_ids(tmp_path, mo
     Service({**shared, "sinks": ["jsonl:captions.jsonl"]},  # each stream its own file: fine
             [{"id": "a", "source": "rtmp://127.0.0.1/live/a"},
              {"id": "b", "source": "rtmp://127.0.0.1/live/b", "sinks": ["jsonl:b.jsonl"]}])
+    # the same checks for --cluster (every stream's sinks run on the head node), before Ray is reached
+    from pipeline.cluster.service import ClusterService
+
+    with pytest.raises(ConfigError, match=r"streams\[1\].*captions\.jsonl.*'a'"):
+        ClusterService({**shared, "sinks": ["jsonl:captions.jsonl"]},
+                       [{"id": "a", "source": "rtmp://127.0.0.1/live/a"},
+                        {"id": "b", "source": "rtmp://127.0.0.1/live/b"}], address="127.0.0.1:1")
+    with pytest.raises(ConfigError, match=r"streams\[1\].*id.*'a'"):
+        ClusterService(shared, [{"id": "a", "source": "rtmp://127.0.0.1/live/a"},
+                                {"id": "a", "source": "/no/such/file.mp4", "sinks": ["jsonl:b.jsonl"]}],
+                       address="127.0.0.1:1")
 
 
 def test_a_starting_stream_holds_its_row_and_cannot_be_deleted_half_started(service, long_video, tmp_path,

@@ -35,7 +35,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ..app import PipelineError
 from ..config import validate
-from ..serve import EndedStreams, start_server, stream_config
+from ..config import output_files
+from ..serve import EndedStreams, OutputClaims, check_streams, start_server, stream_config
 from ..server import HttpServer, Route, error
 from ..streams_http import StreamsHTTP
 
@@ -171,8 +172,10 @@ class ClusterService(StreamsHTTP):
         self._lock = threading.RLock()
         self._done = threading.Event()
         self._supervisor: threading.Thread | None = None
-        for i, spec in enumerate(self.specs):
-            stream_config(self.stream_shared, spec, f"{where}: streams[{i}]")
+        # the streams' sinks all run on the head node (``_Stream``): two never write one file or URL there; their
+        # sources are opened there too, but a source file may be on a shared mount: not checked here
+        self._files = OutputClaims()
+        check_streams(self.stream_shared, self.specs, where, sources=False)
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     def start(self, ready_timeout: float = 600.0) -> "ClusterService":
@@ -266,6 +269,7 @@ class ClusterService(StreamsHTTP):
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         sid, scfg = stream_config(self.stream_shared, spec, where)
+        files = output_files(scfg.sinks, f"{where} ({sid})")
         with self._lock:
             if sid in self.streams:
                 raise PipelineError(f"stream {sid!r} exists already")
@@ -273,6 +277,7 @@ class ClusterService(StreamsHTTP):
             if w is None:
                 raise PipelineError(f"no room for stream {sid!r}: every KV-cache row is taken ({self._capacity()}; "
                                     "add a GPU node, or engine.max_streams / engine.max_context)")
+            self._files.claim(sid, files)
             handle = self._Stream.options(
                 num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(self._head_node, soft=False),
             ).remote(sid, scfg, list(scfg.sinks or [{"kind": "console"}]))
@@ -282,6 +287,7 @@ class ClusterService(StreamsHTTP):
         except Exception as e:  # noqa: BLE001
             with self._lock:
                 self.streams.pop(sid, None)
+                self._files.release(sid)
             ray.kill(handle, no_restart=True)
             cause = getattr(e, "cause", None) or e
             raise PipelineError(f"stream {sid!r}: {cause}") from None
@@ -299,6 +305,8 @@ class ClusterService(StreamsHTTP):
             return ray.get(st.handle.stop.remote(), timeout=self.cfg.shutdown.sinks_timeout_s + 30)
         finally:
             ray.kill(st.handle, no_restart=True)
+            with self._lock:
+                self._files.release(sid)  # once its sinks have finalised their files
 
     def drain(self, node: str) -> dict:
         """Move the streams of ``node`` (a node id, a prefix of one, or its name/address) away and end its
