@@ -7,6 +7,7 @@ import itertools
 import os
 import re
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,8 @@ except ImportError:  # pragma: no cover
 # only this package's own plugins under test (datasette's practice): an installed third-party source or
 # sink must not change a test's outcome; subprocesses (livecc run) inherit it
 os.environ.setdefault("LIVECC_PLUGINS", "livecc-pipeline")
+# state the sinks keep between runs (the YouTube sink's seq) goes to a folder of this test session, not $HOME
+os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="livecc-test-state-")
 
 _keys = itertools.count(1)
 

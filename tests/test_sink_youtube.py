@@ -74,7 +74,8 @@ def server():
 
 def run_captions(server, monkeypatch, caplog, outage_s: float, n: int = 16, every: float = 0.25):
     monkeypatch.setenv("YOUTUBE_CAPTION_KEY", KEY)
-    sink = YoutubeSink(url=server.url, backoff_initial_s=0.2, backoff_max_s=1.0, stop_timeout_s=outage_s + 5)
+    sink = YoutubeSink(url=server.url, backoff_initial_s=0.2, backoff_max_s=1.0, stop_timeout_s=outage_s + 5,
+                       seq_dir="off")
     sink.start()
     sent = []
     with caplog.at_level(logging.DEBUG):
@@ -123,7 +124,8 @@ def test_youtube_outage_of_hours_holds_a_bounded_backlog(server, monkeypatch):
     the run reports it); once YouTube is back the newest are delivered in order, the request in flight unchanged."""
     monkeypatch.setenv("YOUTUBE_CAPTION_KEY", KEY)
     server.fail_until = time.monotonic() + 3600
-    sink = YoutubeSink(url=server.url, backoff_initial_s=0.05, backoff_max_s=0.1, max_batch=10, max_pending=100)
+    sink = YoutubeSink(url=server.url, backoff_initial_s=0.05, backoff_max_s=0.1, max_batch=10, max_pending=100,
+                       seq_dir="off")
     sink.start()
     try:
         sink.on_caption(Caption(0, 1, "caption 0", created_at=time.time(), latency_s=0.2))
@@ -148,7 +150,7 @@ def test_youtube_outage_of_hours_holds_a_bounded_backlog(server, monkeypatch):
 
 def test_youtube_wrong_key_is_reported_not_retried(server, monkeypatch):
     monkeypatch.setenv("YOUTUBE_CAPTION_KEY", "wrong")
-    sink = YoutubeSink(url=server.url, backoff_initial_s=0.1)
+    sink = YoutubeSink(url=server.url, backoff_initial_s=0.1, seq_dir="off")
     sink.start()
     sink.on_caption(Caption(0, 1, "first"))
     deadline = time.monotonic() + 5
@@ -167,3 +169,35 @@ def test_youtube_needs_the_key_in_the_environment(monkeypatch):
         YoutubeSink().start()
     with pytest.raises(ValueError, match="environment"):
         YoutubeSink(url="http://upload.youtube.com/closedcaption?cid=SECRET")
+
+
+def test_youtube_seq_goes_on_after_a_restart(server, monkeypatch, tmp_path, caplog):
+    """A pipeline restarted mid-broadcast: the new sink's first request carries the seq after the last accepted one
+    (the ingestion server here refuses a seq it has accepted already, as a repeat), not 1; the state file is named
+    by a hash, never the key; an unwritable state folder is logged and the captions go on; ``off`` starts at 1."""
+    monkeypatch.setenv("YOUTUBE_CAPTION_KEY", KEY)
+
+    def session(texts, **kw):
+        sink = YoutubeSink(url=server.url, backoff_initial_s=0.05, **kw)
+        sink.start()
+        for t in texts:
+            sink.on_caption(Caption(0, 1, t, created_at=time.time(), latency_s=0.1))
+            wait_until(lambda: any(a[2] == t for a in server.accepted), 10, f"{t!r} accepted")
+        sink.stop()
+        return sink
+
+    state = tmp_path / "state"
+    session(["one", "two", "three"], seq_dir=str(state))
+    files = list(state.iterdir())
+    assert len(files) == 1 and KEY not in files[0].name and files[0].read_text().strip() == "4"
+    second = session(["four", "five"], seq_dir=str(state))
+    assert [s for s, _, _ in server.accepted] == [1, 2, 3, 4, 5] and not server.errors, server.errors
+    assert second.stats()["seq"] == 6
+    files[0].with_suffix(".tmp").mkdir()  # the state can be read but no longer written: logged, delivered all the same
+    session(["six"], seq_dir=str(state))
+    assert server.accepted[-1][0::2] == (6, "six") and files[0].read_text().strip() == "6"
+    assert "cannot keep the seq" in caplog.text and KEY not in caplog.text
+    fresh = YoutubeSink(url=server.url, seq_dir="off")
+    fresh.start()
+    assert fresh.seq == 1
+    fresh.stop()

@@ -19,6 +19,12 @@ request is let go and counted ``lost``). Other 4xx (a wrong key) are not retried
 counted ``lost`` and the next caption raises ``DeliveryError``. On stop the sender gets up to
 ``stop_timeout_s`` to send what is pending; anything left is counted lost and reported.
 
+``seq`` survives a restart: the next one of each ingestion URL and key is kept in a small file (``seq_dir``,
+default ``$XDG_STATE_HOME/livecc/youtube``, i.e. ``~/.local/state/livecc/youtube``; named by a hash of the URL
+and key, never the key), so a pipeline restarted mid-broadcast goes on from where it stopped instead of sending
+``seq=1`` again (which the ingestion server may take for a repeat of the first request). ``seq_dir: off`` starts
+at 1 every time. A state file that cannot be written is logged once and the captions go on.
+
 The key (``cid``) is read from the environment (``key_env``, default ``YOUTUBE_CAPTION_KEY``),
 never from the config, and never appears in logs, errors or the status (``redact`` hides ``cid``).
 """
@@ -26,8 +32,10 @@ never from the config, and never appears in logs, errors or the status (``redact
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import logging
 import os
+from pathlib import Path
 import threading
 import time
 import urllib.error
@@ -80,6 +88,7 @@ class YoutubeSink(Sink):
         max_pending: int = 600
         answer_prefix: str = "A: "
         stop_timeout_s: float = 10.0
+        seq_dir: str = ""  # where the next seq of each URL and key is kept ("" = the user's state dir; off = none)
 
         @field_validator("url")
         @classmethod
@@ -109,6 +118,8 @@ class YoutubeSink(Sink):
         self._key = ""
         self.error: str | None = None  # a refusal that retrying cannot fix
         self.connected = False
+        self._seq_file: Path | None = None  # the seq state (``seq_dir``), set at start
+        self._seq_warned = False
 
     # --- sink API --------------------------------------------------------------------
     def start(self) -> None:
@@ -116,6 +127,8 @@ class YoutubeSink(Sink):
         if not key:
             raise DeliveryError(f"youtube: set {self.settings.key_env} to the caption ingestion key (cid)")
         self._key = key
+        self._seq_file = self._state_file()
+        self.seq = self._load_seq()
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="youtube-captions", daemon=True)
         self._thread.start()
@@ -183,6 +196,42 @@ class YoutubeSink(Sink):
             self.clock_offset = server - (sent + time.time()) / 2
         return status, answer
 
+    def _state_file(self) -> Path | None:
+        where = self.settings.seq_dir
+        if where == "off":
+            return None
+        if not where:
+            where = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "livecc" / "youtube"
+        name = hashlib.sha256(f"{self.settings.url}\0{self._key}".encode()).hexdigest()[:24]
+        return Path(where).expanduser() / f"{name}.seq"
+
+    def _load_seq(self) -> int:
+        """The next seq this URL and key take: from the state file, else 1."""
+        try:
+            text = self._seq_file.read_text().strip() if self._seq_file else ""
+            return max(1, int(text)) if text else 1
+        except FileNotFoundError:
+            return 1
+        except (OSError, ValueError) as e:
+            log.warning("youtube captions: cannot read the seq state %s (%s): seq starts at 1", self._seq_file,
+                        type(e).__name__)
+            return 1
+
+    def _save_seq(self) -> None:
+        """Keep the next seq (after each accepted request; written whole, through a rename)."""
+        if self._seq_file is None:
+            return
+        try:
+            self._seq_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self._seq_file.with_suffix(".tmp")
+            tmp.write_text(f"{self.seq}\n")
+            os.replace(tmp, self._seq_file)
+        except OSError as e:
+            if not self._seq_warned:
+                log.warning("youtube captions: cannot keep the seq in %s (%s); a restart would start at 1",
+                            self._seq_file, e.strerror or type(e).__name__)
+            self._seq_warned = True
+
     def _safe(self, e: BaseException) -> str:
         text = f"{type(e).__name__}: {e}"
         if self._key:
@@ -218,6 +267,7 @@ class YoutubeSink(Sink):
                     self.connected = True
                     self.counters["sent"] += len(batch)
                     self.seq += 1
+                    self._save_seq()
                     break
                 self.connected = False
                 if 400 <= status < 500 and status not in (408, 429):
