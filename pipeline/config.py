@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import threading
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -475,6 +476,18 @@ def output_path_problem(target: str) -> str | None:
         return f"{target}: no permission to write in {parent}"
     if p.exists() and not os.access(p, os.W_OK):
         return f"{target}: no permission to write it"
+    # permission bits do not tell everything (root passes every check; /proc, a read-only mount): try it. A
+    # regular file is opened for appending (its content and times unchanged); for a new file, a probe file is
+    # created and removed in the nearest folder that exists (missing folders are made when the sink opens)
+    try:
+        if p.is_file():
+            os.close(os.open(p, os.O_WRONLY | os.O_APPEND))
+        elif not p.exists():
+            probe = parent / f".livecc-probe-{os.getpid()}-{threading.get_ident()}"
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            os.unlink(probe)
+    except OSError as e:
+        return f"{target}: cannot write {'it' if p.exists() else f'a file in {parent}'} ({e.strerror})"
     return None
 
 

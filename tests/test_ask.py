@@ -55,32 +55,38 @@ def no_frames_video(good: Path, path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("case", ["no frames", "one frame", "question too long", "too long for the context"])
+@pytest.mark.parametrize("case", ["no frames", "one frame", "question too long", "too long for the context",
+                                  "answers file is a folder", "answers file cannot be created"])
 def test_bad_input_is_one_line_and_exit_2(case, video, model, tmp_path):
     args = [Q1]
+    out = tmp_path / "answers.jsonl"
     if case == "no frames":
         video = no_frames_video(video, tmp_path / "garbage.mp4")
     elif case == "one frame":
         video = make_test_video(tmp_path / "one.mp4", seconds=1 / 30, width=64, height=64, fps=30)
     elif case == "question too long":
         args = [Q1, "x" * (MAX_QUESTION_CHARS + 1)]
+    elif case == "answers file is a folder":
+        out = tmp_path  # (a traceback after the model had loaded, before)
+    elif case == "answers file cannot be created":
+        out = Path("/proc/livecc-test/answers.jsonl")  # no file can be made under /proc, whatever the permissions
     else:
         args = [Q1, "--max-context", "2048"]  # 24 frames at 364x644: 3588 video tokens
-    out = tmp_path / "answers.jsonl"
     t0 = time.monotonic()
     r = ask(video, model, *args, "--jsonl", str(out), timeout=60)
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("livecc: error: "), r.stderr
     assert {"no frames": "no frame could be decoded", "one frame": "needs at least 2", "question too long": "over the limit",
-            "too long for the context": "too long for the context"}[case] in lines[0]
-    assert r.stdout == "" and not out.exists()
+            "too long for the context": "too long for the context", "answers file is a folder": "is a directory",
+            "answers file cannot be created": "cannot write a file in /proc"}[case] in lines[0]
+    assert r.stdout == "" and (out.is_dir() if out == tmp_path else not out.exists())
     assert time.monotonic() - t0 < 30  # refused before the model loads
 
 
 @pytest.fixture(scope="module")
 def argv_answers(video, model, tmp_path_factory) -> list[dict]:
-    out = tmp_path_factory.mktemp("argv") / "answers.jsonl"
+    out = tmp_path_factory.mktemp("argv") / "new folder" / "answers.jsonl"  # the folder is made, as sinks make theirs
     r = ask(video, model, Q1, Q2, "--jsonl", str(out))
     assert r.returncode == 0, r.stderr
     answers = read_jsonl(out)

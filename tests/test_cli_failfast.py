@@ -54,6 +54,9 @@ def test_hostile_configs_are_one_line_and_exit_2(tmp_path, name):
 @pytest.mark.parametrize("target, expected", [
     ("{tmp}", "is a directory"),
     ("{tmp}/a_file/captions.srt", "is a file, not a folder"),
+    # permission bits pass (as root they always do) but nothing can be created there: once a traceback (caption)
+    # or a run that captioned the whole video and then failed with "sink lost data" (run)
+    ("/proc/livecc-test/captions.srt", "cannot write a file in /proc"),
 ])
 def test_a_sink_target_that_cannot_be_a_file_exits_2_before_the_model_loads(tmp_path, target, expected):
     (tmp_path / "a_file").write_text("in the way")

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
+from ..config import output_path_problem
 from .options import add_engine_args, check_model, engine_overrides, quiet_progress_bars, set_cpu_threads
 
 MAX_QUESTION_CHARS = 2000  # the control API's default limit for a question (server.max_text_chars)
@@ -63,6 +65,13 @@ class Conversation:
         return answer.text
 
 
+def open_appending(path: str):
+    """``path`` opened for appending UTF-8 text, its missing folders made (as the sinks make theirs)."""
+    target = Path(path).expanduser()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return open(target, "a", encoding="utf-8")
+
+
 def main(args) -> int:
     from ..capture.whole_video import plan, read_frames
     from ..errors import UserError
@@ -80,6 +89,8 @@ def main(args) -> int:
         raise UserError(f"{args.video}: too long for the context: its {len(p.indices)} frames make {p.video_tokens} "
                         f"video tokens, which with {cfg.max_new_tokens} answer tokens is over the "
                         f"{cfg.max_context}-token context (--max-context)")
+    if args.jsonl and (problem := output_path_problem(args.jsonl)):
+        raise UserError(f"--jsonl {problem}")  # before the model loads, as every output of run and caption
     frames = read_frames(args.video, p)
     check_model(cfg.model)
     set_cpu_threads(args.threads)
@@ -91,7 +102,10 @@ def main(args) -> int:
     print(f"model {model.name} on {model.device} ({str(model.dtype).removeprefix('torch.')}), "
           f"weights {model.quantize} ({size})", file=sys.stderr, flush=True)  # what answers, before the first one
     session = StreamingSession(model, cfg)
-    jsonl = open(args.jsonl, "a", encoding="utf-8") if args.jsonl else None
+    try:
+        jsonl = open_appending(args.jsonl) if args.jsonl else None
+    except OSError as e:  # changed since the check (removed, filled up, ...)
+        raise UserError(f"--jsonl {args.jsonl}: {e.strerror or e}") from None
     try:
         chat = Conversation(session, frames, cfg.max_new_tokens, jsonl)
         for q in questions:
