@@ -56,6 +56,29 @@ def test_one_warning_names_the_characters_no_font_has(caplog):
     assert len(warnings) == 1 and "U+10FFFD" in warnings[0], warnings
 
 
+@needs_fc
+def test_characters_no_font_has_are_warned_about_at_most_once_a_minute(caplog, monkeypatch):
+    """A caption stream with a new unsupported character in every caption (the demo's random words span many
+    scripts: a warning every few seconds, once): one warning, then the rest named in the next one a minute later,
+    up to 8 by name and the others counted."""
+    from plugins.sinks.burnin import render
+
+    now = [1000.0]
+    monkeypatch.setattr(render.time, "monotonic", lambda: now[0])
+    r = CaptionRenderer(BurninSettings())
+    private = [chr(0x10FFF0 + i) for i in range(12)]  # private-use characters: no font has them
+    with caplog.at_level(logging.WARNING, logger="plugins.sinks.burnin.render"):
+        for i, ch in enumerate(private):
+            r.render(f"caption {i} {ch}", 320, 240)
+            now[0] += 2.0
+        now[0] += 60.0
+        r.render(f"later {private[0]} {chr(0x10FFFD)}", 320, 240)
+    warnings = [rec.getMessage() for rec in caplog.records if "no installed font" in rec.getMessage()]
+    assert len(warnings) == 2, warnings
+    assert "U+10FFF0" in warnings[0] and "more" not in warnings[0]
+    assert "U+10FFF1" in warnings[1] and "and 4 more" in warnings[1], warnings[1]  # 12 new: 8 named, 4 counted
+
+
 def test_shape_change_keeps_the_output_size_and_letterboxes(tmp_path):
     """640x360 then 360x640 mid-run: the MP4 stays 640x360; the portrait picture is pillarboxed
     (black bars left and right, the picture's own aspect ratio in the middle)."""

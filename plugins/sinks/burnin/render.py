@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import subprocess
+import time
 import unicodedata
 
 import av
@@ -183,6 +184,9 @@ class FontChain:
             x += face.length(run)
 
 
+MISSING_WARN_EVERY_S = 60.0  # at most one warning a minute about characters no font has (``_warn_missing``)
+
+
 class CaptionRenderer:
     """Draws caption text into a semi-transparent box; returns what to blend onto a frame.
 
@@ -193,7 +197,9 @@ class CaptionRenderer:
         self.font_path = find_font(settings.font)
         self._cache: dict = {}
         self._chains: dict[int, FontChain] = {}
-        self._warned: set[str] = set()
+        self._warned: set[str] = set()  # characters reported (or waiting to be: ``_unreported``)
+        self._unreported: set[str] = set()
+        self._warned_at = -MISSING_WARN_EVERY_S
 
     def chain(self, size: int) -> FontChain:
         if size not in self._chains:
@@ -228,12 +234,24 @@ class CaptionRenderer:
         return lines
 
     def _warn_missing(self, chain: FontChain) -> None:
-        new = sorted(chain.missing - self._warned)
-        if new:
-            self._warned.update(new)
-            log.warning("burn-in: no installed font has %s; drawn as boxes (install fonts-noto-cjk and "
-                        "fonts-noto-color-emoji, or set font:)",
-                        ", ".join(f"{c!r} (U+{ord(c):04X})" for c in new))
+        """One warning for characters no installed font has, then at most one every ``MISSING_WARN_EVERY_S`` for
+        those seen since (a model that writes many scripts, e.g. the demo's random words, named a new one in
+        almost every caption), each naming up to 8 and counting the rest."""
+        new = chain.missing - self._warned
+        if not new:
+            return
+        self._warned |= new
+        self._unreported |= new
+        now = time.monotonic()
+        if now - self._warned_at < MISSING_WARN_EVERY_S:
+            return
+        self._warned_at = now
+        shown = sorted(self._unreported)[:8]
+        more = len(self._unreported) - len(shown)
+        self._unreported = set()
+        log.warning("burn-in: no installed font has %s%s; drawn as boxes (install fonts-noto-cjk and "
+                    "fonts-noto-color-emoji, or set font:)",
+                    ", ".join(f"{c!r} (U+{ord(c):04X})" for c in shown), f" and {more} more" if more else "")
 
     def render(self, text: str, width: int, height: int):
         """(y0, x0, premultiplied rgb float32 HxWx3, 1 - alpha float32 HxWx1) or None for no caption."""
