@@ -14,7 +14,6 @@ import json
 import sys
 from pathlib import Path
 
-from ..config import output_path_problem
 from .options import add_engine_args, check_model, engine_overrides, quiet_progress_bars, set_cpu_threads
 
 MAX_QUESTION_CHARS = 2000  # the control API's default limit for a question (server.max_text_chars)
@@ -74,6 +73,7 @@ def open_appending(path: str):
 
 def main(args) -> int:
     from ..capture.whole_video import plan, read_frames
+    from ..config import output_path_problem
     from ..errors import UserError
     from ..engine import ContextFullError, EngineConfig, StreamingSession, load_model
 
