@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_gpu import loaded, pct, synthetic_clips  # noqa: E402
 
 from pipeline.engine import EngineConfig, StreamingSession, make_core  # noqa: E402
+from pipeline.engine import runner as runner_mod  # noqa: E402
 
 
 class PacedStream:
@@ -102,9 +103,10 @@ def pace(n: int, warmup: float, seconds: float, pool: list, put) -> tuple[float,
 
 def run(model, n: int, warmup: float, seconds: float, slots: int | None, pool: list, prefill_batch: int = 0,
         steps_per_prefill: int = 0, prefill_compiled: str = "on", max_context: int = 32768,
-        overlap: str = "on", prefill_graphs: str = "on") -> dict:
+        overlap: str = "on", prefill_graphs: str = "on", decode_attention: str = "split-kv") -> dict:
     cfg = EngineConfig(greedy=True, max_context=max_context)
     t_start = time.perf_counter()
+    runner_mod.SPLIT_KV_DECODE = decode_attention == "split-kv"  # read when the core's runner is built
     core = make_core(model, cfg, slots=slots or n)
     start_s = time.perf_counter() - t_start  # incl. compiling and capturing every decode batch size
     if prefill_compiled == "off":
@@ -155,7 +157,7 @@ def run(model, n: int, warmup: float, seconds: float, slots: int | None, pool: l
             "max_ms": round(max(lat) * 1000, 1) if lat else None, "tokens_per_s": round(toks / seconds, 1),
             "decode_steps": core.steps, "prefill_batch": core.prefill_batch,
             "steps_per_prefill": core.decode_steps_per_prefill, "prefill_compiled": prefill_compiled,
-            "overlap": overlap, "prefill_graphs": prefill_graphs,
+            "overlap": overlap, "prefill_graphs": prefill_graphs, "decode_attention": decode_attention,
             "max_context": max_context,
             "start_s": round(start_s, 1),
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if model.device.type == "cuda" else None,
@@ -204,7 +206,8 @@ def probe(model, counts: list[int], contexts: list[int], pool) -> str:
 
 
 def table(rows: list[dict], title: str) -> str:
-    cols = ["streams", "max_context", "prefill_batch", "steps_per_prefill", "prefill_compiled", "overlap", "prefill_graphs", "start_s", "turns", "due", "dropped", "p50_ms", "p99_ms", "max_ms", "tokens_per_s", "vision_p50_ms",
+    cols = ["streams", "max_context", "prefill_batch", "steps_per_prefill", "prefill_compiled", "overlap", "prefill_graphs",
+            "decode_attention", "start_s", "turns", "due", "dropped", "p50_ms", "p99_ms", "max_ms", "tokens_per_s", "vision_p50_ms",
             "prefill_p50_ms", "decode_p50_ms", "peak_gib", "context_end"]
     out = [f"### {title}", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     out += ["| " + " | ".join(str(r.get(c)) for c in cols) + " |" for r in rows]
@@ -240,6 +243,9 @@ def main(argv=None) -> int:
                     help="a lone row's prefill replayed from a CUDA graph (on, the engine's default: the past's "
                          "2048-key blocks through cuDNN on Hopper), the graphs with FlashAttention alone (flash), "
                          "or eager (off); each value is a run")
+    ap.add_argument("--decode-attention", nargs="+", default=["split-kv"], choices=["split-kv", "flash"],
+                    help="the decode step's attention: the split-KV Triton kernels (split-kv, the engine's default: "
+                         "pipeline/engine/decode_attention.py) or FlashAttention-2's varlen call; each value is a run")
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--quantize", choices=["none", "int8", "int4", "fp8"], default="none",
                     help="the language model's weights (engine.quantize)")
@@ -255,11 +261,12 @@ def main(argv=None) -> int:
     if a.probe:
         print(probe(model, a.streams, a.probe, pool), flush=True)
     rows = []
-    for n, pb, k, pc, mc, ov, pg in itertools.product(a.streams, a.prefill_batch, a.steps_per_prefill,
-                                                      a.prefill_compiled, a.max_context, a.overlap, a.prefill_graphs):
+    for n, pb, k, pc, mc, ov, pg, da in itertools.product(a.streams, a.prefill_batch, a.steps_per_prefill,
+                                                          a.prefill_compiled, a.max_context, a.overlap,
+                                                          a.prefill_graphs, a.decode_attention):
         print(f"# {n} streams: starting (compiling every batch size, then {a.warmup:g} s of warm-up and "
               f"{a.seconds:g} s measured)", file=sys.stderr, flush=True)
-        rows.append(run(model, n, a.warmup, a.seconds, a.slots, pool, pb, k, pc, mc, ov, pg))
+        rows.append(run(model, n, a.warmup, a.seconds, a.slots, pool, pb, k, pc, mc, ov, pg, da))
         print(json.dumps(rows[-1]), flush=True)
         gc.collect()
         if dev.type == "cuda":

@@ -7,9 +7,10 @@ keys held in L2). Each candidate runs for all 28 layers inside one CUDA graph; t
 replay per layer (CUDA events over 50 replays) and its largest difference from float32 attention.
 
 Decode, one query a row, each row at ``--context`` keys:
-- ``engine``: FlashAttention-2 varlen, one query per row, 28 query heads (the engine's step today);
+- ``FlashAttention-2 varlen``: one query per row, 28 query heads (the engine's decode step until the split-KV kernels);
 - ``split N``: the same with ``num_splits=N`` forced (``--splits``: PyTorch builds whose kernel takes it; 2.11's
   does not);
+- ``split-KV Triton C``: the engine's decode attention (``pipeline/engine/decode_attention.py``), C keys a program;
 - ``chunks C``: each row's keys cut into chunks of C keys, every chunk a varlen "row" whose 7 query rows are the
   query heads sharing a KV head (each K/V byte read once), merged by log-sum-exp (compiled).
 
@@ -106,9 +107,12 @@ merge_c = torch.compile(merge_n, fullgraph=True, dynamic=False)
 
 
 def decode_rows(args, dev):
-    print("| decode attention | context | rows | engine us | " + " | ".join(f"split {n} us" for n in args.splits)
-          + " | " + " | ".join(f"chunks {c} us" for c in args.chunks) + " | KV read floor us at 4 TB/s | max diff |")
-    print("|" + "---|" * (5 + len(args.splits) + len(args.chunks)) + "---|")
+    from pipeline.engine.decode_attention import decode_attention
+    print("| decode attention | context | rows | FlashAttention-2 varlen us | "
+          + " | ".join(f"split {n} us" for n in args.splits) + " | " + " | ".join(f"chunks {c} us" for c in args.chunks)
+          + " | " + " | ".join(f"split-KV Triton {c} us" for c in args.split_kv)
+          + " | KV read floor us at 4 TB/s | max diff |")
+    print("|" + "---|" * (5 + len(args.splits) + len(args.chunks) + len(args.split_kv)) + "---|")
     for C in args.context:
         cap = C + 2048
         for B in args.rows:
@@ -150,6 +154,8 @@ def decode_rows(args, dev):
             cands = [("engine", lambda i: engine(i))]
             cands += [(f"split {n}", lambda i, n=n: engine(i, num_splits=n)) for n in args.splits]
             cands += [(f"chunks {c}", lambda i, c=c: chunked(i, c)) for c in args.chunks]
+            cands += [(f"split-KV {c}", lambda i, c=c: decode_attention(q, cache.k[i], cache.v[i], lens, window,
+                                                                         split=c)) for c in args.split_kv]
             for name, fn in cands:
                 try:
                     with torch.inference_mode():
@@ -272,6 +278,8 @@ def main() -> int:
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--splits", type=int, nargs="*", default=[], help="num_splits values to force (torch > 2.11)")
     ap.add_argument("--chunks", type=int, nargs="*", default=[512, 1024, 2048])
+    ap.add_argument("--split-kv", type=int, nargs="*", default=[256, 512, 1024],
+                    help="keys a program reads in the engine's split-KV Triton kernels (decode_attention)")
     ap.add_argument("--past-splits", type=int, nargs="*", default=[2, 4, 8])
     ap.add_argument("--cudnn-varlen", action="store_true", help="also cuDNN's varlen attention (see the doc)")
     ap.add_argument("--skip", nargs="*", default=[], choices=["decode", "prefill"])

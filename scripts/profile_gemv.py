@@ -80,39 +80,47 @@ def int4_reduction_folded(x, packed, scale, zero):
     return y.to(x.dtype)[None]
 
 
-def int4_triton(configs=((8, 4), (16, 4), (32, 4), (16, 8), (32, 8), (64, 8))):
+def int4_triton(configs=((16, 1, 4), (32, 1, 4), (16, 2, 4), (32, 2, 8), (8, 4, 4), (16, 4, 8), (32, 4, 8),
+                         (64, 2, 8))):
     """A candidate one-row int4 product as a hand-written Triton kernel over ``int4_plain``'s layout (rows in
-    blocks of BLOCK_N, 128 bytes = one group of each half a step, the scale and zero applied to each group's sum).
-    Returns ``run(x, packed, scale, zero, config) -> (1, N)`` and the configs (BLOCK_N, num_warps) to try."""
+    blocks of BLOCK_N, GROUPS groups of 128 bytes of each half a step, the scale and zero applied to each group's
+    sum). Returns ``run(x, packed, scale, zero, config) -> (1, N)`` and the configs (BLOCK_N, GROUPS, num_warps)
+    to try."""
     import triton
     import triton.language as tl
 
     @triton.jit
-    def gemv(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, N, HALF, G, BLOCK_N: tl.constexpr):
+    def gemv(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, N, HALF, G, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         live = rows < N
-        cols = tl.arange(0, 128)
+        cols = tl.arange(0, GROUPS * 128)
+        grp = tl.arange(0, GROUPS)
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, HALF, 128):
-            p = tl.load(p_ptr + rows[:, None] * HALF + k0 + cols[None, :], mask=live[:, None], other=0)
-            xl = tl.load(x_ptr + k0 + cols).to(tl.float32)
-            xh = tl.load(x_ptr + HALF + k0 + cols).to(tl.float32)
-            g = k0 // 128
-            sl = tl.load(s_ptr + rows * G + g, mask=live, other=0).to(tl.float32)
-            zl = tl.load(z_ptr + rows * G + g, mask=live, other=0).to(tl.float32)
-            sh = tl.load(s_ptr + rows * G + G // 2 + g, mask=live, other=0).to(tl.float32)
-            zh = tl.load(z_ptr + rows * G + G // 2 + g, mask=live, other=0).to(tl.float32)
-            dl = tl.sum((p & 15).to(tl.float32) * xl[None, :], 1)
-            dh = tl.sum((p >> 4).to(tl.float32) * xh[None, :], 1)
-            acc += sl * (dl - zl * tl.sum(xl, 0)) + sh * (dh - zh * tl.sum(xh, 0))
+        for k0 in range(0, HALF, GROUPS * 128):
+            inside = k0 + cols < HALF  # the last step of a half may hang over its end
+            p = tl.load(p_ptr + rows[:, None] * HALF + k0 + cols[None, :], mask=live[:, None] & inside[None, :],
+                        other=0)
+            p = tl.reshape(p, [BLOCK_N, GROUPS, 128])
+            xl = tl.reshape(tl.load(x_ptr + k0 + cols, mask=inside, other=0).to(tl.float32), [GROUPS, 128])
+            xh = tl.reshape(tl.load(x_ptr + HALF + k0 + cols, mask=inside, other=0).to(tl.float32), [GROUPS, 128])
+            g = k0 // 128 + grp
+            at = rows[:, None] * G + g[None, :]
+            m = live[:, None] & (g < G // 2)[None, :]
+            sl = tl.load(s_ptr + at, mask=m, other=0).to(tl.float32)
+            zl = tl.load(z_ptr + at, mask=m, other=0).to(tl.float32)
+            sh = tl.load(s_ptr + at + G // 2, mask=m, other=0).to(tl.float32)
+            zh = tl.load(z_ptr + at + G // 2, mask=m, other=0).to(tl.float32)
+            dl = tl.sum((p & 15).to(tl.float32) * xl[None, :, :], 2)
+            dh = tl.sum((p >> 4).to(tl.float32) * xh[None, :, :], 2)
+            acc += tl.sum(sl * (dl - zl * tl.sum(xl, 1)[None, :]) + sh * (dh - zh * tl.sum(xh, 1)[None, :]), 1)
         tl.store(y_ptr + rows, acc.to(y_ptr.dtype.element_ty), mask=live)
 
-    def run(x, packed, scale, zero, config=(16, 4)):
+    def run(x, packed, scale, zero, config=(16, 1, 4)):
         n, half = packed.shape
+        block_n, groups, warps = config
         y = torch.empty(1, n, dtype=x.dtype, device=x.device)
-        block_n, warps = config
         gemv[(triton.cdiv(n, block_n),)](x, packed, scale, zero, y, n, half, scale.shape[1], BLOCK_N=block_n,
-                                         num_warps=warps)
+                                         GROUPS=groups, num_warps=warps)
         return y
 
     return run, configs
@@ -152,7 +160,7 @@ def quantized_rows(args) -> None:
     }
     gemv4, configs = int4_triton()
     for cfg in configs:
-        ways[f"int4 plain, Triton GEMV {cfg[0]} rows {cfg[1]} warps"] = (
+        ways[f"int4 plain, Triton GEMV {cfg[0]} rows x {cfg[1]} groups, {cfg[2]} warps"] = (
             "plain4", lambda x, ws, i, cfg=cfg: gemv4(x, *ws[i], cfg), 0.5)
     print("\n| one row | " + " | ".join(f"{w} µs | TB/s" for w in ways) + " |")
     print("|---|" + "---|---|" * len(ways))

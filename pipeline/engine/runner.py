@@ -29,6 +29,7 @@ import torch
 
 from ..errors import first_line
 from .cuda_graphs import DecodeGraphs, PrefillGraphs
+from .decode_attention import decode_attention
 from .kv_cache import KVCache
 from .model import TextModel, merge_attention
 from .vision import patchify
@@ -46,6 +47,19 @@ WINDOWS = (1024,) + tuple(range(2048, 131072 + 1, 2048))
 # at least PAST_MIN_QUERIES tokens): cuDNN plans once per shape (≈ 35 ms), so the block sizes are few
 PAST_BLOCK = 2048
 PAST_MIN_QUERIES = 64
+
+
+# the decode step's attention through decode_attention's split-KV kernels (CUDA, bf16/fp16, Triton importable);
+# False: FlashAttention-2's varlen call, as the prefill (scripts/bench_streams.py --decode-attention compares them)
+SPLIT_KV_DECODE = True
+
+
+def _has_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def past_block(start: int, n: int) -> int:
@@ -90,6 +104,9 @@ class ModelRunner:
         # PyTorch's FlashAttention kernels need Ampere (8.0) or newer; older GPUs take the masked SDPA path
         self.flash = on_cuda and m.dtype in (torch.bfloat16, torch.float16) and \
             torch.cuda.get_device_capability(self.device) >= (8, 0)
+        # the decode step's attention: split-KV Triton kernels over grouped heads (decode_attention), FlashAttention-2
+        # varlen where Triton is missing or SPLIT_KV_DECODE is off
+        self.split_kv = self.flash and SPLIT_KV_DECODE and _has_triton()
         self.cudnn_past = self.flash and torch.backends.cudnn.is_available() and \
             torch.cuda.get_device_capability(self.device) >= (9, 0)
         self.video_token_id = loaded.video_token_id
@@ -321,20 +338,23 @@ class ModelRunner:
         """The fixed-shape decode step CUDA graphs capture: rows 0..nb-1 (nb = x.shape[0]), one token each.
         x (nb, hidden) the tokens' embeddings (the lookup stays outside: the table may be in host memory), pos (nb,)
         1-D positions, at (nb,) cache positions; each row attends over its positions
-        0..at: on CUDA in bf16/fp16 with one FlashAttention-2 varlen call per layer reading the rows in place
-        (``window`` only bounds the key length), elsewhere two grouped matmuls over the first ``window``
-        positions with a mask (``TextModel.attend_rows``). Returns float32 logits (nb, V)."""
+        0..at: on CUDA in bf16/fp16 with the split-KV kernels of ``decode_attention`` (or one FlashAttention-2
+        varlen call) per layer reading the rows in place (``window`` bounds the key length), elsewhere two grouped
+        matmuls over the first ``window`` positions with a mask (``TextModel.attend_rows``). Returns float32
+        logits (nb, V)."""
         m, cache = self.model, self.cache
         nb = x.shape[0]
         rows = torch.arange(nb, device=x.device)
         x = x[:, None]  # nb, 1, hidden
-        if self.flash:  # one FlashAttention varlen call reading each row's used keys in place (no mask, no window)
+        if self.flash:  # each row's used keys read in place (no mask, no window)
             cu_q = rows.to(torch.int32)
             cu_q = torch.cat([cu_q, cu_q[-1:] + 1])
             cu_k = (cu_q * cache.varlen_stride).clamp_(max=(nb - 1) * cache.varlen_stride + self.capacity)
             used = (at + 1).to(torch.int32)
 
             def attend(i, q, k, v):  # this row's key/value already stored by model.store_kv
+                if self.split_kv:
+                    return decode_attention(q[:, :, 0], cache.k[i], cache.v[i], used, window)[:, None]
                 kf, vf = cache.varlen(i)
                 return m.attend_varlen(q[:, :, 0].contiguous(), kf, vf, cu_q, cu_k, used, 1, window)[:, None]
         else:
