@@ -129,7 +129,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, used: to
     split = split_keys(B) if split is None else split
     splits = triton.cdiv(window, split)
     # scratch rows padded to a multiple of 16: the strides Triton specializes on (divisible by 16 or not) stay the
-    # same in every window, so a new window (a new CUDA graph mid-run) never compiles the kernels again (suspected in a 655-ms turn on an H200)
+    # same in every window, so a new window (a new CUDA graph mid-run) never compiles the kernels again (the
+    # suspected cause of one 655-ms turn on an H200)
     room = triton.cdiv(splits, 16) * 16
     o = torch.empty(B, H, room, D, dtype=torch.float32, device=q.device)
     lse = torch.empty(B, H, room, dtype=torch.float32, device=q.device)
