@@ -328,6 +328,8 @@ def test_a_lone_rows_prefill_replayed_from_its_graph_equals_the_eager_prefill():
     model = load_model(str(tiny_checkpoint("small")), device="cuda", dtype="bfloat16")
     cfg = EngineConfig(greedy=True, max_context=4096, max_new_tokens=4)
     cores = [make_core(model, cfg, slots=2) for _ in range(2)]
+    pg = cores[0].runner.prefill_graphs
+    assert not pg.graphs and not pg.seen  # the warm-up's turns (eager) neither captured nor counted
     cores[1].runner.prefill_graphs = None
     logits = [[], []]
     for core, out in zip(cores, logits):

@@ -380,6 +380,17 @@ class ModelRunner:
 
     def _warm_up(self) -> None:
         t0 = time.perf_counter()
+        graphs, self.prefill_graphs = self.prefill_graphs, None  # the warm-up turns: eager, not counted toward a graph
+        try:
+            self._warm_up_prefill()
+        finally:
+            self.prefill_graphs = graphs
+        buckets = sorted({bucket(n, BATCH_BUCKETS, self.cache.slots) for n in range(1, self.cache.slots + 1)})
+        self.graphs.warm_up(buckets)
+        log.info("prefill and decode step (%s rows) compiled and captured in %.1f s", buckets,
+                 time.perf_counter() - t0)
+
+    def _warm_up_prefill(self) -> None:
         if self.prefill_compiled:  # the compiled prefill (dynamic token count): one text turn on row 0, then undone
             n = min(2 * PAST_MIN_QUERIES, self.capacity)
             self.prefill([(0, [0] * n, torch.arange(n).expand(3, n), None)])
@@ -391,10 +402,6 @@ class ModelRunner:
             self.prefill([(0, [0] * PAST_BLOCK, torch.arange(PAST_BLOCK).expand(3, PAST_BLOCK), None)])
             self.prefill([(0, [0] * n, torch.arange(PAST_BLOCK, PAST_BLOCK + n).expand(3, n), None)])
             self.cache.reset(0)
-        buckets = sorted({bucket(n, BATCH_BUCKETS, self.cache.slots) for n in range(1, self.cache.slots + 1)})
-        self.graphs.warm_up(buckets)
-        log.info("prefill and decode step (%s rows) compiled and captured in %.1f s", buckets,
-                 time.perf_counter() - t0)
 
     # -- context edits ---------------------------------------------------------------------------------------
     def evict(self, slot: int, start: int, end: int, shift: int) -> None:
