@@ -340,11 +340,11 @@ def test_merge_attention_equals_attention_over_all_keys():
 def test_the_compiled_decode_step_equals_the_eager_one_and_stores_its_keys(model):
     """The decode step as CUDA compiles it, here with CPU inductor: ``pre_attention_store`` writes each row's new key
     and value into the cache from the compiled function (index tensors only, in place), and the one-row step, compiled
-    apart with coordinate-descent tuning, computes its products as multiply-and-sum reductions (``model.linear``).
+    apart with coordinate-descent tuning, computes its products as multiply-and-sum reductions (``model.linear``) and
+    its MLP in two compiled parts (``model.post_in_two``).
     Logits and the stored keys equal the eager step's for one row and for three."""
     import torch._dynamo
 
-    from pipeline.engine.model import _one_row_post
     from pipeline.engine.runner import ModelRunner
 
     results = []
@@ -365,7 +365,7 @@ def test_the_compiled_decode_step_equals_the_eager_one_and_stores_its_keys(model
             pos = at + 5
             out.append(r.decode_step(x, pos, at, window=r.windows[0]))
         if compiled:
-            assert m.step_fns(1)[1]._torchdynamo_orig_callable is _one_row_post  # the one-row functions ran
+            assert m.step_fns(1) is m.one_row and m.one_row[1] is not m.post  # the one-row functions ran
         results.append((out, r.cache.k.clone(), r.cache.v.clone()))
     (eager, ke, ve), (comp, kc, vc) = results
     for a, b in zip(eager, comp):
