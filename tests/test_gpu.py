@@ -123,6 +123,26 @@ def test_split_kv_decode_attention_in_bfloat16_against_float32_and_replayed_at_n
     assert torch.equal(alone[0], out[2])
 
 
+def test_split_kv_kernels_compile_once_for_every_window():
+    """A new attention window (a new decode-step graph, every 2048 keys mid-stream) must not compile the split-KV
+    kernels again: Triton specializes on whether integer arguments divide by 16, so the scratch space is padded
+    to keep its strides' divisibility (an unpadded scratch compiled again at 8k keys: one 655-ms turn)."""
+    from pipeline.engine import decode_attention as da
+
+    H, KV, D, cap = 28, 4, 128, 32768
+    k = torch.randn(1, KV, cap, D, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(1, H, D, device="cuda", dtype=torch.bfloat16)
+    for window in (1024,) + tuple(range(2048, cap + 1, 2048)):
+        da.decode_attention(q, k, k, torch.tensor([window - 5], dtype=torch.int32, device="cuda"), window)
+    torch.cuda.synchronize()
+    _, split_kv, merge = da._kernels()
+    for fn in (split_kv, merge):
+        caches = getattr(fn, "device_caches", None)
+        if caches is None:
+            pytest.skip("this Triton keeps its compiled kernels elsewhere")
+        assert sum(len(c[0]) for c in caches.values()) == 1, fn
+
+
 @pytest.mark.parametrize("compile", [False, True])
 def test_graph_decode_agrees_with_plain_decode(compile):
     """Tiny checkpoint in float32 on the GPU: CUDA-graph (and compiled) decode vs the eager plain step."""
