@@ -6,8 +6,8 @@ takes 29.7 µs a layer on an H200 where reading the row's K and V takes 8.2 (``d
 Here each program takes one row, one KV head and one split of ``split_keys(rows)`` keys, with the query heads
 that share the KV head as the rows of its tile (Qwen2's grouped-query attention: 28 query heads over 4 KV heads),
 so K and V are read once; a second kernel merges the splits by their log-sum-exp. The method is Tri Dao et al.'s
-Flash-Decoding (2023, https://crfm.stanford.edu/2023/10/12/flashdecoding.html); the grouped tile follows the
-Triton decode kernels of LightLLM / SGLang (read, not copied).
+Flash-Decoding (2023, https://crfm.stanford.edu/2023/10/12/flashdecoding.html); a tile of the query heads sharing
+a KV head is the approach of the grouped Triton decode kernels of LightLLM and SGLang.
 
 Split boundaries sit at fixed multiples of the split length (``split_keys``: by the number of rows), so a row's
 output depends only on its own keys and that length: the same in every attention window (the CUDA graph buckets)

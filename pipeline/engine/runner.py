@@ -347,16 +347,18 @@ class ModelRunner:
         rows = torch.arange(nb, device=x.device)
         x = x[:, None]  # nb, 1, hidden
         if self.flash:  # each row's used keys read in place (no mask, no window)
-            cu_q = rows.to(torch.int32)
-            cu_q = torch.cat([cu_q, cu_q[-1:] + 1])
-            cu_k = (cu_q * cache.varlen_stride).clamp_(max=(nb - 1) * cache.varlen_stride + self.capacity)
             used = (at + 1).to(torch.int32)
-
-            def attend(i, q, k, v):  # this row's key/value already stored by model.store_kv
-                if self.split_kv:
+            if self.split_kv:
+                def attend(i, q, k, v):  # this row's key/value already stored by model.store_kv
                     return decode_attention(q[:, :, 0], cache.k[i], cache.v[i], used, window)[:, None]
-                kf, vf = cache.varlen(i)
-                return m.attend_varlen(q[:, :, 0].contiguous(), kf, vf, cu_q, cu_k, used, 1, window)[:, None]
+            else:
+                cu_q = rows.to(torch.int32)
+                cu_q = torch.cat([cu_q, cu_q[-1:] + 1])
+                cu_k = (cu_q * cache.varlen_stride).clamp_(max=(nb - 1) * cache.varlen_stride + self.capacity)
+
+                def attend(i, q, k, v):
+                    kf, vf = cache.varlen(i)
+                    return m.attend_varlen(q[:, :, 0].contiguous(), kf, vf, cu_q, cu_k, used, 1, window)[:, None]
         else:
             masked = (torch.arange(window, device=x.device)[None, :] > at[:, None])[:, None, None, :]
 
