@@ -317,9 +317,20 @@ class HttpServer:
         conn.force_close()
 
     def _loop_error(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
-        """The loop's own errors (``accept()`` out of file descriptors, ...): one line each, rate-limited."""
+        """The loop's own errors (``accept()`` out of file descriptors, ...): one line each, rate-limited.
+
+        One is expected and not an error: after ``accept()`` runs out of file descriptors, asyncio stops listening
+        and schedules ``_start_serving`` to listen again a second later (CPython's selector loop; more than once per
+        burst of failures, python/cpython#151615); if the server stops in that second, the retry finds the listener closed and
+        raises ``ValueError: Invalid file descriptor: -1`` with a traceback. Once stopping, that one is logged
+        at debug level."""
         msg = context.get("message") or "event loop error"
         exc = context.get("exception")
+        stopping = self._stopped is not None and self._stopped.is_set()
+        if stopping and isinstance(exc, ValueError) and "_start_serving" in repr(context.get("handle")):
+            log.debug("server: a retry to accept after running out of file descriptors came after the listener "
+                      "closed (ignored)")
+            return
         throttled(logging.ERROR, "loop:" + msg, "server: %s: %s", msg, exc if exc is not None else "",
                   exc_info=exc if exc is not None and not isinstance(exc, OSError) else None)
 
