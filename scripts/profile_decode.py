@@ -62,6 +62,18 @@ def main() -> int:
     return 0
 
 
+def _step_inputs(r, n: int, ctx: int, split_kv: bool):
+    """Rows 0..n-1 at ``ctx`` keys, the step's graphs dropped so they are captured again with this attention;
+    returns (rows, window, embeddings, positions, cache positions) for ``r.graphs.run``."""
+    r.split_kv = split_kv
+    r.graphs.graphs.clear()
+    for s in range(n):
+        r.cache.lengths[s] = ctx
+    nb, window = r.decode_shape(list(range(n)))
+    x = r.model.embed_ids(torch.zeros(nb, dtype=torch.long, device="cuda"))
+    return nb, window, x, torch.full((nb,), ctx, dtype=torch.long), torch.full((nb,), ctx, dtype=torch.long)
+
+
 def replay(args) -> int:
     model = loaded("7b", args.tokenizer, torch.device("cuda"), torch.bfloat16)
     core = make_core(model, EngineConfig(greedy=True, max_context=32768), slots=max(args.rows))
@@ -71,14 +83,7 @@ def replay(args) -> int:
         for ctx in args.contexts:
             cells = []
             for split_kv in (True, False):
-                r.split_kv = split_kv
-                r.graphs.graphs.clear()  # captured again with this attention
-                for s in range(n):
-                    r.cache.lengths[s] = ctx
-                nb, window = r.decode_shape(list(range(n)))
-                x = r.model.embed_ids(torch.zeros(nb, dtype=torch.long, device="cuda"))
-                pos = torch.full((nb,), ctx, dtype=torch.long)
-                at = torch.full((nb,), ctx, dtype=torch.long)
+                nb, window, x, pos, at = _step_inputs(r, n, ctx, split_kv)
                 with torch.inference_mode():
                     for _ in range(3):
                         r.graphs.run(nb, window, x, pos, at)
@@ -91,13 +96,7 @@ def replay(args) -> int:
                 cells.append(f"{a.elapsed_time(b) / 50:.3f}")
             print(f"| {n} | {ctx} | " + " | ".join(cells) + " |", flush=True)
     n, ctx = args.rows[0], args.contexts[0]
-    r.split_kv = True
-    r.graphs.graphs.clear()
-    for s in range(n):
-        r.cache.lengths[s] = ctx
-    nb, window = r.decode_shape(list(range(n)))
-    x = r.model.embed_ids(torch.zeros(nb, dtype=torch.long, device="cuda"))
-    pos, at = torch.full((nb,), ctx, dtype=torch.long), torch.full((nb,), ctx, dtype=torch.long)
+    nb, window, x, pos, at = _step_inputs(r, n, ctx, True)
     with torch.inference_mode():
         r.graphs.run(nb, window, x, pos, at)
         torch.cuda.synchronize()
