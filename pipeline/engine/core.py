@@ -48,7 +48,10 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TurnStats:
-    """Where one turn's time went (seconds of wall clock) and its token counts."""
+    """Where one turn's time went (seconds) and its token counts. ``vision_s`` + ``prefill_s`` is the wall time from
+    the turn's start to its first token on the host; on CUDA ``vision_s`` is the vision tower's GPU time (CUDA
+    events: the host does not wait between the two), so ``prefill_s`` also holds any wait for the decode step in
+    flight when the turn started."""
 
     vision_s: float = 0.0
     prefill_s: float = 0.0
@@ -336,18 +339,20 @@ class EngineCore:
                         ch.remove(req.slot, torch.tensor(req.evict_ids, dtype=torch.long))
             items = [(id(q), v) for q in reqs if q.frames is not None
                      for v in (q.frames if isinstance(q.frames, list) else [q.frames])]
+            started = r.event()
             encoded = r.encode_videos([v for _, v in items])
             tokens: dict[int, torch.Tensor] = {}
             for (key, _), vis in zip(items, encoded):
                 tokens[key] = torch.cat([tokens[key], vis]) if key in tokens else vis
-            r.synchronize()
-            t1 = time.perf_counter()
+            seen, t1 = r.event(), time.perf_counter()  # no wait here: the prefill is queued behind the vision tower
             logits = r.prefill([(q.slot, q.ids, q.positions, tokens.get(id(q))) for q in reqs])
             slots = [q.slot for q in reqs]
             for q in reqs:
                 ch.add(q.slot, torch.tensor(q.ids, dtype=torch.long))
             first = ch.choose(logits, slots, [0] * len(reqs)).tolist()
             t2 = time.perf_counter()
+            if started is not None:  # the vision tower's GPU time; the prefill's is the rest of the wall time
+                t1 = t0 + min(started.elapsed_time(seen) / 1000, t2 - t0)
         except Exception as e:  # noqa: BLE001 - the streams decide what a failed turn means
             self.busy_since = None
             for q in reqs:

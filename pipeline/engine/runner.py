@@ -409,6 +409,15 @@ class ModelRunner:
     def evict(self, slot: int, start: int, end: int, shift: int) -> None:
         self.cache.evict(slot, start, end, shift, self.model.inv_freq)
 
+    def event(self) -> torch.cuda.Event | None:
+        """A timing CUDA event recorded now on the current stream (None off CUDA): GPU work is timed between two of
+        them (``Event.elapsed_time``, ms) once both have passed, without the host waiting in between."""
+        if self.device.type != "cuda":
+            return None
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        return e
+
     def synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
