@@ -173,6 +173,18 @@ def test_repetition_penalty_matches_transformers():
     assert torch.equal(chooser.process(logits.clone(), torch.tensor([0]), torch.tensor([0]))[0], want)
 
 
+def test_unseeded_rows_draw_together_each_from_its_own_row():
+    """With no row seeded, the rows' draws are one ``torch.multinomial`` call over the batch: each row still draws
+    from its own probabilities (top-k 1 leaves one token per row), and seeded rows keep their own generators."""
+    chooser = TokenChooser(4, 50, "cpu", SamplingSettings(repetition_penalty=1.0, greedy=False, top_k=1,
+                                                          eos_base=None))
+    logits = torch.zeros(4, 50)
+    logits[torch.arange(4), torch.tensor([7, 3, 42, 3])] = 5.0
+    assert chooser.choose(logits, [2, 0, 3, 1], [0] * 4).tolist() == [7, 3, 42, 3]
+    chooser.seed(3, 5)
+    assert chooser.choose(logits, [2, 0, 3, 1], [0] * 4).tolist() == [7, 3, 42, 3]
+
+
 @pytest.mark.parametrize("grid_t,compile", [(1, False), (3, False), (3, True)])
 def test_vision_tower_equals_transformers(model, grid_t, compile):
     """Our tower (per-frame attention batched; with ``compile`` its rotary and activation fused by torch.compile,

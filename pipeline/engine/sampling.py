@@ -118,8 +118,12 @@ class TokenChooser:
             drop[:, -1] = False
             logits = logits.masked_fill(drop.scatter(1, order, drop), -float("inf"))
         probs = torch.softmax(logits, dim=-1)
-        # each row draws from its own stream's generator, so batching does not change what a stream samples
-        return torch.cat([torch.multinomial(probs[b], 1, generator=self.generators[s]) for b, s in enumerate(slots)])
+        # a seeded row draws from its own stream's generator, so batching does not change what that stream samples;
+        # when no row is seeded (the default) they draw together from the process-wide one: one call, not one per row
+        gens = [self.generators[s] for s in slots]
+        if all(g is None for g in gens):
+            return torch.multinomial(probs, 1)[:, 0]
+        return torch.cat([torch.multinomial(probs[b], 1, generator=g) for b, g in enumerate(gens)])
 
     def choose_one(self, logits: torch.Tensor, step: int, slot: int = 0) -> int:
         """One row: logits (V,) -> token id (a host int). For tests and tools."""
