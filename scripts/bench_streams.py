@@ -6,7 +6,9 @@ after stream 0, so turns arrive spread over the second), through a per-stream qu
 drops the oldest when the engine is behind (as ``livecc run`` does). After ``--warmup`` seconds (CUDA
 graphs captured, contexts grown) every turn due in the next ``--seconds`` is measured: latency from the
 clip being due to its caption (p50/p99 over all streams' turns), clips dropped, tokens per second,
-peak GPU memory. A random-weight model never emits EOS, so every turn decodes the full 16 tokens.
+peak GPU memory. A random-weight model never emits EOS, so every turn decodes the full 16 tokens. ``--busy S``:
+also the GPU's busy share over S seconds in the middle of the measured window (the union of its kernels and copies,
+from torch.profiler's CUDA activity; the events are read after the run, so parsing them does not slow it).
 
     python3 scripts/bench_streams.py --tokenizer .bench/tokenizer --streams 1 8 16 32 48
     python3 scripts/bench_streams.py --tokenizer .bench/tokenizer --processes 6   # N one-stream processes
@@ -101,10 +103,23 @@ def pace(n: int, warmup: float, seconds: float, pool: list, put) -> tuple[float,
     return t0 + 3 + warmup, t0 + 3 + warmup + seconds
 
 
+def busy_share(prof, seconds: float) -> float:
+    """Percent of ``seconds`` the GPU ran a kernel or a copy, from a finished torch.profiler run (CUDA activity)."""
+    cuda = torch.autograd.DeviceType.CUDA
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == cuda)
+    busy, last = 0.0, float("-inf")
+    for a, b in spans:
+        if b > last:
+            busy += b - max(a, last)
+            last = b
+    return round(100 * busy / (seconds * 1e6), 1)
+
+
 def run(model, n: int, warmup: float, seconds: float, slots: int | None, pool: list, prefill_batch: int = 0,
         steps_per_prefill: int = 0, prefill_compiled: str = "on", max_context: int = 32768,
-        overlap: str = "on", prefill_graphs: str = "on", decode_attention: str = "split-kv") -> dict:
-    cfg = EngineConfig(greedy=True, max_context=max_context)
+        overlap: str = "on", prefill_graphs: str = "on", decode_attention: str = "split-kv",
+        busy: float = 0.0, sample: bool = False) -> dict:
+    cfg = EngineConfig(greedy=not sample, max_context=max_context)
     t_start = time.perf_counter()
     runner_mod.SPLIT_KV_DECODE = decode_attention == "split-kv"  # read when the core's runner is built
     core = make_core(model, cfg, slots=slots or n)
@@ -142,6 +157,19 @@ def run(model, n: int, warmup: float, seconds: float, slots: int | None, pool: l
         streams[i].put(clip)
         core.wake()
 
+    traced: list = []
+
+    def trace(at: float):  # the GPU's activity over ``busy`` s from monotonic ``at``
+        time.sleep(max(0.0, at - time.monotonic()))
+        prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+        prof.start()
+        time.sleep(busy)
+        prof.stop()
+        traced.append(prof)
+    if busy and model.device.type == "cuda":
+        # the pacer's window starts 3.5 s (opener) + warm-up from now; the trace sits in the middle of the measured part
+        threading.Thread(target=trace, args=(time.monotonic() + 3.5 + warmup + max(0.0, (seconds - busy) / 2),),
+                         daemon=True).start()
     lo, hi = pace(n, warmup, seconds, pool, put)
     time.sleep(2.0)  # let the last turns finish
     beat.set()
@@ -158,11 +186,12 @@ def run(model, n: int, warmup: float, seconds: float, slots: int | None, pool: l
             "decode_steps": core.steps, "prefill_batch": core.prefill_batch,
             "steps_per_prefill": core.decode_steps_per_prefill, "prefill_compiled": prefill_compiled,
             "overlap": overlap, "prefill_graphs": prefill_graphs, "decode_attention": decode_attention,
-            "max_context": max_context,
+            "max_context": max_context, "sampling": "sample" if sample else "greedy",
             "start_s": round(start_s, 1),
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if model.device.type == "cuda" else None,
             "context_end": max(s.session.context_length for s in streams),
-            "vision_p50_ms": phase["vision_s"], "prefill_p50_ms": phase["prefill_s"], "decode_p50_ms": phase["decode_s"]}
+            "vision_p50_ms": phase["vision_s"], "prefill_p50_ms": phase["prefill_s"], "decode_p50_ms": phase["decode_s"],
+            **({"gpu_busy_pct": busy_share(traced[0], busy)} if traced else {})}
 
 
 def probe(model, counts: list[int], contexts: list[int], pool) -> str:
@@ -206,9 +235,10 @@ def probe(model, counts: list[int], contexts: list[int], pool) -> str:
 
 
 def table(rows: list[dict], title: str) -> str:
-    cols = ["streams", "max_context", "prefill_batch", "steps_per_prefill", "prefill_compiled", "overlap", "prefill_graphs",
+    cols = ["streams", "sampling", "max_context", "prefill_batch", "steps_per_prefill", "prefill_compiled", "overlap", "prefill_graphs",
             "decode_attention", "start_s", "turns", "due", "dropped", "p50_ms", "p99_ms", "max_ms", "tokens_per_s", "vision_p50_ms",
             "prefill_p50_ms", "decode_p50_ms", "peak_gib", "context_end"]
+    cols += ["gpu_busy_pct"] if any("gpu_busy_pct" in r for r in rows) else []
     out = [f"### {title}", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     out += ["| " + " | ".join(str(r.get(c)) for c in cols) + " |" for r in rows]
     return "\n".join(out)
@@ -246,6 +276,11 @@ def main(argv=None) -> int:
     ap.add_argument("--decode-attention", nargs="+", default=["split-kv"], choices=["split-kv", "flash"],
                     help="the decode step's attention: the split-KV Triton kernels (split-kv, the engine's default: "
                          "pipeline/engine/decode_attention.py) or FlashAttention-2's varlen call; each value is a run")
+    ap.add_argument("--sample", action="store_true",
+                    help="sample as a stream does by default (the checkpoint's generation_config: temperature, top-k, "
+                         "top-p; unseeded) instead of greedy (tokens_per_s shows any turn that ended before 16 tokens)")
+    ap.add_argument("--busy", type=float, default=0.0, metavar="S",
+                    help="also trace the GPU for S seconds mid-window and report its busy share (gpu_busy_pct)")
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--quantize", choices=["none", "int8", "int4", "fp8"], default="none",
                     help="the language model's weights (engine.quantize)")
@@ -266,7 +301,7 @@ def main(argv=None) -> int:
                                                           a.prefill_graphs, a.decode_attention):
         print(f"# {n} streams: starting (compiling every batch size, then {a.warmup:g} s of warm-up and "
               f"{a.seconds:g} s measured)", file=sys.stderr, flush=True)
-        rows.append(run(model, n, a.warmup, a.seconds, a.slots, pool, pb, k, pc, mc, ov, pg, da))
+        rows.append(run(model, n, a.warmup, a.seconds, a.slots, pool, pb, k, pc, mc, ov, pg, da, a.busy, a.sample))
         print(json.dumps(rows[-1]), flush=True)
         gc.collect()
         if dev.type == "cuda":

@@ -5,8 +5,14 @@
 events, at each ``--contexts`` length, with each decode attention (the split-KV Triton kernels and
 FlashAttention-2 varlen), then the kernel table of one replay (split-KV, first rows and context).
 
+``--engine``: one stream's whole turns through the core (``StreamingSession.step``, the default path), until its
+context reaches ``--context``; then three turns under the profiler: each turn's decode ms a step (the core's own
+clock, as ``bench_streams`` reports it), the GPU's busy time in that phase (the union of its kernels and copies),
+and the kernels and copies that run outside the step's graph (count and µs a step).
+
     python3 scripts/profile_decode.py --tokenizer .bench/tokenizer --rows 32 --context 16384
     python3 scripts/profile_decode.py --tokenizer .bench/tokenizer --replay --rows 1 --contexts 4000 8000 16000
+    python3 scripts/profile_decode.py --tokenizer .bench/tokenizer --engine --context 8000
 """
 
 from __future__ import annotations
@@ -32,9 +38,13 @@ def main() -> int:
     ap.add_argument("--context", type=int, default=16384)
     ap.add_argument("--replay", action="store_true", help="time the compiled, graphed step (see the doc)")
     ap.add_argument("--contexts", type=int, nargs="+", default=[4000, 8000, 16000])
+    ap.add_argument("--engine", action="store_true", help="one stream's turns through the core (see the doc)")
+    ap.add_argument("--sample", action="store_true", help="--engine: sample (the checkpoint's settings), not greedy")
     args = ap.parse_args()
     if args.replay:
         return replay(args)
+    if args.engine:
+        return engine(args)
     model = loaded("7b", args.tokenizer, torch.device("cuda"), torch.bfloat16)
     core = make_core(model, EngineConfig(greedy=True, max_context=32768, compile=False), slots=max(args.rows))
     r = core.runner
@@ -105,6 +115,78 @@ def replay(args) -> int:
             torch.cuda.synchronize()
     print(f"## one replay, rows {n}, context {ctx}, split-KV")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=80))
+    return 0
+
+
+def engine(args) -> int:
+    from bench_gpu import synthetic_clips
+
+    from pipeline.engine import StreamingSession
+    from pipeline.types import Clip
+
+    model = loaded("7b", args.tokenizer, torch.device("cuda"), torch.bfloat16)
+    session = StreamingSession(model, EngineConfig(greedy=not args.sample, max_context=32768))
+    clips = synthetic_clips(10_000)
+    while session.context_length < args.context:
+        session.step(next(clips))
+    torch.cuda.synchronize()
+    graph_kernels = set()  # names of the kernels one replay of the step's graph runs
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        g = session.core.runner.graphs.graphs
+        next(iter(g.values())).replay()
+        torch.cuda.synchronize()
+    graph_kernels = {e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA}
+    core = session.core
+    host = {"launch": 0.0, "read": 0.0, "decode": 0.0, "choose": 0.0}
+
+    def timed(obj, name, key):  # the host's time in obj.name, summed into host[key]
+        real = getattr(obj, name)
+
+        def wrapper(*a, **k):
+            t = time.perf_counter()
+            try:
+                return real(*a, **k)
+            finally:
+                host[key] += time.perf_counter() - t
+        setattr(obj, name, wrapper)
+    timed(core, "_launch", "launch"), timed(core, "_read", "read")
+    timed(core.runner, "decode", "decode"), timed(core.chooser, "choose", "choose")
+    print("| turn | context | decode steps | decode ms a step | GPU busy ms a step | GPU idle ms a step | host ms a step: "
+          "launch (runner.decode + choose) | waiting for the step before |")
+    print("|---|---|---|---|---|---|---|---|")
+    outside: dict[str, list[float]] = {}
+    steps_total = 0
+    for _ in range(3):
+        clip = next(clips)
+        for k in host:
+            host[k] = 0.0
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            session.step(Clip(clip.frames, clip.timestamps))
+            torch.cuda.synchronize()
+        st = session.last_stats
+        steps = st.new_tokens - 1
+        steps_total += steps
+        # the decode phase: from the first kernel after the prefill's last to the end (the last ~steps graph runs)
+        kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                         if e.device_type == torch.autograd.DeviceType.CUDA)
+        end = kernels[-1][1]
+        start = end - st.decode_s * 1e6
+        busy, last = 0.0, start
+        for a, b, name in kernels:
+            if b <= start:
+                continue
+            a = max(a, start)
+            busy += max(0.0, b - max(a, last))
+            last = max(last, b)
+            if name not in graph_kernels:
+                outside.setdefault(name, []).append(b - a)
+        print(f"| {session.total_turns} | {st.context} | {steps} | {st.decode_s * 1000 / steps:.3f} | "
+              f"{busy / 1000 / steps:.3f} | {(end - start - busy) / 1000 / steps:.3f} | "
+              f"{host['launch'] * 1000 / steps:.3f} ({host['decode'] * 1000 / steps:.3f} + "
+              f"{host['choose'] * 1000 / steps:.3f}) | {host['read'] * 1000 / steps:.3f} |", flush=True)
+    print("\n| outside the step's graph (decode phase) | count a step | µs a step |\n|---|---|---|")
+    for name, ts in sorted(outside.items(), key=lambda kv: -sum(kv[1])):
+        print(f"| {name[:90]} | {len(ts) / steps_total:.2f} | {sum(ts) / steps_total:.1f} |")
     return 0
 
 
