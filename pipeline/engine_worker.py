@@ -11,6 +11,7 @@ import logging
 import math
 
 from .engine import EngineConfig, StreamingSession, load_model, make_core
+from .engine.context import stagger_fraction
 from .engine.core import EngineCore
 from .engine.kv_cache import KVCache
 
@@ -64,7 +65,10 @@ class EngineWorker:
         if self.core.free_slots == 0:
             raise RuntimeError(f"the engine is full: {self.slots} stream{'' if self.slots == 1 else 's'} of "
                                f"{cfg.max_context} context tokens fit on {self.model.device}")
-        return StreamingSession(self.model, cfg, core=self.core, seed=seed)
+        session = StreamingSession(self.model, cfg, core=self.core, seed=seed)
+        # streams opened together roll over at different turns: by cache row (row 0, a lone stream's, on time)
+        session.rollover_early = stagger_fraction(session.slot, cfg.rollover_stagger)
+        return session
 
     def stop(self, timeout: float | None = None) -> bool:
         return self.core.stop(timeout)

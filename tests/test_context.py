@@ -223,3 +223,58 @@ def test_a_burst_of_questions_makes_room_as_clips_do(model, policy):
     first.max_new = cfg.answer_max_new_tokens
     assert first.ids == req.ids
     assert fresh.finish(first, fresh.core.run([first])[0]).token_ids == answer.token_ids
+
+
+def test_stagger_fractions_spread_the_rows_and_leave_row_0_on_time():
+    from pipeline.engine.context import stagger_fraction
+
+    fr = [stagger_fraction(k, 0.25) for k in range(32)]
+    assert fr[0] == 0.0 and all(0.0 <= f < 0.25 for f in fr)
+    # 32 rows over [0, 0.25): every eighth of the range holds some, none more than 5 (the golden-ratio sequence)
+    counts = np.bincount([int(f / 0.25 * 8) for f in fr], minlength=8)
+    assert counts.min() >= 3 and counts.max() <= 5, counts
+    assert stagger_fraction(7, 0.0) == 0.0
+    with pytest.raises(ValueError, match="rollover_stagger"):
+        stagger_fraction(1, 1.0)
+    with pytest.raises(ValueError, match="rollover_stagger"):
+        EngineConfig(rollover_stagger=-0.1)
+
+
+@pytest.mark.parametrize("budget", ["tokens", "seconds"])
+def test_a_staggered_stream_rolls_over_early_and_keeps_doing_so(model, budget):
+    """``rollover_early``: a stream rolls over when its context has used (1 - early) of the room its first turn
+    left (or of ``rollover_seconds``), at every cycle; with 0 it rolls over exactly where it did before."""
+    cfg = EngineConfig(greedy=True, context="rollover", max_context=1024 if budget == "tokens" else 32768,
+                       rollover_seconds=8.0 if budget == "seconds" else 1e9, max_new_tokens=4, context_headroom=128)
+
+    def roll_turns(early):
+        session = StreamingSession(model, cfg, rollover_early=early)
+        out = []
+        for i, clip in enumerate(stream(40)):
+            req = session.video_request(clip)
+            if req.reset:
+                out.append(i)
+            session.finish(req, session.core.run([req])[0])
+        session.close()
+        return out
+
+    on_time, early = roll_turns(0.0), roll_turns(0.3)
+    assert len(on_time) >= 2 and len(early) > len(on_time), (on_time, early)
+    assert early[0] < on_time[0]
+    gaps = np.diff(early)
+    assert gaps.min() >= 2  # never a rollover every turn: the early budget is a share of the room left
+
+
+def test_the_engine_staggers_its_streams_by_cache_row(model):
+    """``EngineWorker.open_session``: row 0's stream (``livecc run``'s only one) rolls over on time, the others
+    early by ``stagger_fraction`` of ``engine.rollover_stagger``; 0 turns it off."""
+    from pipeline.engine.context import stagger_fraction
+    from pipeline.engine_worker import EngineWorker
+
+    for stagger in (0.25, 0.0):
+        cfg = EngineConfig(greedy=True, max_context=2048, rollover_stagger=stagger)
+        worker = EngineWorker(cfg, model=model, slots=3)
+        sessions = [worker.open_session(cfg) for _ in range(3)]
+        assert [s.rollover_early for s in sessions] == [stagger_fraction(s.slot, stagger) for s in sessions]
+        assert sessions[0].slot == 0 and sessions[0].rollover_early == 0.0
+        assert (sessions[1].rollover_early > 0) == (stagger > 0)

@@ -37,6 +37,9 @@ class EngineConfig:
     # context policy for unbounded streams (see pipeline/engine/context.py)
     context: str = "rollover"  # rollover | window | none
     rollover_seconds: float = 120.0  # start a fresh context this often (LiveCC was trained on <= 4 min)
+    # a stream in cache row k rolls over early by up to this fraction of its budget (context.stagger_fraction), so
+    # streams started together do not all roll over in the same second; row 0 (a lone stream's) never does
+    rollover_stagger: float = 0.25
     window_seconds: float = 32.0  # window: the recent video/text kept besides the first turn
     context_headroom: int = 1024  # tokens kept free for the next turn; a full context rolls over / evicts
     history_chars: int = 400  # recent commentary carried into a rolled-over context
@@ -56,3 +59,5 @@ class EngineConfig:
             raise ValueError("max_new_tokens must be at least 1")
         if self.repetition_penalty <= 0:
             raise ValueError("repetition_penalty must be > 0")
+        if not 0.0 <= self.rollover_stagger < 1.0:
+            raise ValueError(f"rollover_stagger must be in [0, 1), not {self.rollover_stagger}")

@@ -75,11 +75,13 @@ class StreamingSession:
     Holds a slot (cache row) of ``core`` for its lifetime; ``close()`` gives it back."""
 
     def __init__(self, model: LoadedModel, config: EngineConfig | None = None, core: EngineCore | None = None,
-                 seed: int | None = None):
+                 seed: int | None = None, rollover_early: float = 0.0):
         self.model = model
         self.cfg = config or EngineConfig()
         self.core = core or make_core(model, self.cfg)
         self.slot = self.core.open_slot(self.cfg.seed if seed is None else seed)
+        # rollover: the fraction of the time and token budget this stream rolls over early (context.stagger_fraction)
+        self.rollover_early = rollover_early
         self.prompt = PromptBuilder(model.tokenizer)
         self.video_token_id = model.video_token_id
         self.query = self.prompt.check_text(self.cfg.query)
@@ -266,16 +268,22 @@ class StreamingSession:
     def _must_roll(self, clip: Clip) -> bool:
         if self.cfg.context != "rollover":
             return False
-        too_long = clip.stop - self.time_offset > self.cfg.rollover_seconds
-        return too_long or self._tokens_needed(clip) > 0
+        early = self.rollover_early  # staggered: a fraction of the time, and of the room the first turn left
+        too_long = clip.stop - self.time_offset > self.cfg.rollover_seconds * (1 - early)
+        room = self.core.runner.capacity - (self.segments[0].end if self.segments else 0)
+        return too_long or self._overflow(clip) + int(early * max(0, room)) > 0
 
     def _tokens_needed(self, clip: Clip) -> int:
         """Tokens to free so the next turn (and the headroom) fits."""
+        return max(0, self._overflow(clip))
+
+    def _overflow(self, clip: Clip) -> int:
+        """Tokens the cache would hold after the next turn (and the headroom) beyond its capacity (< 0: room left)."""
         p = self.model.patches
         m = p.patch * p.merge  # 28 pixels per visual token side
         per_frame = (clip.frames.shape[1] // m) * (clip.frames.shape[2] // m) // p.temporal + TEXT_SLACK_PER_FRAME
         need = self.context_length + per_frame * len(clip.frames) + self.cfg.max_new_tokens + self.cfg.context_headroom
-        return max(0, need - self.core.runner.capacity)
+        return need - self.core.runner.capacity
 
     def _rollover(self, clip: Clip) -> Clip:
         """A fresh context opening on the most recent opener's worth of frames (``sampler.opener_frames``, 6 at
