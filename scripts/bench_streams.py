@@ -40,6 +40,7 @@ from bench_gpu import loaded, pct, synthetic_clips  # noqa: E402
 
 from pipeline.engine import EngineConfig, StreamingSession, make_core  # noqa: E402
 from pipeline.engine import runner as runner_mod  # noqa: E402
+from pipeline.engine.context import stagger_fraction  # noqa: E402
 
 
 class PacedStream:
@@ -118,7 +119,7 @@ def busy_share(prof, seconds: float) -> float:
 def run(model, n: int, warmup: float, seconds: float, slots: int | None, pool: list, prefill_batch: int = 0,
         steps_per_prefill: int = 0, prefill_compiled: str = "on", max_context: int = 32768,
         overlap: str = "on", prefill_graphs: str = "on", decode_attention: str = "split-kv",
-        busy: float = 0.0, sample: bool = False) -> dict:
+        busy: float = 0.0, sample: bool = False, stagger: float = 0.0) -> dict:
     cfg = EngineConfig(greedy=not sample, max_context=max_context)
     t_start = time.perf_counter()
     runner_mod.SPLIT_KV_DECODE = decode_attention == "split-kv"  # read when the core's runner is built
@@ -135,7 +136,9 @@ def run(model, n: int, warmup: float, seconds: float, slots: int | None, pool: l
     core.decode_steps_per_prefill = steps_per_prefill or core.decode_steps_per_prefill
     streams = []
     for i in range(n):
-        s = PacedStream(StreamingSession(model, cfg, core=core), pool)
+        session = StreamingSession(model, cfg, core=core)
+        session.rollover_early = stagger_fraction(session.slot, stagger)  # as EngineWorker.open_session does
+        s = PacedStream(session, pool)
         streams.append(s)
         core.attach(s)
     torch.cuda.reset_peak_memory_stats() if model.device.type == "cuda" else None
@@ -186,10 +189,11 @@ def run(model, n: int, warmup: float, seconds: float, slots: int | None, pool: l
             "decode_steps": core.steps, "prefill_batch": core.prefill_batch,
             "steps_per_prefill": core.decode_steps_per_prefill, "prefill_compiled": prefill_compiled,
             "overlap": overlap, "prefill_graphs": prefill_graphs, "decode_attention": decode_attention,
-            "max_context": max_context, "sampling": "sample" if sample else "greedy",
+            "max_context": max_context, "sampling": "sample" if sample else "greedy", "rollover_stagger": stagger,
             "start_s": round(start_s, 1),
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if model.device.type == "cuda" else None,
             "context_end": max(s.session.context_length for s in streams),
+            "rollovers": sum(s.session.rollovers for s in streams),
             "vision_p50_ms": phase["vision_s"], "prefill_p50_ms": phase["prefill_s"], "decode_p50_ms": phase["decode_s"],
             **({"gpu_busy_pct": busy_share(traced[0], busy)} if traced else {})}
 
@@ -235,9 +239,9 @@ def probe(model, counts: list[int], contexts: list[int], pool) -> str:
 
 
 def table(rows: list[dict], title: str) -> str:
-    cols = ["streams", "sampling", "max_context", "prefill_batch", "steps_per_prefill", "prefill_compiled", "overlap", "prefill_graphs",
+    cols = ["streams", "sampling", "max_context", "rollover_stagger", "prefill_batch", "steps_per_prefill", "prefill_compiled", "overlap", "prefill_graphs",
             "decode_attention", "start_s", "turns", "due", "dropped", "p50_ms", "p99_ms", "max_ms", "tokens_per_s", "vision_p50_ms",
-            "prefill_p50_ms", "decode_p50_ms", "peak_gib", "context_end"]
+            "prefill_p50_ms", "decode_p50_ms", "peak_gib", "context_end", "rollovers"]
     cols += ["gpu_busy_pct"] if any("gpu_busy_pct" in r for r in rows) else []
     out = [f"### {title}", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     out += ["| " + " | ".join(str(r.get(c)) for c in cols) + " |" for r in rows]
@@ -279,6 +283,9 @@ def main(argv=None) -> int:
     ap.add_argument("--sample", action="store_true",
                     help="sample as a stream does by default (the checkpoint's generation_config: temperature, top-k, "
                          "top-p; unseeded) instead of greedy (tokens_per_s shows any turn that ended before 16 tokens)")
+    ap.add_argument("--stagger", type=float, nargs="+", default=[0.0],
+                    help="engine.rollover_stagger: row k rolls over early by stagger_fraction(k, S) of its budget "
+                         "(livecc serve's default 0.25; 0: every stream at the same budget); each value is a run")
     ap.add_argument("--busy", type=float, default=0.0, metavar="S",
                     help="also trace the GPU for S seconds mid-window and report its busy share (gpu_busy_pct)")
     ap.add_argument("--json", help="write the rows here")
@@ -296,12 +303,12 @@ def main(argv=None) -> int:
     if a.probe:
         print(probe(model, a.streams, a.probe, pool), flush=True)
     rows = []
-    for n, pb, k, pc, mc, ov, pg, da in itertools.product(a.streams, a.prefill_batch, a.steps_per_prefill,
-                                                          a.prefill_compiled, a.max_context, a.overlap,
-                                                          a.prefill_graphs, a.decode_attention):
+    for n, pb, k, pc, mc, ov, pg, da, sg in itertools.product(a.streams, a.prefill_batch, a.steps_per_prefill,
+                                                              a.prefill_compiled, a.max_context, a.overlap,
+                                                              a.prefill_graphs, a.decode_attention, a.stagger):
         print(f"# {n} streams: starting (compiling every batch size, then {a.warmup:g} s of warm-up and "
               f"{a.seconds:g} s measured)", file=sys.stderr, flush=True)
-        rows.append(run(model, n, a.warmup, a.seconds, a.slots, pool, pb, k, pc, mc, ov, pg, da, a.busy, a.sample))
+        rows.append(run(model, n, a.warmup, a.seconds, a.slots, pool, pb, k, pc, mc, ov, pg, da, a.busy, a.sample, sg))
         print(json.dumps(rows[-1]), flush=True)
         gc.collect()
         if dev.type == "cuda":
