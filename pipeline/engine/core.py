@@ -426,12 +426,10 @@ class EngineCore:
         not read it yet: ``ahead`` maps such a row's id() to its index there), its next token chosen and counted
         on the device; no stream sync."""
         r, ch, dev = self.runner, self.chooser, self.runner.device
-        known = torch.tensor([row.tokens[-1] if id(row) not in ahead else 0 for row in rows], dtype=torch.long)
-        toks = known.to(dev, non_blocking=True)
-        if any(id(row) in ahead for row in rows):
-            take = torch.tensor([ahead.get(id(row), 0) for row in rows]).to(dev, non_blocking=True)
-            use = torch.tensor([id(row) in ahead for row in rows]).to(dev, non_blocking=True)
-            toks = torch.where(use, prev.chosen.index_select(0, take), toks)
+        if prev is not None and [ahead.get(id(row)) for row in rows] == list(range(len(prev.rows))):
+            toks = prev.chosen  # the same rows as the step before, in its order: each feeds the id it chose there
+        else:
+            toks = self._feed(rows, prev, ahead)
         slots = [row.req.slot for row in rows]
         steps = [len(row.tokens) + (id(row) in ahead) for row in rows]
         logits = r.decode(slots, toks, [row.pos for row in rows])
@@ -446,6 +444,18 @@ class EngineCore:
         else:
             host, ready = chosen, None
         return _Launched(rows, chosen, host, ready, rng)
+
+    def _feed(self, rows: list[_Row], prev: _Launched | None, ahead: dict[int, int]) -> torch.Tensor:
+        """The ids (B,) int64 on the device that ``rows`` feed: from the host where it has read them, else from
+        ``prev``'s chosen ids (``ahead`` maps a row's id() to its index there)."""
+        dev = self.runner.device
+        known = torch.tensor([row.tokens[-1] if id(row) not in ahead else 0 for row in rows], dtype=torch.long)
+        toks = known.to(dev, non_blocking=True)
+        if any(id(row) in ahead for row in rows):
+            take = torch.tensor([ahead.get(id(row), 0) for row in rows]).to(dev, non_blocking=True)
+            use = torch.tensor([id(row) in ahead for row in rows]).to(dev, non_blocking=True)
+            toks = torch.where(use, prev.chosen.index_select(0, take), toks)
+        return toks
 
     @staticmethod
     def _read(step: _Launched) -> list[int]:

@@ -319,13 +319,16 @@ class ModelRunner:
         host."""
         m, dev = self.model, self.device
         nb, window = self.decode_shape(slots)
-        x = torch.zeros(nb, m.hidden, dtype=m.dtype, device=dev)  # rows sitting out: a throw-away input
         pos = torch.zeros(nb, dtype=torch.long)
         at = torch.tensor(self.cache.lengths[:nb], dtype=torch.long)
         rows = torch.tensor(slots, dtype=torch.long)
         pos[rows] = torch.tensor(positions, dtype=torch.long)
         rows_dev = rows.to(dev, non_blocking=True)
-        x[rows_dev] = m.embed_ids(tokens)
+        if slots == list(range(nb)):  # every row of the bucket, in order (a lone stream): no scatter
+            x = m.embed_ids(tokens)
+        else:
+            x = torch.zeros(nb, m.hidden, dtype=m.dtype, device=dev)  # rows sitting out: a throw-away input
+            x[rows_dev] = m.embed_ids(tokens)
         if self.graphs is not None:
             logits = self.graphs.run(nb, window, x, pos, at)
         else:

@@ -61,8 +61,10 @@ class TokenChooser:
         self.counts[slot].index_add_(0, ids, torch.ones_like(ids, dtype=torch.int32))
 
     def add_rows(self, slots: torch.Tensor, ids: torch.Tensor) -> None:
-        """One id per row: ``ids[b]`` into slot ``slots[b]`` (device int64 tensors, (B,))."""
-        self.counts.index_put_((slots, ids), torch.ones_like(ids, dtype=torch.int32), accumulate=True)
+        """One id per row: ``ids[b]`` into slot ``slots[b]`` (device int64 tensors, (B,); the slots distinct, as the
+        rows of a decode step are, so no two rows add to one count: a gather, an add and a scatter, where an
+        accumulating ``index_put_`` sorts its indices first)."""
+        self.counts[slots, ids] += 1
 
     def remove(self, slot: int, ids: torch.Tensor) -> None:
         """Take ``ids`` (int64, any shape, any device) out of ``slot``'s context multiset."""
