@@ -7,6 +7,7 @@ Threads that retry wait on their own stop event, so a stop request ends the wait
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -23,10 +24,18 @@ class Backoff:
     max_attempts: int | None = None  # None: forever
 
     def delay(self, attempt: int) -> float:
-        """Seconds to wait before attempt ``attempt`` (1-based)."""
+        """Seconds to wait before attempt ``attempt`` (1-based), for any attempt number: past the cap the delay
+        stays at ``max_delay`` (``factor ** n`` as a float overflows past ~1,000 doublings — at the 5-s cap a source
+        down 85 minutes — and the OverflowError ended the retrying loop)."""
         if attempt <= 1:
             return 0.0
-        return min(self.max_delay, self.initial * self.factor ** (attempt - 2))
+        n = attempt - 2
+        if self.initial <= 0:
+            return min(self.max_delay, 0.0)
+        if self.factor > 1 and (self.max_delay <= self.initial or
+                                n >= math.log(self.max_delay / self.initial, self.factor)):
+            return self.max_delay
+        return min(self.max_delay, self.initial * self.factor ** n)
 
     def exhausted(self, attempt: int) -> bool:
         """True once ``attempt`` is past ``max_attempts``."""

@@ -84,6 +84,19 @@ def test_backoff_schedule():
     assert [b.delay(a) for a in range(1, 7)] == [0, 0.5, 1, 2, 3, 3]
 
 
+def test_backoff_stays_at_its_cap_for_any_attempt_count():
+    """A source down for hours is retried 17,280 times a day at the 5-s cap; ``factor ** n`` overflowed a float at
+    attempt 1,026 (85 minutes) and the OverflowError ended the capture (found by the fresh-clone CI run of
+    tests/test_capture_errors.py, whose 300 instant retries had reached it)."""
+    assert Backoff().delay(10**6) == 5.0 and Backoff().delay(1026) == 5.0
+    assert Backoff(initial=0.0, max_delay=0.0).delay(5000) == 0.0
+    assert Backoff(initial=0.2, factor=1.0, max_delay=5).delay(10**6) == 0.2
+    assert Backoff(initial=8.0, max_delay=5.0).delay(3) == 5.0
+    b = Backoff(initial=0.5, factor=1.7, max_delay=30)
+    ds = [b.delay(a) for a in range(1, 3000)]
+    assert ds == sorted(ds) and ds[-1] == 30 and ds[:3] == [0.0, 0.5, 0.85]
+
+
 def test_resolve_kinds():
     s = resolve("rtmp://0.0.0.0:1935/live?listen=1")
     assert s.listen and s.url == "rtmp://0.0.0.0:1935/live" and s.options["listen"] == "1"
