@@ -104,16 +104,21 @@ def pace(n: int, warmup: float, seconds: float, pool: list, put) -> tuple[float,
     return t0 + 3 + warmup, t0 + 3 + warmup + seconds
 
 
-def busy_share(prof, seconds: float) -> float:
-    """Percent of ``seconds`` the GPU ran a kernel or a copy, from a finished torch.profiler run (CUDA activity)."""
-    cuda = torch.autograd.DeviceType.CUDA
-    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == cuda)
+def busy_us(spans) -> float:
+    """The length of the union of (start, end) spans (any order, µs): the time the GPU ran at least one of them."""
     busy, last = 0.0, float("-inf")
-    for a, b in spans:
+    for a, b in sorted(spans):
         if b > last:
             busy += b - max(a, last)
             last = b
-    return round(100 * busy / (seconds * 1e6), 1)
+    return busy
+
+
+def busy_share(prof, seconds: float) -> float:
+    """Percent of ``seconds`` the GPU ran a kernel or a copy, from a finished torch.profiler run (CUDA activity)."""
+    cuda = torch.autograd.DeviceType.CUDA
+    spans = [(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == cuda]
+    return round(100 * busy_us(spans) / (seconds * 1e6), 1)
 
 
 def run(model, n: int, warmup: float, seconds: float, slots: int | None, pool: list, prefill_batch: int = 0,

@@ -27,7 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_gpu import loaded  # noqa: E402
+from bench_gpu import loaded, synthetic_clips  # noqa: E402
+from bench_streams import busy_us  # noqa: E402
 from pipeline.engine import EngineConfig, make_core  # noqa: E402
 
 
@@ -119,8 +120,6 @@ def replay(args) -> int:
 
 
 def engine(args) -> int:
-    from bench_gpu import synthetic_clips
-
     from pipeline.engine import StreamingSession
     from pipeline.types import Clip
 
@@ -130,11 +129,11 @@ def engine(args) -> int:
     while session.context_length < args.context:
         session.step(next(clips))
     torch.cuda.synchronize()
-    graph_kernels = set()  # names of the kernels one replay of the step's graph runs
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         g = session.core.runner.graphs.graphs
         next(iter(g.values())).replay()
         torch.cuda.synchronize()
+    # the names of the kernels one replay of the step's graph runs
     graph_kernels = {e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA}
     core = session.core
     host = {"launch": 0.0, "read": 0.0, "decode": 0.0, "choose": 0.0}
@@ -171,13 +170,9 @@ def engine(args) -> int:
                          if e.device_type == torch.autograd.DeviceType.CUDA)
         end = kernels[-1][1]
         start = end - st.decode_s * 1e6
-        busy, last = 0.0, start
-        for a, b, name in kernels:
-            if b <= start:
-                continue
-            a = max(a, start)
-            busy += max(0.0, b - max(a, last))
-            last = max(last, b)
+        phase = [(max(a, start), b, name) for a, b, name in kernels if b > start]
+        busy = busy_us([(a, b) for a, b, _ in phase])
+        for a, b, name in phase:
             if name not in graph_kernels:
                 outside.setdefault(name, []).append(b - a)
         print(f"| {session.total_turns} | {st.context} | {steps} | {st.decode_s * 1000 / steps:.3f} | "
