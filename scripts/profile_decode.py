@@ -74,15 +74,16 @@ def main() -> int:
 
 
 def _step_inputs(r, n: int, ctx: int, split_kv: bool):
-    """Rows 0..n-1 at ``ctx`` keys, the step's graphs dropped so they are captured again with this attention;
-    returns (rows, window, embeddings, positions, cache positions) for ``r.graphs.run``."""
+    """Rows 0..n-1 at ``ctx`` keys, the step's graphs dropped so they are captured again with this attention, and one
+    step run to set the runner's state and capture its graph (each replay after it advances the rows by one key);
+    returns (rows, window) for ``r.graphs.run``."""
     r.split_kv = split_kv
     r.graphs.graphs.clear()
     for s in range(n):
         r.cache.lengths[s] = ctx
     nb, window = r.decode_shape(list(range(n)))
-    x = r.model.embed_ids(torch.zeros(nb, dtype=torch.long, device="cuda"))
-    return nb, window, x, torch.full((nb,), ctx, dtype=torch.long), torch.full((nb,), ctx, dtype=torch.long)
+    r.decode(list(range(n)), torch.zeros(n, dtype=torch.long), [ctx] * n)
+    return nb, window
 
 
 def replay(args) -> int:
@@ -94,25 +95,25 @@ def replay(args) -> int:
         for ctx in args.contexts:
             cells = []
             for split_kv in (True, False):
-                nb, window, x, pos, at = _step_inputs(r, n, ctx, split_kv)
+                nb, window = _step_inputs(r, n, ctx, split_kv)
                 with torch.inference_mode():
                     for _ in range(3):
-                        r.graphs.run(nb, window, x, pos, at)
+                        r.graphs.run(nb, window)
                     a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                     a.record()
                     for _ in range(50):
-                        r.graphs.graphs[(nb, window)].replay()
+                        r.graphs.graphs[(nb, window, True)].replay()
                     b.record()
                     torch.cuda.synchronize()
                 cells.append(f"{a.elapsed_time(b) / 50:.3f}")
             print(f"| {n} | {ctx} | " + " | ".join(cells) + " |", flush=True)
     n, ctx = args.rows[0], args.contexts[0]
-    nb, window, x, pos, at = _step_inputs(r, n, ctx, True)
+    nb, window = _step_inputs(r, n, ctx, True)
     with torch.inference_mode():
-        r.graphs.run(nb, window, x, pos, at)
+        r.graphs.run(nb, window)
         torch.cuda.synchronize()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            r.graphs.graphs[(nb, window)].replay()
+            r.graphs.graphs[(nb, window, True)].replay()
             torch.cuda.synchronize()
     print(f"## one replay, rows {n}, context {ctx}, split-KV")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=80))
@@ -136,7 +137,7 @@ def engine(args) -> int:
     # the names of the kernels one replay of the step's graph runs
     graph_kernels = {e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA}
     core = session.core
-    host = {"launch": 0.0, "read": 0.0, "decode": 0.0, "choose": 0.0}
+    host = {"launch": 0.0, "read": 0.0, "decode": 0.0}
 
     def timed(obj, name, key):  # the host's time in obj.name, summed into host[key]
         real = getattr(obj, name)
@@ -149,9 +150,9 @@ def engine(args) -> int:
                 host[key] += time.perf_counter() - t
         setattr(obj, name, wrapper)
     timed(core, "_launch", "launch"), timed(core, "_read", "read")
-    timed(core.runner, "decode", "decode"), timed(core.chooser, "choose", "choose")
+    timed(core.runner, "decode", "decode")
     print("| turn | context | decode steps | decode ms a step | GPU busy ms a step | GPU idle ms a step | host ms a step: "
-          "launch (runner.decode + choose) | waiting for the step before |")
+          "launch (of which runner.decode: the step and its token choice) | waiting for the step before |")
     print("|---|---|---|---|---|---|---|---|")
     outside: dict[str, list[float]] = {}
     steps_total = 0
@@ -177,8 +178,8 @@ def engine(args) -> int:
                 outside.setdefault(name, []).append(b - a)
         print(f"| {session.total_turns} | {st.context} | {steps} | {st.decode_s * 1000 / steps:.3f} | "
               f"{busy / 1000 / steps:.3f} | {(end - start - busy) / 1000 / steps:.3f} | "
-              f"{host['launch'] * 1000 / steps:.3f} ({host['decode'] * 1000 / steps:.3f} + "
-              f"{host['choose'] * 1000 / steps:.3f}) | {host['read'] * 1000 / steps:.3f} |", flush=True)
+              f"{host['launch'] * 1000 / steps:.3f} ({host['decode'] * 1000 / steps:.3f}) | "
+              f"{host['read'] * 1000 / steps:.3f} |", flush=True)
     print("\n| outside the step's graph (decode phase) | count a step | µs a step |\n|---|---|---|")
     for name, ts in sorted(outside.items(), key=lambda kv: -sum(kv[1])):
         print(f"| {name[:90]} | {len(ts) / steps_total:.2f} | {sum(ts) / steps_total:.1f} |")

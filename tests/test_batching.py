@@ -107,9 +107,9 @@ def test_rows_join_and_leave_the_batch(model):
     seen_batches = []
     real = core.runner.decode
 
-    def spy(slots, tokens, positions):
+    def spy(slots, *rest):
         seen_batches.append(len(slots))
-        return real(slots, tokens, positions)
+        return real(slots, *rest)
 
     core.runner.decode = spy
     gens = [clips(56, 84, i) for i in range(3)]
@@ -117,6 +117,62 @@ def test_rows_join_and_leave_the_batch(model):
     results = core.run(reqs)
     assert max(seen_batches) >= 2 and len(set(seen_batches)) > 1  # rows decoded together, and some left early
     assert all(len(r.tokens) <= n for n, r in zip((3, 9, 16), results))
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_a_caption_in_progress_copies_no_step_inputs(model, greedy):
+    """The decode step keeps its inputs on the device and advances them itself (``ModelRunner.state``): a step whose
+    rows, cache lengths, positions and generation steps are what the step before left copies nothing from the host
+    (``_write_state`` runs only when a row joins or leaves, or a prefill or an undone step changed a length). Three
+    streams with different caps, two turns each, greedy and seeded sampling, with the streaming-EOS threshold (it reads
+    each row's generation step from the state): the tokens equal those of a runner that rewrites its state before
+    every step, and most steps write nothing."""
+    from pipeline.engine.runner import AT, LIVE, POS, STEP
+
+    def serve(rewrite_always: bool):
+        cfg = EngineConfig(greedy=greedy, max_context=2048, streaming_eos_base=0.0, streaming_eos_step=0.02)
+        core = make_core(model, cfg, slots=3)
+        caps = (3, 9, 16)
+        sessions = [StreamingSession(model, EngineConfig(greedy=greedy, max_context=2048, max_new_tokens=n,
+                                                         streaming_eos_step=0.02), core=core, seed=11 + i)
+                    for i, n in enumerate(caps)]
+        r = core.runner
+        counts = {"write": 0, "step": 0, "checked": 0}
+        real_write, real_decode = r._write_state, r.decode
+
+        def write(*a):
+            counts["write"] += 1
+            return real_write(*a)
+
+        def decode(slots, feed, positions, steps):
+            counts["step"] += 1
+            if rewrite_always:
+                r._expect = None
+            nb = r.decode_shape(slots)[0]
+            if r._expect == (tuple(slots), tuple(r.cache.lengths[:nb]), tuple(positions), tuple(steps)):
+                # a step that copies nothing: the state the step before left is what the host would write
+                state = r.state[:, slots].tolist()
+                assert state[POS] == positions and state[STEP] == steps and state[LIVE] == [1] * len(slots)
+                assert state[AT] == [r.cache.lengths[s] for s in slots]
+                counts["checked"] += 1
+            return real_decode(slots, feed, positions, steps)
+
+        r._write_state, r.decode = write, decode
+        gens = [clips(56, 84, i) for i in range(3)]
+        tokens = []
+        for _ in range(2):
+            reqs = [s.video_request(next(g)) for s, g in zip(sessions, gens)]
+            results = core.run(reqs)
+            for s, req, res in zip(sessions, reqs, results):
+                s.finish(req, res)
+            tokens.append([res.tokens for res in results])
+        return tokens, counts
+
+    steady, kept = serve(False)
+    every, rewritten = serve(True)
+    assert steady == every and kept["checked"] > 10
+    assert rewritten["write"] == rewritten["step"] > 10
+    assert kept["step"] == rewritten["step"] and kept["write"] < kept["step"] / 2, kept
 
 
 def test_decode_steps_between_prefills(model):
@@ -135,9 +191,9 @@ def test_decode_steps_between_prefills(model):
             events.append(("P", len(core.active)))
             return real_prefill(turns)
 
-        def decode(slots, tokens, positions):
+        def decode(slots, *rest):
             events.append(("D", len(slots)))
-            return real_decode(slots, tokens, positions)
+            return real_decode(slots, *rest)
 
         core.runner.prefill, core.runner.decode = prefill, decode
         gens = [clips(56, 84, i) for i in range(3)]
@@ -261,11 +317,11 @@ def test_a_failed_decode_step_fails_only_the_turns_still_decoding(model):
         r.on_done = lambda req, res: results.__setitem__(req.slot, res)
     real, calls = core.runner.decode, []
 
-    def decode(slots, tokens, positions):
+    def decode(slots, *rest):
         calls.append(len(slots))
         if len(calls) == 3:
             raise RuntimeError("step failed")
-        return real(slots, tokens, positions)
+        return real(slots, *rest)
 
     core.runner.decode = decode
     core._prefill(reqs)
@@ -275,6 +331,47 @@ def test_a_failed_decode_step_fails_only_the_turns_still_decoding(model):
     assert len(results[reqs[0].slot].tokens) == 3
     assert isinstance(results[reqs[1].slot], RuntimeError)
     assert len(results[reqs[2].slot].tokens) == 1
+
+
+def test_a_prefills_first_tokens_are_read_after_the_next_step_is_launched(model):
+    """Overlap from the prefill on: the first decode step of a turn is launched, fed the first token still on the
+    device, before the host reads that token (no wait for the host between the prefill and decoding). A turn whose
+    first token is a stop id then ends with that one token and leaves no trace: its row's cache holds the prompt
+    alone and its repetition counts the prompt's ids alone (the first token and the step's choice taken back), while
+    the other turn decodes on."""
+    cfg = EngineConfig(greedy=True, max_context=2048, max_new_tokens=8)
+
+    def turn(core, sessions):
+        return [s.video_request(next(clips(56, 84, i))) for i, s in enumerate(sessions)]
+
+    core = make_core(model, cfg, slots=2)
+    sessions = [StreamingSession(model, cfg, core=core) for _ in range(2)]
+    reqs = turn(core, sessions)
+    firsts = [res.tokens[0] for res in core.run(reqs)]
+    assert firsts[0] != firsts[1]  # (the clips differ: one turn can end while the other goes on)
+
+    core = make_core(model, cfg, slots=2)
+    sessions = [StreamingSession(model, cfg, core=core) for _ in range(2)]
+    core.stop_ids = frozenset({firsts[0]})
+    reqs = turn(core, sessions)
+    events, results = [], {}
+    for r in reqs:
+        r.on_done = lambda req, res: results.__setitem__(req.slot, res)
+    real_read, real_decode = core._read, core.runner.decode
+    core._read = lambda step: events.append("read first" if step.prefill else "read step") or real_read(step)
+    core.runner.decode = lambda slots, *rest: events.append(f"launch {len(slots)}") or real_decode(slots, *rest)
+    core._prefill(reqs)
+    assert events == [] and len(core.active) == 2  # nothing read yet: both rows join the batch
+    core._decode_step()
+    assert events == ["launch 2", "read first"]  # the step launched first, fed both first tokens from the device
+    assert results[reqs[0].slot].tokens == [firsts[0]] and len(core.active) == 1
+    while core.active:
+        core._decode_step()
+    assert len(results[reqs[1].slot].tokens) > 1
+    slot = reqs[0].slot
+    assert core.runner.cache.length(slot) == len(reqs[0].ids)
+    want = torch.bincount(torch.tensor(reqs[0].ids), minlength=core.chooser.counts.shape[1]).to(torch.int32)
+    assert torch.equal(core.chooser.counts[slot].cpu(), want)
 
 
 def test_stopping_delivers_the_turns_that_ended_in_the_step_in_flight(model):

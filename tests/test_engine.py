@@ -170,7 +170,7 @@ def test_repetition_penalty_matches_transformers():
     want = RepetitionPenaltyLogitsProcessor(1.15)(ids, logits.clone())[0]
     chooser = TokenChooser(1, 50, "cpu", SamplingSettings(repetition_penalty=1.15, greedy=True, eos_base=None))
     chooser.add(0, ids[0])
-    assert torch.equal(chooser.process(logits.clone(), torch.tensor([0]), torch.tensor([0]))[0], want)
+    assert torch.equal(chooser.process(logits.clone(), chooser.counts[:1], torch.tensor([0]))[0], want)
 
 
 def test_unseeded_rows_draw_together_each_from_its_own_row():

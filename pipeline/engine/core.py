@@ -15,8 +15,8 @@ A prefill runs between two decode steps, so a new turn never waits for a batch t
 answer never blocks captions. One stream is simply a batch of one.
 
 Overlap (the "overlap scheduler" of SGLang, vLLM's async scheduling): a row's next step is launched with the
-token its previous step chose, still on the device, before the host reads that token, so the GPU never
-waits for the host between steps (one stream on an H200 lost ≈ 0.85 ms a token that way: 6.2 ms per token
+token its previous step (or its prefill) chose, still on the device, before the host reads that token, so the GPU
+never waits for the host between steps (one stream on an H200 lost ≈ 0.85 ms a token that way: 6.2 ms per token
 against a 5.35-ms step). A row whose token turns out to be a stop id ran one step too many: the step is
 undone (its cache position released, its speculative repetition count and its sampling draw taken back),
 so a greedy or seeded stream gets exactly the tokens it gets without overlap (an unseeded stream draws from the
@@ -41,7 +41,6 @@ import numpy as np
 import torch
 
 from .runner import ModelRunner
-from .sampling import SamplingSettings, TokenChooser
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +112,8 @@ class _Row:
 
 @dataclass
 class _Launched:
-    """A decode step in flight: its rows, the ids it chose (B,) int64 on the device, their host copy (complete
+    """A decode step in flight: its rows, the ids it chose (B,) int64 on the device (the runner's state: valid until the
+    next step is launched), their host copy (complete
     once ``ready`` has passed; None off CUDA) and each row's generator state before its draw. A row whose turn
     ended before the step (``_Row.done``) has its part undone (``EngineCore._void``) and skipped."""
 
@@ -122,14 +122,15 @@ class _Launched:
     host: torch.Tensor
     ready: "torch.cuda.Event | None"
     rng: list
+    prefill: tuple | None = None  # a prefill's first ids: (t0, t1, vision start and end events) for its TurnStats
 
 
 class EngineCore:
     """Continuous batching over one ``ModelRunner``. Not thread-safe except ``attach``/``detach``/``wake``/``stop``."""
 
-    def __init__(self, runner: ModelRunner, sampling: SamplingSettings):
+    def __init__(self, runner: ModelRunner):
         self.runner = runner
-        self.chooser = TokenChooser(runner.cache.slots, runner.model.vocab, runner.device, sampling)
+        self.chooser = runner.chooser  # the runner's sampler: part of its decode step
         self.stop_ids = frozenset(runner.loaded.stop_ids)
         self._init_scheduler()
 
@@ -147,6 +148,7 @@ class EngineCore:
         self._since_prefill = 0
         self.active: list[_Row] = []
         self._launched: _Launched | None = None  # the decode step in flight, its tokens not yet read
+        self._prefilled: _Launched | None = None  # the last prefill's first ids, not yet read
         self.overlap = True  # False: each step's tokens are read before the next is launched (a benchmark's baseline)
         self._ports: list[StreamPort] = []
         self._inflight: set[int] = set()  # id() of ports with a turn in flight
@@ -263,6 +265,10 @@ class EngineCore:
 
     def _drain(self, error: BaseException) -> None:
         """Stop decoding: the turns that ended in the step in flight get their result, every other turn ``error``."""
+        try:
+            self._read_prefill()
+        except Exception:  # noqa: BLE001 - the rest fail below all the same
+            log.exception("reading the last prefill's first tokens failed")
         if self._launched is not None:
             try:
                 step, self._launched = self._launched, None
@@ -323,9 +329,11 @@ class EngineCore:
             log.exception("turn result handler failed")
 
     def _prefill(self, reqs: list[TurnRequest]) -> None:
-        """Context edits, vision and prefill of several turns; each chooses its first token and joins the
-        decode batch unless that token ended it."""
+        """Context edits, vision and prefill of several turns; each chooses its first token on the device and joins the
+        decode batch. The host reads those tokens after the next decode step is launched (``_read_prefill``); a turn
+        that its first token ended leaves then, its part of that step undone."""
         r, ch = self.runner, self.chooser
+        self._read_prefill()  # (a prefill is always followed by a decode step, which read the one before)
         self.busy_since = t0 = time.perf_counter()
         self._since_prefill = 0
         try:
@@ -349,42 +357,50 @@ class EngineCore:
             slots = [q.slot for q in reqs]
             for q in reqs:
                 ch.add(q.slot, torch.tensor(q.ids, dtype=torch.long))
-            first = ch.choose(logits, slots, [0] * len(reqs)).tolist()
-            t2 = time.perf_counter()
-            if started is not None:  # the vision tower's GPU time; the prefill's is the rest of the wall time
-                t1 = t0 + min(started.elapsed_time(seen) / 1000, t2 - t0)
+            first = ch.choose(logits, slots, [0] * len(reqs))
+            r.feed_next(slots, first)  # each row's first decode step feeds its first id from the device
+            ch.add_ids(slots, first)  # counted now; taken back if it ends the turn
+            host, ready = self._to_host(first)
         except Exception as e:  # noqa: BLE001 - the streams decide what a failed turn means
             self.busy_since = None
             for q in reqs:
                 self._done(q, e)
             return
-        for q, tok in zip(reqs, first):
-            row = _Row(q, [tok], q.next_pos, TurnStats(vision_s=t1 - t0, prefill_s=t2 - t1,
-                                                         prompt_tokens=len(q.ids)), t2)
-            if tok in self.stop_ids or q.max_new <= 1:
-                self._finish(row)
-            else:
-                ch.add(q.slot, torch.tensor([tok], dtype=torch.long))
-                self.active.append(row)
+        rows = [_Row(q, [], q.next_pos, TurnStats(prompt_tokens=len(q.ids)), t1) for q in reqs]
+        self.active.extend(rows)
+        self._prefilled = _Launched(rows, first, host, ready, [None] * len(rows), (t0, t1, started, seen))
+        if not self.overlap:  # read at once (to measure overlap)
+            self._read_prefill()
         self.busy_since = None
+
+    def _read_prefill(self) -> None:
+        """Read the last prefill's first ids: a row whose first id ends its turn (a stop id, or a cap of one token)
+        finishes, its part of the decode step in flight (if any) undone."""
+        pre, self._prefilled = self._prefilled, None
+        if pre is not None:
+            self._take(pre, self._read(pre))
+            self.active = [r for r in self.active if not r.done]
 
     def _decode_step(self) -> None:
         """Launch the next decode step of every row that goes on, then read the step before it (its tokens end
         turns, or feed the step just launched)."""
         prev, self._launched = self._launched, None
-        # rows whose newest token is still on the device -> their index in ``prev``
-        ahead = {id(r): i for i, r in enumerate(prev.rows)} if prev else {}
+        # rows whose newest token is still on the device: in ``prev``, or a prefill's first id not yet read
+        ahead = {id(r) for r in prev.rows} if prev else set()
+        if self._prefilled is not None:
+            ahead |= {id(r) for r in self._prefilled.rows}
         go = [row for row in self.active if len(row.tokens) + (id(row) in ahead) < row.req.max_new]
         self.busy_since = time.perf_counter()
         error = None
         try:
             if go:
-                self._launched = self._launch(go, prev, ahead)
+                self._launched = self._launch(go, ahead)
                 self.steps += 1
                 self._since_prefill += 1
         except Exception as e:  # noqa: BLE001 - every row of a failed step fails, after the turns that had ended
             error, self._launched = e, None
         try:
+            self._read_prefill()  # (after the launch: the step was queued before the host waits for the prefill)
             if prev:  # read even when the launch failed: turns that ended in it get their result
                 self._take(prev, self._read(prev))
             if error is None and not self.overlap and self._launched is not None:  # read at once (to measure overlap)
@@ -411,7 +427,15 @@ class EngineCore:
 
     def _take(self, step: "_Launched", new: list[int]) -> None:
         """The host has read ``step``'s ids: append them; a stop id or the cap ends the row's turn (a row whose turn
-        had ended before the step is skipped: its part of the step was undone by ``_void``)."""
+        had ended before the step is skipped: its part of the step was undone by ``_void``). For a prefill's first ids,
+        the turns' vision and prefill times end here."""
+        if step.prefill is not None:
+            t0, t1, started, seen = step.prefill
+            t2 = time.perf_counter()
+            if started is not None:  # the vision tower's GPU time; the prefill's is the rest of the wall time
+                t1 = t0 + min(started.elapsed_time(seen) / 1000, t2 - t0)
+            for row in step.rows:
+                row.stats.vision_s, row.stats.prefill_s, row.t_decode = t1 - t0, t2 - t1, t2
         for row, tok in zip(step.rows, new):
             if row.done:
                 continue
@@ -421,41 +445,28 @@ class EngineCore:
                 self._void(row)
                 self._finish(row)
 
-    def _launch(self, rows: list[_Row], prev: _Launched | None, ahead: dict[int, int]) -> _Launched:
-        """One decode step for ``rows``, each fed its newest token (from ``prev``'s device ids where the host has
-        not read it yet: ``ahead`` maps such a row's id() to its index there), its next token chosen and counted
-        on the device; no stream sync."""
-        r, ch, dev = self.runner, self.chooser, self.runner.device
-        if prev is not None and [ahead.get(id(row)) for row in rows] == list(range(len(prev.rows))):
-            toks = prev.chosen  # the same rows as the step before, in its order: each feeds the id it chose there
-        else:
-            toks = self._feed(rows, prev, ahead)
+    def _launch(self, rows: list[_Row], ahead: set[int]) -> _Launched:
+        """One decode step for ``rows``, each fed its newest token (a row whose id() is in ``ahead``, whose newest token
+        the host has not read yet, feeds it from the device), its next token chosen and counted on the device; no stream
+        sync."""
+        ch = self.chooser
         slots = [row.req.slot for row in rows]
         steps = [len(row.tokens) + (id(row) in ahead) for row in rows]
-        logits = r.decode(slots, toks, [row.pos for row in rows])
+        feed = [None if id(row) in ahead else row.tokens[-1] for row in rows]
+        rng = ch.snapshot(slots)
+        chosen = self.runner.decode(slots, feed, [row.pos for row in rows], steps)  # counted now; taken back if it ends
         for row in rows:
             row.pos += 1
-        rng = ch.snapshot(slots)
-        chosen = ch.choose(logits, slots, steps)
-        ch.add_rows(torch.tensor(slots).to(dev, non_blocking=True), chosen)  # counted now; taken back if it ends
-        if chosen.device.type == "cuda":
-            host, ready = chosen.to("cpu", non_blocking=True), torch.cuda.Event()
-            ready.record(torch.cuda.current_stream(chosen.device))  # the copy's stream (cuda:N, not the thread's)
-        else:
-            host, ready = chosen, None
-        return _Launched(rows, chosen, host, ready, rng)
+        return _Launched(rows, chosen, *self._to_host(chosen), rng)
 
-    def _feed(self, rows: list[_Row], prev: _Launched | None, ahead: dict[int, int]) -> torch.Tensor:
-        """The ids (B,) int64 on the device that ``rows`` feed: from the host where it has read them, else from
-        ``prev``'s chosen ids (``ahead`` maps a row's id() to its index there)."""
-        dev = self.runner.device
-        known = torch.tensor([row.tokens[-1] if id(row) not in ahead else 0 for row in rows], dtype=torch.long)
-        toks = known.to(dev, non_blocking=True)
-        if any(id(row) in ahead for row in rows):
-            take = torch.tensor([ahead.get(id(row), 0) for row in rows]).to(dev, non_blocking=True)
-            use = torch.tensor([id(row) in ahead for row in rows]).to(dev, non_blocking=True)
-            toks = torch.where(use, prev.chosen.index_select(0, take), toks)
-        return toks
+    @staticmethod
+    def _to_host(ids: torch.Tensor) -> tuple[torch.Tensor, "torch.cuda.Event | None"]:
+        """A host copy of device ids, started now, and the event after which it is complete (None off CUDA)."""
+        if ids.device.type == "cuda":
+            host, ready = ids.to("cpu", non_blocking=True), torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(ids.device))  # the copy's stream (cuda:N, not the thread's)
+            return host, ready
+        return ids.clone(), None  # the next step overwrites the runner's ids
 
     @staticmethod
     def _read(step: _Launched) -> list[int]:

@@ -247,8 +247,8 @@ def decode_agreement(reference, candidate, prompt: list[int], steps: int) -> dic
             same.append(bool((tok.cpu() == lc.argmax(-1).cpu()).all()))
             if i == steps:
                 break
-            lr = reference.decode([slot_r], tok.to(reference.device), [n + i])
-            lc = candidate.decode([slot_c], tok.to(candidate.device), [n + i])
+            lr = reference.decode_logits([slot_r], tok.to(reference.device), [n + i])
+            lc = candidate.decode_logits([slot_c], tok.to(candidate.device), [n + i])
     finally:
         reference.cache.free(slot_r)
         candidate.cache.free(slot_c)

@@ -8,13 +8,15 @@
   place in the cache; on Hopper the past's 2048-key blocks through cuDNN, merged by log-sum-exp), SDPA
   with a causal mask row by row elsewhere. A lone row's prefill is replayed from a CUDA graph once its (slot, turn
   length) has been seen twice (``cuda_graphs.PrefillGraphs``: the same attention, the cuDNN part keyed by its past).
-- ``decode(slots, tokens, positions)``: one token for each of B streams in one pass over the weights.
-  The step always covers cache rows 0..nb-1 (nb = a batch-size bucket holding the highest slot), so
-  its shapes depend only on (nb, attention window) and it is captured as a CUDA graph per pair
-  (``cuda_graphs.py``). Rows not in the step compute a throw-away token: they write at their own
-  first free position, which their next prefill or decode overwrites, and their output is ignored.
-  Attention: one FlashAttention varlen call per layer on CUDA (one query a row), grouped matmuls over
-  a masked window elsewhere.
+- ``decode(slots, feed, positions, steps)``: one token for each of B streams in one pass over the weights, and the
+  choice of each stream's next token (``TokenChooser.choose_rows``: the sampler is part of the step). The step always
+  covers cache rows 0..nb-1 (nb = a batch-size bucket holding the highest slot), so its shapes depend only on (nb,
+  attention window) and it is captured as a CUDA graph per pair (``cuda_graphs.py``). Its inputs live on the device
+  (``state``: each row's id, position, cache position, generation step, and whether it takes part) and the step
+  advances them itself, so the steps of a caption in progress replay with nothing copied in between. Rows not in
+  the step compute a throw-away token: they write at their own first free position, which their next prefill or
+  decode overwrites, and their output is ignored. Attention: split-KV Triton kernels (or one FlashAttention varlen
+  call) per layer on CUDA (one query a row), grouped matmuls over a masked window elsewhere.
 
 Only the engine thread calls a runner.
 """
@@ -32,6 +34,7 @@ from .cuda_graphs import DecodeGraphs, PrefillGraphs
 from .decode_attention import decode_attention
 from .kv_cache import KVCache
 from .model import TextModel, merge_attention
+from .sampling import SamplingSettings, TokenChooser
 from .vision import patchify
 from .vision_tower import VisionTower
 
@@ -42,6 +45,11 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
 # (2048) rather than powers of two (at 32 rows and 16.4k tokens, a 32k window doubled the step's time)
 WINDOWS = (1024,) + tuple(range(2048, 131072 + 1, 2048))
 
+
+# the rows of ``ModelRunner.state``: per cache row, the id its next decode step feeds, its 1-D position, its cache
+# position, its generation step in the turn (the streaming-EOS threshold's k) and 1 if it takes part in the step
+STATE = ("token", "pos", "at", "step", "live")
+TOKEN, POS, AT, STEP, LIVE = range(len(STATE))
 
 # the prefill's attention over a row's past in blocks of this many keys goes to cuDNN (Hopper and later, turns of
 # at least PAST_MIN_QUERIES tokens): cuDNN plans once per shape (≈ 35 ms), so the block sizes are few
@@ -80,7 +88,8 @@ class ModelRunner:
     """Weights (``TextModel``), the KV cache (``slots`` rows of ``capacity`` tokens), the vision tower, and
     the decode-step graphs of one loaded checkpoint on its device."""
 
-    def __init__(self, loaded, slots: int, capacity: int, graphs: bool | None = None, compile: bool | None = None):
+    def __init__(self, loaded, slots: int, capacity: int, graphs: bool | None = None, compile: bool | None = None,
+                 sampling: SamplingSettings | None = None):
         self.loaded = loaded
         self.device = loaded.device
         on_cuda = self.device.type == "cuda"
@@ -110,6 +119,17 @@ class ModelRunner:
         self.cudnn_past = self.flash and torch.backends.cudnn.is_available() and \
             torch.cuda.get_device_capability(self.device) >= (9, 0)
         self.video_token_id = loaded.video_token_id
+        # the token choice (the sampler), part of every decode step: greedy with no penalty unless told
+        self.chooser = TokenChooser(slots, m.vocab, self.device,
+                                    sampling or SamplingSettings(repetition_penalty=1.0, greedy=True))
+        # the decode step's inputs per cache row, on the device, which the step itself advances (``decode``)
+        self.state = torch.zeros(len(STATE), slots, dtype=torch.long, device=self.device)
+        self._incoming = torch.zeros_like(self.state)  # the host's rewrite of ``state``, before it is merged in
+        self.logits = torch.zeros(slots, m.vocab, dtype=torch.float32, device=self.device)  # the last step's
+        # the embedding table on the step's device: the lookup is part of the step (else looked up before it, into x)
+        self.embed_in_step = m.embed.weight.device == self.device
+        self.x = None if self.embed_in_step else torch.zeros(slots, m.hidden, dtype=m.dtype, device=self.device)
+        self._expect: tuple | None = None  # (slots, lengths, positions, steps) the state holds after the last step
         self.graphs = DecodeGraphs(self, compile=compile_) if self.use_graphs else None
         # a lone row's prefill from a CUDA graph (its FlashAttention call needs the flash path)
         self.prefill_graphs = PrefillGraphs(self, self.graphs.pool) if self.graphs is not None and self.flash else None
@@ -309,37 +329,108 @@ class ModelRunner:
         return nb, bucket(longest, self.windows, self.windows[-1])
 
     @torch.inference_mode()
-    def decode(self, slots: list[int], tokens: torch.Tensor, positions: list[int]) -> torch.Tensor:
-        """Feed ``tokens[b]`` (int64 (B,), on any device) at 1-D position ``positions[b]`` into slot ``slots[b]``'s
-        next cache position. Returns float32 logits (B, V) in the order of ``slots``; each row advances by one.
+    def decode(self, slots: list[int], feed: list[int | None] | torch.Tensor, positions: list[int],
+               steps: list[int] | None = None) -> torch.Tensor:
+        """One decode step: a token for each of B streams in one pass over the weights, and the next one chosen.
 
-        Nothing here waits for the GPU when the embeddings are on it (host values are copied without a stream
-        sync), so the core can launch a step while the previous one runs; with the table in host memory
-        (quantized weights on a GPU without room: ``quantize.embeddings_fit``) the lookup needs ``tokens`` on the
-        host."""
-        m, dev = self.model, self.device
+        Slot ``slots[b]`` feeds ``feed[b]`` (a host id, or None: the id its previous decode step chose, or
+        ``feed_next`` gave it, still on the device; or all B as an int64 tensor on any device) at 1-D position
+        ``positions[b]`` into its next cache position, at generation step ``steps[b]`` of its turn (default 0; the
+        streaming-EOS threshold's k); the
+        chooser (``self.chooser``) picks and counts each row's next id. Returns those ids (B,) int64 on the device, in
+        the order of ``slots`` (a view the next step may overwrite: copy it before then); the step's raw float32
+        logits are in ``step_logits``. Each row advances by one.
+
+        The inputs live on the device (``self.state``) and the step advances them itself (``step``), so a step whose
+        rows, lengths, positions and steps are what the previous step left (a caption in progress) writes nothing
+        before it runs: on CUDA it is one graph replay (``DecodeGraphs``). Otherwise they are rewritten with one
+        copy from the host. Nothing here waits for the GPU (with the embedding table in host memory, quantized weights
+        on a GPU without room for it: ``quantize.embeddings_fit``, the lookup reads the ids on the host first)."""
         nb, window = self.decode_shape(slots)
-        pos = torch.zeros(nb, dtype=torch.long)
-        at = torch.tensor(self.cache.lengths[:nb], dtype=torch.long)
-        rows = torch.tensor(slots, dtype=torch.long)
-        pos[rows] = torch.tensor(positions, dtype=torch.long)
-        rows_dev = rows.to(dev, non_blocking=True)
-        if slots == list(range(nb)):  # every row of the bucket, in order (a lone stream): no scatter
-            x = m.embed_ids(tokens)
-        else:
-            x = torch.zeros(nb, m.hidden, dtype=m.dtype, device=dev)  # rows sitting out: a throw-away input
-            x[rows_dev] = m.embed_ids(tokens)
-        if self.graphs is not None:
-            logits = self.graphs.run(nb, window, x, pos, at)
-        else:
-            logits = self.decode_step(x, pos.to(dev, non_blocking=True), at.to(dev, non_blocking=True), window)
+        steps = steps if steps is not None else [0] * len(slots)
+        lengths = tuple(self.cache.lengths[:nb])
+        tensor = isinstance(feed, torch.Tensor)
+        if tensor or any(f is not None for f in feed) or self._expect != (tuple(slots), lengths, tuple(positions),
+                                                                           tuple(steps)):
+            self._write_state(slots, nb, feed, positions, steps, lengths)
+        seeded: list = [None] * nb  # each row's own generator when sampling with a seed (only rows in the step draw)
+        if not self.chooser.s.greedy:
+            for s in slots:
+                seeded[s] = self.chooser.generators[s]
+        if not self.embed_in_step:
+            self.x[:nb].copy_(self.model.embed_ids(self.state[TOKEN, :nb]), non_blocking=True)
+        if self.graphs is None:
+            self.step(nb, window, seeded)
+        elif not any(seeded):
+            self.graphs.run(nb, window)
+        else:  # a seeded stream draws from its own generator, which a graph cannot replay: the choice runs eagerly
+            self.graphs.run(nb, window, choice=False)
+            self.step_choice(nb, seeded)
         for s in slots:
             self.cache.advance(s, 1)
-        return logits.index_select(0, rows_dev)
+        self._expect = (tuple(slots), tuple(self.cache.lengths[:nb]), tuple(p + 1 for p in positions),
+                        tuple(k + 1 for k in steps))
+        if slots == list(range(nb)):
+            return self.state[TOKEN, :nb]
+        return self.state[TOKEN].index_select(0, torch.tensor(slots).to(self.device, non_blocking=True))
+
+    def _write_state(self, slots, nb, feed, positions, steps, lengths) -> None:
+        """``state`` of rows 0..nb-1 from the host: one copy, then the ids of rows fed None kept as they are."""
+        host = torch.zeros(len(STATE), nb, dtype=torch.long)
+        host[AT] = torch.tensor(lengths, dtype=torch.long)  # a row sitting out writes at its length
+        host[TOKEN] = -1
+        rows = torch.tensor(slots, dtype=torch.long)
+        host[POS, rows] = torch.tensor(positions, dtype=torch.long)
+        host[STEP, rows] = torch.tensor(steps, dtype=torch.long)
+        host[LIVE, rows] = 1
+        if isinstance(feed, torch.Tensor):
+            host[TOKEN, rows] = feed.to("cpu")  # tools and tests: a host sync is fine there
+        else:
+            host[TOKEN, rows] = torch.tensor([-1 if f is None else f for f in feed], dtype=torch.long)
+        incoming, state = self._incoming[:, :nb], self.state[:, :nb]
+        incoming.copy_(host, non_blocking=True)
+        state[TOKEN] = torch.where(incoming[TOKEN] >= 0, incoming[TOKEN], state[TOKEN])
+        state[POS:].copy_(incoming[POS:])
+
+    def feed_next(self, slots: list[int], ids: torch.Tensor) -> None:
+        """Slot ``slots[b]``'s next decode step, fed None, feeds ``ids[b]`` (int64 (B,) on the device: a prefill's
+        first tokens, before the host has read them)."""
+        self.state[TOKEN].index_copy_(0, torch.tensor(slots).to(self.device, non_blocking=True), ids)
+
+    def step_logits(self, slots: list[int]) -> torch.Tensor:
+        """The last decode step's raw float32 logits (B, V) of ``slots`` (before the chooser's processing)."""
+        return self.logits.index_select(0, torch.tensor(slots).to(self.device, non_blocking=True))
+
+    def decode_logits(self, slots: list[int], tokens: torch.Tensor, positions: list[int]) -> torch.Tensor:
+        """``decode`` fed ``tokens`` (int64 (B,)), returning its raw float32 logits (B, V): for tools and tests."""
+        self.decode(slots, tokens, positions)
+        return self.step_logits(slots)
+
+    def step(self, nb: int, window: int, generators: list | None = None) -> None:
+        """The fixed-shape decode step that ``DecodeGraphs`` captures, all on the device: ``step_model`` then
+        ``step_choice``."""
+        self.step_model(nb, window)
+        self.step_choice(nb, generators)
+
+    def step_model(self, nb: int, window: int) -> None:
+        """Rows 0..nb-1 of ``state`` embedded (or ``x``) and through ``decode_step``; their logits into ``logits``."""
+        state = self.state[:, :nb]
+        x = self.model.embed_ids(state[TOKEN]) if self.embed_in_step else self.x[:nb]
+        self.logits[:nb].copy_(self.decode_step(x, state[POS], state[AT], window))
+
+    def step_choice(self, nb: int, generators: list | None = None) -> None:
+        """The next ids of rows 0..nb-1 chosen from ``logits`` and counted (``TokenChooser.choose_rows``;
+        ``generators``: seeded rows' own, which a graph cannot replay), and each live row's state advanced: its id
+        becomes what it chose; its position, cache position and generation step + 1."""
+        state = self.state[:, :nb]
+        live = state[LIVE]
+        chosen = self.chooser.choose_rows(self.logits[:nb], state[STEP], live, generators)
+        state[TOKEN] = torch.where(live > 0, chosen, state[TOKEN])
+        state[POS:LIVE] += live
 
     def decode_step(self, x: torch.Tensor, pos: torch.Tensor, at: torch.Tensor, window: int) -> torch.Tensor:
-        """The fixed-shape decode step CUDA graphs capture: rows 0..nb-1 (nb = x.shape[0]), one token each.
-        x (nb, hidden) the tokens' embeddings (the lookup stays outside: the table may be in host memory), pos (nb,)
+        """The model part of a decode step (``step``): rows 0..nb-1 (nb = x.shape[0]), one token each.
+        x (nb, hidden) the tokens' embeddings, pos (nb,)
         1-D positions, at (nb,) cache positions; each row attends over its positions
         0..at: on CUDA in bf16/fp16 with the split-KV kernels of ``decode_attention`` (or one FlashAttention-2
         varlen call) per layer reading the rows in place (``window`` bounds the key length), elsewhere two grouped

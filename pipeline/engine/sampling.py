@@ -60,11 +60,11 @@ class TokenChooser:
         ids = ids.reshape(-1).to(self.counts.device, non_blocking=True)
         self.counts[slot].index_add_(0, ids, torch.ones_like(ids, dtype=torch.int32))
 
-    def add_rows(self, slots: torch.Tensor, ids: torch.Tensor) -> None:
-        """One id per row: ``ids[b]`` into slot ``slots[b]`` (device int64 tensors, (B,); the slots distinct, as the
-        rows of a decode step are, so no two rows add to one count: a gather, an add and a scatter, where an
-        accumulating ``index_put_`` sorts its indices first)."""
-        self.counts[slots, ids] += 1
+    def add_ids(self, slots: list[int], ids: torch.Tensor) -> None:
+        """One id per slot: ``ids[b]`` (int64 (B,) on the device) into slot ``slots[b]`` (distinct slots), without a
+        host sync."""
+        rows = torch.tensor(slots).to(self.counts.device, non_blocking=True)
+        self.counts[rows, ids] += 1
 
     def remove(self, slot: int, ids: torch.Tensor) -> None:
         """Take ``ids`` (int64, any shape, any device) out of ``slot``'s context multiset."""
@@ -86,11 +86,12 @@ class TokenChooser:
         self.counts[slot].zero_()
 
     # -- choice ---------------------------------------------------------------------------------------------
-    def process(self, logits: torch.Tensor, slots: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-        """Float32 logits (B, V) -> processed logits (B, V), before sampling. ``slots``/``steps`` (B,) int64:
-        each row's slot and its generation step within the turn (0 for the first new token)."""
+    def process(self, logits: torch.Tensor, counts: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+        """Float32 logits (B, V) -> processed logits (B, V), before sampling. ``counts`` (B, V) int32: each row's
+        context counts (rows of ``self.counts``); ``steps`` (B,) int64: each row's generation step within the turn (0
+        for the first new token)."""
         if self.s.repetition_penalty != 1.0:
-            seen = self.counts.index_select(0, slots) > 0
+            seen = counts > 0
             p = self.s.repetition_penalty
             logits = torch.where(seen, torch.where(logits < 0, logits * p, logits / p), logits)
         if self._threshold:
@@ -102,11 +103,31 @@ class TokenChooser:
         return logits
 
     def choose(self, logits: torch.Tensor, slots: list[int], steps: list[int]) -> torch.Tensor:
-        """Next token ids (B,) int64 on the device, for logits (B, V) of rows belonging to ``slots``."""
+        """Next token ids (B,) int64 on the device, for logits (B, V) of rows belonging to ``slots`` (a prefill's
+        first tokens). Nothing is counted."""
         # host lists reach the device without a stream sync, so choosing does not wait for the step in flight
         slots_t = torch.tensor(slots, dtype=torch.long).to(logits.device, non_blocking=True)
         steps_t = torch.tensor(steps, dtype=torch.long)
-        logits = self.process(logits, slots_t, steps_t)
+        logits = self.process(logits, self.counts.index_select(0, slots_t), steps_t)
+        return self.pick(logits, [self.generators[s] for s in slots])
+
+    def choose_rows(self, logits: torch.Tensor, steps: torch.Tensor, live: torch.Tensor,
+                    generators: list | None = None) -> torch.Tensor:
+        """A decode step's choice for slots 0..nb-1 (the rows of ``ModelRunner.decode_step``), all on the device and
+        without a host sync, so a CUDA graph holds it: logits (nb, V) float32, ``steps`` (nb,) int64, ``live`` (nb,)
+        int64 1 for a row that takes part in the step (0: it sits out). Returns the ids (nb,) int64 and counts each
+        live row's id into its slot. ``generators``: each row's own generator (None: the process-wide one), for
+        seeded sampling (not capturable in a graph); by default every row draws from the process-wide one."""
+        nb = logits.shape[0]
+        logits = self.process(logits, self.counts[:nb], steps)
+        chosen = self.pick(logits, generators or [None] * nb)
+        # counted without a sort (an accumulating index_put_ sorts its indices): a scatter-add, 0 for a row sitting out
+        self.counts[:nb].scatter_add_(1, chosen[:, None], live[:, None].to(torch.int32))
+        return chosen
+
+    def pick(self, logits: torch.Tensor, generators: list) -> torch.Tensor:
+        """Processed logits (B, V) -> ids (B,) int64: greedy argmax, or temperature -> top-k -> top-p -> multinomial,
+        row b drawing from ``generators[b]`` (None: the process-wide generator)."""
         if self.s.greedy:
             return torch.argmax(logits, dim=-1)
         logits = logits / self.temperature
@@ -120,12 +141,11 @@ class TokenChooser:
             drop[:, -1] = False
             logits = logits.masked_fill(drop.scatter(1, order, drop), -float("inf"))
         probs = torch.softmax(logits, dim=-1)
-        # a seeded row draws from its own stream's generator, so batching does not change what that stream samples;
-        # when no row is seeded (the default) they draw together from the process-wide one: one call, not one per row
-        gens = [self.generators[s] for s in slots]
-        if all(g is None for g in gens):
+        # a seeded row draws from its stream's own generator, so batching does not change what that stream samples;
+        # the other rows draw together from the process-wide one: one call, not one per row
+        if all(g is None for g in generators):
             return torch.multinomial(probs, 1)[:, 0]
-        return torch.cat([torch.multinomial(probs[b], 1, generator=g) for b, g in enumerate(gens)])
+        return torch.cat([torch.multinomial(probs[b], 1, generator=g) for b, g in enumerate(generators)])
 
     def choose_one(self, logits: torch.Tensor, step: int, slot: int = 0) -> int:
         """One row: logits (V,) -> token id (a host int). For tests and tools."""

@@ -61,8 +61,9 @@ def sampling_settings(model: LoadedModel, cfg: EngineConfig) -> SamplingSettings
 
 def make_core(model: LoadedModel, cfg: EngineConfig, slots: int = 1) -> EngineCore:
     """A runner (weights, ``slots`` cache rows of ``cfg.max_context`` tokens, graphs) and its core."""
-    runner = ModelRunner(model, slots=slots, capacity=cfg.max_context, graphs=cfg.fast, compile=cfg.compile)
-    core = EngineCore(runner, sampling_settings(model, cfg))
+    runner = ModelRunner(model, slots=slots, capacity=cfg.max_context, graphs=cfg.fast, compile=cfg.compile,
+                         sampling=sampling_settings(model, cfg))
+    core = EngineCore(runner)
     core.prefill_batch = cfg.prefill_batch
     core.decode_steps_per_prefill = cfg.decode_steps_per_prefill
     runner.warm_up()
