@@ -14,8 +14,15 @@ candidate, an int4 product over a plain layout (two 4-bit weights a byte, a bflo
 as inductor reductions, and as a hand-written Triton kernel in a few block shapes (``int4_triton``; checked on
 the CPU with ``TRITON_INTERPRET=1``). Bandwidth there counts the bytes the format reads.
 
+``--fbgemm``: instead, the mixed-input and FP8 GEMMs of FBGEMM's GenAI kernels (the ``fbgemm-gpu-genai`` wheel, CUTLASS;
+a candidate for ``engine.quantize``, not a dependency) against cuBLAS bf16, for ``--rows`` rows: int4 weights with
+bf16 activations (``bf16i4bf16_rowwise``: a bf16 scale and zero per 128 weights; ``bf16i4bf16_shuffled``: the same,
+pre-shuffled), and fp8 rowwise (``f8f8bf16_rowwise``, the activation quantized per row in the call). Error: relative
+to the bf16 product (the quantization's own error included).
+
     python3 scripts/profile_gemv.py --rows 1 8 32
     python3 scripts/profile_gemv.py --rows 1 --quantized
+    python3 scripts/profile_gemv.py --rows 1 8 --fbgemm      # needs fbgemm-gpu-genai built for this torch and CUDA
 """
 
 from __future__ import annotations
@@ -190,6 +197,64 @@ def quantized_rows(args) -> None:
     print("| a whole step (ms) | " + " | ".join(f"{total.get(w, 0) / 1e3:.2f} | " for w in ways) + "|")
 
 
+def fbgemm_rows(args) -> None:
+    """The ``--fbgemm`` table."""
+    import fbgemm_gpu
+    import fbgemm_gpu.experimental.gen_ai  # noqa: F401 - registers torch.ops.fbgemm
+    from fbgemm_gpu.experimental.gen_ai.quantize import int4_row_quantize_zp, pack_int4, quantize_int4_preshuffle
+
+    ops = torch.ops.fbgemm
+    dev = torch.device("cuda")
+
+    def rowwise(w):
+        wq, scale, zero = int4_row_quantize_zp(w, 128)
+        return pack_int4(wq), scale.to(torch.bfloat16), zero.to(torch.bfloat16)
+
+    def shuffled(w):
+        wq, (scale, zero) = quantize_int4_preshuffle(w, dtype="bf16")
+        return wq, scale, zero
+
+    def fp8(x, wq, w_scale):
+        xq, x_scale = ops.quantize_fp8_per_row(x)
+        return ops.f8f8bf16_rowwise(xq, wq, x_scale, w_scale)
+
+    ways = {  # name: (prepare a weight, call on (x, prepared), bytes a weight it reads)
+        "bf16 cuBLAS": (lambda w: (w,), lambda x, p: F.linear(x, p[0]), 2.0),
+        "int4 bf16i4bf16_rowwise": (rowwise, lambda x, p: ops.bf16i4bf16_rowwise(x, *p), 0.5),
+        "int4 bf16i4bf16_shuffled": (shuffled, lambda x, p: ops.bf16i4bf16_shuffled(x, *p), 0.5),
+        "fp8 f8f8bf16_rowwise": (lambda w: ops.quantize_fp8_per_row(w), lambda x, p: fp8(x, *p), 1.0),
+    }
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, fbgemm-gpu-genai "
+          f"{getattr(fbgemm_gpu, '__version__', '?')}\n")
+    print("| product | rows | " + " | ".join(f"{w} µs | TB/s | err" for w in ways) + " |")
+    print("|---|---|" + "---|---|---|" * len(ways))
+    total: dict[tuple[str, int], float] = {}
+    for name, (n, k) in SHAPES.items():
+        copies = 1 if name == "lm_head" else 28
+        ws = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+        for M in args.rows:
+            x = torch.randn(M, k, device=dev, dtype=torch.bfloat16)
+            want = F.linear(x.float(), ws[0].float())
+            cells = []
+            for way, (prepare, call, nbytes) in ways.items():
+                try:
+                    ps = [prepare(w) for w in ws]
+                    err = ((call(x, ps[0]).float() - want).norm() / want.norm()).item()
+                    us = graph_ms(lambda i: call(x, ps[i]), copies=copies)[0] * 1e3
+                    cells += [f"{us:.1f}", f"{n * k * nbytes / 1e6 / us:.2f}", f"{err:.2g}"]
+                    total[(way, M)] = total.get((way, M), 0.0) + us * copies
+                except Exception as e:  # noqa: BLE001 - reported
+                    cells += [f"failed ({type(e).__name__}: {str(e).splitlines()[0][:70]})", "–", "–"]
+                finally:
+                    ps = []
+                    torch.cuda.empty_cache()
+            print(f"| {name} | {M} | " + " | ".join(cells) + " |", flush=True)
+        ws = []
+    for M in args.rows:
+        print(f"| a whole step (ms) | {M} | " + " | ".join(
+            f"{total.get((w, M), 0) / 1e3:.2f} | | " for w in ways) + "|")
+
+
 def _dequantized(w, mode: str) -> torch.Tensor:
     if mode == "plain4":
         packed, scale, zero = w
@@ -203,7 +268,11 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--quantized", action="store_true", help="then one row with each engine.quantize weight")
+    ap.add_argument("--fbgemm", action="store_true", help="instead: FBGEMM GenAI's int4 and fp8 GEMMs vs bf16")
     args = ap.parse_args()
+    if args.fbgemm:
+        fbgemm_rows(args)
+        return 0
     dev = torch.device("cuda")
     red = torch.compile(reduction, fullgraph=True, dynamic=False, options={"coordinate_descent_tuning": True})
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}\n")
