@@ -1,7 +1,14 @@
 #!/usr/bin/env python3
 """Where a prefill turn's GPU time goes at a given context length (torch.profiler kernel table).
 
+``--contexts``: instead, one stream's 1080p turns (the default path: the prefill replayed from its CUDA graph) at
+each context length: the turn's prefill time as the core measures it (``TurnStats.prefill_s``, median of 4 turns:
+until the host has the first token) next to the GPU time of the prefill graph alone (replayed; it rewrites the same
+keys at the same positions) and that time by kernel kind (GEMM, attention, the rest). The difference is what the
+host adds around the graph.
+
     python3 scripts/profile_prefill.py --tokenizer .bench/tokenizer --context 16000
+    python3 scripts/profile_prefill.py --tokenizer .bench/tokenizer --contexts 4000 8000 12000 16000
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_gpu import loaded, synthetic_clips  # noqa: E402
+from profile_turn import timed  # noqa: E402
 from pipeline.engine import EngineConfig, StreamingSession  # noqa: E402
 
 
@@ -24,7 +32,10 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokenizer", required=True)
     ap.add_argument("--context", type=int, default=16000)
+    ap.add_argument("--contexts", type=int, nargs="+", help="the graphed prefill's GPU time at each (see the doc)")
     args = ap.parse_args()
+    if args.contexts:
+        return graphed(args)
     model = loaded("7b", args.tokenizer, torch.device("cuda"), torch.bfloat16)
     clips = list(synthetic_clips(args.context // 400 + 8))
     s = StreamingSession(model, EngineConfig(greedy=True, context="none", max_new_tokens=1, compile=True))
@@ -45,6 +56,29 @@ def main() -> int:
         torch.cuda.synchronize()
     print(f"profiled turn: {(time.perf_counter() - t) * 1000:.1f} ms, prefill {s.last_stats.prefill_s * 1000:.1f} ms")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
+    return 0
+
+
+def graphed(args) -> int:
+    model = loaded("7b", args.tokenizer, torch.device("cuda"), torch.bfloat16)
+    clips = synthetic_clips(max(args.contexts) // 300 + 20)
+    s = StreamingSession(model, EngineConfig(greedy=True, context="none", max_new_tokens=1))
+    graphs = s.core.runner.prefill_graphs
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, 1080p turns, one stream\n")
+    print("| context | turn tokens | prefill_s p50 (core) | graph replay ms | kernels ms | GEMM | attention | other |")
+    print("|---|---|---|---|---|---|---|---|")
+    for target in args.contexts:
+        while s.context_length < target:
+            s.step(next(clips))
+        times = []
+        for _ in range(4):
+            s.step(next(clips))
+            times.append(s.last_stats.prefill_s * 1000)
+        key, (g, _, _) = next(reversed(graphs.graphs.items()))  # the graph the last turn replayed
+        with torch.inference_mode():
+            wall, kern, by, _ = timed(g.replay, reps=20)
+        print(f"| {s.context_length} | {key[1]} | {sorted(times)[len(times) // 2]:.2f} | {wall:.2f} | {kern:.2f} | "
+              f"{by.get('gemm', 0):.2f} | {by.get('attention', 0):.2f} | {by.get('other', 0):.2f} |", flush=True)
     return 0
 
 
