@@ -174,8 +174,9 @@ def test_repetition_penalty_matches_transformers():
 
 
 def test_unseeded_rows_draw_together_each_from_its_own_row():
-    """With no row seeded, the rows' draws are one ``torch.multinomial`` call over the batch: each row still draws
-    from its own probabilities (top-k 1 leaves one token per row), and seeded rows keep their own generators."""
+    """With no row seeded, the rows draw together in one call over the batch: each row still draws from its own
+    probabilities (top-k 1 leaves one token per row), and seeded rows keep their own generators. The batch's draw is
+    ``torch.multinomial``'s own, written out so a CUDA graph can hold it: the same ids from the same generator state."""
     chooser = TokenChooser(4, 50, "cpu", SamplingSettings(repetition_penalty=1.0, greedy=False, top_k=1,
                                                           eos_base=None))
     logits = torch.zeros(4, 50)
@@ -183,6 +184,17 @@ def test_unseeded_rows_draw_together_each_from_its_own_row():
     assert chooser.choose(logits, [2, 0, 3, 1], [0] * 4).tolist() == [7, 3, 42, 3]
     chooser.seed(3, 5)
     assert chooser.choose(logits, [2, 0, 3, 1], [0] * 4).tolist() == [7, 3, 42, 3]
+    plain = TokenChooser(4, 50, "cpu", SamplingSettings(repetition_penalty=1.0, greedy=False, eos_base=None))
+    logits = torch.randn(64, 50, generator=torch.Generator().manual_seed(0))
+    state = torch.get_rng_state()
+    try:
+        torch.manual_seed(3)
+        want = torch.multinomial(torch.softmax(logits, -1), 1)[:, 0]
+        torch.manual_seed(3)
+        got = plain.pick(logits, [None] * 64)
+    finally:
+        torch.set_rng_state(state)
+    assert torch.equal(got, want) and len(set(got.tolist())) > 5
 
 
 @pytest.mark.parametrize("grid_t,compile", [(1, False), (3, False), (3, True)])

@@ -333,10 +333,10 @@ class EngineCore:
         decode batch. The host reads those tokens after the next decode step is launched (``_read_prefill``); a turn
         that its first token ended leaves then, its part of that step undone."""
         r, ch = self.runner, self.chooser
-        self._read_prefill()  # (a prefill is always followed by a decode step, which read the one before)
         self.busy_since = t0 = time.perf_counter()
         self._since_prefill = 0
         try:
+            self._read_prefill()  # (a prefill is always followed by a decode step, which read the one before)
             for req in reqs:
                 if req.reset:
                     r.cache.reset(req.slot)
@@ -369,9 +369,14 @@ class EngineCore:
         rows = [_Row(q, [], q.next_pos, TurnStats(prompt_tokens=len(q.ids)), t1) for q in reqs]
         self.active.extend(rows)
         self._prefilled = _Launched(rows, first, host, ready, [None] * len(rows), (t0, t1, started, seen))
-        if not self.overlap:  # read at once (to measure overlap)
-            self._read_prefill()
-        self.busy_since = None
+        try:
+            if not self.overlap:  # read at once (to measure overlap)
+                self._read_prefill()
+        except Exception as e:  # noqa: BLE001 - the streams decide what a failed turn means
+            self._fail(rows, e)
+            self.active = [r for r in self.active if not r.done]
+        finally:
+            self.busy_since = None
 
     def _read_prefill(self) -> None:
         """Read the last prefill's first ids: a row whose first id ends its turn (a stop id, or a cap of one token)

@@ -144,7 +144,9 @@ class TokenChooser:
         # a seeded row draws from its stream's own generator, so batching does not change what that stream samples;
         # the other rows draw together from the process-wide one: one call, not one per row
         if all(g is None for g in generators):
-            return torch.multinomial(probs, 1)[:, 0]
+            # one draw a row as torch.multinomial makes it (the exponential race: argmax of p / E, E ~ Exp(1)),
+            # written out: multinomial checks its input with host syncs in older PyTorch, which a CUDA graph forbids
+            return probs.div(torch.empty_like(probs).exponential_()).argmax(-1)
         return torch.cat([torch.multinomial(probs[b], 1, generator=g) for b, g in enumerate(generators)])
 
     def choose_one(self, logits: torch.Tensor, step: int, slot: int = 0) -> int:
