@@ -374,6 +374,27 @@ def test_a_prefills_first_tokens_are_read_after_the_next_step_is_launched(model)
     assert torch.equal(core.chooser.counts[slot].cpu(), want)
 
 
+def test_a_failed_first_token_read_fails_its_turns_not_the_engine(model):
+    """With overlap off (a benchmark's baseline) the prefill reads its first tokens at once; when that read fails (a
+    device error surfaces there), those turns get the error and the prefill returns, instead of the error escaping into
+    the engine thread (which would end it with every other turn left waiting)."""
+    cfg = EngineConfig(greedy=True, max_context=2048, max_new_tokens=4)
+    core = make_core(model, cfg, slots=2)
+    core.overlap = False
+    sessions = [StreamingSession(model, cfg, core=core) for _ in range(2)]
+    reqs = [s.video_request(next(clips(56, 84, i))) for i, s in enumerate(sessions)]
+    results = {}
+    for r in reqs:
+        r.on_done = lambda req, res: results.__setitem__(req.slot, res)
+
+    def read(step):
+        raise RuntimeError("device error")
+
+    core._read = read
+    core._prefill(reqs)  # does not raise
+    assert all(isinstance(results[r.slot], RuntimeError) for r in reqs) and core.active == []
+
+
 def test_stopping_delivers_the_turns_that_ended_in_the_step_in_flight(model):
     """The engine stops with a decode step launched but not read: a turn whose last token is in that step gets its
     result (3 tokens), the turn still decoding gets the stop error."""
