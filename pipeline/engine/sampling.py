@@ -142,7 +142,7 @@ class TokenChooser:
             logits = logits.masked_fill(drop.scatter(1, order, drop), -float("inf"))
         probs = torch.softmax(logits, dim=-1)
         # a seeded row draws from its stream's own generator, so batching does not change what that stream samples;
-        # the other rows draw together from the process-wide one: one call, not one per row
+        # when no row is seeded (the default) the rows draw together from the process-wide one: one call, not one a row
         if all(g is None for g in generators):
             # one draw a row as torch.multinomial makes it (the exponential race: argmax of p / E, E ~ Exp(1)),
             # written out: multinomial checks its input with host syncs in older PyTorch, which a CUDA graph forbids
