@@ -21,9 +21,13 @@ bf16 activations (``bf16i4bf16_rowwise``: a bf16 scale and zero per 128 weights;
 pre-shuffled), and fp8 rowwise (``f8f8bf16_rowwise``, the activation quantized per row in the call). Error: relative
 to the bf16 product (the quantization's own error included).
 
+``--gemlite``: the same table for GemLite's Triton kernels (``gemlite_ways``: int4 in groups of 128, fp8 and int8
+weight-only), the int4 kernel the one-row step lacks (a candidate for ``engine.quantize=int4``).
+
     python3 scripts/profile_gemv.py --rows 1 8 32
     python3 scripts/profile_gemv.py --rows 1 --quantized
     python3 scripts/profile_gemv.py --rows 1 8 --fbgemm      # needs fbgemm-gpu-genai built for this torch and CUDA
+    python3 scripts/profile_gemv.py --rows 1 8 386 --gemlite  # needs gemlite (pure Python + Triton)
 """
 
 from __future__ import annotations
@@ -215,14 +219,13 @@ def quantized_rows(args) -> None:
     print("| a whole step (ms) | " + " | ".join(f"{total.get(w, 0) / 1e3:.2f} | " for w in ways) + "|")
 
 
-def fbgemm_rows(args) -> None:
-    """The ``--fbgemm`` table."""
+def fbgemm_ways():
+    """The ``--fbgemm`` ways: FBGEMM GenAI's int4 and fp8 GEMMs."""
     import fbgemm_gpu
     import fbgemm_gpu.experimental.gen_ai  # noqa: F401 - registers torch.ops.fbgemm
     from fbgemm_gpu.experimental.gen_ai.quantize import int4_row_quantize_zp, pack_int4, quantize_int4_preshuffle
 
     ops = torch.ops.fbgemm
-    dev = torch.device("cuda")
 
     def rowwise(w):
         wq, scale, zero = int4_row_quantize_zp(w, 128)
@@ -236,14 +239,48 @@ def fbgemm_rows(args) -> None:
         xq, x_scale = ops.quantize_fp8_per_row(x)
         return ops.f8f8bf16_rowwise(xq, wq, x_scale, w_scale)
 
-    ways = {  # name: (prepare a weight, call on (x, prepared), bytes a weight it reads)
-        "bf16 cuBLAS": (lambda w: (w,), lambda x, p: F.linear(x, p[0]), 2.0),
+    return f"fbgemm-gpu-genai {getattr(fbgemm_gpu, '__version__', '?')}", {
         "int4 bf16i4bf16_rowwise": (rowwise, lambda x, p: ops.bf16i4bf16_rowwise(x, *p), 0.5),
         "int4 bf16i4bf16_shuffled": (shuffled, lambda x, p: ops.bf16i4bf16_shuffled(x, *p), 0.5),
         "fp8 f8f8bf16_rowwise": (lambda w: ops.quantize_fp8_per_row(w), lambda x, p: fp8(x, *p), 1.0),
     }
-    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, fbgemm-gpu-genai "
-          f"{getattr(fbgemm_gpu, '__version__', '?')}\n")
+
+
+def gemlite_ways():
+    """The ``--gemlite`` ways: GemLite's Triton kernels (its own API, not torchao's prototype wrapper): int4
+    weights in groups of 128 with a bfloat16 scale and zero (HQQ's format, w = (q - zero) * scale) and the 8-bit
+    weight-only kernels (fp8 e4m3 and int8, one scale per output row), bfloat16 activations. GemLite picks its
+    kernel by the number of rows (GEMV / GEMV_REVSPLITK for one, GEMM_SPLITK / GEMM for more) and autotunes it on
+    the first call (outside the graph here)."""
+    import gemlite
+    from gemlite.helper import A16W4_HQQ_INT, A16W8_FP8, A16W8_INT8
+
+    bf16 = torch.bfloat16
+
+    def int4(w):
+        n, k = w.shape
+        wg = w.float().view(n, k // 128, 128)
+        lo, hi = wg.amin(-1), wg.amax(-1)
+        scale = ((hi - lo) / 15).clamp(min=1e-8)
+        zero = (-lo / scale).round()
+        q = (wg / scale[..., None] + zero[..., None]).round().clamp(0, 15).to(torch.uint8).view(n, k)
+        return (A16W4_HQQ_INT(device=w.device, dtype=bf16).from_weights(q, scale.to(bf16), zero.to(bf16)),)
+
+    return f"gemlite {gemlite.__version__}", {
+        "int4 gemlite (A16W4, group 128)": (int4, lambda x, p: p[0](x), 0.5),
+        "fp8 gemlite (A16W8_FP8)": (lambda w: (A16W8_FP8(device=w.device, dtype=bf16).from_weights(w.clone()),),
+                                    lambda x, p: p[0](x), 1.0),
+        "int8 gemlite (A16W8_INT8)": (lambda w: (A16W8_INT8(device=w.device, dtype=bf16).from_weights(w.clone()),),
+                                      lambda x, p: p[0](x), 1.0),
+    }
+
+
+def library_rows(args, title: str, ways: dict) -> None:
+    """A table of a kernel library's products (``ways``: name -> (prepare a bf16 weight, call on (x, prepared),
+    bytes a weight it reads)) for ``--rows`` rows, next to bf16 cuBLAS."""
+    ways = {"bf16 cuBLAS": (lambda w: (w,), lambda x, p: F.linear(x, p[0]), 2.0), **ways}
+    dev = torch.device("cuda")
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, {title}\n")
     print("| product | rows | " + " | ".join(f"{w} µs | TB/s | err" for w in ways) + " |")
     print("|---|---|" + "---|---|---|" * len(ways))
     total: dict[tuple[str, int], float] = {}
@@ -262,7 +299,7 @@ def fbgemm_rows(args) -> None:
                     cells += [f"{us:.1f}", f"{n * k * nbytes / 1e6 / us:.2f}", f"{err:.2g}"]
                     total[(way, M)] = total.get((way, M), 0.0) + us * copies
                 except Exception as e:  # noqa: BLE001 - reported
-                    cells += [f"failed ({type(e).__name__}: {str(e).splitlines()[0][:70]})", "–", "–"]
+                    cells += [f"failed ({type(e).__name__}: {str(e).splitlines()[0][:70] if str(e) else ''})", "–", "–"]
                 finally:
                     ps = []
                     torch.cuda.empty_cache()
@@ -287,9 +324,10 @@ def main() -> int:
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--quantized", action="store_true", help="then one row with each engine.quantize weight")
     ap.add_argument("--fbgemm", action="store_true", help="instead: FBGEMM GenAI's int4 and fp8 GEMMs vs bf16")
+    ap.add_argument("--gemlite", action="store_true", help="instead: GemLite's int4 / fp8 / int8 kernels vs bf16")
     args = ap.parse_args()
-    if args.fbgemm:
-        fbgemm_rows(args)
+    if args.fbgemm or args.gemlite:
+        library_rows(args, *(fbgemm_ways() if args.fbgemm else gemlite_ways()))
         return 0
     dev = torch.device("cuda")
     red = torch.compile(reduction, fullgraph=True, dynamic=False, options={"coordinate_descent_tuning": True})
