@@ -101,6 +101,15 @@ def wrap(hf, tokenizer_dir: str, shape: str, device: torch.device, dtype: torch.
                        weight_bytes=weight_bytes(hf))
 
 
+def set_past_split(parts: int) -> None:
+    """The prefill's cuDNN attention over a row's past in ``parts`` parts (``runner.PAST_SPLIT``), in blocks of
+    1024·parts keys; 1: one part in blocks of 2048 (the engine's default). Read when a prefill runs or is captured,
+    so set it before the core that is measured is built."""
+    from pipeline.engine import runner
+
+    runner.PAST_SPLIT, runner.PAST_BLOCK = parts, (2048 if parts == 1 else 1024 * parts)
+
+
 def synthetic_clips(seconds: int, height=1080, width=1920, pool_s: int = 60):
     """A moving 1080p test pattern at 2 fps: the opener (6 frames), then 2 frames per second.
 

@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_gpu import loaded, pct, synthetic_clips  # noqa: E402
+from bench_gpu import loaded, pct, set_past_split, synthetic_clips  # noqa: E402
 
 from pipeline.engine import EngineConfig, StreamingSession, make_core  # noqa: E402
 from pipeline.engine import runner as runner_mod  # noqa: E402
@@ -124,10 +124,11 @@ def busy_share(prof, seconds: float) -> float:
 def run(model, n: int, warmup: float, seconds: float, slots: int | None, pool: list, prefill_batch: int = 0,
         steps_per_prefill: int = 0, prefill_compiled: str = "on", max_context: int = 32768,
         overlap: str = "on", prefill_graphs: str = "on", decode_attention: str = "split-kv",
-        busy: float = 0.0, sample: bool = False, stagger: float = 0.0) -> dict:
+        busy: float = 0.0, sample: bool = False, stagger: float = 0.0, past_split: int = runner_mod.PAST_SPLIT) -> dict:
     cfg = EngineConfig(greedy=not sample, max_context=max_context)
     t_start = time.perf_counter()
     runner_mod.SPLIT_KV_DECODE = decode_attention == "split-kv"  # read when the core's runner is built
+    set_past_split(past_split)
     core = make_core(model, cfg, slots=slots or n)
     start_s = time.perf_counter() - t_start  # incl. compiling and capturing every decode batch size
     if prefill_compiled == "off":
@@ -194,6 +195,7 @@ def run(model, n: int, warmup: float, seconds: float, slots: int | None, pool: l
             "decode_steps": core.steps, "prefill_batch": core.prefill_batch,
             "steps_per_prefill": core.decode_steps_per_prefill, "prefill_compiled": prefill_compiled,
             "overlap": overlap, "prefill_graphs": prefill_graphs, "decode_attention": decode_attention,
+            "past_split": past_split,
             "max_context": max_context, "sampling": "sample" if sample else "greedy", "rollover_stagger": stagger,
             "start_s": round(start_s, 1),
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if model.device.type == "cuda" else None,
@@ -245,7 +247,7 @@ def probe(model, counts: list[int], contexts: list[int], pool) -> str:
 
 def table(rows: list[dict], title: str) -> str:
     cols = ["streams", "sampling", "max_context", "rollover_stagger", "prefill_batch", "steps_per_prefill", "prefill_compiled", "overlap", "prefill_graphs",
-            "decode_attention", "start_s", "turns", "due", "dropped", "p50_ms", "p99_ms", "max_ms", "tokens_per_s", "vision_p50_ms",
+            "decode_attention", "past_split", "start_s", "turns", "due", "dropped", "p50_ms", "p99_ms", "max_ms", "tokens_per_s", "vision_p50_ms",
             "prefill_p50_ms", "decode_p50_ms", "peak_gib", "context_end", "rollovers"]
     cols += ["gpu_busy_pct"] if any("gpu_busy_pct" in r for r in rows) else []
     out = [f"### {title}", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -285,6 +287,9 @@ def main(argv=None) -> int:
     ap.add_argument("--decode-attention", nargs="+", default=["split-kv"], choices=["split-kv", "flash"],
                     help="the decode step's attention: the split-KV Triton kernels (split-kv, the engine's default: "
                          "pipeline/engine/decode_attention.py) or FlashAttention-2's varlen call; each value is a run")
+    ap.add_argument("--past-split", type=int, nargs="+", default=[runner_mod.PAST_SPLIT],
+                    help="the prefill's cuDNN attention over a row's past in this many parts (runner.PAST_SPLIT; 1: "
+                         "one part in 2048-key blocks, the default; 3: in 3072-key blocks); each value is a run")
     ap.add_argument("--sample", action="store_true",
                     help="sample as a stream does by default (the checkpoint's generation_config: temperature, top-k, "
                          "top-p; unseeded) instead of greedy (tokens_per_s shows any turn that ended before 16 tokens)")
@@ -308,12 +313,13 @@ def main(argv=None) -> int:
     if a.probe:
         print(probe(model, a.streams, a.probe, pool), flush=True)
     rows = []
-    for n, pb, k, pc, mc, ov, pg, da, sg in itertools.product(a.streams, a.prefill_batch, a.steps_per_prefill,
-                                                              a.prefill_compiled, a.max_context, a.overlap,
-                                                              a.prefill_graphs, a.decode_attention, a.stagger):
+    for n, pb, k, pc, mc, ov, pg, da, sg, ps in itertools.product(
+            a.streams, a.prefill_batch, a.steps_per_prefill, a.prefill_compiled, a.max_context, a.overlap,
+            a.prefill_graphs, a.decode_attention, a.stagger, a.past_split):
         print(f"# {n} streams: starting (compiling every batch size, then {a.warmup:g} s of warm-up and "
               f"{a.seconds:g} s measured)", file=sys.stderr, flush=True)
-        rows.append(run(model, n, a.warmup, a.seconds, a.slots, pool, pb, k, pc, mc, ov, pg, da, a.busy, a.sample, sg))
+        rows.append(run(model, n, a.warmup, a.seconds, a.slots, pool, pb, k, pc, mc, ov, pg, da, a.busy, a.sample, sg,
+                        ps))
         print(json.dumps(rows[-1]), flush=True)
         gc.collect()
         if dev.type == "cuda":

@@ -8,12 +8,13 @@ keys at the same positions) and that time by kernel kind (GEMM, attention, the r
 host adds around the graph.
 
     python3 scripts/profile_prefill.py --tokenizer .bench/tokenizer --context 16000
-    python3 scripts/profile_prefill.py --tokenizer .bench/tokenizer --contexts 4000 8000 12000 16000
+    python3 scripts/profile_prefill.py --tokenizer .bench/tokenizer --contexts 4000 8000 12000 16000 --past-split 1 3
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import time
 from pathlib import Path
@@ -23,9 +24,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_gpu import loaded, synthetic_clips  # noqa: E402
+from bench_gpu import loaded, set_past_split, synthetic_clips  # noqa: E402
 from profile_turn import timed  # noqa: E402
 from pipeline.engine import EngineConfig, StreamingSession  # noqa: E402
+from pipeline.engine import runner  # noqa: E402
 
 
 def main() -> int:
@@ -33,6 +35,9 @@ def main() -> int:
     ap.add_argument("--tokenizer", required=True)
     ap.add_argument("--context", type=int, default=16000)
     ap.add_argument("--contexts", type=int, nargs="+", help="the graphed prefill's GPU time at each (see the doc)")
+    ap.add_argument("--past-split", type=int, nargs="+", default=[0],
+                    help="--contexts: the cuDNN attention over the past in this many parts (bench_gpu.set_past_split; "
+                         "0: the engine's default); each value a stream of its own")
     args = ap.parse_args()
     if args.contexts:
         return graphed(args)
@@ -61,12 +66,23 @@ def main() -> int:
 
 def graphed(args) -> int:
     model = loaded("7b", args.tokenizer, torch.device("cuda"), torch.bfloat16)
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, 1080p turns, one stream\n")
+    print("| past split | context | turn tokens | prefill_s p50 (core) | graph replay ms | kernels ms | GEMM | attention "
+          "| other |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for parts in args.past_split:
+        if parts:
+            set_past_split(parts)
+        graphed_stream(args, model, parts or runner.PAST_SPLIT)
+        gc.collect()
+        torch.cuda.empty_cache()
+    return 0
+
+
+def graphed_stream(args, model, parts: int) -> None:
     clips = synthetic_clips(max(args.contexts) // 300 + 20)
     s = StreamingSession(model, EngineConfig(greedy=True, context="none", max_new_tokens=1))
     graphs = s.core.runner.prefill_graphs
-    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, 1080p turns, one stream\n")
-    print("| context | turn tokens | prefill_s p50 (core) | graph replay ms | kernels ms | GEMM | attention | other |")
-    print("|---|---|---|---|---|---|---|---|")
     for target in args.contexts:
         while s.context_length < target:
             s.step(next(clips))
@@ -77,9 +93,9 @@ def graphed(args) -> int:
         key, (g, _, _) = next(reversed(graphs.graphs.items()))  # the graph the last turn replayed
         with torch.inference_mode():
             wall, kern, by, _ = timed(g.replay, reps=20)
-        print(f"| {s.context_length} | {key[1]} | {sorted(times)[len(times) // 2]:.2f} | {wall:.2f} | {kern:.2f} | "
+        print(f"| {parts} | {s.context_length} | {key[1]} | {sorted(times)[len(times) // 2]:.2f} | {wall:.2f} | {kern:.2f} | "
               f"{by.get('gemm', 0):.2f} | {by.get('attention', 0):.2f} | {by.get('other', 0):.2f} |", flush=True)
-    return 0
+    s.close()
 
 
 if __name__ == "__main__":

@@ -259,8 +259,8 @@ def test_prefill_answers_in_the_callers_order(model):
 def test_prefill_graphs_keep_the_recently_used_lengths():
     """``PrefillGraphs``' policy (the capture itself is CUDA's: tests/test_gpu.py): a (slot, length) is captured
     the second time it is seen, turns longer than ``max_tokens`` stay eager, and beyond ``limit`` graphs the least
-    recently replayed is dropped. With cuDNN for the past (Hopper), the key also holds the past's whole 2048-key
-    blocks: a longer past is captured at once (its length was seen twice) and the graph of the shorter one dropped."""
+    recently replayed is dropped. With cuDNN for the past (Hopper), the key also holds the past's whole
+    ``PAST_BLOCK``-key blocks: a longer past is captured at once (its length was seen twice) and the graph of the shorter one dropped."""
     from types import SimpleNamespace
 
     from pipeline.engine.cuda_graphs import PrefillGraphs
@@ -273,6 +273,8 @@ def test_prefill_graphs_keep_the_recently_used_lengths():
             return SimpleNamespace(replay=lambda: None), (x.clone(), pos.clone(), at.clone(),
                                                           torch.zeros(1, dtype=torch.int32)), torch.ones(1, 5)
 
+    from pipeline.engine.runner import PAST_BLOCK as B
+    from pipeline.engine.runner import PAST_SPLIT
     from pipeline.engine.runner import past_block
 
     runner = SimpleNamespace(cache=SimpleNamespace(slots=1), cudnn_past=True)
@@ -294,12 +296,13 @@ def test_prefill_graphs_keep_the_recently_used_lengths():
     captured.clear()
     graphs = Recording(runner, pool=None, limit=4, max_tokens=512)
     pb = lambda start: turn(0, 386, start, past=past_block(start, 386))  # noqa: E731 - as ModelRunner.prefill
-    assert pb(2100) is None and pb(2486) is not None  # one block of past through cuDNN
-    assert pb(4000) is not None and captured == [(0, 386, 2048)]  # same block: replayed
-    assert pb(4100) is not None and captured == [(0, 386, 2048), (0, 386, 4096)]  # two blocks: captured at once
-    assert list(graphs.graphs) == [(0, 386, 4096)]  # the one-block graph dropped
-    assert past_block(4100, 40) == 0 and past_block(2047, 386) == 0  # < 64 new tokens, or no whole block
-    assert turn(0, 386, 4100) is not None and captured[-1] == (0, 386, 0)  # cuDNN off: its own graph
+    assert pb(B + 52) is None and pb(B + 438) is not None  # one block of past through cuDNN
+    assert pb(2 * B - 96) is not None and captured == [(0, 386, B)]  # same block: replayed
+    assert pb(2 * B + 4) is not None and captured == [(0, 386, B), (0, 386, 2 * B)]  # two blocks: captured at once
+    assert list(graphs.graphs) == [(0, 386, 2 * B)]  # the one-block graph dropped
+    assert past_block(2 * B + 4, 40) == 0 and past_block(B - 1, 386) == 0  # < 64 new tokens, or no whole block
+    assert B % PAST_SPLIT == 0  # a block splits into the parts of one cuDNN call
+    assert turn(0, 386, 2 * B + 4) is not None and captured[-1] == (0, 386, 0)  # cuDNN off: its own graph
 
 
 def test_a_failed_decode_step_fails_only_the_turns_still_decoding(model):

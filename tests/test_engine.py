@@ -361,6 +361,55 @@ def test_merge_attention_equals_attention_over_all_keys():
     torch.testing.assert_close(merge_attention(o1, l1, o2, l2), full, rtol=1e-5, atol=1e-6)
 
 
+def test_merge_splits_equals_attention_over_all_keys():
+    """The past block's attention in S parts (the batch of one cuDNN call) is put back together by ``merge_splits``
+    from each part's output and log-sum-exp: equal to attending over all keys, its log-sum-exp too."""
+    from pipeline.engine.model import merge_splits
+
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(5, 3, 8, generator=g)
+    k, v = torch.randn(18, 3, 8, generator=g), torch.randn(18, 3, 8, generator=g)
+
+    def attention(keys, values):
+        s = torch.einsum("nhd,shd->nhs", q, keys) / 8 ** 0.5
+        return torch.einsum("nhs,shd->nhd", s.softmax(-1), values), s.logsumexp(-1)
+
+    full, full_lse = attention(k, v)
+    parts = [attention(k[i:i + 6], v[i:i + 6]) for i in (0, 6, 12)]
+    o, lse = merge_splits(torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts]))
+    torch.testing.assert_close(o, full, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lse, full_lse, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_attend_past_in_parts_equals_attention_over_the_whole_block(monkeypatch, model, splits):
+    """``TextModel.attend_past`` stacks a KV head's query heads as rows and, with ``splits`` > 1, hands cuDNN the
+    block's keys as that many batches (views of the cache row); cuDNN itself needs CUDA, so here its op is
+    PyTorch's math attention with the same outputs (o, log-sum-exp (B, H, S, 1)): the layout around it is what is
+    checked — the result equals grouped-query attention over every key of the block, for 1 and 3 parts."""
+    from pipeline.engine.model import TextModel
+
+    def math_attention(q, k, v, bias, lse, dropout, causal, scale_given, **_):
+        assert not causal and bias is None and k.shape[0] == q.shape[0]
+        s = q.float() @ k.float().transpose(-1, -2) / q.shape[-1] ** 0.5
+        return (s.softmax(-1) @ v.float()).to(q.dtype), s.logsumexp(-1, keepdim=True)
+
+    monkeypatch.setattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention", math_attention)
+    m = TextModel(model.hf)
+    H, KV, D = m.n_heads, m.n_kv, m.head_dim
+    g = torch.Generator().manual_seed(2)
+    n, P, cap = 7, 24, 40
+    q = torch.randn(n, H, D, generator=g)
+    cache_k, cache_v = torch.randn(1, KV, cap, D, generator=g), torch.randn(1, KV, cap, D, generator=g)
+    keys, values = cache_k[:, :, :P], cache_v[:, :, :P]  # a cache row's first P keys: a strided view, as KVCache.row
+    o, lse = m.attend_past(q, keys, values, splits)
+    k = keys[0].repeat_interleave(H // KV, 0)  # (H, P, d): each query head's KV head
+    v = values[0].repeat_interleave(H // KV, 0)
+    s = torch.einsum("nhd,hpd->nhp", q, k) / D ** 0.5
+    torch.testing.assert_close(o, torch.einsum("nhp,hpd->nhd", s.softmax(-1), v), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(lse, s.logsumexp(-1), rtol=1e-4, atol=1e-5)
+
+
 def test_the_compiled_decode_step_equals_the_eager_one_and_stores_its_keys(model):
     """The decode step as CUDA compiles it, here with CPU inductor: ``pre_attention_store`` writes each row's new key
     and value into the cache from the compiled function (index tensors only, in place), and the one-row step, compiled

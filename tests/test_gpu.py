@@ -9,8 +9,9 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 def test_varlen_prefill_equals_masked_attention():
     """The CUDA prefill (one FlashAttention varlen call per layer over every row, in place in the cache; on Hopper
-    with the past's 2048-key blocks through cuDNN, merged by log-sum-exp) against the masked row-by-row SDPA path:
-    three rows of different pasts (one past 4096 keys, one past 2048), given out of slot order, two prefills."""
+    with the past's ``PAST_BLOCK``-key blocks through cuDNN, each in ``PAST_SPLIT`` parts, merged by log-sum-exp)
+    against the masked row-by-row SDPA path: three rows of different pasts (two blocks in one, one in another),
+    given out of slot order, two prefills."""
     from pipeline.engine import load_model
     from pipeline.engine.runner import ModelRunner
     from pipeline.fixtures.tiny import tiny_checkpoint
@@ -21,8 +22,8 @@ def test_varlen_prefill_equals_masked_attention():
     def turn(slot, start, n):
         return slot, torch.randint(0, 4000, (n,), generator=gen).tolist(), torch.arange(start, start + n).expand(3, n), None
 
-    first = [turn(2, 0, 4200), turn(0, 0, 90), turn(1, 0, 2100)]
-    second = [turn(1, 2100, 33), turn(2, 4200, 386), turn(0, 90, 386)]
+    first = [turn(2, 0, 6200), turn(0, 0, 90), turn(1, 0, 3100)]
+    second = [turn(1, 3100, 100), turn(2, 6200, 386), turn(0, 90, 386)]
     out = []
     hopper = torch.cuda.get_device_capability() >= (9, 0)
     for flash, cudnn in ((True, True), (True, False), (False, False)):
@@ -37,7 +38,7 @@ def test_varlen_prefill_equals_masked_attention():
             cos = F.cosine_similarity(got, want, dim=-1)
             assert cos.min().item() > 0.999, cos
             assert (got.argmax(-1) == want.argmax(-1)).all()
-        assert ca.lengths == cb.lengths == [476, 2133, 4586]
+        assert ca.lengths == cb.lengths == [476, 3200, 6586]
         for slot, n in enumerate(ca.lengths):
             assert torch.equal(ca.k[:1, slot, :, :n], cb.k[:1, slot, :, :n])  # layer 0's keys: same inputs, same scatter
 
@@ -386,13 +387,15 @@ def test_a_lone_rows_prefill_replayed_from_its_graph_equals_the_eager_prefill():
 
 
 def test_a_lone_rows_prefill_graph_reads_whole_blocks_of_past_through_cudnn():
-    """On Hopper a prefill graph reads the row's whole 2048-key blocks of past through cuDNN, as the eager prefill
-    does, keyed by that past: 386-token turns after 2,100 keys (one block) and on past 4,096 (two blocks), replayed
+    """On Hopper a prefill graph reads the row's whole ``PAST_BLOCK``-key blocks of past through cuDNN (in
+    ``PAST_SPLIT`` parts), as the eager prefill does, keyed by that past: 386-token turns after B + 128 keys (one
+    block) and on past 2B (two blocks), replayed
     from their graphs, give the eager prefill's logits and keys; the one-block graph is dropped when the two-block
     one is captured, and cuDNN stays on (its capture did not fail)."""
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("the past goes through cuDNN from Hopper on")
     from pipeline.engine import load_model
+    from pipeline.engine.runner import PAST_BLOCK as B
     from pipeline.engine.runner import ModelRunner
     from pipeline.fixtures.tiny import tiny_checkpoint
 
@@ -400,7 +403,7 @@ def test_a_lone_rows_prefill_graph_reads_whole_blocks_of_past_through_cudnn():
     gen = torch.Generator().manual_seed(0)
     turns = []
     start = 0
-    for n in [2100] + [386] * 9:
+    for n in [B + 128] + [386] * ((B - 128) // 386 + 2):
         turns.append((0, torch.randint(0, 4000, (n,), generator=gen).tolist(), torch.arange(start, start + n).expand(3, n),
                       None))
         start += n
@@ -412,8 +415,8 @@ def test_a_lone_rows_prefill_graph_reads_whole_blocks_of_past_through_cudnn():
         a, b = graphed.prefill([t]), eager.prefill([t])
         keys_seen.append(set(graphed.prefill_graphs.graphs))
         assert torch.allclose(a, b, atol=0.05, rtol=0.02), (a - b).abs().max()
-    assert {(0, 386, 2048)} in keys_seen  # replayed with one block of past through cuDNN ...
-    assert keys_seen[-1] == {(0, 386, 4096)}  # ... then two, the shorter one dropped
+    assert {(0, 386, B)} in keys_seen  # replayed with one block of past through cuDNN ...
+    assert keys_seen[-1] == {(0, 386, 2 * B)}  # ... then two, the shorter one dropped
     assert graphed.prefill_graphs.cudnn and graphed.prefill_graphs.enabled
     n = graphed.cache.length(0)
     assert n == eager.cache.length(0) == start

@@ -253,6 +253,46 @@ def merge_attention(o1, lse1, o2, lse2):
     return (o2.float() + (o1.float() - o2.float()) * w).to(o2.dtype)
 
 
+def merge_splits(o, lse):
+    """The attention over the union of S disjoint sets of keys from each one's output (S, ..., d) and
+    log-sum-exp (S, ...) float32: o = Σ e^(l_s - L)·o_s with L = log Σ e^(l_s) (FlashAttention's split-KV
+    combine over S parts). Returns (o (..., d) in o's dtype, L (...) float32)."""
+    total = torch.logsumexp(lse, 0)
+    w = torch.exp(lse - total)[..., None]
+    return (o.float() * w).sum(0).to(o.dtype), total
+
+
+def _merge_parts(o, lse, n: int, kv: int, g: int):
+    """``attend_past``'s S parts, o (S, KV, g·n, d) and lse (S, KV, g·n), merged and unstacked -> (n, KV·g, d),
+    (n, KV·g) float32."""
+    o, lse = merge_splits(o, lse.float())
+    d = o.shape[-1]
+    return (o.reshape(kv, g, n, d).permute(2, 0, 1, 3).reshape(n, kv * g, d),
+            lse.reshape(kv, g, n).permute(2, 0, 1).reshape(n, kv * g))
+
+
+def fused_on_cuda(fn):
+    """``fn`` through torch.compile (one fused kernel) when its first argument is a CUDA tensor, eager elsewhere;
+    compiled on first use (importing the model must not load dynamo). For the prefill's small elementwise merges:
+    eager, their float32 passes took ≈ 30 µs a layer of a 386-token turn on an H200 for ``merge_attention`` (the
+    prefill graph's non-GEMM, non-attention kernels 2.96–2.99 ms a turn, 2.08–2.12 fused) and ≈ 65 µs for
+    ``attend_past``'s 3 parts."""
+    compiled = None
+
+    def run(first, *args):
+        nonlocal compiled
+        if not first.is_cuda:
+            return fn(first, *args)
+        if compiled is None:
+            compiled = torch.compile(fn, fullgraph=True)
+        return compiled(first, *args)
+    return run
+
+
+merge_past_parts = fused_on_cuda(_merge_parts)
+merge_attention_fused = fused_on_cuda(merge_attention)
+
+
 # attend(layer index, q, k, v) -> o (B, T, n_heads*head_dim); it also stores k/v in the cache
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -422,21 +462,34 @@ class TextModel:
         lse = lse.t() if lse.dim() == 2 else lse[tok_row, :, tok_pos]
         return out[0], lse.float()
 
-    def attend_past(self, q, keys, values):
+    def attend_past(self, q, keys, values, splits: int = 1):
         """New tokens of one row over a block of its past, no mask (every new token sees the whole block), with
         cuDNN's attention (Hopper: 2.4x PyTorch's FlashAttention-2 here: ``scripts/profile_kernels.py``). The
         query heads of a KV head are stacked as rows, so K and V are read once per KV head.
 
-        q (n, H, d); keys/values (1, KV, P, d), last dim contiguous (a ``KVCache.row`` view) ->
-        (o (n, H, d), log-sum-exp (n, H) float32). cuDNN plans once per shape (≈ 35 ms on an H200), so callers
-        give P in few sizes (``runner.PAST_BLOCK`` multiples)."""
+        ``splits`` > 1: the block's keys as that many equal parts, the batch of one cuDNN call, merged by their
+        log-sum-exp (``merge_splits``, one fused kernel on CUDA). The idea: a 386-token turn of LiveCC-7B stacks
+        into 4 KV heads x 2,702 rows, few thread blocks for 132 SMs if cuDNN tiles 128 rows, each walking the
+        whole block; in parts, more blocks walk less. Measured on an H200 (``runner.PAST_SPLIT``): 3 parts cut the
+        attention by 0.4–2.0 ms a turn, the merge added 0.6; off by default.
+
+        q (n, H, d); keys/values (1, KV, P, d), last dim contiguous (a ``KVCache.row`` view), P a multiple of
+        ``splits`` -> (o (n, H, d), log-sum-exp (n, H) float32). cuDNN plans once per shape (≈ 35 ms on an H200),
+        so callers give P in few sizes (``runner.PAST_BLOCK`` multiples)."""
         n, H, D = q.shape
         kv, g = self.n_kv, H // self.n_kv
         qg = q.view(n, kv, g, D).permute(1, 2, 0, 3).reshape(1, kv, g * n, D)
+        if splits > 1:  # (1, KV, P, d) -> (splits, KV, P / splits, d): views of the same keys
+            part = keys.shape[2] // splits
+            keys = keys[0].unflatten(1, (splits, part)).transpose(0, 1)
+            values = values[0].unflatten(1, (splits, part)).transpose(0, 1)
+            qg = qg.expand(splits, -1, -1, -1).contiguous()
         out = torch.ops.aten._scaled_dot_product_cudnn_attention(qg, keys, values, None, True, 0.0, False, False)
-        o = out[0].reshape(kv, g, n, D).permute(2, 0, 1, 3).reshape(n, H, D)
-        lse = out[1].reshape(kv, g, n).permute(2, 0, 1).reshape(n, H)
-        return o, lse.float()
+        o, lse = out[0], out[1].reshape(splits, kv, g * n)
+        if splits == 1:
+            o = o.reshape(kv, g, n, D).permute(2, 0, 1, 3).reshape(n, H, D)
+            return o, lse.float().reshape(kv, g, n).permute(2, 0, 1).reshape(n, H)
+        return merge_past_parts(o, lse, n, kv, g)
 
     def attend_rows(self, q, keys, values, masked):
         """A decode step's attention, one new token per row: q (B, H, 1, d) over keys/values (B, KV, W, d);

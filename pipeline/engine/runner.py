@@ -33,7 +33,7 @@ from ..errors import first_line
 from .cuda_graphs import DecodeGraphs, PrefillGraphs
 from .decode_attention import decode_attention
 from .kv_cache import KVCache
-from .model import TextModel, merge_attention
+from .model import TextModel, merge_attention_fused
 from .sampling import SamplingSettings, TokenChooser
 from .vision import patchify
 from .vision_tower import VisionTower
@@ -52,7 +52,12 @@ STATE = ("token", "pos", "at", "step", "live")
 TOKEN, POS, AT, STEP, LIVE = range(len(STATE))
 
 # the prefill's attention over a row's past in blocks of this many keys goes to cuDNN (Hopper and later, turns of
-# at least PAST_MIN_QUERIES tokens): cuDNN plans once per shape (≈ 35 ms), so the block sizes are few
+# at least PAST_MIN_QUERIES tokens): cuDNN plans once per shape (≈ 35 ms), so the block sizes are few. With
+# PAST_SPLIT > 1 the block's keys are that many equal parts of one cuDNN call (``TextModel.attend_past``; blocks of
+# 1024·PAST_SPLIT keys then): 3 parts cut the attention's GPU time by 0.4–2.0 ms a 386-token turn at 7.7k–19.7k of
+# context on an H200 but added 0.6 ms of merging, and the core's prefill time did not change: off by default
+# (docs/performance.md, 2026-12-01; ``scripts/profile_prefill.py --contexts ... --past-split 1 3``)
+PAST_SPLIT = 1
 PAST_BLOCK = 2048
 PAST_MIN_QUERIES = 64
 
@@ -243,8 +248,8 @@ class ModelRunner:
             o, lse = m.attend_varlen_lse(qp, kf, vf, cu_q, cu_k, used_tail, T, self.capacity - past,
                                          tok_row, tok_pos)
             kb, vb = cache.row(i, slot, past)
-            ob, lb = m.attend_past(qp, kb, vb)
-            return merge_attention(ob, lb, o, lse)[None]
+            ob, lb = m.attend_past(qp, kb, vb, PAST_SPLIT)
+            return merge_attention_fused(ob, lb, o, lse)[None]
 
         h = m.forward(x[None], pos, attend, m.prefill_pre, m.prefill_post)
         return m.logits(h[0, -1:])
@@ -284,8 +289,8 @@ class ModelRunner:
                     if bulk[b]:
                         rows = slice(offs[b], offs[b + 1])
                         kb, vb = cache.row(i, slot, bulk[b])
-                        ob, lb = m.attend_past(qp[rows], kb, vb)
-                        o[rows] = merge_attention(ob, lb, o[rows], lse[rows])
+                        ob, lb = m.attend_past(qp[rows], kb, vb, PAST_SPLIT)
+                        o[rows] = merge_attention_fused(ob, lb, o[rows], lse[rows])
             except RuntimeError as e:  # a cuDNN build or GPU without this attention: FlashAttention alone from now on
                 log.warning("cuDNN attention failed (%s); prefill attention stays on FlashAttention", first_line(e))
                 self.cudnn_past = False
