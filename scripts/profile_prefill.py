@@ -29,6 +29,8 @@ from profile_turn import timed  # noqa: E402
 from pipeline.engine import EngineConfig, StreamingSession  # noqa: E402
 from pipeline.engine import runner  # noqa: E402
 
+DEFAULT_SPLIT = runner.PAST_SPLIT  # the engine's own, before any --past-split
+
 
 def main() -> int:
     ap = argparse.ArgumentParser()
@@ -36,11 +38,14 @@ def main() -> int:
     ap.add_argument("--context", type=int, default=16000)
     ap.add_argument("--contexts", type=int, nargs="+", help="the graphed prefill's GPU time at each (see the doc)")
     ap.add_argument("--past-split", type=int, nargs="+", default=[0],
-                    help="--contexts: the cuDNN attention over the past in this many parts (bench_gpu.set_past_split; "
-                         "0: the engine's default); each value a stream of its own")
+                    help="the cuDNN attention over the past in this many parts (bench_gpu.set_past_split; 0: the "
+                         "engine's default); with --contexts each value a stream of its own")
     args = ap.parse_args()
     if args.contexts:
         return graphed(args)
+    if len(args.past_split) > 1:
+        ap.error("--past-split takes one value without --contexts")
+    set_past_split(args.past_split[0] or DEFAULT_SPLIT)
     model = loaded("7b", args.tokenizer, torch.device("cuda"), torch.bfloat16)
     clips = list(synthetic_clips(args.context // 400 + 8))
     s = StreamingSession(model, EngineConfig(greedy=True, context="none", max_new_tokens=1, compile=True))
@@ -71,9 +76,8 @@ def graphed(args) -> int:
           "| other |")
     print("|---|---|---|---|---|---|---|---|---|")
     for parts in args.past_split:
-        if parts:
-            set_past_split(parts)
-        graphed_stream(args, model, parts or runner.PAST_SPLIT)
+        set_past_split(parts or DEFAULT_SPLIT)
+        graphed_stream(args, model, parts or DEFAULT_SPLIT)
         gc.collect()
         torch.cuda.empty_cache()
     return 0

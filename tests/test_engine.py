@@ -5,6 +5,7 @@ full-sequence forward of the conversation so far picks (teacher forcing over the
 the same test token for token, because greedy choice is deterministic).
 """
 
+import importlib
 import numpy as np
 import pytest
 import torch
@@ -381,12 +382,13 @@ def test_merge_splits_equals_attention_over_all_keys():
     torch.testing.assert_close(lse, full_lse, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("splits", [1, 3])
-def test_attend_past_in_parts_equals_attention_over_the_whole_block(monkeypatch, model, splits):
+@pytest.mark.parametrize("splits,compiled", [(1, False), (3, False), (3, True)])
+def test_attend_past_in_parts_equals_attention_over_the_whole_block(monkeypatch, caplog, model, splits, compiled):
     """``TextModel.attend_past`` stacks a KV head's query heads as rows and, with ``splits`` > 1, hands cuDNN the
     block's keys as that many batches (views of the cache row); cuDNN itself needs CUDA, so here its op is
     PyTorch's math attention with the same outputs (o, log-sum-exp (B, H, S, 1)): the layout around it is what is
-    checked — the result equals grouped-query attention over every key of the block, for 1 and 3 parts."""
+    checked — the result equals grouped-query attention over every key of the block, for 1 and 3 parts, with the
+    merge eager and compiled (``compile_prefill``: CPU inductor here) at two turn lengths."""
     from pipeline.engine.model import TextModel
 
     def math_attention(q, k, v, bias, lse, dropout, causal, scale_given, **_):
@@ -394,20 +396,52 @@ def test_attend_past_in_parts_equals_attention_over_the_whole_block(monkeypatch,
         s = q.float() @ k.float().transpose(-1, -2) / q.shape[-1] ** 0.5
         return (s.softmax(-1) @ v.float()).to(q.dtype), s.logsumexp(-1, keepdim=True)
 
-    monkeypatch.setattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention", math_attention)
     m = TextModel(model.hf)
+    if compiled:
+        for name in ("torch._inductor.compile_fx", "torch.utils.flop_counter"):  # before the op is replaced:
+            importlib.import_module(name)  # the compiler's own registrations name the real op
+        m.compile_prefill()
+    monkeypatch.setattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention", math_attention)
     H, KV, D = m.n_heads, m.n_kv, m.head_dim
     g = torch.Generator().manual_seed(2)
-    n, P, cap = 7, 24, 40
-    q = torch.randn(n, H, D, generator=g)
-    cache_k, cache_v = torch.randn(1, KV, cap, D, generator=g), torch.randn(1, KV, cap, D, generator=g)
-    keys, values = cache_k[:, :, :P], cache_v[:, :, :P]  # a cache row's first P keys: a strided view, as KVCache.row
-    o, lse = m.attend_past(q, keys, values, splits)
-    k = keys[0].repeat_interleave(H // KV, 0)  # (H, P, d): each query head's KV head
-    v = values[0].repeat_interleave(H // KV, 0)
-    s = torch.einsum("nhd,hpd->nhp", q, k) / D ** 0.5
-    torch.testing.assert_close(o, torch.einsum("nhp,hpd->nhd", s.softmax(-1), v), rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(lse, s.logsumexp(-1), rtol=1e-4, atol=1e-5)
+    P, cap = 24, 40
+    for n in (7, 11):
+        q = torch.randn(n, H, D, generator=g)
+        cache_k, cache_v = torch.randn(1, KV, cap, D, generator=g), torch.randn(1, KV, cap, D, generator=g)
+        keys, values = cache_k[:, :, :P], cache_v[:, :, :P]  # a cache row's first P keys: strided, as KVCache.row
+        o, lse = m.attend_past(q, keys, values, splits)
+        k = keys[0].repeat_interleave(H // KV, 0)  # (H, P, d): each query head's KV head
+        v = values[0].repeat_interleave(H // KV, 0)
+        s = torch.einsum("nhd,hpd->nhp", q, k) / D ** 0.5
+        torch.testing.assert_close(o, torch.einsum("nhp,hpd->nhd", s.softmax(-1), v), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(lse, s.logsumexp(-1), rtol=1e-4, atol=1e-5)
+    assert "runs eager" not in caplog.text  # compiled, not fallen back
+    with pytest.raises(ValueError, match="do not split"):
+        m.attend_past(q, cache_k[:, :, :25], cache_v[:, :, :25], 3)
+
+
+def test_a_fused_merge_that_fails_to_compile_runs_eager_from_then_on(caplog):
+    """``model.fused``: a function that torch.compile cannot take whole (here a data-dependent branch, a graph
+    break under fullgraph) is run eager with a warning, then eager for good; its results are the function's own.
+    Without the fallback the compiler's error would reach the prefill (and, being a RuntimeError, be taken for a
+    cuDNN failure there)."""
+    from pipeline.engine.model import fused
+
+    calls = []
+
+    def merge(x):
+        calls.append(1)
+        if x.sum() > 0:  # data-dependent control flow: fullgraph compilation fails
+            return x * 2
+        return x
+
+    f = fused(merge)
+    x = torch.ones(4)
+    with caplog.at_level("WARNING", logger="pipeline.engine.model"):
+        assert torch.equal(f(x), x * 2)
+    assert "runs eager from now on" in caplog.text
+    caplog.clear()
+    assert torch.equal(f(-x), -x) and caplog.text == ""  # eager, no second attempt to compile
 
 
 def test_the_compiled_decode_step_equals_the_eager_one_and_stores_its_keys(model):

@@ -7,13 +7,20 @@ import torch.nn.functional as F
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-def test_varlen_prefill_equals_masked_attention():
+@pytest.mark.parametrize("splits", [1, 3])
+def test_varlen_prefill_equals_masked_attention(monkeypatch, splits):
     """The CUDA prefill (one FlashAttention varlen call per layer over every row, in place in the cache; on Hopper
     with the past's ``PAST_BLOCK``-key blocks through cuDNN, each in ``PAST_SPLIT`` parts, merged by log-sum-exp)
     against the masked row-by-row SDPA path: three rows of different pasts (two blocks in one, one in another),
-    given out of slot order, two prefills."""
+    given out of slot order, two prefills; for the engine's blocks (split 1) and for blocks of 3,072 keys in 3 parts
+    of one cuDNN call (``--past-split 3``)."""
     from pipeline.engine import load_model
+    from pipeline.engine import runner
     from pipeline.engine.runner import ModelRunner
+
+    if splits > 1:
+        monkeypatch.setattr(runner, "PAST_SPLIT", splits)
+        monkeypatch.setattr(runner, "PAST_BLOCK", 1024 * splits)
     from pipeline.fixtures.tiny import tiny_checkpoint
 
     model = load_model(str(tiny_checkpoint("small")), device="cuda", dtype="bfloat16")

@@ -16,12 +16,15 @@ transformers' modules keep working on the same storage).
 
 from __future__ import annotations
 
+import logging
 from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+log = logging.getLogger(__name__)
 
 # Prefill attends with a mask whose width grows every turn. cuDNN's attention builds a new plan for every
 # new shape (2.5 ms of CPU per layer per turn, measured on an H100); the memory-efficient kernel does not.
@@ -262,35 +265,40 @@ def merge_splits(o, lse):
     return (o.float() * w).sum(0).to(o.dtype), total
 
 
-def _merge_parts(o, lse, n: int, kv: int, g: int):
-    """``attend_past``'s S parts, o (S, KV, g·n, d) and lse (S, KV, g·n), merged and unstacked -> (n, KV·g, d),
-    (n, KV·g) float32."""
+def merge_parts(o, lse, g: int):
+    """``TextModel.attend_past``'s S parts, o (S, KV, g·n, d) and lse (S, KV, g·n) as cuDNN gives them (g query
+    heads of each KV head stacked as rows), merged (``merge_splits``) and unstacked -> (n, KV·g, d), (n, KV·g)
+    float32."""
+    kv, d = o.shape[1], o.shape[-1]
+    n = o.shape[2] // g
     o, lse = merge_splits(o, lse.float())
-    d = o.shape[-1]
     return (o.reshape(kv, g, n, d).permute(2, 0, 1, 3).reshape(n, kv * g, d),
             lse.reshape(kv, g, n).permute(2, 0, 1).reshape(n, kv * g))
 
 
-def fused_on_cuda(fn):
-    """``fn`` through torch.compile (one fused kernel) when its first argument is a CUDA tensor, eager elsewhere;
-    compiled on first use (importing the model must not load dynamo). For the prefill's small elementwise merges:
-    eager, their float32 passes took ≈ 30 µs a layer of a 386-token turn on an H200 for ``merge_attention`` (the
-    prefill graph's non-GEMM, non-attention kernels 2.96–2.99 ms a turn, 2.08–2.12 fused) and ≈ 65 µs for
-    ``attend_past``'s 3 parts."""
-    compiled = None
+def fused(fn, options: dict | None = None):
+    """``fn`` through torch.compile (one fused kernel; any token count, ``dynamic=True``), falling back to ``fn``
+    itself for good, with a warning, if compiling or running the compiled code fails (a compiler problem must not
+    stop captioning, nor be taken for a failure of the attention kernels around it). For the prefill's small
+    elementwise merges (``TextModel.compile_prefill``): eager, their float32 passes took ≈ 30 µs a layer of a
+    386-token turn on an H200 for ``merge_attention`` (the prefill graph's kernels other than GEMMs and attention
+    2.96–2.99 ms a turn, 2.08–2.12 fused) and ≈ 65 µs for ``attend_past``'s 3 parts."""
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True, options=options)
+    use = [compiled]
 
-    def run(first, *args):
-        nonlocal compiled
-        if not first.is_cuda:
-            return fn(first, *args)
-        if compiled is None:
-            compiled = torch.compile(fn, fullgraph=True)
-        return compiled(first, *args)
+    def run(*args):
+        if use[0] is fn:
+            return fn(*args)
+        try:
+            return compiled(*args)
+        except Exception as e:  # noqa: BLE001 - reported, then eager
+            if isinstance(e, torch.cuda.OutOfMemoryError):
+                raise
+            log.warning("torch.compile of %s failed (%s); it runs eager from now on", fn.__name__,
+                        str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+            use[0] = fn
+            return fn(*args)
     return run
-
-
-merge_past_parts = fused_on_cuda(_merge_parts)
-merge_attention_fused = fused_on_cuda(merge_attention)
 
 
 # attend(layer index, q, k, v) -> o (B, T, n_heads*head_dim); it also stores k/v in the cache
@@ -328,6 +336,7 @@ class TextModel:
                        for l in text.layers]
         self.pre_store, self.post = pre_attention_store, post_attention  # the decode step's (compiled by ``compile``)
         self.prefill_pre, self.prefill_post = pre_attention, post_attention  # compiled by ``compile_prefill``
+        self.merge, self.merge_parts = merge_attention, merge_parts  # likewise
         self.head = self.logits  # the decode step's logits (compiled with ``compile``)
         self.one_row = None  # the one-row decode step's (pre_store, post, head), compiled apart (``compile``)
 
@@ -377,10 +386,12 @@ class TextModel:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         self.prefill_pre = torch.compile(_prefill_pre, fullgraph=True, dynamic=True, options=options)
         self.prefill_post = torch.compile(_prefill_post, fullgraph=True, dynamic=True, options=options)
+        self.merge, self.merge_parts = fused(merge_attention, options), fused(merge_parts, options)
 
     def uncompile_prefill(self) -> None:
         """The prefill's eager layer functions again (after a compiler failure: ``ModelRunner.prefill``)."""
         self.prefill_pre, self.prefill_post = pre_attention, post_attention
+        self.merge, self.merge_parts = merge_attention, merge_parts
 
     def rotary(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (B, 1, T, head_dim) in the model dtype for mRoPE positions ``pos`` (3, B, T) int64:
@@ -468,18 +479,20 @@ class TextModel:
         query heads of a KV head are stacked as rows, so K and V are read once per KV head.
 
         ``splits`` > 1: the block's keys as that many equal parts, the batch of one cuDNN call, merged by their
-        log-sum-exp (``merge_splits``, one fused kernel on CUDA). The idea: a 386-token turn of LiveCC-7B stacks
+        log-sum-exp (``merge_parts``; fused with the compiled prefill). The idea: a 386-token turn of LiveCC-7B stacks
         into 4 KV heads x 2,702 rows, few thread blocks for 132 SMs if cuDNN tiles 128 rows, each walking the
         whole block; in parts, more blocks walk less. Measured on an H200 (``runner.PAST_SPLIT``): 3 parts cut the
         attention by 0.4–2.0 ms a turn, the merge added 0.6; off by default.
 
         q (n, H, d); keys/values (1, KV, P, d), last dim contiguous (a ``KVCache.row`` view), P a multiple of
-        ``splits`` -> (o (n, H, d), log-sum-exp (n, H) float32). cuDNN plans once per shape (≈ 35 ms on an H200),
+        ``splits`` (else ValueError) -> (o (n, H, d), log-sum-exp (n, H) float32). cuDNN plans once per shape (≈ 35 ms on an H200),
         so callers give P in few sizes (``runner.PAST_BLOCK`` multiples)."""
         n, H, D = q.shape
         kv, g = self.n_kv, H // self.n_kv
         qg = q.view(n, kv, g, D).permute(1, 2, 0, 3).reshape(1, kv, g * n, D)
         if splits > 1:  # (1, KV, P, d) -> (splits, KV, P / splits, d): views of the same keys
+            if keys.shape[2] % splits:
+                raise ValueError(f"{keys.shape[2]} keys do not split into {splits} equal parts")
             part = keys.shape[2] // splits
             keys = keys[0].unflatten(1, (splits, part)).transpose(0, 1)
             values = values[0].unflatten(1, (splits, part)).transpose(0, 1)
@@ -489,7 +502,7 @@ class TextModel:
         if splits == 1:
             o = o.reshape(kv, g, n, D).permute(2, 0, 1, 3).reshape(n, H, D)
             return o, lse.float().reshape(kv, g, n).permute(2, 0, 1).reshape(n, H)
-        return merge_past_parts(o, lse, n, kv, g)
+        return self.merge_parts(o, lse, g)
 
     def attend_rows(self, q, keys, values, masked):
         """A decode step's attention, one new token per row: q (B, H, 1, d) over keys/values (B, KV, W, d);

@@ -33,7 +33,7 @@ from ..errors import first_line
 from .cuda_graphs import DecodeGraphs, PrefillGraphs
 from .decode_attention import decode_attention
 from .kv_cache import KVCache
-from .model import TextModel, merge_attention_fused
+from .model import TextModel
 from .sampling import SamplingSettings, TokenChooser
 from .vision import patchify
 from .vision_tower import VisionTower
@@ -98,6 +98,8 @@ class ModelRunner:
         self.loaded = loaded
         self.device = loaded.device
         on_cuda = self.device.type == "cuda"
+        if PAST_BLOCK % PAST_SPLIT:
+            raise ValueError(f"runner.PAST_BLOCK ({PAST_BLOCK}) must be a multiple of PAST_SPLIT ({PAST_SPLIT})")
         self.model = TextModel(loaded.hf)
         m = self.model
         self.cache = KVCache(m.n_layers, slots, m.n_kv, m.head_dim, capacity, m.dtype, self.device)
@@ -249,7 +251,7 @@ class ModelRunner:
                                          tok_row, tok_pos)
             kb, vb = cache.row(i, slot, past)
             ob, lb = m.attend_past(qp, kb, vb, PAST_SPLIT)
-            return merge_attention_fused(ob, lb, o, lse)[None]
+            return m.merge(ob, lb, o, lse)[None]
 
         h = m.forward(x[None], pos, attend, m.prefill_pre, m.prefill_post)
         return m.logits(h[0, -1:])
@@ -290,7 +292,7 @@ class ModelRunner:
                         rows = slice(offs[b], offs[b + 1])
                         kb, vb = cache.row(i, slot, bulk[b])
                         ob, lb = m.attend_past(qp[rows], kb, vb, PAST_SPLIT)
-                        o[rows] = merge_attention_fused(ob, lb, o[rows], lse[rows])
+                        o[rows] = m.merge(ob, lb, o[rows], lse[rows])
             except RuntimeError as e:  # a cuDNN build or GPU without this attention: FlashAttention alone from now on
                 log.warning("cuDNN attention failed (%s); prefill attention stays on FlashAttention", first_line(e))
                 self.cudnn_past = False
@@ -500,9 +502,15 @@ class ModelRunner:
         if self.cudnn_past and self.capacity >= PAST_BLOCK + n:
             # a turn over a past block: cuDNN's first attention call (its handle and first plan) took 567 ms of a
             # stream's prefill on an H200 when it came mid-run, at the first turn past 2,048 keys
-            self.prefill([(0, [0] * PAST_BLOCK, torch.arange(PAST_BLOCK).expand(3, PAST_BLOCK), None)])
-            self.prefill([(0, [0] * n, torch.arange(PAST_BLOCK, PAST_BLOCK + n).expand(3, n), None)])
-            self.cache.reset(0)
+            # then two rows' turns together when there are two rows: the compiled merge (TextModel.merge) then also
+            # knows a row that is a slice of the packed turns (another compilation, not mid-run either)
+            rows = range(min(2, self.cache.slots))
+            for r in rows:
+                self.prefill([(r, [0] * PAST_BLOCK, torch.arange(PAST_BLOCK).expand(3, PAST_BLOCK), None)])
+            self.prefill([(r, [0] * (n - r), torch.arange(PAST_BLOCK, PAST_BLOCK + n - r).expand(3, n - r), None)
+                          for r in rows])
+            for r in rows:
+                self.cache.reset(r)
 
     # -- context edits ---------------------------------------------------------------------------------------
     def evict(self, slot: int, start: int, end: int, shift: int) -> None:
