@@ -12,7 +12,17 @@ from pathlib import Path
 
 import pytest
 
-import servers  # tests/servers.py (pytest puts tests/ on sys.path)
+# torch's CPU kernels at the AVX2 level on every machine (set before torch loads; subprocesses inherit it): the
+# golden token ids of tests/test_parity.py came from the reference run with them, and the AVX-512 kernels sum in
+# another order: on an AVX-512 machine one greedy choice (turn 20 of the small vocabulary) came out differently
+# (2026-12-01; with ATEN_CPU_CAPABILITY=avx2 it matched again), at the old code as at the new
+os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
+# and inductor's compiled CPU kernels in a cache of their own: its cache key does not hold that setting, and kernels
+# built earlier for AVX-512 in the default cache gave NaN under it (torch 2.14.1)
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(), f"torchinductor-{os.environ['ATEN_CPU_CAPABILITY']}-{os.getuid()}"))
+
+import servers  # noqa: E402 - tests/servers.py (pytest puts tests/ on sys.path)
 
 try:  # the tiny engine on CPU: torch's default thread count made a turn ~9x slower on a loaded 2-core machine
     import torch
