@@ -152,14 +152,22 @@ def int4_triton(configs=((16, 1, 4), (32, 1, 4), (16, 2, 4), (32, 2, 8), (8, 4, 
     return run, configs
 
 
-def int4_plain(w: torch.Tensor):
-    """(packed, scale, zero) of ``int4_reduction`` for w (N, K) bfloat16, asymmetric per group of 128."""
+def int4_groups(w: torch.Tensor):
+    """w (N, K) bfloat16 quantized asymmetrically per group of 128: codes (N, K) uint8 in 0..15, scale and zero
+    (N, K/128) float32, w ≈ (q - zero) * scale."""
     n, k = w.shape
     wg = w.float().view(n, k // 128, 128)
     lo, hi = wg.amin(-1), wg.amax(-1)
     scale = ((hi - lo) / 15).clamp(min=1e-8)
     zero = (-lo / scale).round()
     q = (wg / scale[..., None] + zero[..., None]).round().clamp(0, 15).to(torch.uint8).view(n, k)
+    return q, scale, zero
+
+
+def int4_plain(w: torch.Tensor):
+    """(packed, scale, zero) of ``int4_reduction`` for w (N, K) bfloat16, asymmetric per group of 128."""
+    q, scale, zero = int4_groups(w)
+    k = q.shape[1]
     packed = q[:, :k // 2] | (q[:, k // 2:] << 4)
     return packed.contiguous(), scale.to(torch.bfloat16), zero.to(torch.bfloat16)
 
@@ -258,12 +266,7 @@ def gemlite_ways():
     bf16 = torch.bfloat16
 
     def int4(w):
-        n, k = w.shape
-        wg = w.float().view(n, k // 128, 128)
-        lo, hi = wg.amin(-1), wg.amax(-1)
-        scale = ((hi - lo) / 15).clamp(min=1e-8)
-        zero = (-lo / scale).round()
-        q = (wg / scale[..., None] + zero[..., None]).round().clamp(0, 15).to(torch.uint8).view(n, k)
+        q, scale, zero = int4_groups(w)
         return (A16W4_HQQ_INT(device=w.device, dtype=bf16).from_weights(q, scale.to(bf16), zero.to(bf16)),)
 
     return f"gemlite {gemlite.__version__}", {
