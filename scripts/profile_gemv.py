@@ -302,7 +302,8 @@ def library_rows(args, title: str, ways: dict) -> None:
                     cells += [f"{us:.1f}", f"{n * k * nbytes / 1e6 / us:.2f}", f"{err:.2g}"]
                     total[(way, M)] = total.get((way, M), 0.0) + us * copies
                 except Exception as e:  # noqa: BLE001 - reported
-                    cells += [f"failed ({type(e).__name__}: {str(e).splitlines()[0][:70] if str(e) else ''})", "–", "–"]
+                    why = str(e).splitlines()[0][:70] if str(e) else ""
+                    cells += [f"failed ({type(e).__name__}: {why})", "–", "–"]
                 finally:
                     ps = []
                     torch.cuda.empty_cache()

@@ -97,7 +97,8 @@ def graphed_stream(args, model, parts: int) -> None:
         key, (g, _, _) = next(reversed(graphs.graphs.items()))  # the graph the last turn replayed
         with torch.inference_mode():
             wall, kern, by, _ = timed(g.replay, reps=20)
-        print(f"| {parts} | {s.context_length} | {key[1]} | {sorted(times)[len(times) // 2]:.2f} | {wall:.2f} | {kern:.2f} | "
+        print(f"| {parts} | {s.context_length} | {key[1]} | {sorted(times)[len(times) // 2]:.2f} | {wall:.2f} | "
+              f"{kern:.2f} | "
               f"{by.get('gemm', 0):.2f} | {by.get('attention', 0):.2f} | {by.get('other', 0):.2f} |", flush=True)
     s.close()
 

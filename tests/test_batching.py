@@ -260,7 +260,8 @@ def test_prefill_graphs_keep_the_recently_used_lengths():
     """``PrefillGraphs``' policy (the capture itself is CUDA's: tests/test_gpu.py): a (slot, length) is captured
     the second time it is seen, turns longer than ``max_tokens`` stay eager, and beyond ``limit`` graphs the least
     recently replayed is dropped. With cuDNN for the past (Hopper), the key also holds the past's whole
-    ``PAST_BLOCK``-key blocks: a longer past is captured at once (its length was seen twice) and the graph of the shorter one dropped."""
+    ``PAST_BLOCK``-key blocks: a longer past is captured at once (its length was seen twice) and the graph of the
+    shorter one dropped."""
     from types import SimpleNamespace
 
     from pipeline.engine.cuda_graphs import PrefillGraphs
@@ -303,6 +304,19 @@ def test_prefill_graphs_keep_the_recently_used_lengths():
     assert past_block(2 * B + 4, 40) == 0 and past_block(B - 1, 386) == 0  # < 64 new tokens, or no whole block
     assert B % PAST_SPLIT == 0  # a block splits into the parts of one cuDNN call
     assert turn(0, 386, 2 * B + 4) is not None and captured[-1] == (0, 386, 0)  # cuDNN off: its own graph
+
+
+def test_a_past_block_that_does_not_split_evenly_is_refused_at_start(monkeypatch, model):
+    """``runner.PAST_SPLIT`` parts of a ``PAST_BLOCK``: a runner whose block does not split evenly is a clear error
+    when it is built, not a cuDNN failure at the first turn past a block (which would turn cuDNN off for good)."""
+    from pipeline.engine import runner
+    from pipeline.engine.runner import ModelRunner
+
+    monkeypatch.setattr(runner, "PAST_SPLIT", 3)  # PAST_BLOCK stays 2048
+    with pytest.raises(ValueError, match="multiple of PAST_SPLIT"):
+        ModelRunner(model, slots=1, capacity=256, graphs=False)
+    monkeypatch.setattr(runner, "PAST_BLOCK", 3072)
+    ModelRunner(model, slots=1, capacity=256, graphs=False)
 
 
 def test_a_failed_decode_step_fails_only_the_turns_still_decoding(model):

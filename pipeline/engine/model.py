@@ -265,15 +265,19 @@ def merge_splits(o, lse):
     return (o.float() * w).sum(0).to(o.dtype), total
 
 
-def merge_parts(o, lse, g: int):
-    """``TextModel.attend_past``'s S parts, o (S, KV, g·n, d) and lse (S, KV, g·n) as cuDNN gives them (g query
-    heads of each KV head stacked as rows), merged (``merge_splits``) and unstacked -> (n, KV·g, d), (n, KV·g)
-    float32."""
-    kv, d = o.shape[1], o.shape[-1]
-    n = o.shape[2] // g
-    o, lse = merge_splits(o, lse.float())
+def unstack_heads(o, lse, g: int):
+    """cuDNN's output for ``TextModel.attend_past``, the g query heads of each KV head stacked as rows: o
+    (KV, g·n, d), lse (KV, g·n) -> o (n, KV·g, d), lse (n, KV·g) float32."""
+    kv, d = o.shape[0], o.shape[-1]
+    n = o.shape[1] // g
     return (o.reshape(kv, g, n, d).permute(2, 0, 1, 3).reshape(n, kv * g, d),
-            lse.reshape(kv, g, n).permute(2, 0, 1).reshape(n, kv * g))
+            lse.float().reshape(kv, g, n).permute(2, 0, 1).reshape(n, kv * g))
+
+
+def merge_parts(o, lse, g: int):
+    """``TextModel.attend_past``'s S parts, o (S, KV, g·n, d) and lse (S, KV, g·n) as cuDNN gives them, merged
+    (``merge_splits``) and unstacked (``unstack_heads``) -> (n, KV·g, d), (n, KV·g) float32."""
+    return unstack_heads(*merge_splits(o, lse.float()), g)
 
 
 def fused(fn, options: dict | None = None):
@@ -479,14 +483,14 @@ class TextModel:
         query heads of a KV head are stacked as rows, so K and V are read once per KV head.
 
         ``splits`` > 1: the block's keys as that many equal parts, the batch of one cuDNN call, merged by their
-        log-sum-exp (``merge_parts``; fused with the compiled prefill). The idea: a 386-token turn of LiveCC-7B stacks
-        into 4 KV heads x 2,702 rows, few thread blocks for 132 SMs if cuDNN tiles 128 rows, each walking the
+        log-sum-exp (``merge_parts``; fused with the compiled prefill). The idea: a 386-token turn of LiveCC-7B
+        stacks into 4 KV heads x 2,702 rows, few thread blocks for 132 SMs if cuDNN tiles 128 rows, each walking the
         whole block; in parts, more blocks walk less. Measured on an H200 (``runner.PAST_SPLIT``): 3 parts cut the
         attention by 0.4–2.0 ms a turn, the merge added 0.6; off by default.
 
         q (n, H, d); keys/values (1, KV, P, d), last dim contiguous (a ``KVCache.row`` view), P a multiple of
-        ``splits`` (else ValueError) -> (o (n, H, d), log-sum-exp (n, H) float32). cuDNN plans once per shape (≈ 35 ms on an H200),
-        so callers give P in few sizes (``runner.PAST_BLOCK`` multiples)."""
+        ``splits`` (else ValueError) -> (o (n, H, d), log-sum-exp (n, H) float32). cuDNN plans once per shape
+        (≈ 35 ms on an H200), so callers give P in few sizes (``runner.PAST_BLOCK`` multiples)."""
         n, H, D = q.shape
         kv, g = self.n_kv, H // self.n_kv
         qg = q.view(n, kv, g, D).permute(1, 2, 0, 3).reshape(1, kv, g * n, D)
@@ -499,10 +503,7 @@ class TextModel:
             qg = qg.expand(splits, -1, -1, -1).contiguous()
         out = torch.ops.aten._scaled_dot_product_cudnn_attention(qg, keys, values, None, True, 0.0, False, False)
         o, lse = out[0], out[1].reshape(splits, kv, g * n)
-        if splits == 1:
-            o = o.reshape(kv, g, n, D).permute(2, 0, 1, 3).reshape(n, H, D)
-            return o, lse.float().reshape(kv, g, n).permute(2, 0, 1).reshape(n, H)
-        return self.merge_parts(o, lse, g)
+        return unstack_heads(o[0], lse[0], g) if splits == 1 else self.merge_parts(o, lse, g)
 
     def attend_rows(self, q, keys, values, masked):
         """A decode step's attention, one new token per row: q (B, H, 1, d) over keys/values (B, KV, W, d);
