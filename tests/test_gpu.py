@@ -181,6 +181,33 @@ def test_graph_decode_agrees_with_plain_decode(compile):
     assert same == 1.0 if not compile else same >= 0.9
 
 
+def test_int4_kernel_on_the_7b_shapes_eager_compiled_and_in_a_graph():
+    """engine.quantize=int4's one-row kernel (pipeline/engine/int4.py, tiled layout) on LiveCC-7B's matrix shapes, in
+    bfloat16: against the dequantized weight in float32, called eagerly, compiled (the custom operator inside
+    inductor's graph) and replayed from a CUDA graph."""
+    from pipeline.engine.int4 import Int4Weight
+
+    torch.manual_seed(0)
+    for n, k in ((4608, 3584), (3584, 18944), (37888, 3584)):
+        q = Int4Weight.from_float(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02)
+        assert q.tiled and q.packed.dtype == torch.int32
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        want = x.float() @ q.dequantize(torch.float32).T
+        compiled = torch.compile(lambda x: q.linear(x) * 2, fullgraph=True)
+        static = x.clone()
+        out = compiled(static)  # compiled before capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = compiled(static)
+        graph.replay()
+        for got in (q.linear(x).float(), compiled(x).float() / 2, out.float() / 2):
+            err = ((got - want).norm() / want.norm()).item()
+            assert err < 5e-3, (n, k, err)  # bfloat16 output rounding (2^-9 relative) and float32 sums
+        xs = torch.randn(3, k, device="cuda", dtype=torch.bfloat16)  # a few rows: the kernel a row at a time
+        wants = xs.float() @ q.dequantize(torch.float32).T
+        assert ((q.linear(xs).float() - wants).norm() / wants.norm()).item() < 5e-3
+
+
 @pytest.mark.parametrize("mode", ["int8", "int4", "fp8"])
 def test_quantized_decode_agrees_with_bfloat16(mode):
     """engine.quantize on CUDA (tiny checkpoint in bfloat16, random weights): the quantized runner on the engine's
@@ -209,8 +236,7 @@ def test_quantized_decode_agrees_with_bfloat16(mode):
     ckpt = str(tiny_checkpoint("small"))
     ref = load_model(ckpt, device="cuda", dtype="bfloat16")
     q = load_model(ckpt, device="cuda", dtype="bfloat16", quantize=mode)
-    if mode != "int4":  # int4 pads each input dimension to 1,024 for tinygemm: the tiny model's 128 grows 8x
-        assert q.weight_bytes < ref.weight_bytes
+    assert q.weight_bytes < ref.weight_bytes
     from pipeline.engine.model import language_parts
 
     from pipeline.engine.quantize import embeddings_fit

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .int4 import Int4Weight
+
 log = logging.getLogger(__name__)
 
 # Prefill attends with a mask whose width grows every turn. cuDNN's attention builds a new plan for every
@@ -87,8 +89,10 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     it and scales the sum, so a step reads one byte a weight (``per_row_parts``). For fp8 that leaves the row's
     activations in bfloat16 (torchao would quantize them to fp8 for ``torch._scaled_mm``, whose 128-row tiles
     read a one-row product at ≈ 2.2 TB/s): the same weights, a more exact product. Several rows (cuBLAS is as
-    fast there), eager code and other weights take ``F.linear``. x (..., in), w (out, in), b (out,) ->
-    (..., out)."""
+    fast there), eager code and other weights take ``F.linear``. ``engine.quantize=int4``'s weights
+    (``int4.Int4Weight``) take their own kernel. x (..., in), w (out, in), b (out,) -> (..., out)."""
+    if isinstance(w, Int4Weight):
+        return w.linear(x, b)
     if torch.compiler.is_compiling() and x.numel() == x.shape[-1]:
         if type(w) in (torch.Tensor, nn.Parameter):
             y = (x.reshape(1, -1) * w).sum(-1, dtype=torch.float32)

@@ -2,9 +2,10 @@
 
     none  the checkpoint's dtype (bfloat16 on CUDA)
     int8  weight-only int8, one scale per output row (torchao ``Int8WeightOnlyConfig``); CUDA or CPU
-    int4  weight-only int4, groups of 128 (torchao ``Int4WeightOnlyConfig``, packed for the tinygemm kernel that
-          ships with PyTorch, ``aten._weight_int4pack_mm``); CUDA compute capability >= 8.0 (Ampere and later),
-          bfloat16 activations
+    int4  weight-only int4, groups of 128 with a scale and zero each (``int4.Int4Weight``: the engine's own format
+          and one-row Triton kernel, 2.2x cuBLAS bfloat16 on an H200 where torchao's tinygemm, FBGEMM's and
+          GemLite's int4 kernels were no faster than bfloat16 at one row; several rows through the dequantized
+          weight and cuBLAS); CUDA compute capability >= 8.0 (Ampere and later), bfloat16 activations
     fp8   float8 e4m3 weights and per-token dynamic float8 activations, one scale per row (torchao
           ``Float8DynamicActivationFloat8WeightConfig(PerRow())``, ``torch._scaled_mm``); CUDA compute
           capability >= 8.9 (Ada, Hopper and later), bfloat16
@@ -20,8 +21,9 @@ matrix with an all-zero row stays unquantized too (torchao's per-row scale of 0 
 the H200 with the tiny checkpoint's unused vocabulary rows). What stays in the model dtype: the embeddings, the norms, the q|k|v bias, the vision
 tower and the KV cache (an FP8 KV cache is reported to corrupt Qwen2-VL output in another engine).
 
-The quantized weights are torchao tensor subclasses: ``F.linear`` dispatches to their kernels, so the
-model code (``model.py``) is the same for every mode, under CUDA graphs and torch.compile too.
+The int8 and fp8 weights are torchao tensor subclasses: ``F.linear`` dispatches to their kernels; int4 weights are
+``Int4Weight`` modules that ``model.linear`` calls. The model code (``model.py``) is otherwise the same for every
+mode, under CUDA graphs and torch.compile too.
 Quantizing happens matrix by matrix as the weights move to the device (``to_device``), so the bfloat16
 language model never sits on the GPU whole: int4 can load on an 8 GiB card.
 """
@@ -34,11 +36,11 @@ import torch
 from torch import nn
 
 from .config import QUANTIZE_MODES as MODES
+from .int4 import Int4Linear, Int4Weight
 from .model import fuse_projections, language_parts
 
 log = logging.getLogger(__name__)
 
-INT4_GROUP = 128  # weights per int4 scale/zero pair (torchao's default; hidden 3584 = 28 groups)
 
 
 class QuantizeError(RuntimeError):
@@ -52,9 +54,14 @@ def check(mode: str, device: torch.device, dtype: torch.dtype) -> None:
     if mode == "none":
         return
     try:
-        import torchao  # noqa: F401
+        if mode == "int4":
+            import triton  # noqa: F401 - the one-row kernel (int4.py); ships with torch on Linux
+        else:
+            import torchao  # noqa: F401
     except ImportError:
-        raise QuantizeError(f"quantize={mode} needs torchao: pip install 'torchao>=0.18'") from None
+        need = "triton (it ships with PyTorch's CUDA builds for Linux)" if mode == "int4" else \
+            "torchao: pip install 'torchao>=0.18'"
+        raise QuantizeError(f"quantize={mode} needs {need}") from None
     if mode == "int8" and device.type not in ("cuda", "cpu"):
         raise QuantizeError(f"quantize=int8 runs on CUDA or CPU, not {device.type}; use quantize=none")
     if mode in ("int4", "fp8"):
@@ -65,7 +72,7 @@ def check(mode: str, device: torch.device, dtype: torch.dtype) -> None:
             raise QuantizeError(f"quantize={mode} runs in bfloat16, not {str(dtype).removeprefix('torch.')}; "
                                 "use dtype auto or bfloat16")
     if mode in ("int4", "fp8"):
-        # int4: torchao's tinygemm packing refuses < 8.0; fp8: float8 tensor cores (torch._scaled_mm)
+        # int4: bfloat16 (the Triton kernel's activations); fp8: float8 tensor cores (torch._scaled_mm)
         need, gpus, other = {"int4": ((8, 0), "Ampere", "int8"), "fp8": ((8, 9), "Ada, Hopper", "int8 or int4")}[mode]
         cap = torch.cuda.get_device_capability(device)
         if cap < need:
@@ -74,21 +81,22 @@ def check(mode: str, device: torch.device, dtype: torch.dtype) -> None:
 
 
 def _config(mode: str):
-    from torchao.quantization import (Float8DynamicActivationFloat8WeightConfig, Int4WeightOnlyConfig,
-                                      Int8WeightOnlyConfig, PerRow)
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Int8WeightOnlyConfig, PerRow
 
     # set_inductor_config=False: keep the engine's own torch.compile settings in every mode
     if mode == "int8":
         return Int8WeightOnlyConfig(set_inductor_config=False)
     if mode == "int4":
-        return Int4WeightOnlyConfig(group_size=INT4_GROUP, int4_packing_format="tile_packed_to_4d",
-                                    set_inductor_config=False)
+        return "int4"  # this engine's own format (int4.py), not torchao's
     # activation_value_lb: a token whose activations are all zero would get a zero scale, and 0/0 = NaN
     return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), activation_value_lb=1e-12,
                                                      set_inductor_config=False)
 
 
-def _quantize_linear(linear: nn.Linear, config) -> None:
+def _quantize_linear(linear: nn.Linear, config) -> nn.Module:
+    """``linear`` quantized in place (torchao), or an ``Int4Linear`` in its place for int4: the module to use."""
+    if config == "int4":
+        return Int4Linear(Int4Weight.from_float(linear.weight), linear.bias)
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, quantize_
 
     if isinstance(config, Float8DynamicActivationFloat8WeightConfig) and (linear.weight.abs().amax(dim=1) == 0).any():
@@ -96,16 +104,18 @@ def _quantize_linear(linear: nn.Linear, config) -> None:
         # (seen on the H200: the tiny checkpoint's lm_head has 510 unused, zero rows); such a matrix stays as it is
         log.warning("a %s matrix has all-zero rows: kept in %s for fp8", tuple(linear.weight.shape),
                     linear.weight.dtype)
-        return
+        return linear
     quantize_(linear, config)
+    return linear
 
 
-def _quantized(weight: torch.Tensor, config) -> nn.Parameter:
-    """``weight`` (out, in) as a quantized parameter (through a throw-away ``nn.Linear``)."""
+def _quantized(weight: torch.Tensor, config) -> nn.Parameter | Int4Weight:
+    """``weight`` (out, in) as a quantized parameter (through a throw-away ``nn.Linear``), or an ``Int4Weight``."""
+    if config == "int4":
+        return Int4Weight.from_float(weight)
     lin = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
     lin.weight = nn.Parameter(weight, requires_grad=False)
-    _quantize_linear(lin, config)
-    return lin.weight
+    return _quantize_linear(lin, config).weight
 
 
 class FusedAway(nn.Module):
@@ -123,8 +133,8 @@ def _quantize_layer(layer, config) -> None:
     attn, mlp = layer.self_attn, layer.mlp
     layer.qkv_weight = _quantized(layer.qkv_weight, config)
     layer.gate_up_weight = _quantized(layer.gate_up_weight, config)
-    _quantize_linear(attn.o_proj, config)
-    _quantize_linear(mlp.down_proj, config)
+    attn.o_proj = _quantize_linear(attn.o_proj, config)
+    mlp.down_proj = _quantize_linear(mlp.down_proj, config)
     for owner, names in ((attn, ("q_proj", "k_proj", "v_proj")), (mlp, ("gate_proj", "up_proj"))):
         for name in names:
             setattr(owner, name, FusedAway())
@@ -157,7 +167,7 @@ def to_device(hf_model: nn.Module, device: torch.device, mode: str = "none") -> 
     if not tied:
         lm_head.to(device)
         if mode != "fp8":  # fp8 keeps the lm_head in bfloat16, as vLLM's fp8 does: logits are the output itself
-            _quantize_linear(lm_head, config)
+            lm_head = hf_model.lm_head = _quantize_linear(lm_head, config)
     for layer in layers:
         layer.to(device)
         _quantize_layer(layer, config)
@@ -218,6 +228,8 @@ def weight_bytes(hf_model: nn.Module) -> int:
         tensors += [getattr(layer, a) for a in ("qkv_weight", "qkv_bias", "gate_up_weight") if hasattr(layer, a)]
     seen: dict[tuple[str, int], int] = {}
     for t in tensors:
+        if isinstance(t, nn.Module):  # an Int4Weight: its buffers are the model's buffers, counted already
+            continue
         for leaf in _leaves(t):
             if leaf.device != where or leaf.numel() == 0:
                 continue

@@ -1,0 +1,294 @@
+"""4-bit weights for the language model (``engine.quantize=int4``), and the decode step's products over them.
+
+At one row (one stream's decode step) a product is bound by reading its weight, so 4-bit weights could run 3.5x
+faster than bfloat16's. The int4 kernels that install here do not get there: torchao's tinygemm, FBGEMM's CUTLASS
+mixed-input GEMMs and GemLite read 4-bit weights at 0.4–1.6 TB/s at one row on an H200 (docs/performance.md,
+tenth to thirteenth sessions), as did a Triton kernel that converted each code with ``.to(float32)``: an
+integer-to-float conversion runs at 16 a clock per SM on Hopper against 128 float multiply-adds (CUDA C++
+Programming Guide, "Arithmetic Instructions" throughput table), so 6.6 G conversions a step take ≈ 1.6 ms alone.
+
+Here ``gemv`` converts no code: a 4-bit code q is moved to bits 19..22 and OR-ed into the float32 1.0
+(``0x3F800000 | q << 19`` read as a float is 1 + q/16 exactly: one shift and one ``lop3``), multiplied into the
+sum with the activation, and the 1 and the zero point are taken off once per group from the group's sum of
+activations: sum x·(q - z) = 16·sum x·(1 + q/16) - (16 + z)·sum x. Three instructions a weight. Putting integer
+codes into a float's mantissa is the trick of FasterTransformer's and Marlin's int4 → float16 conversions (Kim et
+al., "Who Says Elephants Can't Run", 2022; Frantar et al., "MARLIN", 2024), here in float32. Measured on an H200
+(``scripts/profile_gemv.py --int4``, the kernel alone): 4-bit weights read at 1.9–2.5 TB/s, a decode step's
+products 1.75 ms against cuBLAS bfloat16's 3.83.
+
+Layout (``pack``): codes q (N, K) in 0..15, groups of ``GROUP`` = 128 along K with a scale and a zero point each,
+w = (q - zero) · scale (asymmetric, as HQQ and GemLite's A16W4). ``packed`` (N, K/8) int32: word j of a row belongs
+to group g = j // 16 and holds in its nibble i (bits 4i..4i+3) the code of column 128·g + 16·i + j mod 16, so the
+activations that meet nibble i of a group's 16 words are 16 consecutive columns; ``tile`` reorders the words so
+that what a program reads in one iteration is contiguous (+10–40 % bandwidth). ``scale`` and ``zero`` (N, K/128)
+bfloat16.
+
+Up to ``GEMV_ROWS`` rows (a few streams' decode step) take the kernel a row at a time; more (a prefill, a large
+batch) take ``Int4Weight.dequantize`` and cuBLAS: int4 is the mode for a small GPU and a stream or two; on a big GPU
+bfloat16 serves many streams faster (docs/performance.md).
+
+The kernel is built on first use (``triton`` imported then); under ``TRITON_INTERPRET=1`` it runs on the CPU
+(tests/test_int4.py).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+GROUP = 128  # weights per scale and zero (torchao's, HQQ's and GemLite's default; LiveCC-7B's 3584 = 28 groups)
+
+
+def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w (N, K) float, K a multiple of 128 (else ValueError) -> codes (N, K) uint8 in 0..15, scale and zero (N, K/128)
+    float32: per group of 128 along K, min-max asymmetric, zero an integer, w ≈ (codes - zero) · scale."""
+    n, k = w.shape
+    if k % GROUP:
+        raise ValueError(f"int4 groups of {GROUP}: {k} inputs are not a multiple")
+    wg = w.float().view(n, k // GROUP, GROUP)
+    lo, hi = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)  # the range holds 0: a zero weight stays exact
+    scale = ((hi - lo) / 15).clamp(min=1e-10)
+    zero = (-lo / scale).round().clamp(0, 15)
+    codes = (wg / scale[..., None] + zero[..., None]).round().clamp(0, 15).to(torch.uint8).view(n, k)
+    return codes, scale, zero
+
+
+def pack(codes: torch.Tensor) -> torch.Tensor:
+    """codes (N, K) integers in 0..15 -> packed (N, K/8) int32 in this module's layout (see the module doc)."""
+    n, k = codes.shape
+    if k % GROUP:
+        raise ValueError(f"int4 groups of {GROUP}: {k} inputs are not a multiple")
+    q = codes.to(torch.int64).view(n, k // GROUP, 8, 16)  # [row, group, nibble, word in group]
+    words = sum(q[:, :, i] << (4 * i) for i in range(8))  # (N, G, 16) in 0 .. 2^32 - 1
+    return words.view(n, k // 8).contiguous().view(torch.int32)[:, ::2].contiguous()  # low halves (little-endian)
+
+
+def unpack(packed: torch.Tensor) -> torch.Tensor:
+    """``pack``'s inverse: packed (N, K/8) int32 -> codes (N, K) uint8."""
+    n, kw = packed.shape
+    shifts = (4 * torch.arange(8, dtype=torch.int32, device=packed.device)).view(1, 1, 8, 1)
+    return ((packed.view(n, kw // 16, 1, 16) >> shifts) & 15).to(torch.uint8).view(n, kw * 8)
+
+
+def dequantize(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype=torch.bfloat16) -> torch.Tensor:
+    """(N, K) ``dtype`` weights (q - zero) · scale of a packed matrix (q - zero is exact in bfloat16; one rounding,
+    of the product, as in float32 then cast)."""
+    q = unpack(packed).to(dtype)
+    n, k = q.shape
+    return ((q.view(n, k // GROUP, GROUP) - zero.to(dtype)[..., None]) * scale.to(dtype)[..., None]).view(n, k)
+
+
+# (rows a program, groups an iteration, groups a program, warps, pipeline stages) tried by
+# scripts/profile_gemv.py --int4. A program's loop waits for each load before it computes (no pipelining of loads
+# that feed no tensor-core op), so the bytes in flight come from many programs, each loading a wide tile an iteration.
+CONFIGS = ((16, 4, 4, 4, 1), (32, 4, 4, 4, 1), (32, 2, 4, 4, 1), (64, 2, 4, 4, 1), (64, 2, 2, 4, 1), (64, 2, 4, 8, 1),
+           (128, 2, 4, 8, 1), (32, 4, 8, 4, 1), (32, 4, 28, 4, 1), (32, 2, 2, 2, 1), (64, 4, 4, 8, 1))
+
+
+@functools.cache
+def _kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def gemv(x_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, KW, G, PER, BLOCK_N: tl.constexpr,
+             GROUPS: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr, EVEN: tl.constexpr,
+             TILED: tl.constexpr):
+        # KW = K / 8 words a row (a multiple of 16), G = K / 128 groups, PER groups a program (part pk of K);
+        # EVEN: every tile is whole (N % BLOCK_N == 0, G % PER == 0, PER % GROUPS == 0), so no load is masked
+        pn, pk = tl.program_id(0), tl.program_id(1)
+        g_end = tl.minimum(pk * PER + PER, G)
+        rows = pn * BLOCK_N + tl.arange(0, BLOCK_N)
+        live = rows < N
+        gi = tl.arange(0, GROUPS)
+        jj = tl.arange(0, 16)
+        acc = tl.zeros([BLOCK_N, GROUPS, 16], dtype=tl.float32)  # sum over groups of scale * 16 * sum(x * f)
+        off = tl.zeros([BLOCK_N, GROUPS], dtype=tl.float32)  # sum over groups of scale * (16 + zero) * sum(x)
+        for g0 in tl.range(pk * PER, g_end, GROUPS, num_stages=STAGES):
+            g = g0 + gi
+            gm = g < g_end
+            m2 = live[:, None] & gm[None, :]
+            if TILED:  # ``tile``'s layout: this iteration's BLOCK_N x GROUPS x 16 words are one contiguous block
+                blk = (pn * (G // GROUPS) + g0 // GROUPS) * (BLOCK_N * GROUPS * 16)
+                wp = w_ptr + blk + tl.arange(0, BLOCK_N)[:, None, None] * (GROUPS * 16) + gi[None, :, None] * 16 \
+                    + jj[None, None, :]
+            else:
+                wp = w_ptr + rows[:, None, None] * KW + g[None, :, None] * 16 + jj[None, None, :]
+            at = rows[:, None] * G + g[None, :]
+            xb = rows[:, None, None] * 0 + g[None, :, None] * 128 + jj[None, None, :]
+            if EVEN:
+                w = tl.load(wp).to(tl.uint32, bitcast=True)
+                s = tl.load(s_ptr + at).to(tl.float32)
+                z = tl.load(z_ptr + at).to(tl.float32)
+                xs = tl.load(xs_ptr + g)
+            else:
+                w = tl.load(wp, mask=m2[:, :, None], other=0).to(tl.uint32, bitcast=True)
+                s = tl.load(s_ptr + at, mask=m2, other=0).to(tl.float32)
+                z = tl.load(z_ptr + at, mask=m2, other=0).to(tl.float32)
+                xs = tl.load(xs_ptr + g, mask=gm, other=0)
+            t = tl.zeros([BLOCK_N, GROUPS, 16], dtype=tl.float32)
+            for i in tl.static_range(8):
+                # the activations each thread needs, loaded into the weights' own layout (no exchange through
+                # shared memory; the rows of a program read the same addresses from L1), float32
+                if EVEN:
+                    xi = tl.load(x_ptr + xb + 16 * i)
+                else:
+                    xi = tl.load(x_ptr + xb + 16 * i, mask=gm[None, :, None], other=0)
+                v = (w << (19 - 4 * i)) if i < 5 else (w >> (4 * i - 19))  # code i to bits 19..22
+                if ASM:  # (v & mask) | one in ONE lop3 (the compiler spends two: it holds neither constant in a register)
+                    f = tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x00780000, 0x3F800000, 0xEA;", "=r,r", [v],
+                                                  dtype=tl.float32, is_pure=True, pack=1)
+                else:
+                    f = ((v & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)
+                t += xi * f  # x * (1 + q / 16)
+            acc += t * (16.0 * s)[:, :, None]
+            off += s * (16.0 + z) * xs[None, :]
+        y = tl.sum(tl.sum(acc, 2), 1) - tl.sum(off, 1)
+        tl.store(y_ptr + pk * N + rows, y, mask=live)
+
+    return triton, gemv
+
+
+def tile(packed: torch.Tensor, block_n: int, groups: int) -> torch.Tensor:
+    """``pack``'s (N, K/8) words reordered so that each block of ``block_n`` rows x ``groups`` groups (the words a
+    kernel program reads in one iteration) is contiguous: (N/block_n, G/groups, block_n, groups·16) int32."""
+    n, kw = packed.shape
+    return packed.view(n // block_n, block_n, kw // 16 // groups, groups * 16).transpose(1, 2).contiguous()
+
+
+def untile(tiled: torch.Tensor) -> torch.Tensor:
+    """``tile``'s inverse: (N/block_n, G/groups, block_n, groups·16) -> (N, K/8)."""
+    nb, gb, block_n, width = tiled.shape
+    return tiled.transpose(1, 2).reshape(nb * block_n, gb * width)
+
+
+# the kernel's configuration for a matrix of N rows and G groups: (rows a program, groups an iteration, groups a
+# program, warps, pipeline stages) and whether the words are tiled. The best of CONFIGS for each of LiveCC-7B's
+# matrices (every one: N a multiple of 64, G of 4) on an H200; other shapes (the tiny test checkpoints) untiled
+TILED_CONFIG = (64, 2, 4, 4, 1)
+PLAIN_CONFIG = (16, 1, 4, 4, 1)
+
+
+def choose(n: int, groups: int) -> tuple[tuple[int, int, int, int, int], bool]:
+    """(config, tiled) for an (n, 128·groups) matrix."""
+    block_n, per_iteration = TILED_CONFIG[:2]
+    if n % block_n == 0 and groups % per_iteration == 0:
+        return TILED_CONFIG, True
+    return PLAIN_CONFIG, False
+
+
+def launch(xf, xs, packed, scale, zero, y, config, tiled: bool = False) -> None:
+    """The kernel alone: xf (1, K) float32 activations, xs (K/128,) float32 their groups' sums, packed (N, K/8)
+    int32 (or ``tile``'s layout with ``tiled``), scale and zero (N, K/128) bfloat16, y (parts, N) float32 out:
+    each part's sums (parts = ceil(G / groups a program))."""
+    triton, kernel = _kernel()
+    block_n, groups, per, warps, stages = config
+    n, G = scale.shape
+    even = n % block_n == 0 and G % per == 0 and per % groups == 0
+    kernel[(triton.cdiv(n, block_n), triton.cdiv(G, per))](
+        xf, xs, packed, scale, zero, y, n, G * 16, G, per, BLOCK_N=block_n, GROUPS=groups, STAGES=stages,
+        ASM=xf.is_cuda, EVEN=even, TILED=tiled, num_warps=warps)
+
+
+@torch.library.custom_op("livecc::int4_gemv", mutates_args=())
+def _gemv_parts(xf: torch.Tensor, xs: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                block_n: int, groups: int, per: int, warps: int, stages: int, tiled: bool) -> torch.Tensor:
+    """``launch`` as an operator torch.compile keeps whole (the casts and sums around it fuse with their
+    neighbours): returns the parts' sums (parts, N) float32."""
+    n, G = scale.shape
+    y = torch.empty(-(-G // per), n, dtype=torch.float32, device=xf.device)
+    launch(xf, xs, packed, scale, zero, y, (block_n, groups, per, warps, stages), tiled)
+    return y
+
+
+@_gemv_parts.register_fake
+def _(xf, xs, packed, scale, zero, block_n, groups, per, warps, stages, tiled):
+    n, G = scale.shape
+    return xf.new_empty(-(-G // per), n)
+
+
+def gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+         config: tuple[int, int, int, int, int] = PLAIN_CONFIG, tiled: bool = False) -> torch.Tensor:
+    """One row times a 4-bit matrix: x (1, K) bfloat16/float16/float32, packed (N, K/8) int32 (``tile``'s layout
+    with ``tiled``), scale and zero (N, K/128) -> y (1, N) in x's dtype, x · dequantize(...)ᵀ summed in float32.
+    ``config``: (rows a program, groups an iteration, groups a program, warps, pipeline stages)."""
+    G = scale.shape[1]
+    xf = x.reshape(1, G * GROUP).float()  # float32 activations: no conversion in the kernel's loop
+    xs = xf.view(G, GROUP).sum(-1)  # each group's sum of activations
+    return _gemv_parts(xf, xs, packed, scale, zero, *config, tiled).sum(0, keepdim=True).to(x.dtype)
+
+
+# rows a product takes through the one-row kernel, one at a time, before the dequantized weight and cuBLAS pay off:
+# on an H200 a 7B decode step's products take 1.75 ms a row through the kernel (scripts/profile_gemv.py --int4) and
+# ≈ 9 ms through a dequantized bfloat16 copy (3.5 GB read, 14 GB written, 14 GB read by cuBLAS at ≈ 3.5 TB/s)
+GEMV_ROWS = 4
+
+
+class Int4Weight(nn.Module):
+    """A linear layer's (N, K) weight in 4 bits (this module's layout), standing where the weight tensor stood
+    (``model.linear`` calls ``linear``). Buffers: ``packed`` int32, ``scale`` and ``zero`` (N, K/128) bfloat16.
+
+    ``from_float(w)`` quantizes a float weight (K a multiple of 128, else ValueError) a block of rows at a time, so
+    the scratch stays small next to an 8-GB card's weights."""
+
+    def __init__(self, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, shape: tuple[int, int],
+                 config: tuple[int, int, int, int, int], tiled: bool):
+        super().__init__()
+        self.register_buffer("packed", packed)
+        self.register_buffer("scale", scale)
+        self.register_buffer("zero", zero)
+        self.shape = torch.Size(shape)
+        self.config, self.tiled = config, tiled
+
+    @classmethod
+    @torch.no_grad()
+    def from_float(cls, w: torch.Tensor, rows_at_once: int = 4096) -> "Int4Weight":
+        n, k = w.shape
+        parts = [quantize(w[i:i + rows_at_once]) for i in range(0, n, rows_at_once)]
+        packed = torch.cat([pack(codes) for codes, _, _ in parts])
+        scale = torch.cat([s for _, s, _ in parts]).to(torch.bfloat16)
+        zero = torch.cat([z for _, _, z in parts]).to(torch.bfloat16)
+        del parts
+        config, tiled = choose(n, k // GROUP)
+        if tiled:
+            packed = tile(packed, config[0], config[1])
+        return cls(packed, scale, zero, (n, k), config, tiled)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.scale.dtype
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The (N, K) weight in ``dtype`` (default bfloat16)."""
+        packed = untile(self.packed) if self.tiled else self.packed
+        return dequantize(packed, self.scale, self.zero, dtype or self.scale.dtype)
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x (..., K) -> (..., N): up to ``GEMV_ROWS`` rows on CUDA through ``gemv``, one row at a time (each
+        reads the weight); more rows (or the CPU) through the dequantized weight and ``F.linear``."""
+        n, k = self.shape
+        rows = x.numel() // k
+        if rows <= GEMV_ROWS and x.is_cuda:
+            flat = x.reshape(rows, k)
+            y = torch.cat([gemv(flat[r:r + 1], self.packed, self.scale, self.zero, self.config, self.tiled)
+                           for r in range(rows)]).reshape(*x.shape[:-1], n)
+            return y if bias is None else y + bias
+        return F.linear(x, self.dequantize(x.dtype), bias)
+
+    def extra_repr(self) -> str:
+        return f"{self.shape[0]}, {self.shape[1]}, int4 groups of {GROUP}, config={self.config}, tiled={self.tiled}"
+
+
+class Int4Linear(nn.Module):
+    """An ``nn.Linear`` whose weight is an ``Int4Weight`` (the o, down and lm_head projections)."""
+
+    def __init__(self, weight: Int4Weight, bias: torch.Tensor | None):
+        super().__init__()
+        self.weight = weight
+        self.bias = bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight.linear(x, self.bias)

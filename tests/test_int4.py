@@ -1,0 +1,126 @@
+"""engine.quantize=int4's own format and kernel (pipeline/engine/int4.py) on the CPU: the layout, the one-row Triton
+kernel under Triton's interpreter against the dequantized weight, and the tiny model with int4 weights through the
+engine (several rows: the dequantized path). On CUDA tests/test_gpu.py runs the kernel compiled, in the engine's
+CUDA graphs, and the 7B's shapes.
+
+The interpreter must be chosen before ``triton`` is first imported, so the kernel checks run in a fresh Python
+with ``TRITON_INTERPRET=1`` (``interpreted``, as in tests/test_decode_attention.py)."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pipeline.engine import int4
+from pipeline.engine.int4 import Int4Linear, Int4Weight
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def interpreted(check: str, *args) -> None:
+    """Run this file's function ``check(*args)`` in a fresh Python under Triton's CPU interpreter."""
+    code = f"import runpy; runpy.run_path({__file__!r})[{check!r}](*{args!r})"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+def test_layout_round_trips_and_quantization_error():
+    torch.manual_seed(0)
+    w = torch.randn(192, 512) * 0.02
+    w[3, :128] = 0.0  # a group of zeros: the range holds 0, so zeros stay exact
+    codes, scale, zero = int4.quantize(w)
+    assert codes.dtype == torch.uint8 and int(codes.max()) <= 15
+    assert scale.shape == zero.shape == (192, 4) and torch.equal(zero, zero.round())
+    packed = int4.pack(codes)
+    assert packed.shape == (192, 64) and packed.dtype == torch.int32
+    assert torch.equal(int4.unpack(packed), codes)
+    # the documented word layout: word j, nibble i holds column 128·(j // 16) + 16·i + j % 16
+    j, i = 21, 5
+    assert (int(packed[7, j]) >> (4 * i)) & 15 == int(codes[7, 128 * (j // 16) + 16 * i + j % 16])
+    tiled = int4.tile(packed, 64, 2)
+    assert tiled.shape == (3, 2, 64, 32) and torch.equal(int4.untile(tiled), packed)
+    assert torch.equal(tiled[1, 1, 5], packed[64 + 5, 32:64])  # rows 64.., groups 2..3 are one block
+    wd = int4.dequantize(packed, scale, zero, torch.float32)
+    assert torch.equal(wd[3, :128], torch.zeros(128))
+    err = ((wd - w).norm() / w.norm()).item()
+    assert err < 0.12, err  # 4 bits min-max a group of 128 normal weights: ≈ 0.10
+    with pytest.raises(ValueError, match="not a multiple"):
+        int4.quantize(torch.randn(4, 100))
+
+
+def test_weight_module_keeps_shape_and_dequantizes_in_blocks_of_rows():
+    torch.manual_seed(1)
+    w = torch.randn(128, 384)
+    whole = Int4Weight.from_float(w)
+    blocks = Int4Weight.from_float(w, rows_at_once=48)  # 48 does not divide 128: a short last block
+    assert whole.shape == (128, 384) and whole.tiled is False  # 3 groups: not a multiple of 2, plain layout
+    assert torch.equal(whole.dequantize(), blocks.dequantize())
+    assert Int4Weight.from_float(torch.randn(128, 512)).tiled  # 64 | N and 2 | groups: tiled
+    x = torch.randn(5, 384)
+    assert torch.allclose(whole.linear(x), x @ whole.dequantize(torch.float32).T, atol=1e-4)
+    lin = Int4Linear(whole, torch.ones(128))
+    assert torch.allclose(lin(x), x @ whole.dequantize(torch.float32).T + 1, atol=1e-4)
+
+
+def _kernel_matches(n: int, k: int, tiled: bool, dtype: str) -> None:
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    from pipeline.engine import int4 as m
+    torch.manual_seed(n + k)
+    w = m.Int4Weight.from_float(torch.randn(n, k) * 0.02)
+    assert w.tiled == tiled, (w.tiled, tiled)
+    want_w = w.dequantize(torch.float32)
+    for config in (w.config, (8, 2, 2, 4, 1), (16, 1, 3, 4, 1)):  # the chosen one; masked tails of rows / groups
+        if w.tiled and config != w.config:
+            continue
+        x = torch.randn(1, k).to(getattr(torch, dtype))
+        y = m.gemv(x, w.packed, w.scale, w.zero, config, w.tiled)
+        want = x.float() @ want_w.T
+        assert y.dtype == x.dtype and y.shape == (1, n)
+        err = ((y.float() - want).norm() / want.norm()).item()
+        assert err < (1e-5 if dtype == "float32" else 1e-2), (config, err)
+    zero_x = m.gemv(torch.zeros(1, k), w.packed, w.scale, w.zero, w.config, w.tiled)
+    assert torch.equal(zero_x, torch.zeros(1, n))
+
+
+@pytest.mark.parametrize("n,k,tiled,dtype", [(128, 512, True, "float32"), (40, 384, False, "float32"),
+                                             (64, 256, True, "bfloat16")])
+def test_one_row_kernel_equals_the_dequantized_product(n, k, tiled, dtype):
+    pytest.importorskip("triton")
+    interpreted("_kernel_matches", n, k, tiled, dtype)
+
+
+def test_int4_weights_through_the_engine_on_cpu():
+    """The tiny model with every linear weight of its language model in int4 (the CPU takes the dequantized path;
+    ``check`` keeps int4 to CUDA for users, where the one-row kernel runs): the engine's layers see Int4Weights,
+    the weights shrink, and greedy decoding stays close to float32's."""
+    from pipeline.engine import load_model
+    from pipeline.engine.model import language_parts
+    from pipeline.engine.quantize import decode_agreement, to_device, weight_bytes
+    from pipeline.engine.runner import ModelRunner
+    from pipeline.fixtures.tiny import tiny_checkpoint
+
+    ckpt = str(tiny_checkpoint("small"))
+    ref, q = load_model(ckpt, device="cpu"), load_model(ckpt, device="cpu")
+    to_device(q.hf, torch.device("cpu"), "int4")
+    text, head = language_parts(q.hf)
+    assert isinstance(head, Int4Linear) and isinstance(text.layers[0].self_attn.o_proj, Int4Linear)
+    runner = ModelRunner(q, slots=1, capacity=1024)
+    layer = runner.model.layers[0]
+    assert all(isinstance(w, Int4Weight) for w in (layer.qkv_w, layer.o_w, layer.gate_up_w, layer.down_w))
+    rtext, rhead = language_parts(ref.hf)
+    linear = sum(m.weight.numel() * m.weight.element_size() for layer in rtext.layers
+                 for m in (*layer.self_attn.children(), *layer.mlp.children()) if hasattr(m, "weight"))
+    linear += rhead.weight.numel() * rhead.weight.element_size()
+    # float32 -> 4 bits + a bfloat16 scale and zero per 128: 87 % of the linear weights' bytes are gone
+    assert weight_bytes(q.hf) <= weight_bytes(ref.hf) - 0.85 * linear
+    random.seed(0)
+    prompt = [random.randrange(4000) for _ in range(64)]
+    got = decode_agreement(ModelRunner(ref, slots=1, capacity=1024), runner, prompt, steps=50)
+    print(got)
+    assert got["cosine_mean"] > 0.75 and got["argmax_agree"] > 0.1  # hidden 128: one group a row, near ties
