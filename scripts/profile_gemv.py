@@ -28,6 +28,7 @@ weight-only), the int4 kernel the one-row step lacks (a candidate for ``engine.q
     python3 scripts/profile_gemv.py --rows 1 --quantized
     python3 scripts/profile_gemv.py --rows 1 8 --fbgemm      # needs fbgemm-gpu-genai built for this torch and CUDA
     python3 scripts/profile_gemv.py --rows 1 8 386 --gemlite  # needs gemlite (pure Python + Triton)
+    python3 scripts/profile_gemv.py --rows 1 --int4           # the engine's own int4 kernel (pipeline/engine/int4.py)
 """
 
 from __future__ import annotations
@@ -278,6 +279,53 @@ def gemlite_ways():
     }
 
 
+def int4_ways():
+    """The ``--int4`` ways: the engine's own one-row int4 kernel (``pipeline.engine.int4``: no integer-to-float
+    conversions) in each of its configurations (rows a program, groups an iteration, groups a program, warps,
+    stages): "all" = the call as the engine makes it (activations to float32, their group sums, the kernel, the
+    parts' sums), "kernel" = the kernel alone, "tiled" = the kernel alone over ``tile``'s layout."""
+    from pipeline.engine import int4 as int4_gemv
+
+    def prepare(w, tiled=None):
+        codes, scale, zero = int4_gemv.quantize(w)
+        packed = int4_gemv.pack(codes)
+        if tiled:
+            packed = int4_gemv.tile(packed, tiled[0], tiled[1])
+        return packed, scale.to(torch.bfloat16), zero.to(torch.bfloat16)
+
+    def alone(x, p, c, tiled=False):
+        xf = x.float()
+        G = p[1].shape[1]
+        y = torch.empty(-(-G // c[2]), p[1].shape[0], device=x.device)
+        int4_gemv.launch(xf, xf.view(G, 128).sum(-1), *p, y, c, tiled)
+        return y.sum(0, keepdim=True)
+    ways = {}
+    for c in int4_gemv.CONFIGS:
+        name = f"{c[0]}x{c[1]}/{c[2]},{c[3]}w{',' + str(c[4]) + 's' if c[4] > 1 else ''}"
+        ways[f"int4 {name} all"] = (prepare, lambda x, p, c=c: int4_gemv.gemv(x, *p, c), 0.5)
+        ways[f"int4 {name} kernel"] = (prepare, lambda x, p, c=c: _timed_alone(alone, x, p, c), 0.5)
+        ways[f"int4 {name} tiled"] = (lambda w, c=c: prepare(w, c[:2]),
+                                      lambda x, p, c=c: _timed_alone(alone, x, p, c, True), 0.5)
+    return "pipeline.engine.int4", ways
+
+
+def _timed_alone(alone, x, p, c, tiled=False):
+    """``alone``'s result; under CUDA graph capture only its kernel is timed: inputs prepared outside (cached)."""
+    key = (id(p[0]), c, tiled, tuple(p[0].shape), tuple(x.shape))
+    if key not in _ALONE:
+        xf = x.float()
+        G = p[1].shape[1]
+        _ALONE[key] = (xf, xf.view(G, 128).sum(-1), torch.empty(-(-G // c[2]), p[1].shape[0], device=x.device))
+        return alone(x, p, c, tiled)
+    from pipeline.engine import int4 as int4_gemv
+    xf, xs, y = _ALONE[key]
+    int4_gemv.launch(xf, xs, *p, y, c, tiled)
+    return y
+
+
+_ALONE: dict = {}
+
+
 def library_rows(args, title: str, ways: dict) -> None:
     """A table of a kernel library's products (``ways``: name -> (prepare a bf16 weight, call on (x, prepared),
     bytes a weight it reads)) for ``--rows`` rows, next to bf16 cuBLAS."""
@@ -329,9 +377,10 @@ def main() -> int:
     ap.add_argument("--quantized", action="store_true", help="then one row with each engine.quantize weight")
     ap.add_argument("--fbgemm", action="store_true", help="instead: FBGEMM GenAI's int4 and fp8 GEMMs vs bf16")
     ap.add_argument("--gemlite", action="store_true", help="instead: GemLite's int4 / fp8 / int8 kernels vs bf16")
+    ap.add_argument("--int4", action="store_true", help="instead: the engine's own int4 kernel's configs vs bf16")
     args = ap.parse_args()
-    if args.fbgemm or args.gemlite:
-        library_rows(args, *(fbgemm_ways() if args.fbgemm else gemlite_ways()))
+    if args.fbgemm or args.gemlite or args.int4:
+        library_rows(args, *(fbgemm_ways() if args.fbgemm else gemlite_ways() if args.gemlite else int4_ways()))
         return 0
     dev = torch.device("cuda")
     red = torch.compile(reduction, fullgraph=True, dynamic=False, options={"coordinate_descent_tuning": True})
