@@ -7,11 +7,11 @@ The interpreter must be chosen before ``triton`` is first imported (``TRITON_INT
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+
+from interpret import interpreted as run_interpreted
 
 pytest.importorskip("triton")
 
@@ -20,10 +20,7 @@ H, KV, D = 28, 4, 128  # LiveCC-7B's attention (Qwen2-VL-7B: 28 query heads over
 
 def interpreted(check: str, *args) -> None:
     """Run this file's function ``check(*args)`` in a fresh Python under Triton's CPU interpreter."""
-    code = f"import runpy; runpy.run_path({__file__!r})[{check!r}](*{args!r})"
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
+    run_interpreted(__file__, check, *args)
 
 
 def _kernels():

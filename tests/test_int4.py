@@ -4,18 +4,17 @@ engine (several rows: the dequantized path). On CUDA tests/test_gpu.py runs the 
 CUDA graphs, and the 7B's shapes.
 
 The interpreter must be chosen before ``triton`` is first imported, so the kernel checks run in a fresh Python
-with ``TRITON_INTERPRET=1`` (``interpreted``, as in tests/test_decode_attention.py)."""
+with ``TRITON_INTERPRET=1`` (tests/interpret.py)."""
 
 from __future__ import annotations
 
 import os
 import random
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from interpret import interpreted as run_interpreted
 from pipeline.engine import int4
 from pipeline.engine.int4 import Int4Linear, Int4Weight
 
@@ -24,10 +23,7 @@ pytestmark = pytest.mark.timeout(600)
 
 def interpreted(check: str, *args) -> None:
     """Run this file's function ``check(*args)`` in a fresh Python under Triton's CPU interpreter."""
-    code = f"import runpy; runpy.run_path({__file__!r})[{check!r}](*{args!r})"
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
+    run_interpreted(__file__, check, *args)
 
 
 def test_layout_round_trips_and_quantization_error():
