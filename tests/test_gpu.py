@@ -182,15 +182,16 @@ def test_graph_decode_agrees_with_plain_decode(compile):
 
 
 def test_int4_kernel_on_the_7b_shapes_eager_compiled_and_in_a_graph():
-    """engine.quantize=int4's one-row kernel (pipeline/engine/int4.py, tiled layout) on LiveCC-7B's matrix shapes, in
-    bfloat16: against the dequantized weight in float32, called eagerly, compiled (the custom operator inside
-    inductor's graph) and replayed from a CUDA graph."""
+    """engine.quantize=int4's one-row kernel (pipeline/engine/int4.py) on LiveCC-7B's matrix shapes (tiled) and one
+    that does not tile, in bfloat16: against the dequantized weight in float32, called eagerly, compiled (the custom
+    operator inside inductor's graph) and replayed from a CUDA graph."""
     from pipeline.engine.int4 import Int4Weight
 
     torch.manual_seed(0)
-    for n, k in ((4608, 3584), (3584, 18944), (37888, 3584)):
+    # q|k|v, down, gate|up, lm_head (tiled); a shape that is not (plain layout, masked tails, the inline lop3 too)
+    for n, k in ((4608, 3584), (3584, 18944), (37888, 3584), (151936, 3584), (100, 640)):
         q = Int4Weight.from_float(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02)
-        assert q.tiled and q.packed.dtype == torch.int32
+        assert q.tiled == (n != 100) and q.packed.dtype == torch.int32
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         want = x.float() @ q.dequantize(torch.float32).T
         compiled = torch.compile(lambda x: q.linear(x) * 2, fullgraph=True)

@@ -64,6 +64,32 @@ def test_weight_module_keeps_shape_and_dequantizes_in_blocks_of_rows():
     assert torch.allclose(lin(x), x @ whole.dequantize(torch.float32).T + 1, atol=1e-4)
 
 
+def test_several_rows_dequantize_a_block_of_rows_at_a_time(monkeypatch):
+    """Rows beyond the one-row kernel's take F.linear over a dequantized block of whole tiles of rows at a time (so
+    an 8-GB card never holds a bfloat16 lm_head besides its 4-bit one): the same product as the whole matrix."""
+    torch.manual_seed(2)
+    w = Int4Weight.from_float(torch.randn(320, 256), rows_at_once=128)  # tiled: 5 tiles of 64 rows
+    assert w.tiled
+    x, bias = torch.randn(2, 7, 256), torch.randn(320)
+    whole = w.linear(x, bias)
+    monkeypatch.setattr(int4, "DEQUANT_WEIGHTS", 128 * 256)  # 2 tiles of rows a block: blocks of 128, 128, 64
+    blocks = w.linear(x, bias)
+    assert blocks.shape == (2, 7, 320) and torch.allclose(blocks, whole, atol=1e-5)
+    assert torch.equal(w.dequantize(rows=slice(64, 192)), w.dequantize()[64:192])
+
+
+def test_the_kernel_refuses_a_tiled_config_that_does_not_fit():
+    """A tiled layout read with a config whose tiles differ would give wrong sums silently: refused before launch."""
+    pytest.importorskip("triton")
+    w = Int4Weight.from_float(torch.randn(64, 768))  # tiled: 6 groups, 2 an iteration
+    xf = torch.randn(1, 768)
+    with pytest.raises(ValueError, match="needs whole tiles"):  # 3 groups a program: not whole iterations
+        int4.launch(xf, xf.view(6, 128).sum(-1), w.packed, w.scale, w.zero, torch.empty(2, 64), (64, 2, 3, 4, 1),
+                    tiled=True)
+    with pytest.raises(ValueError, match="do not fit"):  # the plain layout's shape expected
+        int4.launch(xf, xf.view(6, 128).sum(-1), w.packed, w.scale, w.zero, torch.empty(2, 64), (16, 1, 4, 4, 1))
+
+
 def _kernel_matches(n: int, k: int, tiled: bool, dtype: str) -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1"
     from pipeline.engine import int4 as m

@@ -44,13 +44,14 @@ GROUP = 128  # weights per scale and zero (torchao's, HQQ's and GemLite's defaul
 
 def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """w (N, K) float, K a multiple of 128 (else ValueError) -> codes (N, K) uint8 in 0..15, scale and zero (N, K/128)
-    float32: per group of 128 along K, min-max asymmetric, zero an integer, w ≈ (codes - zero) · scale."""
+    float32 (the scale a bfloat16 value): per group of 128 along K, min-max asymmetric, zero an integer,
+    w ≈ (codes - zero) · scale."""
     n, k = w.shape
     if k % GROUP:
         raise ValueError(f"int4 groups of {GROUP}: {k} inputs are not a multiple")
     wg = w.float().view(n, k // GROUP, GROUP)
     lo, hi = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)  # the range holds 0: a zero weight stays exact
-    scale = ((hi - lo) / 15).clamp(min=1e-10)
+    scale = ((hi - lo) / 15).clamp(min=1e-10).to(torch.bfloat16).float()  # as stored: codes fit the kernel's scale
     zero = (-lo / scale).round().clamp(0, 15)
     codes = (wg / scale[..., None] + zero[..., None]).round().clamp(0, 15).to(torch.uint8).view(n, k)
     return codes, scale, zero
@@ -67,18 +68,25 @@ def pack(codes: torch.Tensor) -> torch.Tensor:
 
 
 def unpack(packed: torch.Tensor) -> torch.Tensor:
-    """``pack``'s inverse: packed (N, K/8) int32 -> codes (N, K) uint8."""
+    """``pack``'s inverse: packed (N, K/8) int32 -> codes (N, K) uint8 (scratch: one nibble's int32 at a time,
+    half a byte a weight)."""
     n, kw = packed.shape
-    shifts = (4 * torch.arange(8, dtype=torch.int32, device=packed.device)).view(1, 1, 8, 1)
-    return ((packed.view(n, kw // 16, 1, 16) >> shifts) & 15).to(torch.uint8).view(n, kw * 8)
+    words = packed.view(n, kw // 16, 16)
+    codes = torch.empty(n, kw // 16, 8, 16, dtype=torch.uint8, device=packed.device)
+    for i in range(8):
+        codes[:, :, i] = ((words >> (4 * i)) & 15).to(torch.uint8)
+    return codes.view(n, kw * 8)
 
 
 def dequantize(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype=torch.bfloat16) -> torch.Tensor:
-    """(N, K) ``dtype`` weights (q - zero) · scale of a packed matrix (q - zero is exact in bfloat16; one rounding,
-    of the product, as in float32 then cast)."""
+    """(N, K) ``dtype`` weights (q - zero) · scale of a packed (N, K/8) matrix, scale and zero (N, K/128)
+    (q - zero is exact in bfloat16; one rounding, of the product, as in float32 then cast). Scratch besides the
+    result: a byte and a half a weight (``unpack``)."""
     q = unpack(packed).to(dtype)
     n, k = q.shape
-    return ((q.view(n, k // GROUP, GROUP) - zero.to(dtype)[..., None]) * scale.to(dtype)[..., None]).view(n, k)
+    g = q.view(n, k // GROUP, GROUP)
+    g.sub_(zero.to(dtype)[..., None]).mul_(scale.to(dtype)[..., None])
+    return q
 
 
 # (rows a program, groups an iteration, groups a program, warps, pipeline stages) tried by
@@ -154,7 +162,8 @@ def _kernel():
 
 def tile(packed: torch.Tensor, block_n: int, groups: int) -> torch.Tensor:
     """``pack``'s (N, K/8) words reordered so that each block of ``block_n`` rows x ``groups`` groups (the words a
-    kernel program reads in one iteration) is contiguous: (N/block_n, G/groups, block_n, groups·16) int32."""
+    kernel program reads in one iteration) is contiguous: (N/block_n, G/groups, block_n, groups·16) int32.
+    RuntimeError (from ``view``) if block_n does not divide N or groups does not divide G = K/128."""
     n, kw = packed.shape
     return packed.view(n // block_n, block_n, kw // 16 // groups, groups * 16).transpose(1, 2).contiguous()
 
@@ -166,14 +175,16 @@ def untile(tiled: torch.Tensor) -> torch.Tensor:
 
 
 # the kernel's configuration for a matrix of N rows and G groups: (rows a program, groups an iteration, groups a
-# program, warps, pipeline stages) and whether the words are tiled. The best of CONFIGS for each of LiveCC-7B's
-# matrices (every one: N a multiple of 64, G of 4) on an H200; other shapes (the tiny test checkpoints) untiled
+# program, warps, pipeline stages) and whether the words are tiled. TILED_CONFIG was the fastest of CONFIGS for
+# every one of LiveCC-7B's matrices (N a multiple of 64, G of 4) on an H200 (docs/performance.md, fourteenth
+# session: a step's products 1.75 ms); shapes it cannot tile (the tiny test checkpoints) take PLAIN_CONFIG
 TILED_CONFIG = (64, 2, 4, 4, 1)
 PLAIN_CONFIG = (16, 1, 4, 4, 1)
 
 
 def choose(n: int, groups: int) -> tuple[tuple[int, int, int, int, int], bool]:
-    """(config, tiled) for an (n, 128·groups) matrix."""
+    """(config, tiled) for an (n, 128·groups) matrix: tiled with TILED_CONFIG when its rows a program divide n
+    and its groups an iteration divide ``groups``, else PLAIN_CONFIG untiled."""
     block_n, per_iteration = TILED_CONFIG[:2]
     if n % block_n == 0 and groups % per_iteration == 0:
         return TILED_CONFIG, True
@@ -183,10 +194,21 @@ def choose(n: int, groups: int) -> tuple[tuple[int, int, int, int, int], bool]:
 def launch(xf, xs, packed, scale, zero, y, config, tiled: bool = False) -> None:
     """The kernel alone: xf (1, K) float32 activations, xs (K/128,) float32 their groups' sums, packed (N, K/8)
     int32 (or ``tile``'s layout with ``tiled``), scale and zero (N, K/128) bfloat16, y (parts, N) float32 out:
-    each part's sums (parts = ceil(G / groups a program))."""
+    each part's sums (parts = ceil(G / groups a program)). ValueError for shapes, dtypes or a config that do not
+    fit together (a tiled layout needs whole tiles: N % rows a program == 0, G % groups an iteration == 0, groups
+    a program % groups an iteration == 0)."""
     triton, kernel = _kernel()
     block_n, groups, per, warps, stages = config
     n, G = scale.shape
+    words = (n // block_n, G // groups, block_n, groups * 16) if tiled else (n, G * 16)
+    if tiled and (n % block_n or G % groups or per % groups):
+        raise ValueError(f"a tiled ({n}, {G * GROUP}) matrix needs whole tiles; config {config} does not fit it")
+    if (tuple(packed.shape) != words or packed.dtype != torch.int32 or not packed.is_contiguous()
+            or tuple(zero.shape) != (n, G) or tuple(xf.shape) != (1, G * GROUP) or xf.dtype != torch.float32
+            or tuple(xs.shape) != (G,) or tuple(y.shape) != (-(-G // per), n) or y.dtype != torch.float32):
+        raise ValueError(f"int4 kernel: packed {tuple(packed.shape)} {packed.dtype}, scale {tuple(scale.shape)}, "
+                         f"zero {tuple(zero.shape)}, x {tuple(xf.shape)} {xf.dtype}, y {tuple(y.shape)} do not fit "
+                         f"config {config} (tiled={tiled})")
     even = n % block_n == 0 and G % per == 0 and per % groups == 0
     kernel[(triton.cdiv(n, block_n), triton.cdiv(G, per))](
         xf, xs, packed, scale, zero, y, n, G * 16, G, per, BLOCK_N=block_n, GROUPS=groups, STAGES=stages,
@@ -213,8 +235,9 @@ def _(xf, xs, packed, scale, zero, block_n, groups, per, warps, stages, tiled):
 def gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
          config: tuple[int, int, int, int, int] = PLAIN_CONFIG, tiled: bool = False) -> torch.Tensor:
     """One row times a 4-bit matrix: x (1, K) bfloat16/float16/float32, packed (N, K/8) int32 (``tile``'s layout
-    with ``tiled``), scale and zero (N, K/128) -> y (1, N) in x's dtype, x · dequantize(...)ᵀ summed in float32.
-    ``config``: (rows a program, groups an iteration, groups a program, warps, pipeline stages)."""
+    with ``tiled``), scale and zero (N, K/128) bfloat16 -> y (1, N) in x's dtype, x · dequantize(...)ᵀ summed in
+    float32. ``config``: (rows a program, groups an iteration, groups a program, warps, pipeline stages).
+    ValueError as ``launch``."""
     G = scale.shape[1]
     xf = x.reshape(1, G * GROUP).float()  # float32 activations: no conversion in the kernel's loop
     xs = xf.view(G, GROUP).sum(-1)  # each group's sum of activations
@@ -225,14 +248,19 @@ def gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch
 # on an H200 a 7B decode step's products take 1.75 ms a row through the kernel (scripts/profile_gemv.py --int4) and
 # ≈ 9 ms through a dequantized bfloat16 copy (3.5 GB read, 14 GB written, 14 GB read by cuBLAS at ≈ 3.5 TB/s)
 GEMV_ROWS = 4
+# weights dequantized at once for several rows: a block of rows of about this many weights (64 MiB in bfloat16),
+# so an 8-GB card never holds a whole bfloat16 matrix (the lm_head: 1 GiB) besides its 4-bit one
+DEQUANT_WEIGHTS = 2**25
 
 
 class Int4Weight(nn.Module):
     """A linear layer's (N, K) weight in 4 bits (this module's layout), standing where the weight tensor stood
-    (``model.linear`` calls ``linear``). Buffers: ``packed`` int32, ``scale`` and ``zero`` (N, K/128) bfloat16.
+    (``model.linear`` calls ``linear``). Buffers: ``packed`` int32, (N, K/8) or, ``tiled``, ``tile``'s
+    (N/64, G/2, 64, 32); ``scale`` and ``zero`` (N, K/128) bfloat16. ``shape`` is (N, K).
 
-    ``from_float(w)`` quantizes a float weight (K a multiple of 128, else ValueError) a block of rows at a time, so
-    the scratch stays small next to an 8-GB card's weights."""
+    ``from_float(w)`` quantizes a float weight (K a multiple of 128, else ValueError) a block of rows at a time into
+    the final buffers, so the scratch stays at a block's (≈ 10 bytes a weight of 4,096 rows) next to an 8-GB card's
+    weights; several rows dequantize a block of rows at a time too (``DEQUANT_WEIGHTS``)."""
 
     def __init__(self, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, shape: tuple[int, int],
                  config: tuple[int, int, int, int, int], tiled: bool):
@@ -247,36 +275,56 @@ class Int4Weight(nn.Module):
     @torch.no_grad()
     def from_float(cls, w: torch.Tensor, rows_at_once: int = 4096) -> "Int4Weight":
         n, k = w.shape
-        parts = [quantize(w[i:i + rows_at_once]) for i in range(0, n, rows_at_once)]
-        packed = torch.cat([pack(codes) for codes, _, _ in parts])
-        scale = torch.cat([s for _, s, _ in parts]).to(torch.bfloat16)
-        zero = torch.cat([z for _, _, z in parts]).to(torch.bfloat16)
-        del parts
+        if k % GROUP:
+            raise ValueError(f"int4 groups of {GROUP}: {k} inputs are not a multiple")
         config, tiled = choose(n, k // GROUP)
-        if tiled:
-            packed = tile(packed, config[0], config[1])
+        block_n, groups = config[:2]
+        rows_at_once = max(block_n, rows_at_once // block_n * block_n)  # whole tiles a block
+        G = k // GROUP
+        packed = torch.empty((n // block_n, G // groups, block_n, groups * 16) if tiled else (n, k // 8),
+                             dtype=torch.int32, device=w.device)
+        scale = torch.empty(n, G, dtype=torch.bfloat16, device=w.device)
+        zero = torch.empty_like(scale)
+        for i in range(0, n, rows_at_once):
+            codes, scale[i:i + rows_at_once], zero[i:i + rows_at_once] = quantize(w[i:i + rows_at_once])
+            words = pack(codes)
+            del codes
+            if tiled:
+                packed[i // block_n:(i + rows_at_once) // block_n] = tile(words, block_n, groups)
+            else:
+                packed[i:i + rows_at_once] = words
         return cls(packed, scale, zero, (n, k), config, tiled)
 
     @property
     def dtype(self) -> torch.dtype:
         return self.scale.dtype
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The (N, K) weight in ``dtype`` (default bfloat16)."""
-        packed = untile(self.packed) if self.tiled else self.packed
-        return dequantize(packed, self.scale, self.zero, dtype or self.scale.dtype)
+    def dequantize(self, dtype: torch.dtype | None = None, rows: slice = slice(None)) -> torch.Tensor:
+        """The (N, K) weight, or its ``rows`` (a slice; whole tiles when tiled), in ``dtype`` (default bfloat16)."""
+        start, stop, _ = rows.indices(self.shape[0])
+        if self.tiled:
+            block_n = self.config[0]
+            packed = untile(self.packed[start // block_n:-(-stop // block_n)])
+        else:
+            packed = self.packed[start:stop]
+        return dequantize(packed, self.scale[start:stop], self.zero[start:stop], dtype or self.scale.dtype)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x (..., K) -> (..., N): up to ``GEMV_ROWS`` rows on CUDA through ``gemv``, one row at a time (each
-        reads the weight); more rows (or the CPU) through the dequantized weight and ``F.linear``."""
+        reads the weight); more rows (or the CPU) through ``F.linear`` over the dequantized weight, a block of
+        about ``DEQUANT_WEIGHTS`` weights (whole tiles of rows) at a time."""
         n, k = self.shape
         rows = x.numel() // k
-        if rows <= GEMV_ROWS and x.is_cuda:
+        if 0 < rows <= GEMV_ROWS and x.is_cuda:
             flat = x.reshape(rows, k)
             y = torch.cat([gemv(flat[r:r + 1], self.packed, self.scale, self.zero, self.config, self.tiled)
                            for r in range(rows)]).reshape(*x.shape[:-1], n)
             return y if bias is None else y + bias
-        return F.linear(x, self.dequantize(x.dtype), bias)
+        step = max(self.config[0], DEQUANT_WEIGHTS // k // self.config[0] * self.config[0])
+        if step >= n:
+            return F.linear(x, self.dequantize(x.dtype), bias)
+        return torch.cat([F.linear(x, self.dequantize(x.dtype, slice(i, i + step)),
+                                   None if bias is None else bias[i:i + step]) for i in range(0, n, step)], dim=-1)
 
     def extra_repr(self) -> str:
         return f"{self.shape[0]}, {self.shape[1]}, int4 groups of {GROUP}, config={self.config}, tiled={self.tiled}"

@@ -34,8 +34,9 @@ MASKED_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class LayerWeights(NamedTuple):
-    """One decoder layer's weights (bf16/fp32 as loaded; the four matrices may be torchao tensors of
-    ``engine.quantize``, which ``F.linear`` dispatches). Shapes for the 7B: hidden 3584, q 3584, kv 512."""
+    """One decoder layer's weights (bf16/fp32 as loaded; with ``engine.quantize`` the four matrices are torchao
+    tensors, which ``F.linear`` dispatches, or ``int4.Int4Weight`` modules, which ``linear`` calls). Shapes for the
+    7B: hidden 3584, q 3584, kv 512."""
 
     ln1: torch.Tensor  # (hidden,) input RMSNorm
     qkv_w: torch.Tensor  # (q + 2·kv, hidden) fused q|k|v projection

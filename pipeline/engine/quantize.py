@@ -1,4 +1,5 @@
-"""Low-bit weights for the language model (``engine.quantize``), through torchao.
+"""Low-bit weights for the language model (``engine.quantize``): int8 and fp8 through torchao, int4 in the engine's
+own format (``int4.py``).
 
     none  the checkpoint's dtype (bfloat16 on CUDA)
     int8  weight-only int8, one scale per output row (torchao ``Int8WeightOnlyConfig``); CUDA or CPU
@@ -81,13 +82,13 @@ def check(mode: str, device: torch.device, dtype: torch.dtype) -> None:
 
 
 def _config(mode: str):
+    if mode == "int4":
+        return "int4"  # this engine's own format (int4.py), not torchao's
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Int8WeightOnlyConfig, PerRow
 
     # set_inductor_config=False: keep the engine's own torch.compile settings in every mode
     if mode == "int8":
         return Int8WeightOnlyConfig(set_inductor_config=False)
-    if mode == "int4":
-        return "int4"  # this engine's own format (int4.py), not torchao's
     # activation_value_lb: a token whose activations are all zero would get a zero scale, and 0/0 = NaN
     return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), activation_value_lb=1e-12,
                                                      set_inductor_config=False)
@@ -154,7 +155,8 @@ def to_device(hf_model: nn.Module, device: torch.device, mode: str = "none") -> 
     overlap): on an H200 that cost ≈ 0.5–0.8 ms a token.
 
     Order, for the smallest peak on the device: the lm_head first, while the device is empty (quantizing a
-    152k x 3.6k matrix needs several times its size in scratch: padded copies, int32 codes), then the layers
+    152k x 3.6k matrix needs scratch besides it: torchao's padded copies and int32 codes; int4 a block of rows'
+    float32 copy and codes), then the layers
     one at a time (at most one bfloat16 layer besides the quantized ones), then the rest (vision tower,
     embeddings, norms) as it is."""
     if mode == "none":
