@@ -73,7 +73,10 @@ def test_several_rows_dequantize_a_block_of_rows_at_a_time(monkeypatch):
     x, bias = torch.randn(2, 7, 256), torch.randn(320)
     whole = w.linear(x, bias)
     monkeypatch.setattr(int4, "DEQUANT_WEIGHTS", 128 * 256)  # 2 tiles of rows a block: blocks of 128, 128, 64
+    seen, dequantize = [], int4.dequantize
+    monkeypatch.setattr(int4, "dequantize", lambda packed, *a: seen.append(packed.shape[0]) or dequantize(packed, *a))
     blocks = w.linear(x, bias)
+    assert seen == [128, 128, 64], seen  # never the whole matrix at once
     assert blocks.shape == (2, 7, 320) and torch.allclose(blocks, whole, atol=1e-5)
     assert torch.equal(w.dequantize(rows=slice(64, 192)), w.dequantize()[64:192])
 
