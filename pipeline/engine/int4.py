@@ -274,6 +274,9 @@ class Int4Weight(nn.Module):
     @classmethod
     @torch.no_grad()
     def from_float(cls, w: torch.Tensor, rows_at_once: int = 4096) -> "Int4Weight":
+        """w (N, K) float (any dtype, on the device the result lives on) quantized ``rows_at_once`` rows at a time
+        (rounded to whole tiles) with ``quantize``, packed, tiled when ``choose`` says so. ValueError if K is not a
+        multiple of 128."""
         n, k = w.shape
         if k % GROUP:
             raise ValueError(f"int4 groups of {GROUP}: {k} inputs are not a multiple")
@@ -297,6 +300,7 @@ class Int4Weight(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
+        """bfloat16: the dtype of the scales and of ``dequantize``'s default (the packed codes are int32)."""
         return self.scale.dtype
 
     def dequantize(self, dtype: torch.dtype | None = None, rows: slice = slice(None)) -> torch.Tensor:
