@@ -43,7 +43,6 @@ from .model import fuse_projections, language_parts
 log = logging.getLogger(__name__)
 
 
-
 class QuantizeError(RuntimeError):
     """A quantization mode that cannot run here (the message is one line saying why and what to use)."""
 
