@@ -29,6 +29,7 @@ weight-only), the int4 kernel the one-row step lacks (a candidate for ``engine.q
     python3 scripts/profile_gemv.py --rows 1 8 --fbgemm      # needs fbgemm-gpu-genai built for this torch and CUDA
     python3 scripts/profile_gemv.py --rows 1 8 386 --gemlite  # needs gemlite (pure Python + Triton)
     python3 scripts/profile_gemv.py --rows 1 --int4           # the engine's own int4 kernel (pipeline/engine/int4.py)
+    python3 scripts/profile_gemv.py --rows 1 --fp8            # the engine's own fp8 kernel (pipeline/engine/fp8.py)
 """
 
 from __future__ import annotations
@@ -54,14 +55,25 @@ def reduction(x, w):
     return (x[:, None, :] * w).sum(-1, dtype=torch.float32).to(x.dtype)
 
 
+def _per_row(w):
+    """(qdata, zero_point or None, scale (out, 1)) of torchao's int8 or fp8 weight with a scale per row (what
+    ``model.per_row_parts`` read for both before fp8 became the engine's own format)."""
+    return w.qdata, getattr(w, "zero_point", None), w.scale
+
+
+def reduction_per_row(x, w):
+    """The one-row reduction ``model.linear`` ran over torchao's per-row fp8 weights: codes converted as read, the
+    sum scaled."""
+    q, _, scale = _per_row(w)
+    return ((x.reshape(1, -1) * q.to(x.dtype)).sum(-1, dtype=torch.float32) * scale.reshape(-1)).to(x.dtype)[None]
+
+
 def split_k(x, w, splits: int):
     """One row against a weight with one scale per output row (torchao's int8 / fp8: ``model.per_row_parts``), its
     sum split along the input in ``splits`` parts: a reduction to (out, splits) partial sums (each program reads
     1/splits of a row: more programs in flight for a long row), then a small one over the parts. For the down
     projection (18,944 inputs), which the one-kernel reduction reads at ≈ 2.0 TB/s (tenth session)."""
-    from pipeline.engine.model import per_row_parts
-
-    q, zero, scale = per_row_parts(w)
+    q, zero, scale = _per_row(w)
     q = q.to(x.dtype) if zero is None else q.to(x.dtype) - zero.to(x.dtype)
     n, k = q.shape
     part = (x.reshape(1, splits, k // splits) * q.view(n, splits, k // splits)).sum(-1, dtype=torch.float32)
@@ -183,12 +195,12 @@ def quantized_rows(args) -> None:
     def tuned(fn):
         return torch.compile(fn, fullgraph=True, dynamic=False, options={"coordinate_descent_tuning": True})
     red4, red4_one, red4_folded = tuned(int4_reduction), tuned(int4_reduction_one), tuned(int4_reduction_folded)
-    split = tuned(split_k)
+    split, per_row = tuned(split_k), tuned(reduction_per_row)
     ways = {  # name: (engine.quantize mode, call on (x, quantized weights, i), bytes a weight it reads)
         "int8 torchao": ("int8", lambda x, ws, i: lin(x, ws[i]), 1.0),
         "int8 reduction": ("int8", lambda x, ws, i: one(x, ws[i]), 1.0),
         "fp8 torchao (_scaled_mm)": ("fp8", lambda x, ws, i: lin(x, ws[i]), 1.0),
-        "fp8 reduction": ("fp8", lambda x, ws, i: one(x, ws[i]), 1.0),
+        "fp8 reduction": ("fp8", lambda x, ws, i: per_row(x, ws[i]), 1.0),
         **{f"fp8 reduction, split-K {k}": ("fp8", lambda x, ws, i, k=k: split(x, ws[i], k), 1.0) for k in (2, 4, 8)},
         "int8 reduction, split-K 4": ("int8", lambda x, ws, i: split(x, ws[i], 4), 1.0),
         "int4 tinygemm": ("int4", lambda x, ws, i: torch.nn.functional.linear(x, ws[i]), 0.5),
@@ -212,7 +224,8 @@ def quantized_rows(args) -> None:
                 ws = []
                 for _ in range(copies):
                     w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02
-                    ws.append(int4_plain(w) if mode == "plain4" else quantize._quantized(w, quantize._config(mode)))
+                    ws.append(int4_plain(w) if mode == "plain4" else torchao_fp8(w) if mode == "fp8"
+                              else quantize._quantized(w, quantize._config(mode)))
                     del w
                 want = torch.nn.functional.linear(x.float(), _dequantized(ws[0], mode).float())
                 err = ((call(x, ws, 0).float() - want).norm() / want.norm()).item()
@@ -279,6 +292,18 @@ def gemlite_ways():
     }
 
 
+def torchao_fp8(w: torch.Tensor) -> torch.Tensor:
+    """w (N, K) bfloat16 as torchao's FP8 weight with a scale per row and per-token FP8 activations (what
+    ``engine.quantize=fp8`` was before the engine's own format): a reference for the tables."""
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+    lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+    lin.weight = torch.nn.Parameter(w, requires_grad=False)
+    quantize_(lin, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), activation_value_lb=1e-12,
+                                                             set_inductor_config=False))
+    return lin.weight
+
+
 def int4_ways():
     """The ``--int4`` ways: the engine's own one-row int4 kernel (``pipeline.engine.int4``: no integer-to-float
     conversions) in each of its configurations (rows a program, groups an iteration, groups a program, warps,
@@ -302,7 +327,29 @@ def int4_ways():
     return "pipeline.engine.int4", ways
 
 
-def _kernel_alone(x, p, c, tiled=False):
+def fp8_ways():
+    """The ``--fp8`` ways: the engine's own one-row FP8 kernel (``pipeline.engine.fp8``: the hardware's paired
+    E4M3 conversion, the int4 kernel's tiling) in each configuration, "all" = the call as the engine makes it
+    (activations to float32, the kernel, the parts' sums), "tiled" = the kernel alone over the tiled layout; and
+    torchao's FP8 weights through the engine's former one-row reduction (``model.linear``, compiled) for reference."""
+    from pipeline.engine import fp8
+
+    one = torch.compile(reduction_per_row, fullgraph=True, dynamic=False, options={"coordinate_descent_tuning": True})
+
+    def prepare(w, tiled=None):
+        codes, scale = fp8.quantize(w)
+        packed = fp8.pack(codes)
+        return (fp8.tile(packed, tiled[0], tiled[1]) if tiled else packed), scale
+    ways = {"fp8 torchao, one-row reduction": (lambda w: (torchao_fp8(w),), lambda x, p: one(x, p[0]), 1.0)}
+    for c in fp8.CONFIGS:
+        name = f"{c[0]}x{c[1]}/{c[2] or 'all'},{c[3]}w"
+        ways[f"fp8 {name} all"] = (lambda w, c=c: prepare(w, c[:2]), lambda x, p, c=c: fp8.gemv(x, *p, c, True), 1.0)
+        ways[f"fp8 {name} tiled"] = (lambda w, c=c: prepare(w, c[:2]),
+                                     lambda x, p, c=c: _kernel_alone(x, p, c, True, fp8), 1.0)
+    return "pipeline.engine.fp8", ways
+
+
+def _kernel_alone(x, p, c, tiled=False, kind=None):
     """``int4.launch`` alone, its inputs (x in float32, its group sums, the parts' buffer) prepared on the first call
     for these weights and kept, so that a CUDA graph of later calls times the kernel only. The first call returns the
     product (1, N) for the error check, later ones the parts (parts, N)."""
@@ -310,11 +357,16 @@ def _kernel_alone(x, p, c, tiled=False):
 
     key = (id(p[0]), c, tiled, tuple(p[0].shape), tuple(x.shape))
     first = key not in _ALONE
-    if first:
+    if first and kind is not None:  # fp8: (packed, scale (N,)); the activations in bfloat16, as the engine passes them
+        _ALONE[key] = (x, None, torch.empty(kind.parts(c, x.shape[-1]), p[1].shape[0], device=x.device))
+    elif first:
         xf, G = x.float(), p[1].shape[1]
         _ALONE[key] = (xf, xf.view(G, 128).sum(-1), torch.empty(-(-G // c[2]), p[1].shape[0], device=x.device))
     xf, xs, y = _ALONE[key]
-    int4.launch(xf, xs, *p, y, c, tiled)
+    if kind is not None:
+        kind.launch(xf, *p, y, c, tiled)
+    else:
+        int4.launch(xf, xs, *p, y, c, tiled)
     return y.sum(0, keepdim=True) if first else y
 
 
@@ -373,9 +425,11 @@ def main() -> int:
     ap.add_argument("--fbgemm", action="store_true", help="instead: FBGEMM GenAI's int4 and fp8 GEMMs vs bf16")
     ap.add_argument("--gemlite", action="store_true", help="instead: GemLite's int4 / fp8 / int8 kernels vs bf16")
     ap.add_argument("--int4", action="store_true", help="instead: the engine's own int4 kernel's configs vs bf16")
+    ap.add_argument("--fp8", action="store_true", help="instead: the engine's own fp8 kernel's configs vs bf16")
     args = ap.parse_args()
-    if args.fbgemm or args.gemlite or args.int4:
-        library_rows(args, *(fbgemm_ways() if args.fbgemm else gemlite_ways() if args.gemlite else int4_ways()))
+    if args.fbgemm or args.gemlite or args.int4 or args.fp8:
+        library_rows(args, *(fbgemm_ways() if args.fbgemm else gemlite_ways() if args.gemlite
+                             else fp8_ways() if args.fp8 else int4_ways()))
         return 0
     dev = torch.device("cuda")
     red = torch.compile(reduction, fullgraph=True, dynamic=False, options={"coordinate_descent_tuning": True})

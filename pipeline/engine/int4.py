@@ -23,9 +23,9 @@ activations that meet nibble i of a group's 16 words are 16 consecutive columns;
 that what a program reads in one iteration is contiguous (+10–40 % bandwidth). ``scale`` and ``zero`` (N, K/128)
 bfloat16.
 
-Up to ``GEMV_ROWS`` rows (a few streams' decode step) take the kernel a row at a time; more (a prefill, a large
-batch) take ``Int4Weight.dequantize`` and cuBLAS: int4 is the mode for a small GPU and a stream or two; on a big GPU
-bfloat16 serves many streams faster (docs/performance.md).
+Up to ``lowbit.GEMV_ROWS`` rows (a few streams' decode step) take the kernel a row at a time; more (a prefill, a
+large batch) take ``Int4Weight.dequantize`` and cuBLAS (``lowbit.LowBitWeight.linear``): int4 is the mode for a
+small GPU and a stream or two; on a big GPU bfloat16 serves many streams faster (docs/performance.md).
 
 The kernel is built on first use (``triton`` imported then); under ``TRITON_INTERPRET=1`` it runs on the CPU
 (tests/test_int4.py).
@@ -36,8 +36,7 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
-from torch import nn
+from .lowbit import LowBitWeight
 
 GROUP = 128  # weights per scale and zero (torchao's, HQQ's and GemLite's default; LiveCC-7B's 3584 = 28 groups)
 
@@ -244,23 +243,14 @@ def gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch
     return _gemv_parts(xf, xs, packed, scale, zero, *config, tiled).sum(0, keepdim=True).to(x.dtype)
 
 
-# rows a product takes through the one-row kernel, one at a time, before the dequantized weight and cuBLAS pay off:
-# on an H200 a 7B decode step's products take 1.75 ms a row through the kernel (scripts/profile_gemv.py --int4) and
-# ≈ 9 ms through a dequantized bfloat16 copy (3.5 GB read, 14 GB written, 14 GB read by cuBLAS at ≈ 3.5 TB/s)
-GEMV_ROWS = 4
-# weights dequantized at once for several rows: a block of rows of about this many weights (64 MiB in bfloat16),
-# so an 8-GB card never holds a whole bfloat16 matrix (the lm_head: 1 GiB) besides its 4-bit one
-DEQUANT_WEIGHTS = 2**25
-
-
-class Int4Weight(nn.Module):
+class Int4Weight(LowBitWeight):
     """A linear layer's (N, K) weight in 4 bits (this module's layout), standing where the weight tensor stood
-    (``model.linear`` calls ``linear``). Buffers: ``packed`` int32, (N, K/8) or, ``tiled``, ``tile``'s
-    (N/64, G/2, 64, 32); ``scale`` and ``zero`` (N, K/128) bfloat16. ``shape`` is (N, K).
+    (``model.linear`` calls ``linear``: ``lowbit.LowBitWeight``). Buffers: ``packed`` int32, (N, K/8) or,
+    ``tiled``, ``tile``'s (N/64, G/2, 64, 32); ``scale`` and ``zero`` (N, K/128) bfloat16. ``shape`` is (N, K).
 
     ``from_float(w)`` quantizes a float weight (K a multiple of 128, else ValueError) a block of rows at a time into
     the final buffers, so the scratch stays at a block's (≈ 10 bytes a weight of 4,096 rows) next to an 8-GB card's
-    weights; several rows dequantize a block of rows at a time too (``DEQUANT_WEIGHTS``)."""
+    weights; several rows dequantize a block of rows at a time too (``lowbit.DEQUANT_WEIGHTS``)."""
 
     def __init__(self, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, shape: tuple[int, int],
                  config: tuple[int, int, int, int, int], tiled: bool):
@@ -270,6 +260,7 @@ class Int4Weight(nn.Module):
         self.register_buffer("zero", zero)
         self.shape = torch.Size(shape)
         self.config, self.tiled = config, tiled
+        self.block_n = config[0]
 
     @classmethod
     @torch.no_grad()
@@ -298,14 +289,11 @@ class Int4Weight(nn.Module):
                 packed[i:i + rows_at_once] = words
         return cls(packed, scale, zero, (n, k), config, tiled)
 
-    @property
-    def dtype(self) -> torch.dtype:
-        """bfloat16: the dtype of the scales and of ``dequantize``'s default (the packed codes are int32)."""
-        return self.scale.dtype
-
-    def dequantize(self, dtype: torch.dtype | None = None, rows: slice = slice(None)) -> torch.Tensor:
-        """The (N, K) weight, or its ``rows`` (a slice; whole tiles when tiled), in ``dtype`` (default bfloat16)."""
-        start, stop, _ = rows.indices(self.shape[0])
+    def dequantize(self, dtype: torch.dtype | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """The (N, K) weight, or its rows ``start``..``stop`` (whole tiles when tiled), in ``dtype`` (default
+        bfloat16). Plain integers, not a slice: dynamo cannot trace ``slice.indices`` (the compiled prefill fell
+        back to eager over it on an H200, 140 ms a turn)."""
+        stop = self.shape[0] if stop is None else stop
         if self.tiled:
             block_n = self.config[0]
             packed = untile(self.packed[start // block_n:-(-stop // block_n)])
@@ -313,34 +301,9 @@ class Int4Weight(nn.Module):
             packed = self.packed[start:stop]
         return dequantize(packed, self.scale[start:stop], self.zero[start:stop], dtype or self.scale.dtype)
 
-    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """x (..., K) -> (..., N): up to ``GEMV_ROWS`` rows on CUDA through ``gemv``, one row at a time (each
-        reads the weight); more rows (or the CPU) through ``F.linear`` over the dequantized weight, a block of
-        about ``DEQUANT_WEIGHTS`` weights (whole tiles of rows) at a time."""
-        n, k = self.shape
-        rows = x.numel() // k
-        if 0 < rows <= GEMV_ROWS and x.is_cuda:
-            flat = x.reshape(rows, k)
-            y = torch.cat([gemv(flat[r:r + 1], self.packed, self.scale, self.zero, self.config, self.tiled)
-                           for r in range(rows)]).reshape(*x.shape[:-1], n)
-            return y if bias is None else y + bias
-        step = max(self.config[0], DEQUANT_WEIGHTS // k // self.config[0] * self.config[0])
-        if step >= n:
-            return F.linear(x, self.dequantize(x.dtype), bias)
-        return torch.cat([F.linear(x, self.dequantize(x.dtype, slice(i, i + step)),
-                                   None if bias is None else bias[i:i + step]) for i in range(0, n, step)], dim=-1)
+    def gemv(self, x: torch.Tensor) -> torch.Tensor:
+        """One row x (1, K) -> (1, N) through ``gemv`` (CUDA)."""
+        return gemv(x, self.packed, self.scale, self.zero, self.config, self.tiled)
 
     def extra_repr(self) -> str:
         return f"{self.shape[0]}, {self.shape[1]}, int4 groups of {GROUP}, config={self.config}, tiled={self.tiled}"
-
-
-class Int4Linear(nn.Module):
-    """An ``nn.Linear`` whose weight is an ``Int4Weight`` (the o, down and lm_head projections)."""
-
-    def __init__(self, weight: Int4Weight, bias: torch.Tensor | None):
-        super().__init__()
-        self.weight = weight
-        self.bias = bias
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.weight.linear(x, self.bias)

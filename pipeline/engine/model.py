@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .int4 import Int4Weight
+from .lowbit import LowBitWeight
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +35,8 @@ MASKED_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 class LayerWeights(NamedTuple):
     """One decoder layer's weights (bf16/fp32 as loaded; with ``engine.quantize`` the four matrices are torchao
-    tensors, which ``F.linear`` dispatches, or ``int4.Int4Weight`` modules, which ``linear`` calls). Shapes for the
-    7B: hidden 3584, q 3584, kv 512."""
+    tensors (int8), which ``F.linear`` dispatches, or ``lowbit.LowBitWeight`` modules (int4, fp8), which ``linear``
+    calls). Shapes for the 7B: hidden 3584, q 3584, kv 512."""
 
     ln1: torch.Tensor  # (hidden,) input RMSNorm
     qkv_w: torch.Tensor  # (q + 2·kv, hidden) fused q|k|v projection
@@ -85,14 +85,12 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     instead of calling cuBLAS's matrix-vector kernel. H200, LiveCC-7B's products for one decode step: 3.61 ms
     against 3.95 (q|k|v 3.25 vs 2.99 TB/s, gate|up 4.34 vs 3.83, lm_head 4.52 vs 4.21; ``scripts/profile_gemv.py``).
 
-    The same for torchao's weights with one scale per output row (``engine.quantize`` int8 and fp8: ``qdata``
-    (out, in) int8 / float8_e4m3fn, ``scale`` (out, 1) float32): the reduction converts each weight as it reads
-    it and scales the sum, so a step reads one byte a weight (``per_row_parts``). For fp8 that leaves the row's
-    activations in bfloat16 (torchao would quantize them to fp8 for ``torch._scaled_mm``, whose 128-row tiles
-    read a one-row product at ≈ 2.2 TB/s): the same weights, a more exact product. Several rows (cuBLAS is as
-    fast there), eager code and other weights take ``F.linear``. ``engine.quantize=int4``'s weights
-    (``int4.Int4Weight``) take their own kernel. x (..., in), w (out, in), b (out,) -> (..., out)."""
-    if isinstance(w, Int4Weight):
+    The same for torchao's int8 weights with one scale per output row (``engine.quantize=int8``: ``qdata`` (out, in)
+    int8, ``scale`` (out, 1) float32): the reduction converts each weight as it reads it and scales the sum, so a
+    step reads one byte a weight (``per_row_parts``). Several rows (cuBLAS is as fast there), eager code and other
+    weights take ``F.linear``. ``engine.quantize`` int4's and fp8's weights (``lowbit.LowBitWeight``) take their own
+    kernels. x (..., in), w (out, in), b (out,) -> (..., out)."""
+    if isinstance(w, LowBitWeight):
         return w.linear(x, b)
     if torch.compiler.is_compiling() and x.numel() == x.shape[-1]:
         if type(w) in (torch.Tensor, nn.Parameter):
@@ -109,14 +107,13 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     return F.linear(x, w, b)
 
 
-PER_ROW_DTYPES = (torch.int8, torch.float8_e4m3fn)
+PER_ROW_DTYPES = (torch.int8,)
 
 
 def per_row_parts(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None:
-    """(qdata (out, in) int8 / float8_e4m3fn, zero_point (out, 1) or None, scale (out, 1) float32) of a torchao
-    weight quantized with one scale per output row (``Int8Tensor`` of ``Int8WeightOnlyConfig``: zero points of
-    0; ``Float8Tensor`` of ``PerRow`` granularity: none), such that w = (qdata - zero_point) * scale; None for
-    any other weight."""
+    """(qdata (out, in) int8, zero_point (out, 1) or None, scale (out, 1) float32) of a torchao weight quantized with
+    one scale per output row (``Int8Tensor`` of ``Int8WeightOnlyConfig``: zero points of 0), such that
+    w = (qdata - zero_point) * scale; None for any other weight."""
     q, scale = getattr(w, "qdata", None), getattr(w, "scale", None)
     zero = getattr(w, "zero_point", None)
     if not isinstance(q, torch.Tensor) or not isinstance(scale, torch.Tensor) or q.dtype not in PER_ROW_DTYPES:

@@ -1,32 +1,31 @@
-"""Low-bit weights for the language model (``engine.quantize``): int8 and fp8 through torchao, int4 in the engine's
-own format (``int4.py``).
+"""Low-bit weights for the language model (``engine.quantize``): int8 through torchao, int4 and fp8 in the engine's
+own formats (``int4.py``, ``fp8.py``).
 
     none  the checkpoint's dtype (bfloat16 on CUDA)
     int8  weight-only int8, one scale per output row (torchao ``Int8WeightOnlyConfig``); CUDA or CPU
     int4  weight-only int4, groups of 128 with a scale and zero each (``int4.Int4Weight``: the engine's own format
           and one-row Triton kernel, 2.2x cuBLAS bfloat16 on an H200 where torchao's tinygemm, FBGEMM's and
-          GemLite's int4 kernels were no faster than bfloat16 at one row; several rows through the dequantized
-          weight and cuBLAS); CUDA compute capability >= 8.0 (Ampere and later), bfloat16 activations
-    fp8   float8 e4m3 weights and per-token dynamic float8 activations, one scale per row (torchao
-          ``Float8DynamicActivationFloat8WeightConfig(PerRow())``, ``torch._scaled_mm``); CUDA compute
-          capability >= 8.9 (Ada, Hopper and later), bfloat16
+          GemLite's int4 kernels were no faster than bfloat16 at one row); CUDA compute capability >= 8.0
+          (Ampere and later), bfloat16 activations
+    fp8   weight-only FP8 E4M3, one float32 scale per output row (``fp8.Fp8Weight``: the engine's own layout and
+          one-row Triton kernel, which reads the 1-byte weights at up to 3.6 TB/s on an H200 where torchao's
+          ``_scaled_mm`` read ≈ 2.2 and inductor's reduction over its weights ≈ 2.8); CUDA compute capability
+          >= 8.9 (Ada, Hopper and later: the kernel's paired E4M3 conversion), bfloat16 activations
 
-One row's products in the compiled decode step (one stream) do not use torchao's kernels for int8 and fp8:
-``model.linear`` reads the 1-byte codes in one reduction and scales the sum (bfloat16 activations), 1.5x faster
-than ``_scaled_mm`` for fp8 on an H200 (``scripts/profile_gemv.py --quantized``).
+int4 and fp8 take several rows (a prefill, many streams' decode step) through their weight dequantized to bfloat16
+a block of rows at a time and cuBLAS (``lowbit.LowBitWeight.linear``). One row's int8 product in the compiled
+decode step does not use torchao's kernel either: ``model.linear`` reads the 1-byte codes in one reduction and
+scales the sum.
 
-What is quantized: every decoder layer's fused q|k|v, o, fused gate|up and down projections, and the
-lm_head (it is read once per decode step like the rest; 1 GiB in bf16 for the 7B) unless it is tied to
-the embeddings or the mode is fp8 (as vLLM's fp8 keeps it: the logits are the output itself). For fp8 a
-matrix with an all-zero row stays unquantized too (torchao's per-row scale of 0 gives 0/0 = NaN: seen on
-the H200 with the tiny checkpoint's unused vocabulary rows). What stays in the model dtype: the embeddings, the norms, the q|k|v bias, the vision
-tower and the KV cache (an FP8 KV cache is reported to corrupt Qwen2-VL output in another engine).
+What is quantized: every decoder layer's fused q|k|v, o, fused gate|up and down projections, and the lm_head (it
+is read once per decode step like the rest; 1 GiB in bf16 for the 7B) unless it is tied to the embeddings. What
+stays in the model dtype: the embeddings, the norms, the q|k|v bias, the vision tower and the KV cache (an FP8 KV
+cache is reported to corrupt Qwen2-VL output in another engine).
 
-The int8 and fp8 weights are torchao tensor subclasses: ``F.linear`` dispatches to their kernels; int4 weights are
-``Int4Weight`` modules that ``model.linear`` calls. The model code (``model.py``) is otherwise the same for every
-mode, under CUDA graphs and torch.compile too.
-Quantizing happens matrix by matrix as the weights move to the device (``to_device``), so the bfloat16
-language model never sits on the GPU whole: int4 can load on an 8 GiB card.
+The int8 weights are torchao tensor subclasses: ``F.linear`` dispatches to their kernels; int4 and fp8 weights are
+``lowbit.LowBitWeight`` modules that ``model.linear`` calls. The model code (``model.py``) is otherwise the same for
+every mode, under CUDA graphs and torch.compile too. Quantizing happens matrix by matrix as the weights move to the
+device (``to_device``), so the bfloat16 language model never sits on the GPU whole: int4 can load on an 8 GiB card.
 """
 
 from __future__ import annotations
@@ -37,7 +36,9 @@ import torch
 from torch import nn
 
 from .config import QUANTIZE_MODES as MODES
-from .int4 import Int4Linear, Int4Weight
+from .fp8 import Fp8Weight
+from .int4 import Int4Weight
+from .lowbit import LowBitLinear, LowBitWeight
 from .model import fuse_projections, language_parts
 
 log = logging.getLogger(__name__)
@@ -54,12 +55,12 @@ def check(mode: str, device: torch.device, dtype: torch.dtype) -> None:
     if mode == "none":
         return
     try:
-        if mode == "int4":
-            import triton  # noqa: F401 - the one-row kernel (int4.py); ships with torch on Linux
+        if mode in ("int4", "fp8"):
+            import triton  # noqa: F401 - the one-row kernels (int4.py, fp8.py); ships with torch on Linux
         else:
             import torchao  # noqa: F401
     except ImportError:
-        need = "triton (it ships with PyTorch's CUDA builds for Linux)" if mode == "int4" else \
+        need = "triton (it ships with PyTorch's CUDA builds for Linux)" if mode in ("int4", "fp8") else \
             "torchao: pip install 'torchao>=0.18'"
         raise QuantizeError(f"quantize={mode} needs {need}") from None
     if mode == "int8" and device.type not in ("cuda", "cpu"):
@@ -72,7 +73,7 @@ def check(mode: str, device: torch.device, dtype: torch.dtype) -> None:
             raise QuantizeError(f"quantize={mode} runs in bfloat16, not {str(dtype).removeprefix('torch.')}; "
                                 "use dtype auto or bfloat16")
     if mode in ("int4", "fp8"):
-        # int4: bfloat16 (the Triton kernel's activations); fp8: float8 tensor cores (torch._scaled_mm)
+        # int4: bfloat16 (the Triton kernel's activations); fp8: the PTX conversion cvt.rn.f16x2.e4m3x2 (sm_89+)
         need, gpus, other = {"int4": ((8, 0), "Ampere", "int8"), "fp8": ((8, 9), "Ada, Hopper", "int8 or int4")}[mode]
         cap = torch.cuda.get_device_capability(device)
         if cap < need:
@@ -80,39 +81,34 @@ def check(mode: str, device: torch.device, dtype: torch.dtype) -> None:
                                 f"{torch.cuda.get_device_name(device)} has {cap[0]}.{cap[1]}: use {other}")
 
 
+# the engine's own formats: mode -> the LowBitWeight class that holds a matrix in it
+OWN_FORMATS = {"int4": Int4Weight, "fp8": Fp8Weight}
+
+
 def _config(mode: str):
-    if mode == "int4":
-        return "int4"  # this engine's own format (int4.py), not torchao's
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Int8WeightOnlyConfig, PerRow
+    if mode in OWN_FORMATS:
+        return mode  # this engine's own format (int4.py, fp8.py), not torchao's
+    from torchao.quantization import Int8WeightOnlyConfig
 
     # set_inductor_config=False: keep the engine's own torch.compile settings in every mode
-    if mode == "int8":
-        return Int8WeightOnlyConfig(set_inductor_config=False)
-    # activation_value_lb: a token whose activations are all zero would get a zero scale, and 0/0 = NaN
-    return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), activation_value_lb=1e-12,
-                                                     set_inductor_config=False)
+    return Int8WeightOnlyConfig(set_inductor_config=False)
 
 
 def _quantize_linear(linear: nn.Linear, config) -> nn.Module:
-    """``linear`` quantized in place (torchao), or an ``Int4Linear`` in its place for int4: the module to use."""
-    if config == "int4":
-        return Int4Linear(Int4Weight.from_float(linear.weight), linear.bias)
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, quantize_
+    """``linear`` quantized in place (torchao), or a ``LowBitLinear`` in its place for int4 and fp8: the module to
+    use."""
+    if isinstance(config, str):
+        return LowBitLinear(OWN_FORMATS[config].from_float(linear.weight), linear.bias)
+    from torchao.quantization import quantize_
 
-    if isinstance(config, Float8DynamicActivationFloat8WeightConfig) and (linear.weight.abs().amax(dim=1) == 0).any():
-        # a row of zeros gets a zero per-row scale, and torchao's 0/0 makes the whole output column NaN
-        # (seen on the H200: the tiny checkpoint's lm_head has 510 unused, zero rows); such a matrix stays as it is
-        log.warning("a %s matrix has all-zero rows: kept in %s for fp8", tuple(linear.weight.shape),
-                    linear.weight.dtype)
-        return linear
     quantize_(linear, config)
     return linear
 
 
-def _quantized(weight: torch.Tensor, config) -> nn.Parameter | Int4Weight:
-    """``weight`` (out, in) as a quantized parameter (through a throw-away ``nn.Linear``), or an ``Int4Weight``."""
-    if config == "int4":
-        return Int4Weight.from_float(weight)
+def _quantized(weight: torch.Tensor, config) -> nn.Parameter | LowBitWeight:
+    """``weight`` (out, in) as a quantized parameter (through a throw-away ``nn.Linear``), or a ``LowBitWeight``."""
+    if isinstance(config, str):
+        return OWN_FORMATS[config].from_float(weight)
     lin = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
     lin.weight = nn.Parameter(weight, requires_grad=False)
     return _quantize_linear(lin, config).weight
@@ -167,8 +163,7 @@ def to_device(hf_model: nn.Module, device: torch.device, mode: str = "none") -> 
     tied = lm_head.weight is text.embed_tokens.weight
     if not tied:
         lm_head.to(device)
-        if mode != "fp8":  # fp8 keeps the lm_head in bfloat16, as vLLM's fp8 does: logits are the output itself
-            lm_head = hf_model.lm_head = _quantize_linear(lm_head, config)
+        lm_head = hf_model.lm_head = _quantize_linear(lm_head, config)
     for layer in layers:
         layer.to(device)
         _quantize_layer(layer, config)
@@ -229,7 +224,7 @@ def weight_bytes(hf_model: nn.Module) -> int:
         tensors += [getattr(layer, a) for a in ("qkv_weight", "qkv_bias", "gate_up_weight") if hasattr(layer, a)]
     seen: dict[tuple[str, int], int] = {}
     for t in tensors:
-        if isinstance(t, nn.Module):  # an Int4Weight: its buffers are the model's buffers, counted already
+        if isinstance(t, nn.Module):  # a LowBitWeight: its buffers are the model's buffers, counted already
             continue
         for leaf in _leaves(t):
             if leaf.device != where or leaf.numel() == 0:

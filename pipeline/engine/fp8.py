@@ -1,0 +1,277 @@
+"""8-bit float weights for the language model (``engine.quantize=fp8``), and the decode step's products over them.
+
+A weight is an OCP FP8 E4M3 number (``torch.float8_e4m3fn``: 4 exponent bits, 3 mantissa bits, largest 448) times
+its output row's float32 scale, amax / 448 (the per-row ("rowwise") scaling of torchao's and vLLM's FP8 weights).
+
+At one row (one stream's decode step) a product is bound by reading its weight. torchao's FP8 linear quantizes the
+row's activations to FP8 and calls ``torch._scaled_mm``, whose 128-row tiles read a one-row product at ≈ 2.2 TB/s
+on an H200, and inductor's reduction over the same bytes reached ≈ 2.8 TB/s (docs/performance.md, ninth and
+thirteenth sessions): a step ≈ 1.4× bfloat16's. ``gemv`` here is a Triton kernel written like ``int4.gemv``: wide
+tiles of whole words, the input split in parts, activations loaded straight into the weights' layout, each word's
+four bytes turned into floats by the hardware's paired conversion (``cvt.rn.f16x2.e4m3x2``, Hopper and Ada) then
+``cvt.f32.f16``: two and a half instructions a weight before its multiply-add.
+
+Layout (``pack``): codes (N, K) float8_e4m3fn; groups of ``GROUP`` = 64 columns; ``packed`` (N, K/4) int32: word j
+of a row belongs to group g = j // 16 and holds in its byte i (bits 8i..8i+7) the code of column 64·g + 16·i + j mod
+16, so the activations that meet byte i of a group's 16 words are 16 consecutive columns; ``int4.tile`` reorders
+the words so that what a program reads in one iteration is contiguous. ``scale`` (N,) float32.
+
+The kernel is built on first use (``triton`` imported then); under ``TRITON_INTERPRET=1`` it runs on the CPU with a
+plain-Triton conversion instead of the inline PTX (tests/test_fp8.py).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .int4 import tile, untile
+from .lowbit import LowBitWeight
+
+GROUP = 64  # columns a group of 16 words holds (4 bytes a word)
+E4M3_MAX = 448.0  # the largest float8_e4m3fn (OCP 8-bit floating point specification, 2023)
+
+
+def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (N, K) float -> codes (N, K) float8_e4m3fn and scale (N,) float32, w ≈ codes · scale[:, None]: per output
+    row, amax / 448 (a row of zeros gets a tiny scale, not 0: its codes are 0, never 0/0)."""
+    scale = (w.float().abs().amax(-1) / E4M3_MAX).clamp(min=1e-12)
+    return (w.float() / scale[:, None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
+
+
+def pack(codes: torch.Tensor) -> torch.Tensor:
+    """codes (N, K) float8_e4m3fn (or their uint8 bits), K a multiple of 64 (else ValueError) -> packed (N, K/4)
+    int32 in this module's layout (see the module doc)."""
+    n, k = codes.shape
+    if k % GROUP:
+        raise ValueError(f"fp8 groups of {GROUP}: {k} inputs are not a multiple")
+    q = codes.view(torch.uint8).view(n, k // GROUP, 4, 16)  # [row, group, byte, word in group]
+    return q.permute(0, 1, 3, 2).reshape(n, k).view(torch.int32)  # little-endian: byte i is bits 8i..8i+7
+
+
+def unpack(packed: torch.Tensor) -> torch.Tensor:
+    """``pack``'s inverse: packed (N, K/4) int32 -> codes (N, K) float8_e4m3fn."""
+    n, kw = packed.shape
+    q = packed.view(torch.uint8).view(n, kw // 16, 16, 4)
+    return q.permute(0, 1, 3, 2).reshape(n, kw * 4).view(torch.float8_e4m3fn)
+
+
+def dequantize(packed: torch.Tensor, scale: torch.Tensor, dtype=torch.bfloat16) -> torch.Tensor:
+    """(N, K) ``dtype`` weights codes · scale of a packed (N, K/4) matrix and its scale (N,) float32."""
+    return (unpack(packed).to(torch.float32) * scale[:, None]).to(dtype)
+
+
+# (rows a program, groups an iteration, groups a program, warps, pipeline stages) tried by
+# scripts/profile_gemv.py --fp8 (the int4 kernel's lessons: wide tiles, the input in parts; no load pipelining)
+# (groups a program 0: the whole input, one part, written in the activations' dtype with no sum of parts after)
+CONFIGS = ((64, 1, 4, 4, 1), (128, 1, 8, 4, 1), (64, 1, 8, 4, 1), (128, 1, 4, 4, 1), (64, 1, 2, 4, 1),
+           (32, 1, 4, 4, 1), (128, 1, 0, 4, 1), (64, 1, 0, 4, 1), (256, 1, 0, 8, 1), (32, 1, 0, 4, 1),
+           (128, 2, 0, 8, 1))
+
+
+@functools.cache
+def _kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def gemv(x_ptr, w_ptr, s_ptr, y_ptr, N, KW, G, PER, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
+             ASM: tl.constexpr, EVEN: tl.constexpr, TILED: tl.constexpr):
+        # KW = K / 4 words a row, G = K / 64 groups, PER groups a program (part pk of K); EVEN: whole tiles only
+        pn, pk = tl.program_id(0), tl.program_id(1)
+        g_end = tl.minimum(pk * PER + PER, G)
+        rows = pn * BLOCK_N + tl.arange(0, BLOCK_N)
+        live = rows < N
+        gi = tl.arange(0, GROUPS)
+        jj = tl.arange(0, 16)
+        acc = tl.zeros([BLOCK_N, GROUPS, 16], dtype=tl.float32)
+        for g0 in tl.range(pk * PER, g_end, GROUPS):
+            g = g0 + gi
+            gm = g < g_end
+            if TILED:  # ``int4.tile``'s layout: this iteration's BLOCK_N x GROUPS x 16 words are one contiguous block
+                blk = (pn * (G // GROUPS) + g0 // GROUPS) * (BLOCK_N * GROUPS * 16)
+                wp = w_ptr + blk + tl.arange(0, BLOCK_N)[:, None, None] * (GROUPS * 16) + gi[None, :, None] * 16 \
+                    + jj[None, None, :]
+            else:
+                wp = w_ptr + rows[:, None, None] * KW + g[None, :, None] * 16 + jj[None, None, :]
+            xb = rows[:, None, None] * 0 + g[None, :, None] * 64 + jj[None, None, :]
+            if EVEN:  # the activations in their own dtype (bfloat16 in the engine), to float32 as loaded
+                w = tl.load(wp)
+                x0 = tl.load(x_ptr + xb).to(tl.float32)
+                x1 = tl.load(x_ptr + xb + 16).to(tl.float32)
+                x2 = tl.load(x_ptr + xb + 32).to(tl.float32)
+                x3 = tl.load(x_ptr + xb + 48).to(tl.float32)
+            else:
+                m3 = (live[:, None] & gm[None, :])[:, :, None]
+                w = tl.load(wp, mask=m3, other=0)
+                x0 = tl.load(x_ptr + xb, mask=gm[None, :, None], other=0).to(tl.float32)
+                x1 = tl.load(x_ptr + xb + 16, mask=gm[None, :, None], other=0).to(tl.float32)
+                x2 = tl.load(x_ptr + xb + 32, mask=gm[None, :, None], other=0).to(tl.float32)
+                x3 = tl.load(x_ptr + xb + 48, mask=gm[None, :, None], other=0).to(tl.float32)
+            if ASM:  # a word's 4 codes to float32: 2 paired E4M3 -> float16 conversions, 4 float16 -> float32
+                f0, f1, f2, f3 = tl.inline_asm_elementwise(
+                    """{
+                    .reg .b16 lo, hi, a0, a1, b0, b1;
+                    .reg .b32 a, b;
+                    mov.b32 {lo, hi}, $4;
+                    cvt.rn.f16x2.e4m3x2 a, lo;
+                    cvt.rn.f16x2.e4m3x2 b, hi;
+                    mov.b32 {a0, a1}, a;
+                    mov.b32 {b0, b1}, b;
+                    cvt.f32.f16 $0, a0;
+                    cvt.f32.f16 $1, a1;
+                    cvt.f32.f16 $2, b0;
+                    cvt.f32.f16 $3, b1;
+                    }""", "=r,=r,=r,=r,r", [w], dtype=(tl.float32, tl.float32, tl.float32, tl.float32),
+                    is_pure=True, pack=1)
+            else:
+                f0 = (w & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
+                f1 = ((w >> 8) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
+                f2 = ((w >> 16) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
+                f3 = ((w >> 24) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
+            acc += x0 * f0  # four multiply-adds a word, no separate products
+            acc += x1 * f1
+            acc += x2 * f2
+            acc += x3 * f3
+        s = tl.load(s_ptr + rows, mask=live, other=0)
+        tl.store(y_ptr + pk * N + rows, tl.sum(tl.sum(acc, 2), 1) * s, mask=live)  # cast to y's dtype
+
+    return triton, gemv
+
+
+# the kernel's configuration for a matrix of N rows and G = K/64 groups (see ``int4.choose``): on an H200 the
+# fastest of CONFIGS, the kernel alone, were 128 rows x 1 group, 8 groups a program for the large matrices (gate|up
+# 35.8 µs = 3.8 TB/s, down 19.1 µs, the lm_head 136.3 µs) and 64 x 1, 4 groups a program for the small ones (q|k|v
+# 6.9 µs, o 6.2: docs/performance.md, fifteenth session); shapes that do not tile take PLAIN_CONFIG
+LARGE_CONFIG = (128, 1, 8, 4, 1)
+SMALL_CONFIG = (64, 1, 4, 4, 1)
+LARGE = 2**25  # weights from which a matrix takes LARGE_CONFIG (the 7B's gate|up, down and lm_head; not q|k|v, o)
+PLAIN_CONFIG = (16, 1, 4, 4, 1)
+
+
+def choose(n: int, groups: int) -> tuple[tuple[int, int, int, int, int], bool]:
+    """(config, tiled) for an (n, 64·groups) matrix: LARGE_CONFIG (from ``LARGE`` weights) or SMALL_CONFIG, tiled,
+    the first whose rows a program divide n and groups an iteration divide ``groups``; else PLAIN_CONFIG untiled."""
+    for config in ((LARGE_CONFIG, SMALL_CONFIG) if n * groups * GROUP >= LARGE else (SMALL_CONFIG,)):
+        if n % config[0] == 0 and groups % config[1] == 0:
+            return config, True
+    return PLAIN_CONFIG, False
+
+
+def parts(config: tuple[int, int, int, int, int], k: int) -> int:
+    """How many parts ``config``'s programs split an input of ``k`` columns in (groups a program 0: one)."""
+    G, per = k // GROUP, config[2]
+    return 1 if per == 0 else -(-G // per)
+
+
+def launch(x, packed, scale, y, config, tiled: bool = False) -> None:
+    """The kernel alone: x (1, K) activations (float32, bfloat16 or float16: converted as loaded), packed (N, K/4)
+    int32 (or ``int4.tile``'s layout with ``tiled``), scale (N,) float32, y (parts, N) out: each part's scaled sums,
+    float32 (``parts(config, K)``; with one part, any float dtype: the product itself). ValueError for shapes,
+    dtypes or a config that do not fit together."""
+    triton, kernel = _kernel()
+    block_n, groups, per, warps, _ = config
+    n, G = scale.shape[0], x.shape[-1] // GROUP
+    per = per or -(-G // groups) * groups
+    words = (n // block_n, G // groups, block_n, groups * 16) if tiled else (n, G * 16)
+    if tiled and (n % block_n or G % groups or per % groups):
+        raise ValueError(f"a tiled ({n}, {G * GROUP}) matrix needs whole tiles; config {config} does not fit it")
+    n_parts = -(-G // per)
+    if (tuple(packed.shape) != words or packed.dtype != torch.int32 or not packed.is_contiguous()
+            or tuple(scale.shape) != (n,) or scale.dtype != torch.float32 or tuple(x.shape) != (1, G * GROUP)
+            or not x.dtype.is_floating_point or not x.is_contiguous() or tuple(y.shape) != (n_parts, n)
+            or (n_parts > 1 and y.dtype != torch.float32)):
+        raise ValueError(f"fp8 kernel: packed {tuple(packed.shape)} {packed.dtype}, scale {tuple(scale.shape)} "
+                         f"{scale.dtype}, x {tuple(x.shape)} {x.dtype}, y {tuple(y.shape)} {y.dtype} do not fit "
+                         f"config {config} (tiled={tiled})")
+    even = n % block_n == 0 and G % per == 0 and per % groups == 0
+    kernel[(triton.cdiv(n, block_n), n_parts)](
+        x, packed, scale, y, n, G * 16, G, per, BLOCK_N=block_n, GROUPS=groups, ASM=x.is_cuda, EVEN=even,
+        TILED=tiled, num_warps=warps)
+
+
+@torch.library.custom_op("livecc::fp8_gemv", mutates_args=())
+def _gemv_parts(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, block_n: int, groups: int, per: int,
+                warps: int, stages: int, tiled: bool) -> torch.Tensor:
+    """``launch`` as an operator torch.compile keeps whole: returns the parts' sums (parts, N) float32, or with one
+    part the product (1, N) in x's dtype."""
+    n_parts = parts((block_n, groups, per, warps, stages), x.shape[-1])
+    y = torch.empty(n_parts, scale.shape[0], dtype=x.dtype if n_parts == 1 else torch.float32, device=x.device)
+    launch(x, packed, scale, y, (block_n, groups, per, warps, stages), tiled)
+    return y
+
+
+@_gemv_parts.register_fake
+def _(x, packed, scale, block_n, groups, per, warps, stages, tiled):
+    n_parts = parts((block_n, groups, per, warps, stages), x.shape[-1])
+    return x.new_empty(n_parts, scale.shape[0], dtype=x.dtype if n_parts == 1 else torch.float32)
+
+
+def gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
+         config: tuple[int, int, int, int, int] = PLAIN_CONFIG, tiled: bool = False) -> torch.Tensor:
+    """One row times an FP8 matrix: x (1, K) bfloat16/float16/float32, packed (N, K/4) int32 (``int4.tile``'s
+    layout with ``tiled``), scale (N,) float32 -> y (1, N) in x's dtype, summed in float32 (the parts' sums added
+    in float32 when the config splits the input). ValueError as ``launch``."""
+    y = _gemv_parts(x.reshape(1, -1).contiguous(), packed, scale, *config, tiled)
+    return y if y.shape[0] == 1 else y.sum(0, keepdim=True).to(x.dtype)
+
+
+class Fp8Weight(LowBitWeight):
+    """A linear layer's (N, K) weight in FP8 E4M3 with a float32 scale per row (this module's layout), standing where
+    the weight tensor stood (``model.linear`` calls ``linear``: ``lowbit.LowBitWeight``). Buffers: ``packed`` int32,
+    (N, K/4) or, ``tiled``, ``int4.tile``'s (N/block, G/groups, block, groups·16); ``scale`` (N,) float32.
+
+    ``from_float(w)`` quantizes a float weight (K a multiple of 64, else ValueError) a block of rows at a time into
+    the final buffers; several rows dequantize a block of rows at a time (``lowbit.DEQUANT_WEIGHTS``)."""
+
+    def __init__(self, packed: torch.Tensor, scale: torch.Tensor, shape: tuple[int, int],
+                 config: tuple[int, int, int, int, int], tiled: bool):
+        super().__init__()
+        self.register_buffer("packed", packed)
+        self.register_buffer("scale", scale)
+        self.shape = torch.Size(shape)
+        self.config, self.tiled = config, tiled
+        self.block_n = config[0]
+
+    @classmethod
+    @torch.no_grad()
+    def from_float(cls, w: torch.Tensor, rows_at_once: int = 4096) -> "Fp8Weight":
+        """w (N, K) float (any dtype, on the device the result lives on) quantized ``rows_at_once`` rows at a time
+        (rounded to whole tiles) with ``quantize``, packed, tiled when ``choose`` says so. ValueError if K is not a
+        multiple of 64."""
+        n, k = w.shape
+        if k % GROUP:
+            raise ValueError(f"fp8 groups of {GROUP}: {k} inputs are not a multiple")
+        config, tiled = choose(n, k // GROUP)
+        block_n, groups = config[:2]
+        rows_at_once = max(block_n, rows_at_once // block_n * block_n)
+        G = k // GROUP
+        packed = torch.empty((n // block_n, G // groups, block_n, groups * 16) if tiled else (n, k // 4),
+                             dtype=torch.int32, device=w.device)
+        scale = torch.empty(n, dtype=torch.float32, device=w.device)
+        for i in range(0, n, rows_at_once):
+            codes, scale[i:i + rows_at_once] = quantize(w[i:i + rows_at_once])
+            words = pack(codes)
+            if tiled:
+                packed[i // block_n:(i + rows_at_once) // block_n] = tile(words, block_n, groups)
+            else:
+                packed[i:i + rows_at_once] = words
+        return cls(packed, scale, (n, k), config, tiled)
+
+    def dequantize(self, dtype: torch.dtype | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """The (N, K) weight, or its rows ``start``..``stop`` (whole tiles when tiled), in ``dtype`` (default
+        bfloat16)."""
+        stop = self.shape[0] if stop is None else stop
+        if self.tiled:
+            packed = untile(self.packed[start // self.block_n:-(-stop // self.block_n)])
+        else:
+            packed = self.packed[start:stop]
+        return dequantize(packed, self.scale[start:stop], dtype or torch.bfloat16)
+
+    def gemv(self, x: torch.Tensor) -> torch.Tensor:
+        """One row x (1, K) -> (1, N) through ``gemv`` (CUDA, compute capability 8.9 or newer)."""
+        return gemv(x, self.packed, self.scale, self.config, self.tiled)
+
+    def extra_repr(self) -> str:
+        return f"{self.shape[0]}, {self.shape[1]}, fp8 e4m3 a scale a row, config={self.config}, tiled={self.tiled}"
