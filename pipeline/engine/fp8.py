@@ -13,7 +13,7 @@ four bytes turned into floats by the hardware's paired conversion (``cvt.rn.f16x
 
 Layout (``pack``): codes (N, K) float8_e4m3fn; groups of ``GROUP`` = 64 columns; ``packed`` (N, K/4) int32: word j
 of a row belongs to group g = j // 16 and holds in its byte i (bits 8i..8i+7) the code of column 64·g + 16·i + j mod
-16, so the activations that meet byte i of a group's 16 words are 16 consecutive columns; ``int4.tile`` reorders
+16, so the activations that meet byte i of a group's 16 words are 16 consecutive columns; ``lowbit.tile`` reorders
 the words so that what a program reads in one iteration is contiguous. ``scale`` (N,) float32.
 
 The kernel is built on first use (``triton`` imported then); under ``TRITON_INTERPRET=1`` it runs on the CPU with a
@@ -26,8 +26,7 @@ import functools
 
 import torch
 
-from .int4 import tile, untile
-from .lowbit import LowBitWeight
+from .lowbit import LowBitWeight, quantize_in_blocks, tile, untile  # noqa: F401 - tile/untile: this layout's
 
 GROUP = 64  # columns a group of 16 words holds (4 bytes a word)
 E4M3_MAX = 448.0  # the largest float8_e4m3fn (OCP 8-bit floating point specification, 2023)
@@ -89,7 +88,7 @@ def _kernel():
         for g0 in tl.range(pk * PER, g_end, GROUPS):
             g = g0 + gi
             gm = g < g_end
-            if TILED:  # ``int4.tile``'s layout: this iteration's BLOCK_N x GROUPS x 16 words are one contiguous block
+            if TILED:  # ``lowbit.tile``'s layout: this iteration's BLOCK_N x GROUPS x 16 words are one contiguous block
                 blk = (pn * (G // GROUPS) + g0 // GROUPS) * (BLOCK_N * GROUPS * 16)
                 wp = w_ptr + blk + tl.arange(0, BLOCK_N)[:, None, None] * (GROUPS * 16) + gi[None, :, None] * 16 \
                     + jj[None, None, :]
@@ -167,7 +166,7 @@ def parts(config: tuple[int, int, int, int, int], k: int) -> int:
 
 def launch(x, packed, scale, y, config, tiled: bool = False) -> None:
     """The kernel alone: x (1, K) activations (float32, bfloat16 or float16: converted as loaded), packed (N, K/4)
-    int32 (or ``int4.tile``'s layout with ``tiled``), scale (N,) float32, y (parts, N) out: each part's scaled sums,
+    int32 (or ``lowbit.tile``'s layout with ``tiled``), scale (N,) float32, y (parts, N) out: each part's scaled sums,
     float32 (``parts(config, K)``; with one part, any float dtype: the product itself). ValueError for shapes,
     dtypes or a config that do not fit together."""
     triton, kernel = _kernel()
@@ -210,7 +209,7 @@ def _(x, packed, scale, block_n, groups, per, warps, stages, tiled):
 
 def gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
          config: tuple[int, int, int, int, int] = PLAIN_CONFIG, tiled: bool = False) -> torch.Tensor:
-    """One row times an FP8 matrix: x (1, K) bfloat16/float16/float32, packed (N, K/4) int32 (``int4.tile``'s
+    """One row times an FP8 matrix: x (1, K) bfloat16/float16/float32, packed (N, K/4) int32 (``lowbit.tile``'s
     layout with ``tiled``), scale (N,) float32 -> y (1, N) in x's dtype, summed in float32 (the parts' sums added
     in float32 when the config splits the input). ValueError as ``launch``."""
     y = _gemv_parts(x.reshape(1, -1).contiguous(), packed, scale, *config, tiled)
@@ -220,7 +219,7 @@ def gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
 class Fp8Weight(LowBitWeight):
     """A linear layer's (N, K) weight in FP8 E4M3 with a float32 scale per row (this module's layout), standing where
     the weight tensor stood (``model.linear`` calls ``linear``: ``lowbit.LowBitWeight``). Buffers: ``packed`` int32,
-    (N, K/4) or, ``tiled``, ``int4.tile``'s (N/block, G/groups, block, groups·16); ``scale`` (N,) float32.
+    (N, K/4) or, ``tiled``, ``lowbit.tile``'s (N/block, G/groups, block, groups·16); ``scale`` (N,) float32.
 
     ``from_float(w)`` quantizes a float weight (K a multiple of 64, else ValueError) a block of rows at a time into
     the final buffers; several rows dequantize a block of rows at a time (``lowbit.DEQUANT_WEIGHTS``)."""
@@ -244,30 +243,18 @@ class Fp8Weight(LowBitWeight):
         if k % GROUP:
             raise ValueError(f"fp8 groups of {GROUP}: {k} inputs are not a multiple")
         config, tiled = choose(n, k // GROUP)
-        block_n, groups = config[:2]
-        rows_at_once = max(block_n, rows_at_once // block_n * block_n)
-        G = k // GROUP
-        packed = torch.empty((n // block_n, G // groups, block_n, groups * 16) if tiled else (n, k // 4),
-                             dtype=torch.int32, device=w.device)
-        scale = torch.empty(n, dtype=torch.float32, device=w.device)
-        for i in range(0, n, rows_at_once):
-            codes, scale[i:i + rows_at_once] = quantize(w[i:i + rows_at_once])
-            words = pack(codes)
-            if tiled:
-                packed[i // block_n:(i + rows_at_once) // block_n] = tile(words, block_n, groups)
-            else:
-                packed[i:i + rows_at_once] = words
+
+        def block(rows):
+            codes, scale = quantize(rows)
+            return pack(codes), scale
+        packed, scale = quantize_in_blocks(w, config, tiled, k // 4, block, rows_at_once)
         return cls(packed, scale, (n, k), config, tiled)
 
     def dequantize(self, dtype: torch.dtype | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """The (N, K) weight, or its rows ``start``..``stop`` (whole tiles when tiled), in ``dtype`` (default
         bfloat16)."""
         stop = self.shape[0] if stop is None else stop
-        if self.tiled:
-            packed = untile(self.packed[start // self.block_n:-(-stop // self.block_n)])
-        else:
-            packed = self.packed[start:stop]
-        return dequantize(packed, self.scale[start:stop], dtype or torch.bfloat16)
+        return dequantize(self.packed_rows(start, stop), self.scale[start:stop], dtype or torch.bfloat16)
 
     def gemv(self, x: torch.Tensor) -> torch.Tensor:
         """One row x (1, K) -> (1, N) through ``gemv`` (CUDA, compute capability 8.9 or newer)."""

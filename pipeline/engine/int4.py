@@ -36,7 +36,7 @@ from __future__ import annotations
 import functools
 
 import torch
-from .lowbit import LowBitWeight
+from .lowbit import LowBitWeight, quantize_in_blocks, tile, untile  # noqa: F401 - tile/untile: this layout's
 
 GROUP = 128  # weights per scale and zero (torchao's, HQQ's and GemLite's default; LiveCC-7B's 3584 = 28 groups)
 
@@ -159,20 +159,6 @@ def _kernel():
     return triton, gemv
 
 
-def tile(packed: torch.Tensor, block_n: int, groups: int) -> torch.Tensor:
-    """``pack``'s (N, K/8) words reordered so that each block of ``block_n`` rows x ``groups`` groups (the words a
-    kernel program reads in one iteration) is contiguous: (N/block_n, G/groups, block_n, groups·16) int32.
-    RuntimeError (from ``view``) if block_n does not divide N or groups does not divide G = K/128."""
-    n, kw = packed.shape
-    return packed.view(n // block_n, block_n, kw // 16 // groups, groups * 16).transpose(1, 2).contiguous()
-
-
-def untile(tiled: torch.Tensor) -> torch.Tensor:
-    """``tile``'s inverse: (N/block_n, G/groups, block_n, groups·16) -> (N, K/8)."""
-    nb, gb, block_n, width = tiled.shape
-    return tiled.transpose(1, 2).reshape(nb * block_n, gb * width)
-
-
 # the kernel's configuration for a matrix of N rows and G groups: (rows a program, groups an iteration, groups a
 # program, warps, pipeline stages) and whether the words are tiled. TILED_CONFIG was the fastest of CONFIGS for
 # every one of LiveCC-7B's matrices (N a multiple of 64, G of 4) on an H200 (docs/performance.md, fourteenth
@@ -272,21 +258,11 @@ class Int4Weight(LowBitWeight):
         if k % GROUP:
             raise ValueError(f"int4 groups of {GROUP}: {k} inputs are not a multiple")
         config, tiled = choose(n, k // GROUP)
-        block_n, groups = config[:2]
-        rows_at_once = max(block_n, rows_at_once // block_n * block_n)  # whole tiles a block
-        G = k // GROUP
-        packed = torch.empty((n // block_n, G // groups, block_n, groups * 16) if tiled else (n, k // 8),
-                             dtype=torch.int32, device=w.device)
-        scale = torch.empty(n, G, dtype=torch.bfloat16, device=w.device)
-        zero = torch.empty_like(scale)
-        for i in range(0, n, rows_at_once):
-            codes, scale[i:i + rows_at_once], zero[i:i + rows_at_once] = quantize(w[i:i + rows_at_once])
-            words = pack(codes)
-            del codes
-            if tiled:
-                packed[i // block_n:(i + rows_at_once) // block_n] = tile(words, block_n, groups)
-            else:
-                packed[i:i + rows_at_once] = words
+
+        def block(rows):
+            codes, scale, zero = quantize(rows)
+            return pack(codes), scale.to(torch.bfloat16), zero.to(torch.bfloat16)
+        packed, scale, zero = quantize_in_blocks(w, config, tiled, k // 8, block, rows_at_once)
         return cls(packed, scale, zero, (n, k), config, tiled)
 
     def dequantize(self, dtype: torch.dtype | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
@@ -294,12 +270,8 @@ class Int4Weight(LowBitWeight):
         bfloat16). Plain integers, not a slice: dynamo cannot trace ``slice.indices`` (the compiled prefill fell
         back to eager over it on an H200, 140 ms a turn)."""
         stop = self.shape[0] if stop is None else stop
-        if self.tiled:
-            block_n = self.config[0]
-            packed = untile(self.packed[start // block_n:-(-stop // block_n)])
-        else:
-            packed = self.packed[start:stop]
-        return dequantize(packed, self.scale[start:stop], self.zero[start:stop], dtype or self.scale.dtype)
+        return dequantize(self.packed_rows(start, stop), self.scale[start:stop], self.zero[start:stop],
+                          dtype or self.scale.dtype)
 
     def gemv(self, x: torch.Tensor) -> torch.Tensor:
         """One row x (1, K) -> (1, N) through ``gemv`` (CUDA)."""

@@ -3,10 +3,15 @@ over it runs: up to ``GEMV_ROWS`` rows (a few streams' decode step) through the 
 row at a time; more rows (a prefill, a large batch) through ``F.linear`` over the weight dequantized to bfloat16 a
 block of rows at a time (cuBLAS), so a small card never holds a whole bfloat16 matrix besides its low-bit one.
 
-``model.linear`` calls ``LowBitWeight.linear`` for such a weight; the model code is otherwise the same in every mode.
+Both formats pack a row into int32 words in groups of 16 (one group: 128 int4 or 64 fp8 weights), which ``tile``
+reorders so that what a kernel program reads in one iteration is contiguous; ``quantize_in_blocks`` builds the
+buffers a block of rows at a time. ``model.linear`` calls ``LowBitWeight.linear`` for such a weight; the model code
+is otherwise the same in every mode.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -21,12 +26,58 @@ GEMV_ROWS = 4
 DEQUANT_WEIGHTS = 2**25
 
 
+def tile(packed: torch.Tensor, block_n: int, groups: int) -> torch.Tensor:
+    """(N, W) packed words, W a multiple of 16 (groups of 16 words), reordered so that each block of ``block_n``
+    rows x ``groups`` groups (the words a kernel program reads in one iteration) is contiguous: (N/block_n,
+    W/16/groups, block_n, groups·16) int32. RuntimeError (from ``view``) if block_n does not divide N or groups
+    does not divide W/16."""
+    n, kw = packed.shape
+    return packed.view(n // block_n, block_n, kw // 16 // groups, groups * 16).transpose(1, 2).contiguous()
+
+
+def untile(tiled: torch.Tensor) -> torch.Tensor:
+    """``tile``'s inverse: (N/block_n, G/groups, block_n, groups·16) -> (N, 16·G)."""
+    nb, gb, block_n, width = tiled.shape
+    return tiled.transpose(1, 2).reshape(nb * block_n, gb * width)
+
+
+def quantize_in_blocks(w: torch.Tensor, config: tuple, tiled: bool, words_a_row: int, quantize_block: Callable,
+                       rows_at_once: int = 4096) -> tuple[torch.Tensor, ...]:
+    """w (N, K) quantized ``rows_at_once`` rows (rounded to whole tiles of ``config[0]`` rows) at a time, so the
+    scratch stays at a block's: ``quantize_block(rows)`` -> (words (rows, words_a_row) int32, *per-row tensors);
+    the words go straight into the result, tiled with ``config``'s (rows, groups) when ``tiled``. Returns (packed,
+    *the per-row tensors of every block concatenated)."""
+    n = w.shape[0]
+    block_n, groups = config[:2]
+    step = max(block_n, rows_at_once // block_n * block_n)
+    packed = torch.empty((n // block_n, words_a_row // 16 // groups, block_n, groups * 16) if tiled
+                         else (n, words_a_row), dtype=torch.int32, device=w.device)
+    rest = []
+    for i in range(0, n, step):
+        words, *per_row = quantize_block(w[i:i + step])
+        if tiled:
+            packed[i // block_n:(i + step) // block_n] = tile(words, block_n, groups)
+        else:
+            packed[i:i + step] = words
+        rest.append(per_row)
+    return (packed, *(torch.cat(parts) for parts in zip(*rest)))
+
+
 class LowBitWeight(nn.Module):
     """An (N, K) weight in a low-bit format, standing where the weight tensor stood. Subclasses give ``shape`` (N, K),
     ``block_n`` (rows a block of ``dequantize`` is a multiple of: the layout's tile), ``gemv`` and ``dequantize``."""
 
     shape: torch.Size
     block_n: int
+    packed: torch.Tensor  # (N, W) int32 words, or ``tile``'s layout when ``tiled``
+    tiled: bool
+
+    def packed_rows(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """The words of rows ``start``..``stop`` (whole tiles when tiled), (rows, W) int32, untiled."""
+        stop = self.shape[0] if stop is None else stop
+        if self.tiled:
+            return untile(self.packed[start // self.block_n:-(-stop // self.block_n)])
+        return self.packed[start:stop]
 
     def gemv(self, x: torch.Tensor) -> torch.Tensor:
         """One row x (1, K) -> (1, N) in x's dtype, through the format's kernel (CUDA)."""
