@@ -341,7 +341,7 @@ def fp8_ways():
         packed = fp8.pack(codes)
         return (fp8.tile(packed, tiled[0], tiled[1]) if tiled else packed), scale
     ways = {"fp8 torchao, one-row reduction": (lambda w: (torchao_fp8(w),), lambda x, p: one(x, p[0]), 1.0)}
-    for c in fp8.CONFIGS:
+    for c in fp8.CONFIGS:  # a config whose rows a program do not divide a matrix's rows shows "failed" there
         name = f"{c[0]}x{c[1]}/{c[2] or 'all'},{c[3]}w"
         ways[f"fp8 {name} all"] = (lambda w, c=c: prepare(w, c[:2]), lambda x, p, c=c: fp8.gemv(x, *p, c, True), 1.0)
         ways[f"fp8 {name} tiled"] = (lambda w, c=c: prepare(w, c[:2]),
@@ -350,9 +350,10 @@ def fp8_ways():
 
 
 def _kernel_alone(x, p, c, tiled=False, kind=None):
-    """``int4.launch`` alone, its inputs (x in float32, its group sums, the parts' buffer) prepared on the first call
-    for these weights and kept, so that a CUDA graph of later calls times the kernel only. The first call returns the
-    product (1, N) for the error check, later ones the parts (parts, N)."""
+    """``int4.launch`` (or ``kind.launch``, ``kind`` the ``fp8`` module) alone, its inputs (x in float32 and its group
+    sums for int4, x as given for fp8, the parts' buffer) prepared on the first call for these weights and kept, so
+    that a CUDA graph of later calls times the kernel only. The first call returns the product (1, N) for the error
+    check, later ones the parts (parts, N)."""
     from pipeline.engine import int4
 
     key = (id(p[0]), c, tiled, tuple(p[0].shape), tuple(x.shape))

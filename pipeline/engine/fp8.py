@@ -34,9 +34,11 @@ E4M3_MAX = 448.0  # the largest float8_e4m3fn (OCP 8-bit floating point specific
 
 def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w (N, K) float -> codes (N, K) float8_e4m3fn and scale (N,) float32, w ≈ codes · scale[:, None]: per output
-    row, amax / 448 (a row of zeros gets a tiny scale, not 0: its codes are 0, never 0/0)."""
-    scale = (w.float().abs().amax(-1) / E4M3_MAX).clamp(min=1e-12)
-    return (w.float() / scale[:, None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
+    row, amax / 448 (a row of zeros gets a tiny scale, not 0: its codes are 0, never 0/0). Scratch: a float32 copy
+    of w. A row with a NaN or an infinity gets a NaN or infinite scale (``lowbit.quantize_in_blocks`` refuses it)."""
+    q = w.to(torch.float32, copy=True)  # a copy even of a float32 w: divided in place below
+    scale = (q.abs().amax(-1) / E4M3_MAX).clamp_(min=1e-12)
+    return q.div_(scale[:, None]).clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
 
 
 def pack(codes: torch.Tensor) -> torch.Tensor:
@@ -57,8 +59,9 @@ def unpack(packed: torch.Tensor) -> torch.Tensor:
 
 
 def dequantize(packed: torch.Tensor, scale: torch.Tensor, dtype=torch.bfloat16) -> torch.Tensor:
-    """(N, K) ``dtype`` weights codes · scale of a packed (N, K/4) matrix and its scale (N,) float32."""
-    return (unpack(packed).to(torch.float32) * scale[:, None]).to(dtype)
+    """(N, K) ``dtype`` weights codes · scale of a packed (N, K/4) matrix and its scale (N,) float32 (scratch
+    besides the result: the codes' copy out of the layout and one float32 copy, 5 bytes a weight)."""
+    return unpack(packed).to(torch.float32).mul_(scale[:, None]).to(dtype)
 
 
 # (rows a program, groups an iteration, groups a program, warps, pipeline stages) tried by
@@ -141,7 +144,7 @@ def _kernel():
 
 # the kernel's configuration for a matrix of N rows and G = K/64 groups (see ``int4.choose``): on an H200 the
 # fastest of CONFIGS, the kernel alone, were 128 rows x 1 group, 8 groups a program for the large matrices (gate|up
-# 35.8 µs = 3.8 TB/s, down 19.1 µs, the lm_head 136.3 µs) and 64 x 1, 4 groups a program for the small ones (q|k|v
+# 35.2 µs = 3.86 TB/s, down 18.8 µs, the lm_head 131.6 µs) and 64 x 1, 4 groups a program for the small ones (q|k|v
 # 6.9 µs, o 6.2: docs/performance.md, fifteenth session); shapes that do not tile take PLAIN_CONFIG
 LARGE_CONFIG = (128, 1, 8, 4, 1)
 SMALL_CONFIG = (64, 1, 4, 4, 1)

@@ -240,6 +240,8 @@ def load_model(name: str, device: str | None = None, dtype: str = "auto", attent
         smaller = "int4" if quantize != "int4" else None
         raise ModelLoadError(f"the model does not fit in {dev}'s memory with quantize={quantize}"
                              + (f"; try --quantize {smaller}" if smaller else "")) from None
+    except ValueError as e:  # a shape the format cannot hold, a weight with NaN or infinities (lowbit.py)
+        raise ModelLoadError(f"quantize={quantize}: {e}") from None
     gen = hf.generation_config
     stop = set(tokenizer.convert_tokens_to_ids(t) for t in STOP_TOKENS)
     eos = gen.eos_token_id

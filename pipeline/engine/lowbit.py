@@ -18,11 +18,13 @@ import torch.nn.functional as F
 from torch import nn
 
 # rows a product takes through the one-row kernel, one at a time, before the dequantized weight and cuBLAS pay off:
-# on an H200 a 7B decode step's products take 1.75 ms a row through the int4 kernel (scripts/profile_gemv.py --int4)
-# and ≈ 9 ms through a dequantized bfloat16 copy (3.5 GB read, 14 GB written, 14 GB read by cuBLAS at ≈ 3.5 TB/s)
+# on an H200 a 7B decode step's products take 1.75 ms a row through the int4 kernel and 2.0 through the fp8 one
+# (scripts/profile_gemv.py --int4 / --fp8), ≈ 8–9 ms through a dequantized bfloat16 copy (the low-bit weights read,
+# 14 GB written, 14 GB read by cuBLAS at ≈ 3.5 TB/s)
 GEMV_ROWS = 4
-# weights dequantized at once for several rows: a block of rows of about this many weights (64 MiB in bfloat16),
-# so an 8-GB card never holds a whole bfloat16 matrix (the lm_head: 1 GiB) besides its low-bit one
+# weights dequantized at once for several rows: a block of rows of about this many weights (64 MiB in bfloat16; the
+# scratch of dequantizing it: 1.5 bytes a weight for int4, 5 for fp8), so an 8-GB card never holds a whole bfloat16
+# matrix (the lm_head: 1 GiB) besides its low-bit one
 DEQUANT_WEIGHTS = 2**25
 
 
@@ -46,7 +48,8 @@ def quantize_in_blocks(w: torch.Tensor, config: tuple, tiled: bool, words_a_row:
     """w (N, K) quantized ``rows_at_once`` rows (rounded to whole tiles of ``config[0]`` rows) at a time, so the
     scratch stays at a block's: ``quantize_block(rows)`` -> (words (rows, words_a_row) int32, *per-row tensors);
     the words go straight into the result, tiled with ``config``'s (rows, groups) when ``tiled``. Returns (packed,
-    *the per-row tensors of every block concatenated)."""
+    *the per-row tensors of every block concatenated). ValueError if a per-row tensor (scales, zero points) is not
+    finite: the weight held a NaN or an infinity, which would make its rows' outputs NaN on every call."""
     n = w.shape[0]
     block_n, groups = config[:2]
     step = max(block_n, rows_at_once // block_n * block_n)
@@ -55,6 +58,9 @@ def quantize_in_blocks(w: torch.Tensor, config: tuple, tiled: bool, words_a_row:
     rest = []
     for i in range(0, n, step):
         words, *per_row = quantize_block(w[i:i + step])
+        if not all(bool(torch.isfinite(t).all()) for t in per_row):
+            raise ValueError(f"a ({n}, {w.shape[1]}) weight holds NaN or infinite values in rows "
+                             f"{i}..{min(i + step, n)}: the checkpoint is damaged")
         if tiled:
             packed[i // block_n:(i + step) // block_n] = tile(words, block_n, groups)
         else:

@@ -8,7 +8,7 @@ own formats (``int4.py``, ``fp8.py``).
           GemLite's int4 kernels were no faster than bfloat16 at one row); CUDA compute capability >= 8.0
           (Ampere and later), bfloat16 activations
     fp8   weight-only FP8 E4M3, one float32 scale per output row (``fp8.Fp8Weight``: the engine's own layout and
-          one-row Triton kernel, which reads the 1-byte weights at up to 3.6 TB/s on an H200 where torchao's
+          one-row Triton kernel, which reads the 1-byte weights at up to 3.9 TB/s on an H200 where torchao's
           ``_scaled_mm`` read ≈ 2.2 and inductor's reduction over its weights ≈ 2.8); CUDA compute capability
           >= 8.9 (Ada, Hopper and later: the kernel's paired E4M3 conversion), bfloat16 activations
 
@@ -150,8 +150,8 @@ def to_device(hf_model: nn.Module, device: torch.device, mode: str = "none") -> 
     overlap): on an H200 that cost ≈ 0.5–0.8 ms a token.
 
     Order, for the smallest peak on the device: the lm_head first, while the device is empty (quantizing a
-    152k x 3.6k matrix needs scratch besides it: torchao's padded copies and int32 codes; int4 a block of rows'
-    float32 copy and codes), then the layers
+    152k x 3.6k matrix needs scratch besides it: torchao's padded copies and int32 codes (int8); int4 and fp8 a
+    block of 4,096 rows' float32 copy and codes), then the layers
     one at a time (at most one bfloat16 layer besides the quantized ones), then the rest (vision tower,
     embeddings, norms) as it is."""
     if mode == "none":
