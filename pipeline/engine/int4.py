@@ -240,13 +240,9 @@ class Int4Weight(LowBitWeight):
 
     def __init__(self, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, shape: tuple[int, int],
                  config: tuple[int, int, int, int, int], tiled: bool):
-        super().__init__()
-        self.register_buffer("packed", packed)
+        super().__init__(packed, shape, config, tiled)
         self.register_buffer("scale", scale)
         self.register_buffer("zero", zero)
-        self.shape = torch.Size(shape)
-        self.config, self.tiled = config, tiled
-        self.block_n = config[0]
 
     @classmethod
     @torch.no_grad()

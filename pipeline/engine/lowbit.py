@@ -73,10 +73,15 @@ class LowBitWeight(nn.Module):
     """An (N, K) weight in a low-bit format, standing where the weight tensor stood. Subclasses give ``shape`` (N, K),
     ``block_n`` (rows a block of ``dequantize`` is a multiple of: the layout's tile), ``gemv`` and ``dequantize``."""
 
-    shape: torch.Size
-    block_n: int
-    packed: torch.Tensor  # (N, W) int32 words, or ``tile``'s layout when ``tiled``
-    tiled: bool
+    def __init__(self, packed: torch.Tensor, shape: tuple[int, int], config: tuple[int, int, int, int, int],
+                 tiled: bool):
+        """``packed``: (N, W) int32 words, or ``tile``'s layout when ``tiled``; ``shape`` (N, K); ``config``: the
+        format's kernel configuration (rows a program, groups an iteration, groups a program, warps, stages)."""
+        super().__init__()
+        self.register_buffer("packed", packed)
+        self.shape = torch.Size(shape)
+        self.config, self.tiled = config, tiled
+        self.block_n = config[0]
 
     def packed_rows(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """The words of rows ``start``..``stop`` (whole tiles when tiled), (rows, W) int32, untiled."""
