@@ -8,9 +8,9 @@ own formats (``int4.py``, ``fp8.py``).
           GemLite's int4 kernels were no faster than bfloat16 at one row); CUDA compute capability >= 8.0
           (Ampere and later), bfloat16 activations
     fp8   weight-only FP8 E4M3, one float32 scale per output row (``fp8.Fp8Weight``: the engine's own layout and
-          one-row Triton kernel, which reads the 1-byte weights at up to 3.9 TB/s on an H200 where torchao's
-          ``_scaled_mm`` read ≈ 2.2 and inductor's reduction over its weights ≈ 2.8); CUDA compute capability
-          >= 8.9 (Ada, Hopper and later: the kernel's paired E4M3 conversion), bfloat16 activations
+          one-row Triton kernel, which reads the large matrices' 1-byte weights at 3.6–4.1 TB/s on an H200 where
+          torchao's ``_scaled_mm`` read ≈ 2.2 and inductor's reduction over its weights ≈ 2.8); CUDA compute
+          capability >= 8.9 (Ada, Hopper and later: the kernel's paired E4M3 conversion), bfloat16 activations
 
 int4 and fp8 take several rows (a prefill, many streams' decode step) through their weight dequantized to bfloat16
 a block of rows at a time and cuBLAS (``lowbit.LowBitWeight.linear``). One row's int8 product in the compiled
