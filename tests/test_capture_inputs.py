@@ -296,6 +296,10 @@ def test_livecc_run_started_before_the_encoder(nginx_rtmp, stream_key, tmp_path)
         health = json.loads(body)
         assert code == 503 and health["source"]["state"] == "waiting_for_source", health
         assert "nothing published yet" in health["source"]["reason"]
+        # the source is tried while the model loads, so "waiting_for_source" can come before "loaded ..." is logged
+        # (a CI run read the log in between): wait for it, then check the order
+        servers.wait_until(lambda: any(m.startswith("loaded ") for m in _messages(log_path))
+                           or proc.poll() is not None, 60, "the model loaded")
         msgs = _messages(log_path)
         opening = next(i for i, m in enumerate(msgs) if m.startswith("opening rtmp://"))
         loaded = next(i for i, m in enumerate(msgs) if m.startswith("loaded "))
