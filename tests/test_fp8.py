@@ -14,17 +14,12 @@ import random
 import pytest
 import torch
 
-from interpret import interpreted as run_interpreted
+from interpret import interpreted
 from pipeline.engine import fp8, lowbit
 from pipeline.engine.fp8 import Fp8Weight
 from pipeline.engine.lowbit import LowBitLinear
 
 pytestmark = pytest.mark.timeout(600)
-
-
-def interpreted(check: str, *args) -> None:
-    """Run this file's function ``check(*args)`` in a fresh Python under Triton's CPU interpreter."""
-    run_interpreted(__file__, check, *args)
 
 
 def test_layout_round_trips_and_quantization_error():
@@ -151,7 +146,7 @@ def _kernel_matches(n: int, k: int, tiled: bool, dtype: str) -> None:
                                              (64, 384, True, "float32")])  # tiled, 6 groups: a short last part
 def test_one_row_kernel_equals_the_dequantized_product(n, k, tiled, dtype):
     pytest.importorskip("triton")
-    interpreted("_kernel_matches", n, k, tiled, dtype)
+    interpreted(__file__, "_kernel_matches", n, k, tiled, dtype)
 
 
 def test_fp8_weights_through_the_engine_on_cpu():

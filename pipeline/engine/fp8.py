@@ -28,7 +28,7 @@ import functools
 
 import torch
 
-from .lowbit import LowBitWeight, quantize_in_blocks, tile, untile  # noqa: F401 - tile/untile: this layout's
+from .lowbit import LowBitWeight, tile, untile  # noqa: F401 - tile/untile: this layout's
 
 GROUP = 64  # columns a group of 16 words holds (4 bytes a word)
 E4M3_MAX = 448.0  # the largest float8_e4m3fn (OCP 8-bit floating point specification, 2023)
@@ -37,7 +37,7 @@ E4M3_MAX = 448.0  # the largest float8_e4m3fn (OCP 8-bit floating point specific
 def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w (N, K) float -> codes (N, K) float8_e4m3fn and scale (N,) float32, w ≈ codes · scale[:, None]: per output
     row, amax / 448 (a row of zeros gets a tiny scale, not 0: its codes are 0, never 0/0). Scratch: a float32 copy
-    of w. A row with a NaN or an infinity gets a NaN or infinite scale (``lowbit.quantize_in_blocks`` refuses it)."""
+    of w. A row with a NaN or an infinity gets a NaN or infinite scale (``LowBitWeight.from_float`` refuses it)."""
     q = w.to(torch.float32, copy=True)  # a copy even of a float32 w: divided in place below
     scale = (q.abs().amax(-1) / E4M3_MAX).clamp_(min=1e-12)
     return q.div_(scale[:, None]).clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
@@ -229,27 +229,23 @@ class Fp8Weight(LowBitWeight):
     ``from_float(w)`` quantizes a float weight (K a multiple of 64, else ValueError) a block of rows at a time into
     the final buffers; several rows dequantize a block of rows at a time (``lowbit.DEQUANT_WEIGHTS``)."""
 
+    FORMAT, GROUP = "fp8", GROUP
+
     def __init__(self, packed: torch.Tensor, scale: torch.Tensor, shape: tuple[int, int],
                  config: tuple[int, int, int, int, int], tiled: bool):
         super().__init__(packed, shape, config, tiled)
         self.register_buffer("scale", scale)
 
-    @classmethod
-    @torch.no_grad()
-    def from_float(cls, w: torch.Tensor, rows_at_once: int = 4096) -> "Fp8Weight":
-        """w (N, K) float (any dtype, on the device the result lives on) quantized ``rows_at_once`` rows at a time
-        (rounded to whole tiles) with ``quantize``, packed, tiled when ``choose`` says so. ValueError if K is not a
-        multiple of 64."""
-        n, k = w.shape
-        if k % GROUP:
-            raise ValueError(f"fp8 groups of {GROUP}: {k} inputs are not a multiple")
-        config, tiled = choose(n, k // GROUP)
+    @staticmethod
+    def choose_layout(n: int, groups: int) -> tuple[tuple[int, int, int, int, int], bool]:
+        """``choose``."""
+        return choose(n, groups)
 
-        def block(rows):
-            codes, scale = quantize(rows)
-            return pack(codes), scale
-        packed, scale = quantize_in_blocks(w, config, tiled, k // 4, block, rows_at_once)
-        return cls(packed, scale, (n, k), config, tiled)
+    @staticmethod
+    def quantize_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """rows (r, K) float -> (``pack``'s words (r, K/4) int32, scale (r,) float32), by ``quantize``."""
+        codes, scale = quantize(rows)
+        return pack(codes), scale
 
     def dequantize(self, dtype: torch.dtype | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """The (N, K) weight, or its rows ``start``..``stop`` (whole tiles when tiled), in ``dtype`` (default

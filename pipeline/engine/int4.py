@@ -36,7 +36,7 @@ from __future__ import annotations
 import functools
 
 import torch
-from .lowbit import LowBitWeight, quantize_in_blocks, tile, untile  # noqa: F401 - tile/untile: this layout's
+from .lowbit import LowBitWeight, tile, untile  # noqa: F401 - tile/untile: this layout's
 
 GROUP = 128  # weights per scale and zero (torchao's, HQQ's and GemLite's default; LiveCC-7B's 3584 = 28 groups)
 
@@ -238,28 +238,25 @@ class Int4Weight(LowBitWeight):
     the final buffers, so the scratch stays at a block's (≈ 10 bytes a weight of 4,096 rows) next to an 8-GB card's
     weights; several rows dequantize a block of rows at a time too (``lowbit.DEQUANT_WEIGHTS``)."""
 
+    FORMAT, GROUP = "int4", GROUP
+
     def __init__(self, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, shape: tuple[int, int],
                  config: tuple[int, int, int, int, int], tiled: bool):
         super().__init__(packed, shape, config, tiled)
         self.register_buffer("scale", scale)
         self.register_buffer("zero", zero)
 
-    @classmethod
-    @torch.no_grad()
-    def from_float(cls, w: torch.Tensor, rows_at_once: int = 4096) -> "Int4Weight":
-        """w (N, K) float (any dtype, on the device the result lives on) quantized ``rows_at_once`` rows at a time
-        (rounded to whole tiles) with ``quantize``, packed, tiled when ``choose`` says so. ValueError if K is not a
-        multiple of 128."""
-        n, k = w.shape
-        if k % GROUP:
-            raise ValueError(f"int4 groups of {GROUP}: {k} inputs are not a multiple")
-        config, tiled = choose(n, k // GROUP)
+    @staticmethod
+    def choose_layout(n: int, groups: int) -> tuple[tuple[int, int, int, int, int], bool]:
+        """``choose``."""
+        return choose(n, groups)
 
-        def block(rows):
-            codes, scale, zero = quantize(rows)
-            return pack(codes), scale.to(torch.bfloat16), zero.to(torch.bfloat16)
-        packed, scale, zero = quantize_in_blocks(w, config, tiled, k // 8, block, rows_at_once)
-        return cls(packed, scale, zero, (n, k), config, tiled)
+    @staticmethod
+    def quantize_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """rows (r, K) float -> (``pack``'s words (r, K/8) int32, scale and zero (r, K/128) bfloat16), by
+        ``quantize``."""
+        codes, scale, zero = quantize(rows)
+        return pack(codes), scale.to(torch.bfloat16), zero.to(torch.bfloat16)
 
     def dequantize(self, dtype: torch.dtype | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """The (N, K) weight, or its rows ``start``..``stop`` (whole tiles when tiled), in ``dtype`` (default

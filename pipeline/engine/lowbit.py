@@ -4,14 +4,12 @@ row at a time; more rows (a prefill, a large batch) through ``F.linear`` over th
 block of rows at a time (cuBLAS), so a small card never holds a whole bfloat16 matrix besides its low-bit one.
 
 Both formats pack a row into int32 words in groups of 16 (one group: 128 int4 or 64 fp8 weights), which ``tile``
-reorders so that what a kernel program reads in one iteration is contiguous; ``quantize_in_blocks`` builds the
-buffers a block of rows at a time. ``model.linear`` calls ``LowBitWeight.linear`` for such a weight; the model code
+reorders so that what a kernel program reads in one iteration is contiguous; ``LowBitWeight.from_float`` builds
+the buffers a block of rows at a time. ``model.linear`` calls ``LowBitWeight.linear`` for such a weight; the model code
 is otherwise the same in every mode.
 """
 
 from __future__ import annotations
-
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -43,35 +41,54 @@ def untile(tiled: torch.Tensor) -> torch.Tensor:
     return tiled.transpose(1, 2).reshape(nb * block_n, gb * width)
 
 
-def quantize_in_blocks(w: torch.Tensor, config: tuple, tiled: bool, words_a_row: int, quantize_block: Callable,
-                       rows_at_once: int = 4096) -> tuple[torch.Tensor, ...]:
-    """w (N, K) quantized ``rows_at_once`` rows (rounded to whole tiles of ``config[0]`` rows) at a time, so the
-    scratch stays at a block's: ``quantize_block(rows)`` -> (words (rows, words_a_row) int32, *per-row tensors);
-    the words go straight into the result, tiled with ``config``'s (rows, groups) when ``tiled``. Returns (packed,
-    *the per-row tensors of every block concatenated). ValueError if a per-row tensor (scales, zero points) is not
-    finite: the weight held a NaN or an infinity, which would make its rows' outputs NaN on every call."""
-    n = w.shape[0]
-    block_n, groups = config[:2]
-    step = max(block_n, rows_at_once // block_n * block_n)
-    packed = torch.empty((n // block_n, words_a_row // 16 // groups, block_n, groups * 16) if tiled
-                         else (n, words_a_row), dtype=torch.int32, device=w.device)
-    rest = []
-    for i in range(0, n, step):
-        words, *per_row = quantize_block(w[i:i + step])
-        if not all(bool(torch.isfinite(t).all()) for t in per_row):
-            raise ValueError(f"a ({n}, {w.shape[1]}) weight holds NaN or infinite values in rows "
-                             f"{i}..{min(i + step, n)}: the checkpoint is damaged")
-        if tiled:
-            packed[i // block_n:(i + step) // block_n] = tile(words, block_n, groups)
-        else:
-            packed[i:i + step] = words
-        rest.append(per_row)
-    return (packed, *(torch.cat(parts) for parts in zip(*rest)))
-
-
 class LowBitWeight(nn.Module):
-    """An (N, K) weight in a low-bit format, standing where the weight tensor stood. Subclasses give ``shape`` (N, K),
-    ``block_n`` (rows a block of ``dequantize`` is a multiple of: the layout's tile), ``gemv`` and ``dequantize``."""
+    """An (N, K) weight in a low-bit format, standing where the weight tensor stood. A format (a subclass) gives
+    ``FORMAT`` (its name), ``GROUP`` (columns a group of 16 words holds), ``choose_layout`` and ``quantize_rows``
+    (for ``from_float``), ``gemv`` and ``dequantize``; its constructor takes (packed, *per-row tensors, shape,
+    config, tiled)."""
+
+    FORMAT: str
+    GROUP: int
+
+    @staticmethod
+    def choose_layout(n: int, groups: int) -> tuple[tuple[int, int, int, int, int], bool]:
+        """(kernel config, tiled) for an (n, GROUP·groups) matrix."""
+        raise NotImplementedError
+
+    @staticmethod
+    def quantize_rows(rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """rows (r, K) float -> (words (r, 16·K/GROUP) int32 in the format's layout, *per-row tensors)."""
+        raise NotImplementedError
+
+    @classmethod
+    @torch.no_grad()
+    def from_float(cls, w: torch.Tensor, rows_at_once: int = 4096) -> "LowBitWeight":
+        """w (N, K) float (any dtype, on the device the result lives on) quantized ``rows_at_once`` rows (rounded to
+        whole tiles) at a time with ``quantize_rows``, so the scratch stays at a block's; the words go straight into
+        the final buffer, tiled when ``choose_layout`` says so. ValueError if K is not a multiple of ``GROUP``, or
+        if a per-row tensor (scales, zero points) is not finite: the weight held a NaN or an infinity, which would
+        make its rows' outputs NaN on every call."""
+        n, k = w.shape
+        if k % cls.GROUP:
+            raise ValueError(f"{cls.FORMAT} groups of {cls.GROUP}: {k} inputs are not a multiple")
+        config, tiled = cls.choose_layout(n, k // cls.GROUP)
+        block_n, groups = config[:2]
+        step = max(block_n, rows_at_once // block_n * block_n)
+        words_a_row = 16 * (k // cls.GROUP)
+        packed = torch.empty((n // block_n, words_a_row // 16 // groups, block_n, groups * 16) if tiled
+                             else (n, words_a_row), dtype=torch.int32, device=w.device)
+        rest = []
+        for i in range(0, n, step):
+            words, *per_row = cls.quantize_rows(w[i:i + step])
+            if not all(bool(torch.isfinite(t).all()) for t in per_row):
+                raise ValueError(f"a ({n}, {k}) weight holds NaN or infinite values in rows {i}..{min(i + step, n)}: "
+                                 "the checkpoint is damaged")
+            if tiled:
+                packed[i // block_n:(i + step) // block_n] = tile(words, block_n, groups)
+            else:
+                packed[i:i + step] = words
+            rest.append(per_row)
+        return cls(packed, *(torch.cat(parts) for parts in zip(*rest)), (n, k), config, tiled)
 
     def __init__(self, packed: torch.Tensor, shape: tuple[int, int], config: tuple[int, int, int, int, int],
                  tiled: bool):
