@@ -12,6 +12,7 @@ from torch.profiler's CUDA activity; the events are read after the run, so parsi
 
     python3 scripts/bench_streams.py --tokenizer .bench/tokenizer --streams 1 8 16 32 48
     python3 scripts/bench_streams.py --tokenizer .bench/tokenizer --processes 6   # N one-stream processes
+    python3 scripts/bench_streams.py --tokenizer .bench/tokenizer --quantize fp8 --streams 8 32 --batch-kernel off on
     python3 scripts/bench_streams.py --shape tiny --device cpu --streams 1 2 --warmup 3 --seconds 5
 """
 
@@ -39,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_gpu import loaded, pct, set_past_split, synthetic_clips  # noqa: E402
 
 from pipeline.engine import EngineConfig, StreamingSession, make_core  # noqa: E402
+from pipeline.engine import fp8, int4  # noqa: E402
 from pipeline.engine import runner as runner_mod  # noqa: E402
 from pipeline.engine.context import stagger_fraction  # noqa: E402
 
@@ -124,11 +126,13 @@ def busy_share(prof, seconds: float) -> float:
 def run(model, n: int, warmup: float, seconds: float, slots: int | None, pool: list, prefill_batch: int = 0,
         steps_per_prefill: int = 0, prefill_compiled: str = "on", max_context: int = 32768,
         overlap: str = "on", prefill_graphs: str = "on", decode_attention: str = "split-kv",
-        busy: float = 0.0, sample: bool = False, stagger: float = 0.0, past_split: int = runner_mod.PAST_SPLIT) -> dict:
+        busy: float = 0.0, sample: bool = False, stagger: float = 0.0, past_split: int = runner_mod.PAST_SPLIT,
+        batch_kernel: str = "off") -> dict:
     cfg = EngineConfig(greedy=not sample, max_context=max_context)
     t_start = time.perf_counter()
     runner_mod.SPLIT_KV_DECODE = decode_attention == "split-kv"  # read when the core's runner is built
     set_past_split(past_split)
+    fp8.BATCH_KERNEL = int4.BATCH_KERNEL = batch_kernel == "on"  # read when the decode steps are compiled, captured
     core = make_core(model, cfg, slots=slots or n)
     start_s = time.perf_counter() - t_start  # incl. compiling and capturing every decode batch size
     if prefill_compiled == "off":
@@ -196,6 +200,7 @@ def run(model, n: int, warmup: float, seconds: float, slots: int | None, pool: l
             "steps_per_prefill": core.decode_steps_per_prefill, "prefill_compiled": prefill_compiled,
             "overlap": overlap, "prefill_graphs": prefill_graphs, "decode_attention": decode_attention,
             "past_split": past_split,
+            "batch_kernel": batch_kernel,
             "max_context": max_context, "sampling": "sample" if sample else "greedy", "rollover_stagger": stagger,
             "start_s": round(start_s, 1),
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if model.device.type == "cuda" else None,
@@ -247,7 +252,7 @@ def probe(model, counts: list[int], contexts: list[int], pool) -> str:
 
 def table(rows: list[dict], title: str) -> str:
     cols = ["streams", "sampling", "max_context", "rollover_stagger", "prefill_batch", "steps_per_prefill", "prefill_compiled", "overlap", "prefill_graphs",
-            "decode_attention", "past_split", "start_s", "turns", "due", "dropped", "p50_ms", "p99_ms", "max_ms", "tokens_per_s", "vision_p50_ms",
+            "decode_attention", "past_split", "batch_kernel", "start_s", "turns", "due", "dropped", "p50_ms", "p99_ms", "max_ms", "tokens_per_s", "vision_p50_ms",
             "prefill_p50_ms", "decode_p50_ms", "peak_gib", "context_end", "rollovers"]
     cols += ["gpu_busy_pct"] if any("gpu_busy_pct" in r for r in rows) else []
     out = [f"### {title}", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -290,6 +295,10 @@ def main(argv=None) -> int:
     ap.add_argument("--past-split", type=int, nargs="+", default=[runner_mod.PAST_SPLIT],
                     help="the prefill's cuDNN attention over a row's past in this many parts (runner.PAST_SPLIT; 1: "
                          "one part in 2048-key blocks, the default; 3: in 3072-key blocks); each value is a run")
+    ap.add_argument("--batch-kernel", nargs="+", default=["off"], choices=["on", "off"],
+                    help="with --quantize int4/fp8: 2..64 streams' decode step through the format's several-rows "
+                         "kernel (on) or its one-row kernel a row at a time up to 4 rows, the dequantized weight "
+                         "beyond (off, the engine's default: int4/fp8.BATCH_KERNEL); each value is a run")
     ap.add_argument("--sample", action="store_true",
                     help="sample as a stream does by default (the checkpoint's generation_config: temperature, top-k, "
                          "top-p; unseeded) instead of greedy (tokens_per_s shows any turn that ended before 16 tokens)")
@@ -313,13 +322,13 @@ def main(argv=None) -> int:
     if a.probe:
         print(probe(model, a.streams, a.probe, pool), flush=True)
     rows = []
-    for n, pb, k, pc, mc, ov, pg, da, sg, ps in itertools.product(
+    for n, pb, k, pc, mc, ov, pg, da, sg, ps, bk in itertools.product(
             a.streams, a.prefill_batch, a.steps_per_prefill, a.prefill_compiled, a.max_context, a.overlap,
-            a.prefill_graphs, a.decode_attention, a.stagger, a.past_split):
+            a.prefill_graphs, a.decode_attention, a.stagger, a.past_split, a.batch_kernel):
         print(f"# {n} streams: starting (compiling every batch size, then {a.warmup:g} s of warm-up and "
               f"{a.seconds:g} s measured)", file=sys.stderr, flush=True)
         rows.append(run(model, n, a.warmup, a.seconds, a.slots, pool, pb, k, pc, mc, ov, pg, da, a.busy, a.sample, sg,
-                        ps))
+                        ps, bk))
         print(json.dumps(rows[-1]), flush=True)
         gc.collect()
         if dev.type == "cuda":

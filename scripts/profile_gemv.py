@@ -29,7 +29,9 @@ weight-only), the int4 kernel the one-row step lacks (a candidate for ``engine.q
     python3 scripts/profile_gemv.py --rows 1 8 --fbgemm      # needs fbgemm-gpu-genai built for this torch and CUDA
     python3 scripts/profile_gemv.py --rows 1 8 386 --gemlite  # needs gemlite (pure Python + Triton)
     python3 scripts/profile_gemv.py --rows 1 --int4           # the engine's own int4 kernel (pipeline/engine/int4.py)
+    python3 scripts/profile_gemv.py --rows 2 4 8 16 32 64 --int4  # its several-rows kernel (the engine's config)
     python3 scripts/profile_gemv.py --rows 1 --fp8            # the engine's own fp8 kernel (pipeline/engine/fp8.py)
+    python3 scripts/profile_gemv.py --rows 2 4 8 16 32 64 --fp8   # its several-rows kernel (the engine's two configs)
 """
 
 from __future__ import annotations
@@ -304,11 +306,13 @@ def torchao_fp8(w: torch.Tensor) -> torch.Tensor:
     return lin.weight
 
 
-def int4_ways():
-    """The ``--int4`` ways: the engine's own one-row int4 kernel (``pipeline.engine.int4``: no integer-to-float
-    conversions) in each of its configurations (rows a program, groups an iteration, groups a program, warps,
-    stages): "all" = the call as the engine makes it (activations to float32, their group sums, the kernel, the
-    parts' sums), "kernel" = the kernel alone, "tiled" = the kernel alone over ``tile``'s layout."""
+def int4_ways(configs=None):
+    """The ``--int4`` ways: the engine's own int4 kernels (``pipeline.engine.int4``: no integer-to-float
+    conversions; one row: the one-row kernel, several: the several-rows kernel) in each of ``configs`` (default
+    ``int4.CONFIGS``; rows a program, groups an iteration, groups a program, warps, stages): "all" = the call as
+    the engine makes it (activations to float32 for one row, their group sums, the kernel, the parts' sums),
+    "kernel" = the kernel alone, "tiled" = the kernel alone over ``tile``'s layout; and several rows as the engine
+    runs them without the several-rows kernel."""
     from pipeline.engine import int4
 
     def prepare(w, tiled=None):
@@ -317,8 +321,11 @@ def int4_ways():
         if tiled:
             packed = int4.tile(packed, tiled[0], tiled[1])
         return packed, scale.to(torch.bfloat16), zero.to(torch.bfloat16)
-    ways = {}
-    for c in int4.CONFIGS:
+    engine = lambda w: (int4.Int4Weight.from_float(w),)  # noqa: E731 - the engine's config and tiling
+    ways = {"int4 a row at a time": (engine, lambda x, p: torch.cat([p[0].gemv(x[r:r + 1]) for r in range(len(x))]),
+                                     0.5),
+            "int4 dequantized + cuBLAS": (engine, lambda x, p: F.linear(x, p[0].dequantize()), 4.5)}
+    for c in configs or int4.CONFIGS:
         name = f"{c[0]}x{c[1]}/{c[2]},{c[3]}w{',' + str(c[4]) + 's' if c[4] > 1 else ''}"
         ways[f"int4 {name} all"] = (prepare, lambda x, p, c=c: int4.gemv(x, *p, c), 0.5)
         ways[f"int4 {name} kernel"] = (prepare, lambda x, p, c=c: _kernel_alone(x, p, c), 0.5)
@@ -327,10 +334,11 @@ def int4_ways():
     return "pipeline.engine.int4", ways
 
 
-def fp8_ways():
-    """The ``--fp8`` ways: the engine's own one-row FP8 kernel (``pipeline.engine.fp8``: the hardware's paired
-    E4M3 conversion, the int4 kernel's tiling) in each configuration, "all" = the call as the engine makes it
-    (activations to float32, the kernel, the parts' sums), "tiled" = the kernel alone over the tiled layout; and
+def fp8_ways(configs=None):
+    """The ``--fp8`` ways: the engine's own FP8 kernels (``pipeline.engine.fp8``: the hardware's paired E4M3
+    conversion, the int4 kernel's tiling; one row: the one-row kernel, several: the several-rows kernel) in each
+    of ``configs`` (default ``fp8.CONFIGS``), "all" = the call as the engine makes it (the kernel, the parts' sums),
+    "tiled" = the kernel alone over the tiled layout; several rows as the engine runs them without that kernel; and
     torchao's FP8 weights through the engine's former one-row reduction (``model.linear``, compiled) for reference."""
     from pipeline.engine import fp8
 
@@ -341,7 +349,13 @@ def fp8_ways():
         packed = fp8.pack(codes)
         return (fp8.tile(packed, tiled[0], tiled[1]) if tiled else packed), scale
     ways = {"fp8 torchao, one-row reduction": (lambda w: (torchao_fp8(w),), lambda x, p: one(x, p[0]), 1.0)}
-    for c in fp8.CONFIGS:  # a config whose rows a program do not divide a matrix's rows shows "failed" there
+    # several rows as the engine runs them without the several-rows kernel: the one-row kernel a row at a time (up to
+    # lowbit.GEMV_ROWS), or the weight dequantized to bfloat16 and cuBLAS (bytes: the 1-byte weights read, 2 written,
+    # 2 read)
+    engine = lambda w: (fp8.Fp8Weight.from_float(w),)  # noqa: E731 - the engine's config and tiling
+    ways["fp8 a row at a time"] = (engine, lambda x, p: torch.cat([p[0].gemv(x[r:r + 1]) for r in range(len(x))]), 1.0)
+    ways["fp8 dequantized + cuBLAS"] = (engine, lambda x, p: F.linear(x, p[0].dequantize()), 5.0)
+    for c in configs or fp8.CONFIGS:  # a config whose rows a program do not divide a matrix's rows shows "failed" there
         name = f"{c[0]}x{c[1]}/{c[2] or 'all'},{c[3]}w"
         ways[f"fp8 {name} all"] = (lambda w, c=c: prepare(w, c[:2]), lambda x, p, c=c: fp8.gemv(x, *p, c, True), 1.0)
         ways[f"fp8 {name} tiled"] = (lambda w, c=c: prepare(w, c[:2]),
@@ -350,25 +364,26 @@ def fp8_ways():
 
 
 def _kernel_alone(x, p, c, tiled=False, kind=None):
-    """``int4.launch`` (or ``kind.launch``, ``kind`` the ``fp8`` module) alone, its inputs (x in float32 and its group
-    sums for int4, x as given for fp8, the parts' buffer) prepared on the first call for these weights and kept, so
-    that a CUDA graph of later calls times the kernel only. The first call returns the product (1, N) for the error
-    check, later ones the parts (parts, N)."""
+    """``int4.launch`` (or ``kind.launch``, ``kind`` the ``fp8`` module) alone, its inputs (for int4 x in float32 for
+    one row, as given for several, and its groups' sums; x as given for fp8; the parts' buffer) prepared on the first
+    call for these weights and kept, so that a CUDA graph of later calls times the kernel only. The first call
+    returns the product (M, N) for the error check, later ones the parts (parts, M, N)."""
     from pipeline.engine import int4
 
     key = (id(p[0]), c, tiled, tuple(p[0].shape), tuple(x.shape))
     first = key not in _ALONE
     if first and kind is not None:  # fp8: (packed, scale (N,)); the activations in bfloat16, as the engine passes them
-        _ALONE[key] = (x, None, torch.empty(kind.parts(c, x.shape[-1]), p[1].shape[0], device=x.device))
-    elif first:
-        xf, G = x.float(), p[1].shape[1]
-        _ALONE[key] = (xf, xf.view(G, 128).sum(-1), torch.empty(-(-G // c[2]), p[1].shape[0], device=x.device))
+        _ALONE[key] = (x, None, torch.empty(kind.parts(c, x.shape[-1]), len(x), p[1].shape[0], device=x.device))
+    elif first:  # int4: one row in float32, several in x's dtype (the kernels' inputs), the groups' sums (M, G)
+        xf, G = (x.float() if len(x) == 1 else x), p[1].shape[1]
+        _ALONE[key] = (xf, xf.float().view(len(x), G, 128).sum(-1),
+                       torch.empty(-(-G // c[2]), len(x), p[1].shape[0], device=x.device))
     xf, xs, y = _ALONE[key]
     if kind is not None:
         kind.launch(xf, *p, y, c, tiled)
     else:
         int4.launch(xf, xs, *p, y, c, tiled)
-    return y.sum(0, keepdim=True) if first else y
+    return y.sum(0) if first else y
 
 
 _ALONE: dict = {}
@@ -429,8 +444,12 @@ def main() -> int:
     ap.add_argument("--fp8", action="store_true", help="instead: the engine's own fp8 kernel's configs vs bf16")
     args = ap.parse_args()
     if args.fbgemm or args.gemlite or args.int4 or args.fp8:
+        from pipeline.engine import fp8, int4
+
+        one = args.rows == [1]  # several rows: the several-rows kernel in the engine's configs only
         library_rows(args, *(fbgemm_ways() if args.fbgemm else gemlite_ways() if args.gemlite
-                             else fp8_ways() if args.fp8 else int4_ways()))
+                             else fp8_ways(None if one else (fp8.LARGE_CONFIG, fp8.SMALL_CONFIG)) if args.fp8
+                             else int4_ways(None if one else (int4.TILED_CONFIG,))))
         return 0
     dev = torch.device("cuda")
     red = torch.compile(reduction, fullgraph=True, dynamic=False, options={"coordinate_descent_tuning": True})

@@ -1,5 +1,7 @@
 """Checks that need CUDA (skipped elsewhere; run on the lent GPU: `python3 -m pytest tests/test_gpu.py`)."""
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -185,8 +187,10 @@ def test_graph_decode_agrees_with_plain_decode(compile):
 def test_lowbit_kernel_on_the_7b_shapes_eager_compiled_and_in_a_graph(mode):
     """engine.quantize int4's and fp8's one-row kernels (pipeline/engine/int4.py, fp8.py) on LiveCC-7B's matrix
     shapes (tiled) and one that does not tile, in bfloat16: against the dequantized weight in float32, called
-    eagerly, compiled (the custom operator inside inductor's graph) and replayed from a CUDA graph; and several
-    rows with a dynamic count compiled (the prefill's path: blocks of dequantized rows)."""
+    eagerly, compiled (the custom operator inside inductor's graph) and replayed from a CUDA graph; their
+    several-rows kernels (2 to 64 rows: the inline PTX conversions and ``wgmma`` that the CPU's interpreter does
+    not run) the same ways; and several rows with a dynamic count compiled (the prefill's path: blocks of
+    dequantized rows)."""
     from pipeline.engine.fp8 import Fp8Weight
     from pipeline.engine.int4 import Int4Weight
 
@@ -214,6 +218,25 @@ def test_lowbit_kernel_on_the_7b_shapes_eager_compiled_and_in_a_graph(mode):
         xs = torch.randn(3, k, device="cuda", dtype=torch.bfloat16)  # a few rows: the kernel a row at a time
         wants = xs.float() @ q.dequantize(torch.float32).T
         assert ((q.linear(xs).float() - wants).norm() / wants.norm()).item() < 5e-3
+        # the several-rows kernel (BATCH_KERNEL), eager, compiled and from a graph
+        fmt = importlib.import_module(f"pipeline.engine.{mode}")
+        product = (lambda x: fmt.gemv(x, q.packed, q.scale, q.config, q.tiled)) if mode == "fp8" else (
+            lambda x: fmt.gemv(x, q.packed, q.scale, q.zero, q.config, q.tiled))
+        for rows in (2, 5, 33, fmt.BATCH_ROWS):
+            xs = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+            wants = xs.float() @ q.dequantize(torch.float32).T
+            got = product(xs)
+            assert got.shape == (rows, n) and got.dtype == torch.bfloat16
+            assert ((got.float() - wants).norm() / wants.norm()).item() < 5e-3, (n, k, rows)
+        torch._dynamo.reset()
+        batch = torch.compile(lambda x: product(x) * 2, fullgraph=True)
+        static = xs.clone()
+        batch(static)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = batch(static)
+        graph.replay()
+        assert ((out.float() / 2 - wants).norm() / wants.norm()).item() < 5e-3
         if n == 4608:  # torch 2.11's dynamo could not trace slice.indices there: the compiled prefill fell back
             many = torch.compile(lambda x, w: w.linear(x), fullgraph=True, dynamic=True)
             for t in (386, 700):
@@ -222,12 +245,16 @@ def test_lowbit_kernel_on_the_7b_shapes_eager_compiled_and_in_a_graph(mode):
                 assert ((many(xt, q).float() - wt).norm() / wt.norm()).item() < 5e-3
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4", "fp8"])
-def test_quantized_decode_agrees_with_bfloat16(mode):
+@pytest.mark.parametrize("mode", ["int8", "int4", "fp8", "int4-batch", "fp8-batch"])
+def test_quantized_decode_agrees_with_bfloat16(mode, monkeypatch):
     """engine.quantize on CUDA (tiny checkpoint in bfloat16, random weights): the quantized runner on the engine's
     default path (CUDA graphs + compiled decode step) against the bfloat16 one over 1,000 teacher-forced decode
     steps, then whole turns through the engine: two batched rows, one evicting (window), one rolling over. Prints
-    what it saw."""
+    what it saw. int4-batch, fp8-batch: with the format's several-rows kernel (``BATCH_KERNEL``) for the two
+    batched rows."""
+    if mode.endswith("-batch"):
+        mode = mode[:-len("-batch")]
+        monkeypatch.setattr(importlib.import_module(f"pipeline.engine.{mode}"), "BATCH_KERNEL", True)
     import random
 
     import numpy as np

@@ -142,6 +142,45 @@ def test_one_row_kernel_equals_the_dequantized_product(n, k, tiled, dtype):
     interpreted("_kernel_matches", n, k, tiled, dtype)
 
 
+def _rows_kernel_matches(n: int, k: int, tiled: bool, dtype: str) -> None:
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    from pipeline.engine import int4 as m
+    torch.manual_seed(n + k + 1)
+    w = m.Int4Weight.from_float(torch.randn(n, k) * 0.02)
+    assert w.tiled == tiled, (w.tiled, tiled)
+    want_w = w.dequantize(torch.float32)
+    # 2 rows (one 16-row block, mostly masked), 17 (32), 64 (the most a call); the chosen config, a short last part
+    # of groups, masked tails of weight rows (untiled)
+    for config in (w.config, w.config[:2] + (2 * w.config[1],) + w.config[3:], (16, 1, 3, 4, 1), (32, 2, 6, 4, 1)):
+        if w.tiled and config[:2] != w.config[:2]:
+            continue
+        for rows in (2, 17, m.BATCH_ROWS):
+            x = torch.randn(rows, k).to(getattr(torch, dtype))
+            y = m.gemv(x, w.packed, w.scale, w.zero, config, w.tiled)
+            want = x.float() @ want_w.T
+            assert y.dtype == x.dtype and y.shape == (rows, n)
+            err = ((y.float() - want).norm() / want.norm()).item()
+            # float32: the groups' sums of x·(128 + q) less (128 + zero)·sum x cancel ≈ 7 of float32's 24 bits
+            assert err < (5e-5 if dtype == "float32" else 2e-3), (config, rows, err)
+    with pytest.raises(ValueError, match=f"at most {m.BATCH_ROWS} rows"):
+        m.gemv(torch.randn(m.BATCH_ROWS + 1, k), w.packed, w.scale, w.zero, w.config, w.tiled)
+    # compiled whole (the custom operator's fake gives inductor the parts' shape (parts, M, N))
+    compiled = torch.compile(lambda x: m.gemv(x, w.packed, w.scale, w.zero, w.config, w.tiled) * 2, fullgraph=True)
+    x = torch.randn(5, k).to(getattr(torch, dtype))
+    want = m.gemv(x, w.packed, w.scale, w.zero, w.config, w.tiled)
+    assert torch.allclose(compiled(x) / 2, want, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("n,k,tiled,dtype", [(128, 768, True, "float32"), (40, 640, False, "float32"),
+                                             (64, 512, True, "float16")])
+def test_several_rows_kernel_equals_the_dequantized_product(n, k, tiled, dtype):
+    """The several-rows kernel (a batched decode step: codes into bfloat16's mantissa, ``tl.dot``, each group's
+    zero point and scale after). bfloat16 activations are for the GPU test: Triton 3.8's interpreter multiplies
+    bfloat16 tensors wrongly (tests/test_fp8.py)."""
+    pytest.importorskip("triton")
+    interpreted("_rows_kernel_matches", n, k, tiled, dtype)
+
+
 def test_int4_weights_through_the_engine_on_cpu():
     """The tiny model with every linear weight of its language model in int4 (the CPU takes the dequantized path;
     ``check`` keeps int4 to CUDA for users, where the one-row kernel runs): the engine's layers see Int4Weights,

@@ -5,9 +5,9 @@
     runner.py   ModelRunner: vision, prefill, one decode step for many rows (CUDA graphs: cuda_graphs.py)
     model.py    TextModel: the weights and one layer function;  kv_cache.py: one row per stream
     quantize.py engine.quantize: the language model's linear weights in int8 (torchao) / int4 / fp8
-    lowbit.py   a weight in one of the engine's own formats: one row through its kernel, more rows dequantized
-    int4.py     4-bit weights: the format, the one-row Triton kernel of a decode step
-    fp8.py      FP8 E4M3 weights: the layout, the one-row Triton kernel of a decode step
+    lowbit.py   a weight in one of the engine's own formats: a few rows through its kernels, more dequantized
+    int4.py     4-bit weights: the format, the one-row and several-rows Triton kernels of a decode step
+    fp8.py      FP8 E4M3 weights: the layout, the calls of its kernels (fp8_kernels.py: one row, several rows)
 
 Names are imported on first use, so ``pipeline.engine.config`` (read by the config loader) costs no torch import.
 """

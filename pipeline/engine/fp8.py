@@ -18,17 +18,25 @@ of a row belongs to group g = j // 16 and holds in its byte i (bits 8i..8i+7) th
 16, so the activations that meet byte i of a group's 16 words are 16 consecutive columns; ``lowbit.tile`` reorders
 the words so that what a program reads in one iteration is contiguous. ``scale`` (N,) float32.
 
-The kernel is built on first use (``triton`` imported then); under ``TRITON_INTERPRET=1`` it runs on the CPU with a
+Several rows (2..``BATCH_ROWS``: a batched decode step of that many streams) take ``gemm`` when ``BATCH_KERNEL``
+is on: each program converts its tile of weights once (the same paired conversion, then to the activations'
+bfloat16, which holds every E4M3 value exactly) and multiplies it into every row with the matrix instruction
+(``tl.dot``; on Hopper ``wgmma`` m64n16k16 with the weights as the register operand, checked in the SASS compiled
+here), the weights' rows on the instruction's 64-wide side and the streams on its 16-wide one, so the weights are
+read once a step whatever the number of streams. Without it, up to ``lowbit.GEMV_ROWS`` rows take the one-row
+kernel a row at a time (a read of the weights each) and more the dequantized weight and cuBLAS (≈ 5 bytes a
+weight). ``BATCH_KERNEL`` stays off until the kernel is timed on a GPU (docs/performance.md, sixteenth session).
+
+The kernels (``fp8_kernels.py``) are imported on first use; under ``TRITON_INTERPRET=1`` they run on the CPU with a
 plain-Triton conversion instead of the inline PTX (tests/test_fp8.py).
 """
 
 from __future__ import annotations
 
-import functools
 
 import torch
 
-from .lowbit import LowBitWeight, tile, untile  # noqa: F401 - tile/untile: this layout's
+from .lowbit import LowBitWeight, block_m, tile, untile  # noqa: F401 - tile/untile: this layout's
 
 GROUP = 64  # columns a group of 16 words holds (4 bytes a word)
 E4M3_MAX = 448.0  # the largest float8_e4m3fn (OCP 8-bit floating point specification, 2023)
@@ -74,74 +82,12 @@ CONFIGS = ((64, 1, 4, 4, 1), (128, 1, 8, 4, 1), (64, 1, 8, 4, 1), (128, 1, 4, 4,
            (128, 2, 0, 8, 1))
 
 
-@functools.cache
-def _kernel():
+def _triton():
+    """(triton, ``fp8_kernels``), imported on first use."""
     import triton
-    import triton.language as tl
 
-    @triton.jit
-    def gemv(x_ptr, w_ptr, s_ptr, y_ptr, N, KW, G, PER, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
-             ASM: tl.constexpr, EVEN: tl.constexpr, TILED: tl.constexpr):
-        # KW = K / 4 words a row, G = K / 64 groups, PER groups a program (part pk of K); EVEN: whole tiles only
-        pn, pk = tl.program_id(0), tl.program_id(1)
-        g_end = tl.minimum(pk * PER + PER, G)
-        rows = pn * BLOCK_N + tl.arange(0, BLOCK_N)
-        live = rows < N
-        gi = tl.arange(0, GROUPS)
-        jj = tl.arange(0, 16)
-        acc = tl.zeros([BLOCK_N, GROUPS, 16], dtype=tl.float32)
-        for g0 in tl.range(pk * PER, g_end, GROUPS):
-            g = g0 + gi
-            gm = g < g_end
-            if TILED:  # ``lowbit.tile``'s layout: this iteration's BLOCK_N x GROUPS x 16 words are one contiguous block
-                blk = (pn * (G // GROUPS) + g0 // GROUPS) * (BLOCK_N * GROUPS * 16)
-                wp = w_ptr + blk + tl.arange(0, BLOCK_N)[:, None, None] * (GROUPS * 16) + gi[None, :, None] * 16 \
-                    + jj[None, None, :]
-            else:
-                wp = w_ptr + rows[:, None, None] * KW + g[None, :, None] * 16 + jj[None, None, :]
-            xb = rows[:, None, None] * 0 + g[None, :, None] * 64 + jj[None, None, :]
-            if EVEN:  # the activations in their own dtype (bfloat16 in the engine), to float32 as loaded
-                w = tl.load(wp)
-                x0 = tl.load(x_ptr + xb).to(tl.float32)
-                x1 = tl.load(x_ptr + xb + 16).to(tl.float32)
-                x2 = tl.load(x_ptr + xb + 32).to(tl.float32)
-                x3 = tl.load(x_ptr + xb + 48).to(tl.float32)
-            else:
-                m3 = (live[:, None] & gm[None, :])[:, :, None]
-                w = tl.load(wp, mask=m3, other=0)
-                x0 = tl.load(x_ptr + xb, mask=gm[None, :, None], other=0).to(tl.float32)
-                x1 = tl.load(x_ptr + xb + 16, mask=gm[None, :, None], other=0).to(tl.float32)
-                x2 = tl.load(x_ptr + xb + 32, mask=gm[None, :, None], other=0).to(tl.float32)
-                x3 = tl.load(x_ptr + xb + 48, mask=gm[None, :, None], other=0).to(tl.float32)
-            if ASM:  # a word's 4 codes to float32: 2 paired E4M3 -> float16 conversions, 4 float16 -> float32
-                f0, f1, f2, f3 = tl.inline_asm_elementwise(
-                    """{
-                    .reg .b16 lo, hi, a0, a1, b0, b1;
-                    .reg .b32 a, b;
-                    mov.b32 {lo, hi}, $4;
-                    cvt.rn.f16x2.e4m3x2 a, lo;
-                    cvt.rn.f16x2.e4m3x2 b, hi;
-                    mov.b32 {a0, a1}, a;
-                    mov.b32 {b0, b1}, b;
-                    cvt.f32.f16 $0, a0;
-                    cvt.f32.f16 $1, a1;
-                    cvt.f32.f16 $2, b0;
-                    cvt.f32.f16 $3, b1;
-                    }""", "=r,=r,=r,=r,r", [w], dtype=(tl.float32, tl.float32, tl.float32, tl.float32),
-                    is_pure=True, pack=1)
-            else:
-                f0 = (w & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
-                f1 = ((w >> 8) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
-                f2 = ((w >> 16) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
-                f3 = ((w >> 24) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
-            acc += x0 * f0  # four multiply-adds a word, no separate products
-            acc += x1 * f1
-            acc += x2 * f2
-            acc += x3 * f3
-        s = tl.load(s_ptr + rows, mask=live, other=0)
-        tl.store(y_ptr + pk * N + rows, tl.sum(tl.sum(acc, 2), 1) * s, mask=live)  # cast to y's dtype
-
-    return triton, gemv
+    from . import fp8_kernels
+    return triton, fp8_kernels
 
 
 # the kernel's configuration for a matrix of N rows and G = K/64 groups (see ``int4.choose``): on an H200 the
@@ -152,6 +98,15 @@ LARGE_CONFIG = (128, 1, 8, 4, 1)
 SMALL_CONFIG = (64, 1, 4, 4, 1)
 LARGE = 2**25  # weights from which a matrix takes LARGE_CONFIG (the 7B's gate|up, down and lm_head; not q|k|v, o)
 PLAIN_CONFIG = (16, 1, 4, 4, 1)
+# rows the several-rows kernel takes in one call: a batched decode step of up to this many streams (more rows, a
+# prefill, take the dequantized weight and cuBLAS); a program's accumulator is BLOCK_N x 64 float32 at most
+BATCH_ROWS = 64
+# whether the engine sends 2..BATCH_ROWS rows through the several-rows kernel (one read of the weights) instead of a
+# row at a time through the one-row kernel up to ``lowbit.GEMV_ROWS`` rows (a read a row) and the dequantized weight
+# beyond. Off until timed on a GPU: written and checked under Triton's interpreter and compiled for Hopper here
+# (sixteenth session, no GPU time); ``scripts/bench_streams.py --batch-kernel`` and ``profile_gemv.py --fp8``
+# measure it.
+BATCH_KERNEL = False
 
 
 def choose(n: int, groups: int) -> tuple[tuple[int, int, int, int, int], bool]:
@@ -170,55 +125,64 @@ def parts(config: tuple[int, int, int, int, int], k: int) -> int:
 
 
 def launch(x, packed, scale, y, config, tiled: bool = False) -> None:
-    """The kernel alone: x (1, K) activations (float32, bfloat16 or float16: converted as loaded), packed (N, K/4)
-    int32 (or ``lowbit.tile``'s layout with ``tiled``), scale (N,) float32, y (parts, N) out: each part's scaled sums,
-    float32 (``parts(config, K)``; with one part, any float dtype: the product itself). ValueError for shapes,
-    dtypes or a config that do not fit together."""
-    triton, kernel = _kernel()
+    """The kernel alone: x (M, K) activations, 1 <= M <= ``BATCH_ROWS`` (float32, bfloat16 or float16), packed (N,
+    K/4) int32 (or ``lowbit.tile``'s layout with ``tiled``), scale (N,) float32, y (parts, M, N) out (or (parts, N)
+    for one row): each part's scaled sums, float32 (``parts(config, K)``; with one part, any float dtype: the
+    product itself). One row takes the one-row kernel (activations to float32 as loaded), more rows the several-rows
+    kernel (weights to x's dtype, the matrix instruction). ValueError for shapes, dtypes or a config that do not
+    fit together."""
+    triton, kernels = _triton()
     block_n, groups, per, warps, _ = config
-    n, G = scale.shape[0], x.shape[-1] // GROUP
+    (m, k), n = x.shape, scale.shape[0]
+    G = k // GROUP
     per = per or -(-G // groups) * groups
     words = (n // block_n, G // groups, block_n, groups * 16) if tiled else (n, G * 16)
     if tiled and (n % block_n or G % groups or per % groups):
         raise ValueError(f"a tiled ({n}, {G * GROUP}) matrix needs whole tiles; config {config} does not fit it")
     n_parts = -(-G // per)
     if (tuple(packed.shape) != words or packed.dtype != torch.int32 or not packed.is_contiguous()
-            or tuple(scale.shape) != (n,) or scale.dtype != torch.float32 or tuple(x.shape) != (1, G * GROUP)
-            or not x.dtype.is_floating_point or not x.is_contiguous() or tuple(y.shape) != (n_parts, n)
+            or tuple(scale.shape) != (n,) or scale.dtype != torch.float32 or k != G * GROUP
+            or not 1 <= m <= BATCH_ROWS or not x.dtype.is_floating_point or not x.is_contiguous()
+            or tuple(y.shape) not in ((n_parts, m, n), (n_parts, n) if m == 1 else ()) or not y.is_contiguous()
             or (n_parts > 1 and y.dtype != torch.float32)):
         raise ValueError(f"fp8 kernel: packed {tuple(packed.shape)} {packed.dtype}, scale {tuple(scale.shape)} "
                          f"{scale.dtype}, x {tuple(x.shape)} {x.dtype}, y {tuple(y.shape)} {y.dtype} do not fit "
-                         f"config {config} (tiled={tiled})")
+                         f"config {config} (tiled={tiled}, at most {BATCH_ROWS} rows)")
     even = n % block_n == 0 and G % per == 0 and per % groups == 0
-    kernel[(triton.cdiv(n, block_n), n_parts)](
-        x, packed, scale, y, n, G * 16, G, per, BLOCK_N=block_n, GROUPS=groups, ASM=x.is_cuda, EVEN=even,
-        TILED=tiled, num_warps=warps)
+    grid = (triton.cdiv(n, block_n), n_parts)
+    if m == 1:
+        kernels.gemv[grid](x, packed, scale, y, n, G * 16, G, per, BLOCK_N=block_n, GROUPS=groups, ASM=x.is_cuda,
+                          EVEN=even, TILED=tiled, num_warps=warps)
+    else:
+        kernels.gemm[grid](x, packed, scale, y, m, n, G * 16, G, per, BLOCK_M=block_m(m), BLOCK_N=block_n,
+                          GROUPS=groups, ASM=x.is_cuda, EVEN=even, TILED=tiled, num_warps=warps)
 
 
-@torch.library.custom_op("livecc::fp8_gemv", mutates_args=())
-def _gemv_parts(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, block_n: int, groups: int, per: int,
-                warps: int, stages: int, tiled: bool) -> torch.Tensor:
-    """``launch`` as an operator torch.compile keeps whole: returns the parts' sums (parts, N) float32, or with one
-    part the product (1, N) in x's dtype."""
+@torch.library.custom_op("livecc::fp8_product", mutates_args=())
+def _product_parts(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, block_n: int, groups: int, per: int,
+                   warps: int, stages: int, tiled: bool) -> torch.Tensor:
+    """``launch`` as an operator torch.compile keeps whole: returns the parts' sums (parts, M, N) float32, or with
+    one part the product (1, M, N) in x's dtype."""
     n_parts = parts((block_n, groups, per, warps, stages), x.shape[-1])
-    y = torch.empty(n_parts, scale.shape[0], dtype=x.dtype if n_parts == 1 else torch.float32, device=x.device)
+    y = torch.empty(n_parts, x.shape[0], scale.shape[0], dtype=x.dtype if n_parts == 1 else torch.float32,
+                    device=x.device)
     launch(x, packed, scale, y, (block_n, groups, per, warps, stages), tiled)
     return y
 
 
-@_gemv_parts.register_fake
+@_product_parts.register_fake
 def _(x, packed, scale, block_n, groups, per, warps, stages, tiled):
     n_parts = parts((block_n, groups, per, warps, stages), x.shape[-1])
-    return x.new_empty(n_parts, scale.shape[0], dtype=x.dtype if n_parts == 1 else torch.float32)
+    return x.new_empty(n_parts, x.shape[0], scale.shape[0], dtype=x.dtype if n_parts == 1 else torch.float32)
 
 
 def gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
          config: tuple[int, int, int, int, int] = PLAIN_CONFIG, tiled: bool = False) -> torch.Tensor:
-    """One row times an FP8 matrix: x (1, K) bfloat16/float16/float32, packed (N, K/4) int32 (``lowbit.tile``'s
-    layout with ``tiled``), scale (N,) float32 -> y (1, N) in x's dtype, summed in float32 (the parts' sums added
-    in float32 when the config splits the input). ValueError as ``launch``."""
-    y = _gemv_parts(x.reshape(1, -1).contiguous(), packed, scale, *config, tiled)
-    return y if y.shape[0] == 1 else y.sum(0, keepdim=True).to(x.dtype)
+    """A few rows times an FP8 matrix: x (M, K), 1 <= M <= ``BATCH_ROWS``, bfloat16/float16/float32, packed (N, K/4)
+    int32 (``lowbit.tile``'s layout with ``tiled``), scale (N,) float32 -> y (M, N) in x's dtype, summed in float32
+    (the parts' sums added in float32 when the config splits the input). ValueError as ``launch``."""
+    y = _product_parts(x.reshape(-1, x.shape[-1]).contiguous(), packed, scale, *config, tiled)
+    return y[0] if y.shape[0] == 1 else y.sum(0).to(x.dtype)
 
 
 class Fp8Weight(LowBitWeight):
@@ -253,8 +217,12 @@ class Fp8Weight(LowBitWeight):
         stop = self.shape[0] if stop is None else stop
         return dequantize(self.packed_rows(start, stop), self.scale[start:stop], dtype or torch.bfloat16)
 
+    def rows_a_call(self) -> int:
+        """``BATCH_ROWS`` with ``BATCH_KERNEL``, else 1."""
+        return BATCH_ROWS if BATCH_KERNEL else 1
+
     def gemv(self, x: torch.Tensor) -> torch.Tensor:
-        """One row x (1, K) -> (1, N) through ``gemv`` (CUDA, compute capability 8.9 or newer)."""
+        """x (M, K), M <= ``rows_a_call()`` -> (M, N) through ``gemv`` (CUDA, compute capability 8.9 or newer)."""
         return gemv(x, self.packed, self.scale, self.config, self.tiled)
 
     def extra_repr(self) -> str:

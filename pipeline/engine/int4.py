@@ -25,7 +25,12 @@ bfloat16.
 
 Up to ``lowbit.GEMV_ROWS`` rows (a few streams' decode step) take the kernel a row at a time; more (a prefill, a
 large batch) take ``Int4Weight.dequantize`` and cuBLAS (``lowbit.LowBitWeight.linear``): int4 is the mode for a
-small GPU and a stream or two; on a big GPU bfloat16 serves many streams faster (docs/performance.md).
+small GPU and a stream or two; on a big GPU bfloat16 serves many streams faster (docs/performance.md). With
+``BATCH_KERNEL`` on, 2..``BATCH_ROWS`` rows take ``gemm`` instead, one read of the weights for every row: a code q
+becomes the bfloat16 128 + q by OR-ing it into 0x4300 (two codes 16 bits apart in one ``lop3``, Marlin's trick for
+bfloat16), the matrix instruction multiplies a group of 128 columns into every row, and the group's zero point
+and scale come after: sum x·(q - z)·s = s·(sum x·(128 + q) - (128 + z)·sum x). ``BATCH_KERNEL`` stays off until the
+kernel is timed on a GPU (docs/performance.md, sixteenth session).
 
 The kernel is built on first use (``triton`` imported then); under ``TRITON_INTERPRET=1`` it runs on the CPU
 (tests/test_int4.py).
@@ -36,7 +41,7 @@ from __future__ import annotations
 import functools
 
 import torch
-from .lowbit import LowBitWeight, tile, untile  # noqa: F401 - tile/untile: this layout's
+from .lowbit import LowBitWeight, block_m, tile, untile  # noqa: F401 - tile/untile: this layout's
 
 GROUP = 128  # weights per scale and zero (torchao's, HQQ's and GemLite's default; LiveCC-7B's 3584 = 28 groups)
 
@@ -156,7 +161,64 @@ def _kernel():
         y = tl.sum(tl.sum(acc, 2), 1) - tl.sum(off, 1)
         tl.store(y_ptr + pk * N + rows, y, mask=live)
 
-    return triton, gemv
+    @triton.jit
+    def gemm(x_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, KW, G, PER, BLOCK_M: tl.constexpr,
+             BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, ASM: tl.constexpr, EVEN: tl.constexpr,
+             TILED: tl.constexpr):
+        # Several rows (a batched decode step): x (M, K) in its dtype, xs (M, G) float32 its groups' sums. The
+        # weights' rows fill the matrix instruction's large side, the streams its small one ("swap AB", as fp8's
+        # gemm). A code q becomes the bfloat16 128 + q by OR-ing it into 0x4300's mantissa, two codes in one lop3
+        # (nibbles i and i + 4 of a word sit 16 bits apart: Marlin's trick); a group's products sum x·(128 + q),
+        # then lose (128 + zero)·sum x and take the group's scale: sum x·(q - zero)·scale.
+        pn, pk = tl.program_id(0), tl.program_id(1)
+        g_end = tl.minimum(pk * PER + PER, G)
+        rows = pn * BLOCK_N + tl.arange(0, BLOCK_N)
+        live = rows < N
+        mi = tl.arange(0, BLOCK_M)
+        mm = mi < M
+        jj = tl.arange(0, 16)
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        for g0 in tl.range(pk * PER, g_end, GROUPS):
+            for gl in tl.static_range(GROUPS):
+                g = g0 + gl
+                gv = g < g_end
+                if TILED:
+                    blk = (pn * (G // GROUPS) + g0 // GROUPS) * (BLOCK_N * GROUPS * 16)
+                    wp = w_ptr + blk + tl.arange(0, BLOCK_N)[:, None] * (GROUPS * 16) + gl * 16 + jj[None, :]
+                else:
+                    wp = w_ptr + rows[:, None] * KW + g * 16 + jj[None, :]
+                xp = x_ptr + mi[None, :] * (G * 128) + g * 128 + jj[:, None]  # (16, M): nibble 0's columns
+                xm = mm[None, :] & gv
+                if EVEN:
+                    w = tl.load(wp)
+                    s = tl.load(s_ptr + rows * G + g).to(tl.float32)
+                    z = tl.load(z_ptr + rows * G + g).to(tl.float32)
+                else:
+                    w = tl.load(wp, mask=live[:, None] & gv, other=0)
+                    s = tl.load(s_ptr + rows * G + g, mask=live & gv, other=0).to(tl.float32)
+                    z = tl.load(z_ptr + rows * G + g, mask=live & gv, other=0).to(tl.float32)
+                xs = tl.load(xs_ptr + mi * G + g, mask=mm & gv, other=0)
+                part = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+                for i in tl.static_range(4):
+                    v = w >> (4 * i)  # nibble i to bits 0..3, nibble i + 4 to bits 16..19
+                    if ASM:
+                        lo, hi = tl.inline_asm_elementwise(
+                            """{
+                            .reg .b32 t;
+                            lop3.b32 t, $2, 0x000F000F, 0x43004300, 0xEA;
+                            mov.b32 {$0, $1}, t;
+                            }""", "=h,=h,r", [v], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1)
+                    else:
+                        lo = ((v & 0xF) | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+                        hi = (((v >> 16) & 0xF) | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+                    xlo = tl.load(xp + 16 * i, mask=xm, other=0)
+                    xhi = tl.load(xp + 16 * (i + 4), mask=xm, other=0)
+                    part = tl.dot(lo.to(x_ptr.dtype.element_ty), xlo, part)
+                    part = tl.dot(hi.to(x_ptr.dtype.element_ty), xhi, part)
+                acc += s[:, None] * (part - (128.0 + z)[:, None] * xs[None, :])
+        tl.store(y_ptr + pk * M * N + mi[None, :] * N + rows[:, None], acc, mask=live[:, None] & mm[None, :])
+
+    return triton, gemv, gemm
 
 
 # the kernel's configuration for a matrix of N rows and G groups: (rows a program, groups an iteration, groups a
@@ -165,6 +227,11 @@ def _kernel():
 # session: a step's products 1.75 ms); shapes it cannot tile (the tiny test checkpoints) take PLAIN_CONFIG
 TILED_CONFIG = (64, 2, 4, 4, 1)
 PLAIN_CONFIG = (16, 1, 4, 4, 1)
+# rows the several-rows kernel takes in one call, and whether the engine uses it (as ``fp8.BATCH_ROWS`` and
+# ``fp8.BATCH_KERNEL``: off until timed on a GPU; written and checked under Triton's interpreter and compiled for
+# Hopper here, sixteenth session)
+BATCH_ROWS = 64
+BATCH_KERNEL = False
 
 
 def choose(n: int, groups: int) -> tuple[tuple[int, int, int, int, int], bool]:
@@ -177,56 +244,68 @@ def choose(n: int, groups: int) -> tuple[tuple[int, int, int, int, int], bool]:
 
 
 def launch(xf, xs, packed, scale, zero, y, config, tiled: bool = False) -> None:
-    """The kernel alone: xf (1, K) float32 activations, xs (K/128,) float32 their groups' sums, packed (N, K/8)
-    int32 (or ``tile``'s layout with ``tiled``), scale and zero (N, K/128) bfloat16, y (parts, N) float32 out:
-    each part's sums (parts = ceil(G / groups a program)). ValueError for shapes, dtypes or a config that do not
-    fit together (a tiled layout needs whole tiles: N % rows a program == 0, G % groups an iteration == 0, groups
-    a program % groups an iteration == 0)."""
-    triton, kernel = _kernel()
+    """The kernel alone: xf (M, K) activations, 1 <= M <= ``BATCH_ROWS`` (one row: float32, the one-row kernel;
+    more: any float dtype, the several-rows kernel), xs (M, K/128) float32 (or (K/128,) for one row) their
+    groups' sums, packed (N, K/8) int32 (or ``tile``'s layout with ``tiled``), scale and zero (N, K/128) bfloat16,
+    y (parts, M, N) float32 out (or (parts, N) for one row): each part's sums (parts = ceil(G / groups a
+    program)). ValueError for shapes, dtypes or a config that do not fit together (a tiled layout needs whole
+    tiles: N % rows a program == 0, G % groups an iteration == 0, groups a program % groups an iteration == 0)."""
+    triton, gemv_kernel, gemm_kernel = _kernel()
     block_n, groups, per, warps, stages = config
     n, G = scale.shape
+    m = xf.shape[0]
     words = (n // block_n, G // groups, block_n, groups * 16) if tiled else (n, G * 16)
     if tiled and (n % block_n or G % groups or per % groups):
         raise ValueError(f"a tiled ({n}, {G * GROUP}) matrix needs whole tiles; config {config} does not fit it")
+    parts = -(-G // per)
     if (tuple(packed.shape) != words or packed.dtype != torch.int32 or not packed.is_contiguous()
-            or tuple(zero.shape) != (n, G) or tuple(xf.shape) != (1, G * GROUP) or xf.dtype != torch.float32
-            or tuple(xs.shape) != (G,) or tuple(y.shape) != (-(-G // per), n) or y.dtype != torch.float32):
+            or tuple(zero.shape) != (n, G) or xf.dim() != 2 or tuple(xf.shape) != (m, G * GROUP)
+            or not 1 <= m <= BATCH_ROWS or not xf.is_contiguous()
+            or not (xf.dtype == torch.float32 if m == 1 else xf.dtype.is_floating_point)
+            or tuple(xs.shape) not in (((G,), (1, G)) if m == 1 else ((m, G),)) or xs.dtype != torch.float32
+            or tuple(y.shape) not in ((parts, m, n), (parts, n) if m == 1 else ()) or y.dtype != torch.float32):
         raise ValueError(f"int4 kernel: packed {tuple(packed.shape)} {packed.dtype}, scale {tuple(scale.shape)}, "
                          f"zero {tuple(zero.shape)}, x {tuple(xf.shape)} {xf.dtype}, y {tuple(y.shape)} do not fit "
-                         f"config {config} (tiled={tiled})")
+                         f"config {config} (tiled={tiled}, at most {BATCH_ROWS} rows)")
     even = n % block_n == 0 and G % per == 0 and per % groups == 0
-    kernel[(triton.cdiv(n, block_n), triton.cdiv(G, per))](
-        xf, xs, packed, scale, zero, y, n, G * 16, G, per, BLOCK_N=block_n, GROUPS=groups, STAGES=stages,
-        ASM=xf.is_cuda, EVEN=even, TILED=tiled, num_warps=warps)
+    grid = (triton.cdiv(n, block_n), parts)
+    if m == 1:
+        gemv_kernel[grid](xf, xs, packed, scale, zero, y, n, G * 16, G, per, BLOCK_N=block_n, GROUPS=groups,
+                          STAGES=stages, ASM=xf.is_cuda, EVEN=even, TILED=tiled, num_warps=warps)
+    else:
+        gemm_kernel[grid](xf, xs, packed, scale, zero, y, m, n, G * 16, G, per, BLOCK_M=block_m(m), BLOCK_N=block_n,
+                          GROUPS=groups, ASM=xf.is_cuda, EVEN=even, TILED=tiled, num_warps=warps)
 
 
-@torch.library.custom_op("livecc::int4_gemv", mutates_args=())
-def _gemv_parts(xf: torch.Tensor, xs: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                block_n: int, groups: int, per: int, warps: int, stages: int, tiled: bool) -> torch.Tensor:
+@torch.library.custom_op("livecc::int4_product", mutates_args=())
+def _product_parts(xf: torch.Tensor, xs: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                   block_n: int, groups: int, per: int, warps: int, stages: int, tiled: bool) -> torch.Tensor:
     """``launch`` as an operator torch.compile keeps whole (the casts and sums around it fuse with their
-    neighbours): returns the parts' sums (parts, N) float32."""
+    neighbours): returns the parts' sums (parts, M, N) float32."""
     n, G = scale.shape
-    y = torch.empty(-(-G // per), n, dtype=torch.float32, device=xf.device)
+    y = torch.empty(-(-G // per), xf.shape[0], n, dtype=torch.float32, device=xf.device)
     launch(xf, xs, packed, scale, zero, y, (block_n, groups, per, warps, stages), tiled)
     return y
 
 
-@_gemv_parts.register_fake
+@_product_parts.register_fake
 def _(xf, xs, packed, scale, zero, block_n, groups, per, warps, stages, tiled):
     n, G = scale.shape
-    return xf.new_empty(-(-G // per), n)
+    return xf.new_empty(-(-G // per), xf.shape[0], n, dtype=torch.float32)
 
 
 def gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
          config: tuple[int, int, int, int, int] = PLAIN_CONFIG, tiled: bool = False) -> torch.Tensor:
-    """One row times a 4-bit matrix: x (1, K) bfloat16/float16/float32, packed (N, K/8) int32 (``tile``'s layout
-    with ``tiled``), scale and zero (N, K/128) bfloat16 -> y (1, N) in x's dtype, x · dequantize(...)ᵀ summed in
-    float32. ``config``: (rows a program, groups an iteration, groups a program, warps, pipeline stages).
-    ValueError as ``launch``."""
+    """A few rows times a 4-bit matrix: x (M, K), 1 <= M <= ``BATCH_ROWS``, bfloat16/float16/float32, packed (N,
+    K/8) int32 (``tile``'s layout with ``tiled``), scale and zero (N, K/128) bfloat16 -> y (M, N) in x's dtype,
+    x · dequantize(...)ᵀ summed in float32. One row: activations in float32 (no conversion in the kernel's loop);
+    more: in x's dtype (the matrix instruction's). ``config``: (rows a program, groups an iteration, groups a
+    program, warps, pipeline stages). ValueError as ``launch``."""
     G = scale.shape[1]
-    xf = x.reshape(1, G * GROUP).float()  # float32 activations: no conversion in the kernel's loop
-    xs = xf.view(G, GROUP).sum(-1)  # each group's sum of activations
-    return _gemv_parts(xf, xs, packed, scale, zero, *config, tiled).sum(0, keepdim=True).to(x.dtype)
+    x2 = x.reshape(-1, G * GROUP)
+    xf = x2.float() if x2.shape[0] == 1 else x2.contiguous()
+    xs = xf.float().view(-1, G, GROUP).sum(-1)  # each row's groups' sums of activations (M, G)
+    return _product_parts(xf, xs, packed, scale, zero, *config, tiled).sum(0).to(x.dtype)
 
 
 class Int4Weight(LowBitWeight):
@@ -266,8 +345,12 @@ class Int4Weight(LowBitWeight):
         return dequantize(self.packed_rows(start, stop), self.scale[start:stop], self.zero[start:stop],
                           dtype or self.scale.dtype)
 
+    def rows_a_call(self) -> int:
+        """``BATCH_ROWS`` with ``BATCH_KERNEL``, else 1."""
+        return BATCH_ROWS if BATCH_KERNEL else 1
+
     def gemv(self, x: torch.Tensor) -> torch.Tensor:
-        """One row x (1, K) -> (1, N) through ``gemv`` (CUDA)."""
+        """x (M, K), M <= ``rows_a_call()`` -> (M, N) through ``gemv`` (CUDA)."""
         return gemv(x, self.packed, self.scale, self.zero, self.config, self.tiled)
 
     def extra_repr(self) -> str:

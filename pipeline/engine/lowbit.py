@@ -1,7 +1,9 @@
 """A linear layer's weight in one of the engine's own low-bit formats (``int4.py``, ``fp8.py``), and how a product
 over it runs: up to ``GEMV_ROWS`` rows (a few streams' decode step) through the format's one-row Triton kernel, a
-row at a time; more rows (a prefill, a large batch) through ``F.linear`` over the weight dequantized to bfloat16 a
-block of rows at a time (cuBLAS), so a small card never holds a whole bfloat16 matrix besides its low-bit one.
+row at a time, or, where the format's several-rows kernel is on (``BATCH_KERNEL`` in ``int4.py`` and ``fp8.py``),
+up to its ``rows_a_call()`` rows in one call; more rows (a prefill, a large batch) through ``F.linear`` over the weight
+dequantized to bfloat16 a block of rows at a time (cuBLAS), so a small card never holds a whole bfloat16 matrix
+besides its low-bit one.
 
 Both formats pack a row into int32 words in groups of 16 (one group: 128 int4 or 64 fp8 weights), which ``tile``
 reorders so that what a kernel program reads in one iteration is contiguous; ``LowBitWeight.from_float`` builds
@@ -24,6 +26,12 @@ GEMV_ROWS = 4
 # scratch of dequantizing it: 1.5 bytes a weight for int4, 5 for fp8), so an 8-GB card never holds a whole bfloat16
 # matrix (the lm_head: 1 GiB) besides its low-bit one
 DEQUANT_WEIGHTS = 2**25
+
+
+def block_m(rows: int) -> int:
+    """A several-rows kernel's rows of x a program for ``rows`` rows: a power of two from 16 (the smallest side of
+    the matrix instruction ``tl.dot`` uses)."""
+    return max(16, 1 << (rows - 1).bit_length())
 
 
 def tile(packed: torch.Tensor, block_n: int, groups: int) -> torch.Tensor:
@@ -107,8 +115,12 @@ class LowBitWeight(nn.Module):
             return untile(self.packed[start // self.block_n:-(-stop // self.block_n)])
         return self.packed[start:stop]
 
+    def rows_a_call(self) -> int:
+        """Rows ``gemv`` takes in one call: 1 (a format with a several-rows kernel says more)."""
+        return 1
+
     def gemv(self, x: torch.Tensor) -> torch.Tensor:
-        """One row x (1, K) -> (1, N) in x's dtype, through the format's kernel (CUDA)."""
+        """x (M, K), M <= ``rows_a_call()`` -> (M, N) in x's dtype, through the format's kernel (CUDA)."""
         raise NotImplementedError
 
     def dequantize(self, dtype: torch.dtype | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
@@ -122,14 +134,19 @@ class LowBitWeight(nn.Module):
         return torch.bfloat16
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """x (..., K) -> (..., N): up to ``GEMV_ROWS`` rows on CUDA through ``gemv``, one row at a time (each
-        reads the weight); more rows (or the CPU) through ``F.linear`` over the dequantized weight, a block of
-        about ``DEQUANT_WEIGHTS`` weights (whole blocks of ``block_n`` rows) at a time."""
+        """x (..., K) -> (..., N): on CUDA up to ``rows_a_call()`` rows in one call of ``gemv`` (one read of the
+        weight), or up to ``GEMV_ROWS`` rows one at a time (a read each); more rows (or the CPU)
+        through ``F.linear`` over the dequantized weight, a block of about ``DEQUANT_WEIGHTS`` weights (whole
+        blocks of ``block_n`` rows) at a time."""
         n, k = self.shape
         rows = x.numel() // k
-        if 0 < rows <= GEMV_ROWS and x.is_cuda:
+        if 0 < rows <= max(GEMV_ROWS, self.rows_a_call()) and x.is_cuda:
             flat = x.reshape(rows, k)
-            y = torch.cat([self.gemv(flat[r:r + 1]) for r in range(rows)]).reshape(*x.shape[:-1], n)
+            if rows <= self.rows_a_call():  # no loop over a count that a dynamic-shape compile holds symbolic
+                y = self.gemv(flat)
+            else:
+                y = torch.cat([self.gemv(flat[r:r + 1]) for r in range(rows)])
+            y = y.reshape(*x.shape[:-1], n)
             return y if bias is None else y + bias
         step = max(self.block_n, DEQUANT_WEIGHTS // k // self.block_n * self.block_n)
         if step >= n:
