@@ -189,8 +189,9 @@ def test_lowbit_kernel_on_the_7b_shapes_eager_compiled_and_in_a_graph(mode):
     shapes (tiled) and one that does not tile, in bfloat16: against the dequantized weight in float32, called
     eagerly, compiled (the custom operator inside inductor's graph) and replayed from a CUDA graph; their
     several-rows kernels (2 to 64 rows: the inline PTX conversions and ``wgmma`` that the CPU's interpreter does
-    not run) the same ways; and several rows with a dynamic count compiled (the prefill's path: blocks of
-    dequantized rows)."""
+    not run) the same ways; the one-row kernels adding their parts themselves (``SUM_IN_KERNEL``: the atomics and
+    the memory ordering, 200 replays of a graph); and several rows with a dynamic count compiled (the prefill's
+    path: blocks of dequantized rows)."""
     from pipeline.engine.fp8 import Fp8Weight
     from pipeline.engine.int4 import Int4Weight
 
@@ -220,8 +221,8 @@ def test_lowbit_kernel_on_the_7b_shapes_eager_compiled_and_in_a_graph(mode):
         assert ((q.linear(xs).float() - wants).norm() / wants.norm()).item() < 5e-3
         # the several-rows kernel (BATCH_KERNEL), eager, compiled and from a graph
         fmt = importlib.import_module(f"pipeline.engine.{mode}")
-        product = (lambda x: fmt.gemv(x, q.packed, q.scale, q.config, q.tiled)) if mode == "fp8" else (
-            lambda x: fmt.gemv(x, q.packed, q.scale, q.zero, q.config, q.tiled))
+        tensors = (q.packed, q.scale) if mode == "fp8" else (q.packed, q.scale, q.zero)
+        product = lambda x, counters=None: fmt.gemv(x, *tensors, q.config, q.tiled, counters)  # noqa: E731
         for rows in (2, 5, 33, fmt.BATCH_ROWS):
             xs = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
             wants = xs.float() @ q.dequantize(torch.float32).T
@@ -237,6 +238,21 @@ def test_lowbit_kernel_on_the_7b_shapes_eager_compiled_and_in_a_graph(mode):
             out = batch(static)
         graph.replay()
         assert ((out.float() / 2 - wants).norm() / wants.norm()).item() < 5e-3
+        # the parts added inside the one-row kernel (SUM_IN_KERNEL): eager, compiled, 200 replays of a graph
+        assert ((product(x, q.counters).float() - want).norm() / want.norm()).item() < 5e-3
+        torch._dynamo.reset()
+        summed = torch.compile(lambda x: product(x, q.counters) * 2, fullgraph=True)
+        static = x.clone()
+        summed(static)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = summed(static)
+        graph.replay()
+        first = out.clone()
+        assert ((first.float() / 2 - want).norm() / want.norm()).item() < 5e-3
+        for _ in range(200):  # a missed count or a stale part would change a replay's result or leave a count
+            graph.replay()
+        assert torch.equal(out, first) and not q.counters.any(), (n, k)
         if n == 4608:  # torch 2.11's dynamo could not trace slice.indices there: the compiled prefill fell back
             many = torch.compile(lambda x, w: w.linear(x), fullgraph=True, dynamic=True)
             for t in (386, 700):
@@ -245,16 +261,17 @@ def test_lowbit_kernel_on_the_7b_shapes_eager_compiled_and_in_a_graph(mode):
                 assert ((many(xt, q).float() - wt).norm() / wt.norm()).item() < 5e-3
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4", "fp8", "int4-batch", "fp8-batch"])
+@pytest.mark.parametrize("mode", ["int8", "int4", "fp8", "int4-batch", "fp8-batch", "int4-sum", "fp8-sum"])
 def test_quantized_decode_agrees_with_bfloat16(mode, monkeypatch):
     """engine.quantize on CUDA (tiny checkpoint in bfloat16, random weights): the quantized runner on the engine's
     default path (CUDA graphs + compiled decode step) against the bfloat16 one over 1,000 teacher-forced decode
     steps, then whole turns through the engine: two batched rows, one evicting (window), one rolling over. Prints
     what it saw. int4-batch, fp8-batch: with the format's several-rows kernel (``BATCH_KERNEL``) for the two
-    batched rows."""
-    if mode.endswith("-batch"):
-        mode = mode[:-len("-batch")]
-        monkeypatch.setattr(importlib.import_module(f"pipeline.engine.{mode}"), "BATCH_KERNEL", True)
+    batched rows; int4-sum, fp8-sum: with the parts added inside the one-row kernel (``SUM_IN_KERNEL``)."""
+    if "-" in mode:
+        mode, variant = mode.split("-")
+        flag = {"batch": "BATCH_KERNEL", "sum": "SUM_IN_KERNEL"}[variant]
+        monkeypatch.setattr(importlib.import_module(f"pipeline.engine.{mode}"), flag, True)
     import random
 
     import numpy as np

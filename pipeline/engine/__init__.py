@@ -6,8 +6,9 @@
     model.py    TextModel: the weights and one layer function;  kv_cache.py: one row per stream
     quantize.py engine.quantize: the language model's linear weights in int8 (torchao) / int4 / fp8
     lowbit.py   a weight in one of the engine's own formats: a few rows through its kernels, more dequantized
-    int4.py     4-bit weights: the format, the one-row and several-rows Triton kernels of a decode step
-    fp8.py      FP8 E4M3 weights: the layout, the calls of its kernels (fp8_kernels.py: one row, several rows)
+    int4.py     4-bit weights: the format, its kernels' configurations and calls
+    fp8.py      FP8 E4M3 weights: the layout, its kernels' configurations and calls
+    lowbit_kernels.py  the Triton kernels of both: one row and several rows of a decode step
 
 Names are imported on first use, so ``pipeline.engine.config`` (read by the config loader) costs no torch import.
 """

@@ -26,8 +26,11 @@ here), the weights' rows on the instruction's 64-wide side and the streams on it
 read once a step whatever the number of streams. Without it, up to ``lowbit.GEMV_ROWS`` rows take the one-row
 kernel a row at a time (a read of the weights each) and more the dequantized weight and cuBLAS (≈ 5 bytes a
 weight). ``BATCH_KERNEL`` stays off until the kernel is timed on a GPU (docs/performance.md, sixteenth session).
+The one-row kernel splits the input in parts for enough programs; the parts are added after it (a small kernel,
+or part of a neighbour's in the compiled step) or, with ``SUM_IN_KERNEL`` (off until timed, likewise), by the last
+program of each block of rows (``lowbit_kernels.store_part``).
 
-The kernels (``fp8_kernels.py``) are imported on first use; under ``TRITON_INTERPRET=1`` they run on the CPU with a
+The kernels (``lowbit_kernels.py``) are imported on first use; under ``TRITON_INTERPRET=1`` they run on the CPU with a
 plain-Triton conversion instead of the inline PTX (tests/test_fp8.py).
 """
 
@@ -82,12 +85,12 @@ CONFIGS = ((64, 1, 4, 4, 1), (128, 1, 8, 4, 1), (64, 1, 8, 4, 1), (128, 1, 4, 4,
            (128, 2, 0, 8, 1))
 
 
-def _triton():
-    """(triton, ``fp8_kernels``), imported on first use."""
+def _kernels():
+    """(triton, ``lowbit_kernels``), imported on first use."""
     import triton
 
-    from . import fp8_kernels
-    return triton, fp8_kernels
+    from . import lowbit_kernels
+    return triton, lowbit_kernels
 
 
 # the kernel's configuration for a matrix of N rows and G = K/64 groups (see ``int4.choose``): on an H200 the
@@ -107,6 +110,10 @@ BATCH_ROWS = 64
 # (sixteenth session, no GPU time); ``scripts/bench_streams.py --batch-kernel`` and ``profile_gemv.py --fp8``
 # measure it.
 BATCH_KERNEL = False
+# whether one row's product adds its parts inside the one-row kernel (the last program of a block of rows adds them:
+# no kernel after it) instead of after it (a small kernel, or part of a neighbour's, a product: 4–6 µs as its own
+# kernel on an H200, fifteenth session). Off until timed on a GPU, as ``BATCH_KERNEL``.
+SUM_IN_KERNEL = False
 
 
 def choose(n: int, groups: int) -> tuple[tuple[int, int, int, int, int], bool]:
@@ -124,14 +131,16 @@ def parts(config: tuple[int, int, int, int, int], k: int) -> int:
     return 1 if per == 0 else -(-G // per)
 
 
-def launch(x, packed, scale, y, config, tiled: bool = False) -> None:
+def launch(x, packed, scale, y, config, tiled: bool = False, counters=None, scratch=None) -> None:
     """The kernel alone: x (M, K) activations, 1 <= M <= ``BATCH_ROWS`` (float32, bfloat16 or float16), packed (N,
     K/4) int32 (or ``lowbit.tile``'s layout with ``tiled``), scale (N,) float32, y (parts, M, N) out (or (parts, N)
     for one row): each part's scaled sums, float32 (``parts(config, K)``; with one part, any float dtype: the
     product itself). One row takes the one-row kernel (activations to float32 as loaded), more rows the several-rows
-    kernel (weights to x's dtype, the matrix instruction). ValueError for shapes, dtypes or a config that do not
-    fit together."""
-    triton, kernels = _triton()
+    kernel (weights to x's dtype, the matrix instruction). With ``counters`` (one row only): the one-row kernel adds
+    the parts itself, y (1, N) in any float dtype is the product, ``scratch`` (parts, N) float32 holds the parts,
+    ``counters`` (ceil(N / rows a program),) int32 must be all 0 and is left so (``SUM_IN_KERNEL``). ValueError
+    for shapes, dtypes or a config that do not fit together."""
+    triton, kernels = _kernels()
     block_n, groups, per, warps, _ = config
     (m, k), n = x.shape, scale.shape[0]
     G = k // GROUP
@@ -143,19 +152,24 @@ def launch(x, packed, scale, y, config, tiled: bool = False) -> None:
     if (tuple(packed.shape) != words or packed.dtype != torch.int32 or not packed.is_contiguous()
             or tuple(scale.shape) != (n,) or scale.dtype != torch.float32 or k != G * GROUP
             or not 1 <= m <= BATCH_ROWS or not x.dtype.is_floating_point or not x.is_contiguous()
-            or tuple(y.shape) not in ((n_parts, m, n), (n_parts, n) if m == 1 else ()) or not y.is_contiguous()
-            or (n_parts > 1 and y.dtype != torch.float32)):
+            or (counters is None and tuple(y.shape) not in ((n_parts, m, n), (n_parts, n) if m == 1 else ()))
+            or not y.is_contiguous() or (counters is None and n_parts > 1 and y.dtype != torch.float32)
+            or (counters is not None and (m != 1 or tuple(y.shape) != (1, n) or counters.dtype != torch.int32
+                                          or tuple(counters.shape) != (-(-n // block_n),) or scratch is None
+                                          or tuple(scratch.shape) != (n_parts, n) or scratch.dtype != torch.float32))):
         raise ValueError(f"fp8 kernel: packed {tuple(packed.shape)} {packed.dtype}, scale {tuple(scale.shape)} "
                          f"{scale.dtype}, x {tuple(x.shape)} {x.dtype}, y {tuple(y.shape)} {y.dtype} do not fit "
                          f"config {config} (tiled={tiled}, at most {BATCH_ROWS} rows)")
     even = n % block_n == 0 and G % per == 0 and per % groups == 0
     grid = (triton.cdiv(n, block_n), n_parts)
     if m == 1:
-        kernels.gemv[grid](x, packed, scale, y, n, G * 16, G, per, BLOCK_N=block_n, GROUPS=groups, ASM=x.is_cuda,
-                          EVEN=even, TILED=tiled, num_warps=warps)
+        here = counters is not None
+        kernels.fp8_gemv[grid](x, packed, scale, y, scratch if here else y, counters if here else y, n, G * 16, G, per,
+                           n_parts, BLOCK_N=block_n, GROUPS=groups, ASM=x.is_cuda, EVEN=even, TILED=tiled,
+                           SUM_HERE=here, num_warps=warps)
     else:
-        kernels.gemm[grid](x, packed, scale, y, m, n, G * 16, G, per, BLOCK_M=block_m(m), BLOCK_N=block_n,
-                          GROUPS=groups, ASM=x.is_cuda, EVEN=even, TILED=tiled, num_warps=warps)
+        kernels.fp8_gemm[grid](x, packed, scale, y, m, n, G * 16, G, per, BLOCK_M=block_m(m), BLOCK_N=block_n,
+                           GROUPS=groups, ASM=x.is_cuda, EVEN=even, TILED=tiled, num_warps=warps)
 
 
 @torch.library.custom_op("livecc::fp8_product", mutates_args=())
@@ -176,12 +190,37 @@ def _(x, packed, scale, block_n, groups, per, warps, stages, tiled):
     return x.new_empty(n_parts, x.shape[0], scale.shape[0], dtype=x.dtype if n_parts == 1 else torch.float32)
 
 
+@torch.library.custom_op("livecc::fp8_gemv_summed", mutates_args=())
+def _gemv_summed(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, counters: torch.Tensor, block_n: int,
+                 groups: int, per: int, warps: int, stages: int, tiled: bool) -> torch.Tensor:
+    """``launch`` with ``counters``, as an operator: one row's product (1, N) in x's dtype, the parts added by the
+    kernel. ``counters`` is written and set back to all 0 within the kernel, so the operator declares no mutation
+    (declared, torch.compile would copy it on every call); the engine issues one product at a time per weight (one
+    thread and one CUDA stream a device), which this relies on."""
+    n = scale.shape[0]
+    y = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    scratch = torch.empty(parts((block_n, groups, per, warps, stages), x.shape[-1]), n, dtype=torch.float32,
+                          device=x.device)
+    launch(x, packed, scale, y, (block_n, groups, per, warps, stages), tiled, counters, scratch)
+    return y
+
+
+@_gemv_summed.register_fake
+def _(x, packed, scale, counters, block_n, groups, per, warps, stages, tiled):
+    return x.new_empty(1, scale.shape[0])
+
+
 def gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
-         config: tuple[int, int, int, int, int] = PLAIN_CONFIG, tiled: bool = False) -> torch.Tensor:
+         config: tuple[int, int, int, int, int] = PLAIN_CONFIG, tiled: bool = False,
+         counters: torch.Tensor | None = None) -> torch.Tensor:
     """A few rows times an FP8 matrix: x (M, K), 1 <= M <= ``BATCH_ROWS``, bfloat16/float16/float32, packed (N, K/4)
     int32 (``lowbit.tile``'s layout with ``tiled``), scale (N,) float32 -> y (M, N) in x's dtype, summed in float32
-    (the parts' sums added in float32 when the config splits the input). ValueError as ``launch``."""
-    y = _product_parts(x.reshape(-1, x.shape[-1]).contiguous(), packed, scale, *config, tiled)
+    (the parts' sums added in float32 when the config splits the input: by the kernel for one row given
+    ``counters``, (ceil(N / rows a program),) int32 zeros, else after it). ValueError as ``launch``."""
+    x = x.reshape(-1, x.shape[-1]).contiguous()
+    if counters is not None and x.shape[0] == 1 and parts(config, x.shape[-1]) > 1:
+        return _gemv_summed(x, packed, scale, counters, *config, tiled)
+    y = _product_parts(x, packed, scale, *config, tiled)
     return y[0] if y.shape[0] == 1 else y.sum(0).to(x.dtype)
 
 
@@ -223,7 +262,7 @@ class Fp8Weight(LowBitWeight):
 
     def gemv(self, x: torch.Tensor) -> torch.Tensor:
         """x (M, K), M <= ``rows_a_call()`` -> (M, N) through ``gemv`` (CUDA, compute capability 8.9 or newer)."""
-        return gemv(x, self.packed, self.scale, self.config, self.tiled)
+        return gemv(x, self.packed, self.scale, self.config, self.tiled, self.counters if SUM_IN_KERNEL else None)
 
     def extra_repr(self) -> str:
         return f"{self.shape[0]}, {self.shape[1]}, fp8 e4m3 a scale a row, config={self.config}, tiled={self.tiled}"

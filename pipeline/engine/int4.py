@@ -30,15 +30,13 @@ small GPU and a stream or two; on a big GPU bfloat16 serves many streams faster 
 becomes the bfloat16 128 + q by OR-ing it into 0x4300 (two codes 16 bits apart in one ``lop3``, Marlin's trick for
 bfloat16), the matrix instruction multiplies a group of 128 columns into every row, and the group's zero point
 and scale come after: sum x·(q - z)·s = s·(sum x·(128 + q) - (128 + z)·sum x). ``BATCH_KERNEL`` stays off until the
-kernel is timed on a GPU (docs/performance.md, sixteenth session).
+kernel is timed on a GPU (docs/performance.md, sixteenth session). ``SUM_IN_KERNEL``: as ``fp8.SUM_IN_KERNEL``.
 
-The kernel is built on first use (``triton`` imported then); under ``TRITON_INTERPRET=1`` it runs on the CPU
+The kernels (``lowbit_kernels.py``) are imported on first use; under ``TRITON_INTERPRET=1`` they run on the CPU
 (tests/test_int4.py).
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 from .lowbit import LowBitWeight, block_m, tile, untile  # noqa: F401 - tile/untile: this layout's
@@ -100,125 +98,12 @@ CONFIGS = ((16, 4, 4, 4, 1), (32, 4, 4, 4, 1), (32, 2, 4, 4, 1), (64, 2, 4, 4, 1
            (128, 2, 4, 8, 1), (32, 4, 8, 4, 1), (32, 4, 28, 4, 1), (32, 2, 2, 2, 1), (64, 4, 4, 8, 1))
 
 
-@functools.cache
-def _kernel():
+def _kernels():
+    """(triton, ``lowbit_kernels``), imported on first use."""
     import triton
-    import triton.language as tl
 
-    @triton.jit
-    def gemv(x_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, KW, G, PER, BLOCK_N: tl.constexpr,
-             GROUPS: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr, EVEN: tl.constexpr,
-             TILED: tl.constexpr):
-        # KW = K / 8 words a row (a multiple of 16), G = K / 128 groups, PER groups a program (part pk of K);
-        # EVEN: every tile is whole (N % BLOCK_N == 0, G % PER == 0, PER % GROUPS == 0), so no load is masked
-        pn, pk = tl.program_id(0), tl.program_id(1)
-        g_end = tl.minimum(pk * PER + PER, G)
-        rows = pn * BLOCK_N + tl.arange(0, BLOCK_N)
-        live = rows < N
-        gi = tl.arange(0, GROUPS)
-        jj = tl.arange(0, 16)
-        acc = tl.zeros([BLOCK_N, GROUPS, 16], dtype=tl.float32)  # sum over groups of scale * 16 * sum(x * f)
-        off = tl.zeros([BLOCK_N, GROUPS], dtype=tl.float32)  # sum over groups of scale * (16 + zero) * sum(x)
-        for g0 in tl.range(pk * PER, g_end, GROUPS, num_stages=STAGES):
-            g = g0 + gi
-            gm = g < g_end
-            m2 = live[:, None] & gm[None, :]
-            if TILED:  # ``tile``'s layout: this iteration's BLOCK_N x GROUPS x 16 words are one contiguous block
-                blk = (pn * (G // GROUPS) + g0 // GROUPS) * (BLOCK_N * GROUPS * 16)
-                wp = w_ptr + blk + tl.arange(0, BLOCK_N)[:, None, None] * (GROUPS * 16) + gi[None, :, None] * 16 \
-                    + jj[None, None, :]
-            else:
-                wp = w_ptr + rows[:, None, None] * KW + g[None, :, None] * 16 + jj[None, None, :]
-            at = rows[:, None] * G + g[None, :]
-            xb = rows[:, None, None] * 0 + g[None, :, None] * 128 + jj[None, None, :]
-            if EVEN:
-                w = tl.load(wp).to(tl.uint32, bitcast=True)
-                s = tl.load(s_ptr + at).to(tl.float32)
-                z = tl.load(z_ptr + at).to(tl.float32)
-                xs = tl.load(xs_ptr + g)
-            else:
-                w = tl.load(wp, mask=m2[:, :, None], other=0).to(tl.uint32, bitcast=True)
-                s = tl.load(s_ptr + at, mask=m2, other=0).to(tl.float32)
-                z = tl.load(z_ptr + at, mask=m2, other=0).to(tl.float32)
-                xs = tl.load(xs_ptr + g, mask=gm, other=0)
-            t = tl.zeros([BLOCK_N, GROUPS, 16], dtype=tl.float32)
-            for i in tl.static_range(8):
-                # the activations each thread needs, loaded into the weights' own layout (no exchange through
-                # shared memory; the rows of a program read the same addresses from L1), float32
-                if EVEN:
-                    xi = tl.load(x_ptr + xb + 16 * i)
-                else:
-                    xi = tl.load(x_ptr + xb + 16 * i, mask=gm[None, :, None], other=0)
-                v = (w << (19 - 4 * i)) if i < 5 else (w >> (4 * i - 19))  # code i to bits 19..22
-                if ASM:  # (v & mask) | one in ONE lop3 (the compiler spends two: it holds neither constant in a register)
-                    f = tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x00780000, 0x3F800000, 0xEA;", "=r,r", [v],
-                                                  dtype=tl.float32, is_pure=True, pack=1)
-                else:
-                    f = ((v & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)
-                t += xi * f  # x * (1 + q / 16)
-            acc += t * (16.0 * s)[:, :, None]
-            off += s * (16.0 + z) * xs[None, :]
-        y = tl.sum(tl.sum(acc, 2), 1) - tl.sum(off, 1)
-        tl.store(y_ptr + pk * N + rows, y, mask=live)
-
-    @triton.jit
-    def gemm(x_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, KW, G, PER, BLOCK_M: tl.constexpr,
-             BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, ASM: tl.constexpr, EVEN: tl.constexpr,
-             TILED: tl.constexpr):
-        # Several rows (a batched decode step): x (M, K) in its dtype, xs (M, G) float32 its groups' sums. The
-        # weights' rows fill the matrix instruction's large side, the streams its small one ("swap AB", as fp8's
-        # gemm). A code q becomes the bfloat16 128 + q by OR-ing it into 0x4300's mantissa, two codes in one lop3
-        # (nibbles i and i + 4 of a word sit 16 bits apart: Marlin's trick); a group's products sum x·(128 + q),
-        # then lose (128 + zero)·sum x and take the group's scale: sum x·(q - zero)·scale.
-        pn, pk = tl.program_id(0), tl.program_id(1)
-        g_end = tl.minimum(pk * PER + PER, G)
-        rows = pn * BLOCK_N + tl.arange(0, BLOCK_N)
-        live = rows < N
-        mi = tl.arange(0, BLOCK_M)
-        mm = mi < M
-        jj = tl.arange(0, 16)
-        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-        for g0 in tl.range(pk * PER, g_end, GROUPS):
-            for gl in tl.static_range(GROUPS):
-                g = g0 + gl
-                gv = g < g_end
-                if TILED:
-                    blk = (pn * (G // GROUPS) + g0 // GROUPS) * (BLOCK_N * GROUPS * 16)
-                    wp = w_ptr + blk + tl.arange(0, BLOCK_N)[:, None] * (GROUPS * 16) + gl * 16 + jj[None, :]
-                else:
-                    wp = w_ptr + rows[:, None] * KW + g * 16 + jj[None, :]
-                xp = x_ptr + mi[None, :] * (G * 128) + g * 128 + jj[:, None]  # (16, M): nibble 0's columns
-                xm = mm[None, :] & gv
-                if EVEN:
-                    w = tl.load(wp)
-                    s = tl.load(s_ptr + rows * G + g).to(tl.float32)
-                    z = tl.load(z_ptr + rows * G + g).to(tl.float32)
-                else:
-                    w = tl.load(wp, mask=live[:, None] & gv, other=0)
-                    s = tl.load(s_ptr + rows * G + g, mask=live & gv, other=0).to(tl.float32)
-                    z = tl.load(z_ptr + rows * G + g, mask=live & gv, other=0).to(tl.float32)
-                xs = tl.load(xs_ptr + mi * G + g, mask=mm & gv, other=0)
-                part = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-                for i in tl.static_range(4):
-                    v = w >> (4 * i)  # nibble i to bits 0..3, nibble i + 4 to bits 16..19
-                    if ASM:
-                        lo, hi = tl.inline_asm_elementwise(
-                            """{
-                            .reg .b32 t;
-                            lop3.b32 t, $2, 0x000F000F, 0x43004300, 0xEA;
-                            mov.b32 {$0, $1}, t;
-                            }""", "=h,=h,r", [v], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1)
-                    else:
-                        lo = ((v & 0xF) | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
-                        hi = (((v >> 16) & 0xF) | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
-                    xlo = tl.load(xp + 16 * i, mask=xm, other=0)
-                    xhi = tl.load(xp + 16 * (i + 4), mask=xm, other=0)
-                    part = tl.dot(lo.to(x_ptr.dtype.element_ty), xlo, part)
-                    part = tl.dot(hi.to(x_ptr.dtype.element_ty), xhi, part)
-                acc += s[:, None] * (part - (128.0 + z)[:, None] * xs[None, :])
-        tl.store(y_ptr + pk * M * N + mi[None, :] * N + rows[:, None], acc, mask=live[:, None] & mm[None, :])
-
-    return triton, gemv, gemm
+    from . import lowbit_kernels
+    return triton, lowbit_kernels
 
 
 # the kernel's configuration for a matrix of N rows and G groups: (rows a program, groups an iteration, groups a
@@ -232,6 +117,8 @@ PLAIN_CONFIG = (16, 1, 4, 4, 1)
 # Hopper here, sixteenth session)
 BATCH_ROWS = 64
 BATCH_KERNEL = False
+# whether one row's product adds its parts inside the one-row kernel (as ``fp8.SUM_IN_KERNEL``; off until timed)
+SUM_IN_KERNEL = False
 
 
 def choose(n: int, groups: int) -> tuple[tuple[int, int, int, int, int], bool]:
@@ -243,14 +130,17 @@ def choose(n: int, groups: int) -> tuple[tuple[int, int, int, int, int], bool]:
     return PLAIN_CONFIG, False
 
 
-def launch(xf, xs, packed, scale, zero, y, config, tiled: bool = False) -> None:
+def launch(xf, xs, packed, scale, zero, y, config, tiled: bool = False, counters=None, scratch=None) -> None:
     """The kernel alone: xf (M, K) activations, 1 <= M <= ``BATCH_ROWS`` (one row: float32, the one-row kernel;
     more: any float dtype, the several-rows kernel), xs (M, K/128) float32 (or (K/128,) for one row) their
     groups' sums, packed (N, K/8) int32 (or ``tile``'s layout with ``tiled``), scale and zero (N, K/128) bfloat16,
     y (parts, M, N) float32 out (or (parts, N) for one row): each part's sums (parts = ceil(G / groups a
-    program)). ValueError for shapes, dtypes or a config that do not fit together (a tiled layout needs whole
-    tiles: N % rows a program == 0, G % groups an iteration == 0, groups a program % groups an iteration == 0)."""
-    triton, gemv_kernel, gemm_kernel = _kernel()
+    program)). With ``counters`` (one row only): the one-row kernel adds the parts itself, y (1, N) in any float
+    dtype is the product, ``scratch`` (parts, N) float32 holds the parts, ``counters`` (ceil(N / rows a program),)
+    int32 must be all 0 and is left so (``SUM_IN_KERNEL``). ValueError for shapes, dtypes or a config that do not
+    fit together (a tiled layout needs whole tiles: N % rows a program == 0, G % groups an iteration == 0, groups
+    a program % groups an iteration == 0)."""
+    triton, kernels = _kernels()
     block_n, groups, per, warps, stages = config
     n, G = scale.shape
     m = xf.shape[0]
@@ -258,23 +148,30 @@ def launch(xf, xs, packed, scale, zero, y, config, tiled: bool = False) -> None:
     if tiled and (n % block_n or G % groups or per % groups):
         raise ValueError(f"a tiled ({n}, {G * GROUP}) matrix needs whole tiles; config {config} does not fit it")
     parts = -(-G // per)
+    here = counters is not None
     if (tuple(packed.shape) != words or packed.dtype != torch.int32 or not packed.is_contiguous()
             or tuple(zero.shape) != (n, G) or xf.dim() != 2 or tuple(xf.shape) != (m, G * GROUP)
             or not 1 <= m <= BATCH_ROWS or not xf.is_contiguous()
             or not (xf.dtype == torch.float32 if m == 1 else xf.dtype.is_floating_point)
             or tuple(xs.shape) not in (((G,), (1, G)) if m == 1 else ((m, G),)) or xs.dtype != torch.float32
-            or tuple(y.shape) not in ((parts, m, n), (parts, n) if m == 1 else ()) or y.dtype != torch.float32):
+            or (not here and (tuple(y.shape) not in ((parts, m, n), (parts, n) if m == 1 else ())
+                              or y.dtype != torch.float32))
+            or (here and (m != 1 or tuple(y.shape) != (1, n) or counters.dtype != torch.int32
+                          or tuple(counters.shape) != (-(-n // block_n),) or scratch is None
+                          or tuple(scratch.shape) != (parts, n) or scratch.dtype != torch.float32))):
         raise ValueError(f"int4 kernel: packed {tuple(packed.shape)} {packed.dtype}, scale {tuple(scale.shape)}, "
                          f"zero {tuple(zero.shape)}, x {tuple(xf.shape)} {xf.dtype}, y {tuple(y.shape)} do not fit "
                          f"config {config} (tiled={tiled}, at most {BATCH_ROWS} rows)")
     even = n % block_n == 0 and G % per == 0 and per % groups == 0
     grid = (triton.cdiv(n, block_n), parts)
     if m == 1:
-        gemv_kernel[grid](xf, xs, packed, scale, zero, y, n, G * 16, G, per, BLOCK_N=block_n, GROUPS=groups,
-                          STAGES=stages, ASM=xf.is_cuda, EVEN=even, TILED=tiled, num_warps=warps)
+        kernels.int4_gemv[grid](xf, xs, packed, scale, zero, y, scratch if here else y, counters if here else y, n,
+                                G * 16, G, per, parts, BLOCK_N=block_n, GROUPS=groups, STAGES=stages,
+                                ASM=xf.is_cuda, EVEN=even, TILED=tiled, SUM_HERE=here, num_warps=warps)
     else:
-        gemm_kernel[grid](xf, xs, packed, scale, zero, y, m, n, G * 16, G, per, BLOCK_M=block_m(m), BLOCK_N=block_n,
-                          GROUPS=groups, ASM=xf.is_cuda, EVEN=even, TILED=tiled, num_warps=warps)
+        kernels.int4_gemm[grid](xf, xs, packed, scale, zero, y, m, n, G * 16, G, per, BLOCK_M=block_m(m),
+                                BLOCK_N=block_n, GROUPS=groups, ASM=xf.is_cuda, EVEN=even, TILED=tiled,
+                                num_warps=warps)
 
 
 @torch.library.custom_op("livecc::int4_product", mutates_args=())
@@ -294,17 +191,41 @@ def _(xf, xs, packed, scale, zero, block_n, groups, per, warps, stages, tiled):
     return xf.new_empty(-(-G // per), xf.shape[0], n, dtype=torch.float32)
 
 
+@torch.library.custom_op("livecc::int4_gemv_summed", mutates_args=())
+def _gemv_summed(xf: torch.Tensor, xs: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                 counters: torch.Tensor, block_n: int, groups: int, per: int, warps: int, stages: int, tiled: bool,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """``launch`` with ``counters``, as an operator: one row's product (1, N) in ``dtype``, the parts added by the
+    kernel. ``counters`` is written and set back to all 0 within the kernel, so the operator declares no mutation
+    (declared, torch.compile would copy it on every call); the engine issues one product at a time per weight (one
+    thread and one CUDA stream a device), which this relies on (as ``fp8._gemv_summed``)."""
+    n, G = scale.shape
+    y = torch.empty(1, n, dtype=dtype, device=xf.device)
+    scratch = torch.empty(-(-G // per), n, dtype=torch.float32, device=xf.device)
+    launch(xf, xs, packed, scale, zero, y, (block_n, groups, per, warps, stages), tiled, counters, scratch)
+    return y
+
+
+@_gemv_summed.register_fake
+def _(xf, xs, packed, scale, zero, counters, block_n, groups, per, warps, stages, tiled, dtype):
+    return xf.new_empty(1, scale.shape[0], dtype=dtype)
+
+
 def gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-         config: tuple[int, int, int, int, int] = PLAIN_CONFIG, tiled: bool = False) -> torch.Tensor:
+         config: tuple[int, int, int, int, int] = PLAIN_CONFIG, tiled: bool = False,
+         counters: torch.Tensor | None = None) -> torch.Tensor:
     """A few rows times a 4-bit matrix: x (M, K), 1 <= M <= ``BATCH_ROWS``, bfloat16/float16/float32, packed (N,
     K/8) int32 (``tile``'s layout with ``tiled``), scale and zero (N, K/128) bfloat16 -> y (M, N) in x's dtype,
-    x · dequantize(...)ᵀ summed in float32. One row: activations in float32 (no conversion in the kernel's loop);
-    more: in x's dtype (the matrix instruction's). ``config``: (rows a program, groups an iteration, groups a
-    program, warps, pipeline stages). ValueError as ``launch``."""
+    x · dequantize(...)ᵀ summed in float32 (the parts added by the kernel for one row given ``counters``,
+    (ceil(N / rows a program),) int32 zeros, else after it). One row: activations in float32 (no conversion in the
+    kernel's loop); more: in x's dtype (the matrix instruction's). ``config``: (rows a program, groups an
+    iteration, groups a program, warps, pipeline stages). ValueError as ``launch``."""
     G = scale.shape[1]
     x2 = x.reshape(-1, G * GROUP)
     xf = x2.float() if x2.shape[0] == 1 else x2.contiguous()
     xs = xf.float().view(-1, G, GROUP).sum(-1)  # each row's groups' sums of activations (M, G)
+    if counters is not None and x2.shape[0] == 1 and -(-G // config[2]) > 1:
+        return _gemv_summed(xf, xs, packed, scale, zero, counters, *config, tiled, x.dtype)
     return _product_parts(xf, xs, packed, scale, zero, *config, tiled).sum(0).to(x.dtype)
 
 
@@ -351,7 +272,8 @@ class Int4Weight(LowBitWeight):
 
     def gemv(self, x: torch.Tensor) -> torch.Tensor:
         """x (M, K), M <= ``rows_a_call()`` -> (M, N) through ``gemv`` (CUDA)."""
-        return gemv(x, self.packed, self.scale, self.zero, self.config, self.tiled)
+        return gemv(x, self.packed, self.scale, self.zero, self.config, self.tiled,
+                    self.counters if SUM_IN_KERNEL else None)
 
     def extra_repr(self) -> str:
         return f"{self.shape[0]}, {self.shape[1]}, int4 groups of {GROUP}, config={self.config}, tiled={self.tiled}"

@@ -101,12 +101,17 @@ class LowBitWeight(nn.Module):
     def __init__(self, packed: torch.Tensor, shape: tuple[int, int], config: tuple[int, int, int, int, int],
                  tiled: bool):
         """``packed``: (N, W) int32 words, or ``tile``'s layout when ``tiled``; ``shape`` (N, K); ``config``: the
-        format's kernel configuration (rows a program, groups an iteration, groups a program, warps, stages)."""
+        format's kernel configuration (rows a program, groups an iteration, groups a program, warps, stages).
+        ``counters`` (ceil(N / rows a program),) int32 zeros: see ``lowbit_kernels.store_part``."""
         super().__init__()
         self.register_buffer("packed", packed)
         self.shape = torch.Size(shape)
         self.config, self.tiled = config, tiled
         self.block_n = config[0]
+        # the one-row kernel's counts of finished parts a block of rows, when it adds its parts itself (the formats'
+        # ``SUM_IN_KERNEL``): all 0 between calls; scratch, not part of a saved weight
+        self.register_buffer("counters", torch.zeros(-(-shape[0] // self.block_n), dtype=torch.int32,
+                                                     device=packed.device), persistent=False)
 
     def packed_rows(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """The words of rows ``start``..``stop`` (whole tiles when tiled), (rows, W) int32, untiled."""
