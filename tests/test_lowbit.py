@@ -83,3 +83,36 @@ def test_a_kernel_refuses_counters_that_do_not_fit():
     with pytest.raises(ValueError, match="do not fit"):  # no scratch for the parts
         int4.launch(x, x.view(8, 128).sum(-1), q.packed, q.scale, q.zero, torch.empty(1, 128), q.config, q.tiled,
                     q.counters, None)
+
+
+def test_the_kernels_compile_for_hopper_with_the_instructions_they_rely_on():
+    """Every kernel compiled for sm_90 by Triton's own toolchain (ptxas included: the inline PTX and ``wgmma`` that
+    the CPU's interpreter never runs), no GPU needed (scripts/sass_loop.py): the fp8 kernels convert with the
+    hardware's E4M3 instruction (F2FP.*E4M3), the several-rows kernels multiply with the matrix instruction
+    (HGMMA) in their main loop, and a kernel adding its parts itself has the pattern its correctness rests on: a
+    barrier, a GPU-scope fence before the one atomic that counts, an L1 invalidation after it, and loads of the
+    parts that bypass L1 (a GPU-scope load) — none of which a kernel that leaves the parts to a later kernel has."""
+    pytest.importorskip("triton")
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+    try:
+        import sass_loop
+    finally:
+        sys.path.pop(0)
+
+    seen = 0
+    for name, code, per_thread, shared in sass_loop.kernels():
+        text = "\n".join(ins for _, ins in code)
+        loop = "\n".join(sass_loop.main_loop(code))
+        assert loop, name
+        if name.startswith("fp8"):
+            assert "E4M3" in text, name  # F2FP.F16.E4M3.UNPACK_B: the paired conversion
+        if "gemm" in name:
+            assert "HGMMA" in loop, name
+        summed = "parts added in the kernel" in name
+        pattern = ("BAR.SYNC" in text and "MEMBAR" in text and "ATOMG" in text and "CCTL.IVALL" in text
+                   and "LDG.E.STRONG.GPU" in text)
+        assert pattern == summed, name
+        seen += 1
+    assert seen == 12
