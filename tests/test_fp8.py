@@ -149,6 +149,43 @@ def test_one_row_kernel_equals_the_dequantized_product(n, k, tiled, dtype):
     interpreted(__file__, "_kernel_matches", n, k, tiled, dtype)
 
 
+def _rows_kernel_matches(n: int, k: int, tiled: bool, dtype: str) -> None:
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    from pipeline.engine import fp8 as m
+    torch.manual_seed(n + k + 1)
+    w = m.Fp8Weight.from_float(torch.randn(n, k) * 0.02)
+    assert w.tiled == tiled, (w.tiled, tiled)
+    want_w = w.dequantize(torch.float32)
+    # 2 rows (one 16-row block, mostly masked), 17 (32), 64 (the most a call): the chosen config, one part, and
+    # untiled configs with masked tails of weight rows and groups
+    for config in (w.config, w.config[:2] + (0,) + w.config[3:], (16, 1, 3, 4, 1), (32, 2, 0, 4, 1)):
+        if w.tiled and config[:2] != w.config[:2]:
+            continue
+        for rows in (2, 17, m.BATCH_ROWS):
+            x = torch.randn(rows, k).to(getattr(torch, dtype))
+            y = m.gemv(x, w.packed, w.scale, config, w.tiled)
+            want = x.float() @ want_w.T
+            assert y.dtype == x.dtype and y.shape == (rows, n)
+            err = ((y.float() - want).norm() / want.norm()).item()
+            assert err < (1e-5 if dtype == "float32" else 2e-3), (config, rows, err)
+    with pytest.raises(ValueError, match=f"at most {m.BATCH_ROWS} rows"):
+        m.gemv(torch.randn(m.BATCH_ROWS + 1, k), w.packed, w.scale, w.config, w.tiled)
+    # compiled whole (the custom operator's fake gives inductor the parts' shape (parts, M, N))
+    compiled = torch.compile(lambda x: m.gemv(x, w.packed, w.scale, w.config, w.tiled) * 2, fullgraph=True)
+    x = torch.randn(5, k).to(getattr(torch, dtype))
+    assert torch.allclose(compiled(x) / 2, m.gemv(x, w.packed, w.scale, w.config, w.tiled), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("n,k,tiled,dtype", [(128, 512, True, "float32"), (40, 448, False, "float32"),
+                                             (64, 384, True, "float16")])
+def test_several_rows_kernel_equals_the_dequantized_product(n, k, tiled, dtype):
+    """The several-rows kernel (a batched decode step: the weights converted once for every row, then ``tl.dot``).
+    bfloat16 activations are for the GPU test: Triton 3.8's interpreter multiplies bfloat16 tensors wrongly (a
+    relative error of 4e9 on a plain 16 x 16 ``tl.dot``), float16 ones right."""
+    pytest.importorskip("triton")
+    interpreted(__file__, "_rows_kernel_matches", n, k, tiled, dtype)
+
+
 def test_fp8_weights_through_the_engine_on_cpu():
     """The tiny model with every linear weight of its language model in fp8 (the CPU takes the dequantized path;
     ``check`` keeps fp8 to CUDA 8.9+ for users, where the one-row kernel runs): the engine's layers see Fp8Weights,

@@ -247,12 +247,13 @@ def test_lowbit_kernel_on_the_7b_shapes_eager_compiled_and_in_a_graph(mode):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             out = summed(static)
-        graph.replay()
-        first = out.clone()
-        assert ((first.float() / 2 - want).norm() / want.norm()).item() < 5e-3
-        for _ in range(200):  # a missed count or a stale part would change a replay's result or leave a count
+        inputs = [x, torch.randn_like(x)]  # alternated: a stale part or a skipped sum shows as the other's result
+        eager = [product(xi) * 2 for xi in inputs]
+        for r in range(200):
+            static.copy_(inputs[r % 2])
             graph.replay()
-        assert torch.equal(out, first) and not q.counters.any(), (n, k)
+            assert torch.allclose(out.float(), eager[r % 2].float(), rtol=1e-2, atol=1e-3), (n, k, r)
+        assert not q.counters.any(), (n, k)
         if n == 4608:  # torch 2.11's dynamo could not trace slice.indices there: the compiled prefill fell back
             many = torch.compile(lambda x, w: w.linear(x), fullgraph=True, dynamic=True)
             for t in (386, 700):
@@ -268,10 +269,18 @@ def test_quantized_decode_agrees_with_bfloat16(mode, monkeypatch):
     steps, then whole turns through the engine: two batched rows, one evicting (window), one rolling over. Prints
     what it saw. int4-batch, fp8-batch: with the format's several-rows kernel (``BATCH_KERNEL``) for the two
     batched rows; int4-sum, fp8-sum: with the parts added inside the one-row kernel (``SUM_IN_KERNEL``)."""
+    summed_calls, variant = [], None
     if "-" in mode:
         mode, variant = mode.split("-")
-        flag = {"batch": "BATCH_KERNEL", "sum": "SUM_IN_KERNEL"}[variant]
-        monkeypatch.setattr(importlib.import_module(f"pipeline.engine.{mode}"), flag, True)
+        fmt = importlib.import_module(f"pipeline.engine.{mode}")
+        monkeypatch.setattr(fmt, {"batch": "BATCH_KERNEL", "sum": "SUM_IN_KERNEL"}[variant], True)
+        if variant == "sum":  # the tiny model's matrices are narrow: every config splits as finely as it can
+            for name in ("PLAIN_CONFIG", "TILED_CONFIG", "SMALL_CONFIG", "LARGE_CONFIG"):
+                if hasattr(fmt, name):
+                    c = getattr(fmt, name)
+                    monkeypatch.setattr(fmt, name, c[:2] + (c[1],) + c[3:])
+            summed = fmt._gemv_summed
+            monkeypatch.setattr(fmt, "_gemv_summed", lambda *a: summed_calls.append(1) or summed(*a))
     import random
 
     import numpy as np
@@ -310,6 +319,7 @@ def test_quantized_decode_agrees_with_bfloat16(mode, monkeypatch):
     got = decode_agreement(ModelRunner(ref, slots=1, capacity=4096, graphs=True, compile=False), runner, prompt, 1000)
     print(mode, got, f"weights {q.weight_bytes} vs {ref.weight_bytes} bytes")
     assert runner.graphs.compile, "the compiled decode step fell back to eager with quantized weights"
+    assert bool(summed_calls) == (variant == "sum")  # the parts were added in the kernel, and only then
     # A broken kernel gives NaN or cosine ~0 (fp8 gave NaN before its zero-row guard). Measured on an H200 with this
     # tiny random-weight model (hidden 128: one int4 group per row, near-tied logits), cosine mean / argmax:
     # int8 0.997 / 86 %, fp8 0.958 / 55 %, int4 0.828 / 27 %; the bounds sit below those, not at a quality target

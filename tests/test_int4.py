@@ -151,7 +151,7 @@ def _rows_kernel_matches(n: int, k: int, tiled: bool, dtype: str) -> None:
     want_w = w.dequantize(torch.float32)
     # 2 rows (one 16-row block, mostly masked), 17 (32), 64 (the most a call); the chosen config, a short last part
     # of groups, masked tails of weight rows (untiled)
-    for config in (w.config, w.config[:2] + (2 * w.config[1],) + w.config[3:], (16, 1, 3, 4, 1), (32, 2, 6, 4, 1)):
+    for config in (w.config, w.config[:2] + (w.config[1],) + w.config[3:], (16, 1, 3, 4, 1), (32, 2, 6, 4, 1)):
         if w.tiled and config[:2] != w.config[:2]:
             continue
         for rows in (2, 17, m.BATCH_ROWS):

@@ -34,7 +34,7 @@ def _summed_in_kernel_matches(fmt: str, n: int, k: int) -> None:
         xf = x.float()
         return m._product_parts(xf, xf.view(1, -1, m.GROUP).sum(-1), *tensors, *config, w.tiled)[:, 0]
 
-    for config in {w.config, w.config[:2] + (2 * w.config[1],) + w.config[3:]}:  # 2+ parts; a short last part
+    for config in {w.config, w.config[:2] + (w.config[1],) + w.config[3:]}:  # 2+ parts; the finest split
         counters = torch.zeros(-(-n // config[0]), dtype=torch.int32)
         for _ in range(2):  # the counters left at 0: a second call sums the same
             x = torch.randn(1, k)
@@ -116,3 +116,29 @@ def test_the_kernels_compile_for_hopper_with_the_instructions_they_rely_on():
         assert pattern == summed, name
         seen += 1
     assert seen == 12
+
+
+def test_several_rows_split_the_input_only_as_far_as_it_takes_for_enough_programs():
+    """``lowbit.rows_config`` on LiveCC-7B's matrices in the engine's configs: the few-row product's parts, each an
+    (M, N) float32 block written and read back, are the fewest that give ``BATCH_PROGRAMS`` programs (one for the
+    wide matrices: the lm_head at 64 rows would otherwise move 7 x 64 x 151936 x 4 bytes), never more than the one-row
+    split, each a whole number of iterations (the tiled layout needs it)."""
+    from pipeline.engine import fp8, int4
+    from pipeline.engine.lowbit import BATCH_PROGRAMS, rows_config
+
+    shapes = {"q|k|v": (4608, 3584), "o": (3584, 3584), "gate|up": (37888, 3584), "down": (3584, 18944),
+              "lm_head": (151936, 3584)}
+    got = {}
+    for fmt in (fp8, int4):
+        for name, (n, k) in shapes.items():
+            groups = k // fmt.GROUP
+            config, tiled = fmt.choose(n, groups)
+            several = rows_config(config, n, groups)
+            assert several[:2] == config[:2] and several[3:] == config[3:] and several[2] % config[1] == 0
+            parts, one_row = -(-groups // several[2]), -(-groups // config[2])
+            blocks = -(-n // config[0])
+            assert 1 <= parts <= one_row and (parts == one_row or blocks * parts >= BATCH_PROGRAMS), (name, parts)
+            assert parts == 1 or blocks * (parts - 1) < BATCH_PROGRAMS, (name, parts)  # the fewest
+            got[fmt.__name__.rsplit(".", 1)[1], name] = parts
+    assert got["fp8", "lm_head"] == got["fp8", "gate|up"] == got["int4", "lm_head"] == 1
+    assert got["fp8", "down"] == 10 and got["int4", "down"] == 5

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import torch
 
-from .lowbit import LowBitWeight, block_m, tile, untile  # noqa: F401 - tile/untile: this layout's
+from .lowbit import LowBitWeight, block_m, rows_config, tile, untile  # noqa: F401 - tile/untile: this layout's
 
 GROUP = 64  # columns a group of 16 words holds (4 bytes a word)
 E4M3_MAX = 448.0  # the largest float8_e4m3fn (OCP 8-bit floating point specification, 2023)
@@ -190,13 +190,13 @@ def _(x, packed, scale, block_n, groups, per, warps, stages, tiled):
     return x.new_empty(n_parts, x.shape[0], scale.shape[0], dtype=x.dtype if n_parts == 1 else torch.float32)
 
 
-@torch.library.custom_op("livecc::fp8_gemv_summed", mutates_args=())
+@torch.library.custom_op("livecc::fp8_gemv_summed", mutates_args=("counters",))
 def _gemv_summed(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, counters: torch.Tensor, block_n: int,
                  groups: int, per: int, warps: int, stages: int, tiled: bool) -> torch.Tensor:
     """``launch`` with ``counters``, as an operator: one row's product (1, N) in x's dtype, the parts added by the
-    kernel. ``counters`` is written and set back to all 0 within the kernel, so the operator declares no mutation
-    (declared, torch.compile would copy it on every call); the engine issues one product at a time per weight (one
-    thread and one CUDA stream a device), which this relies on."""
+    kernel. ``counters`` is counted up and set back to all 0 within the kernel (declared mutated: inductor calls the
+    operator on the buffer itself, no copy, torch 2.14). Two launches on one weight must not overlap: the engine
+    issues one product at a time (one thread and one CUDA stream a device)."""
     n = scale.shape[0]
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
     scratch = torch.empty(parts((block_n, groups, per, warps, stages), x.shape[-1]), n, dtype=torch.float32,
@@ -216,10 +216,13 @@ def gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
     """A few rows times an FP8 matrix: x (M, K), 1 <= M <= ``BATCH_ROWS``, bfloat16/float16/float32, packed (N, K/4)
     int32 (``lowbit.tile``'s layout with ``tiled``), scale (N,) float32 -> y (M, N) in x's dtype, summed in float32
     (the parts' sums added in float32 when the config splits the input: by the kernel for one row given
-    ``counters``, (ceil(N / rows a program),) int32 zeros, else after it). ValueError as ``launch``."""
+    ``counters``, (ceil(N / rows a program),) int32 zeros, else after it; several rows split it less,
+    ``lowbit.rows_config``). ValueError as ``launch``."""
     x = x.reshape(-1, x.shape[-1]).contiguous()
     if counters is not None and x.shape[0] == 1 and parts(config, x.shape[-1]) > 1:
         return _gemv_summed(x, packed, scale, counters, *config, tiled)
+    if x.shape[0] > 1:  # fewer parts: each writes and reads back (M, N) float32 sums
+        config = rows_config(config, scale.shape[0], x.shape[-1] // GROUP)
     y = _product_parts(x, packed, scale, *config, tiled)
     return y[0] if y.shape[0] == 1 else y.sum(0).to(x.dtype)
 
@@ -227,7 +230,8 @@ def gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
 class Fp8Weight(LowBitWeight):
     """A linear layer's (N, K) weight in FP8 E4M3 with a float32 scale per row (this module's layout), standing where
     the weight tensor stood (``model.linear`` calls ``linear``: ``lowbit.LowBitWeight``). Buffers: ``packed`` int32,
-    (N, K/4) or, ``tiled``, ``lowbit.tile``'s (N/block, G/groups, block, groups·16); ``scale`` (N,) float32.
+    (N, K/4) or, ``tiled``, ``lowbit.tile``'s (N/block, G/groups, block, groups·16); ``scale`` (N,) float32;
+    ``counters`` (``lowbit.LowBitWeight``, not saved).
 
     ``from_float(w)`` quantizes a float weight (K a multiple of 64, else ValueError) a block of rows at a time into
     the final buffers; several rows dequantize a block of rows at a time (``lowbit.DEQUANT_WEIGHTS``)."""

@@ -39,7 +39,7 @@ The kernels (``lowbit_kernels.py``) are imported on first use; under ``TRITON_IN
 from __future__ import annotations
 
 import torch
-from .lowbit import LowBitWeight, block_m, tile, untile  # noqa: F401 - tile/untile: this layout's
+from .lowbit import LowBitWeight, block_m, rows_config, tile, untile  # noqa: F401 - tile/untile: this layout's
 
 GROUP = 128  # weights per scale and zero (torchao's, HQQ's and GemLite's default; LiveCC-7B's 3584 = 28 groups)
 
@@ -191,14 +191,12 @@ def _(xf, xs, packed, scale, zero, block_n, groups, per, warps, stages, tiled):
     return xf.new_empty(-(-G // per), xf.shape[0], n, dtype=torch.float32)
 
 
-@torch.library.custom_op("livecc::int4_gemv_summed", mutates_args=())
+@torch.library.custom_op("livecc::int4_gemv_summed", mutates_args=("counters",))
 def _gemv_summed(xf: torch.Tensor, xs: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                  counters: torch.Tensor, block_n: int, groups: int, per: int, warps: int, stages: int, tiled: bool,
                  dtype: torch.dtype) -> torch.Tensor:
     """``launch`` with ``counters``, as an operator: one row's product (1, N) in ``dtype``, the parts added by the
-    kernel. ``counters`` is written and set back to all 0 within the kernel, so the operator declares no mutation
-    (declared, torch.compile would copy it on every call); the engine issues one product at a time per weight (one
-    thread and one CUDA stream a device), which this relies on (as ``fp8._gemv_summed``)."""
+    kernel (``counters`` as ``fp8._gemv_summed``'s)."""
     n, G = scale.shape
     y = torch.empty(1, n, dtype=dtype, device=xf.device)
     scratch = torch.empty(-(-G // per), n, dtype=torch.float32, device=xf.device)
@@ -217,22 +215,26 @@ def gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch
     """A few rows times a 4-bit matrix: x (M, K), 1 <= M <= ``BATCH_ROWS``, bfloat16/float16/float32, packed (N,
     K/8) int32 (``tile``'s layout with ``tiled``), scale and zero (N, K/128) bfloat16 -> y (M, N) in x's dtype,
     x · dequantize(...)ᵀ summed in float32 (the parts added by the kernel for one row given ``counters``,
-    (ceil(N / rows a program),) int32 zeros, else after it). One row: activations in float32 (no conversion in the
-    kernel's loop); more: in x's dtype (the matrix instruction's). ``config``: (rows a program, groups an
-    iteration, groups a program, warps, pipeline stages). ValueError as ``launch``."""
+    (ceil(N / rows a program),) int32 zeros, else after it; several rows split it less, ``lowbit.rows_config``).
+    One row: activations in float32 (no conversion in the kernel's loop); more: in x's dtype (the matrix
+    instruction's). ``config``: (rows a program, groups an iteration, groups a program, warps, pipeline stages).
+    ValueError as ``launch``."""
     G = scale.shape[1]
     x2 = x.reshape(-1, G * GROUP)
     xf = x2.float() if x2.shape[0] == 1 else x2.contiguous()
     xs = xf.float().view(-1, G, GROUP).sum(-1)  # each row's groups' sums of activations (M, G)
     if counters is not None and x2.shape[0] == 1 and -(-G // config[2]) > 1:
         return _gemv_summed(xf, xs, packed, scale, zero, counters, *config, tiled, x.dtype)
+    if x2.shape[0] > 1:  # fewer parts: each writes and reads back (M, N) float32 sums
+        config = rows_config(config, scale.shape[0], G)
     return _product_parts(xf, xs, packed, scale, zero, *config, tiled).sum(0).to(x.dtype)
 
 
 class Int4Weight(LowBitWeight):
     """A linear layer's (N, K) weight in 4 bits (this module's layout), standing where the weight tensor stood
     (``model.linear`` calls ``linear``: ``lowbit.LowBitWeight``). Buffers: ``packed`` int32, (N, K/8) or,
-    ``tiled``, ``tile``'s (N/64, G/2, 64, 32); ``scale`` and ``zero`` (N, K/128) bfloat16. ``shape`` is (N, K).
+    ``tiled``, ``tile``'s (N/64, G/2, 64, 32); ``scale`` and ``zero`` (N, K/128) bfloat16; ``counters``
+    (``lowbit.LowBitWeight``, not saved). ``shape`` is (N, K).
 
     ``from_float(w)`` quantizes a float weight (K a multiple of 128, else ValueError) a block of rows at a time into
     the final buffers, so the scratch stays at a block's (≈ 10 bytes a weight of 4,096 rows) next to an 8-GB card's

@@ -28,6 +28,23 @@ GEMV_ROWS = 4
 DEQUANT_WEIGHTS = 2**25
 
 
+# programs a several-rows product aims at (two an SM of an H200's 132): the input is split in parts only as far as
+# it takes to get them, so few parts' (M, N) float32 sums are written and read back (the one-row split, 7 parts of
+# the lm_head at 64 rows, would move 272 MiB, half its fp8 weights)
+BATCH_PROGRAMS = 256
+
+
+def rows_config(config: tuple[int, int, int, int, int], n: int, groups: int) -> tuple[int, int, int, int, int]:
+    """A one-row ``config`` (rows a program, groups an iteration, groups a program, warps, stages) of an (n,
+    GROUP·groups) matrix, with the groups a program a several-rows kernel takes: the fewest parts (at most the
+    one-row config's) that give ``BATCH_PROGRAMS`` programs, each a whole number of iterations."""
+    block_n, per_iteration, per = config[:3]
+    most = 1 if per == 0 else -(-groups // per)
+    n_parts = max(1, min(most, -(-BATCH_PROGRAMS // -(-n // block_n))))
+    per = -(-groups // n_parts)
+    return (block_n, per_iteration, -(-per // per_iteration) * per_iteration) + tuple(config[3:])
+
+
 def block_m(rows: int) -> int:
     """A several-rows kernel's rows of x a program for ``rows`` rows: a power of two from 16 (the smallest side of
     the matrix instruction ``tl.dot`` uses)."""

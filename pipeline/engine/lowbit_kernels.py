@@ -140,11 +140,13 @@ def fp8_gemm(x_ptr, w_ptr, s_ptr, y_ptr, M, N, KW, G, PER, BLOCK_M: tl.constexpr
         x1 = tl.load(xp + 16, mask=xm, other=0)
         x2 = tl.load(xp + 32, mask=xm, other=0)
         x3 = tl.load(xp + 48, mask=xm, other=0)
-        f0, f1, f2, f3 = e4m3_codes(w, ASM)  # float16, exact; in x's dtype (bfloat16 holds every E4M3 exactly)
-        acc = tl.dot(f0.to(x_ptr.dtype.element_ty), x0, acc)
-        acc = tl.dot(f1.to(x_ptr.dtype.element_ty), x1, acc)
-        acc = tl.dot(f2.to(x_ptr.dtype.element_ty), x2, acc)
-        acc = tl.dot(f3.to(x_ptr.dtype.element_ty), x3, acc)
+        # float16, exact; in x's dtype (bfloat16 holds every E4M3 exactly); "ieee": float32 activations multiply in
+        # float32, not TF32 (bfloat16 ones take the matrix instruction all the same)
+        f0, f1, f2, f3 = e4m3_codes(w, ASM)
+        acc = tl.dot(f0.to(x_ptr.dtype.element_ty), x0, acc, input_precision="ieee")
+        acc = tl.dot(f1.to(x_ptr.dtype.element_ty), x1, acc, input_precision="ieee")
+        acc = tl.dot(f2.to(x_ptr.dtype.element_ty), x2, acc, input_precision="ieee")
+        acc = tl.dot(f3.to(x_ptr.dtype.element_ty), x3, acc, input_precision="ieee")
     s = tl.load(s_ptr + rows, mask=live, other=0)
     tl.store(y_ptr + pk * M * N + mi[None, :] * N + rows[:, None], acc * s[:, None],
              mask=live[:, None] & mm[None, :])  # y (parts, M, N): cast to y's dtype
@@ -258,9 +260,9 @@ def int4_gemm(x_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, KW, G, PER, BLOCK
                 else:
                     lo = ((v & 0xF) | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
                     hi = (((v >> 16) & 0xF) | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
-                xlo = tl.load(xp + 16 * i, mask=xm, other=0)
+                xlo = tl.load(xp + 16 * i, mask=xm, other=0)  # ("ieee": float32 x in float32, not TF32)
                 xhi = tl.load(xp + 16 * (i + 4), mask=xm, other=0)
-                part = tl.dot(lo.to(x_ptr.dtype.element_ty), xlo, part)
-                part = tl.dot(hi.to(x_ptr.dtype.element_ty), xhi, part)
+                part = tl.dot(lo.to(x_ptr.dtype.element_ty), xlo, part, input_precision="ieee")
+                part = tl.dot(hi.to(x_ptr.dtype.element_ty), xhi, part, input_precision="ieee")
             acc += s[:, None] * (part - (128.0 + z)[:, None] * xs[None, :])
     tl.store(y_ptr + pk * M * N + mi[None, :] * N + rows[:, None], acc, mask=live[:, None] & mm[None, :])
