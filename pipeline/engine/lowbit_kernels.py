@@ -4,6 +4,7 @@ calls; the formats' docs say how each kernel works and what it measured).
     fp8_gemv, int4_gemv   one row (one stream's decode step): multiply-adds in float32, the input split in parts
     fp8_gemm, int4_gemm   several rows (a batched decode step): the weights converted once, the matrix instruction
     store_part            a program's part of one row's product: stored, or added by the last program of its rows
+    word_pointers         an iteration's words in the tiled or the plain layout
     e4m3_codes            a word's four E4M3 codes as float16 (the hardware's paired conversion on CUDA)
 
 Imported by ``int4.py``/``fp8.py`` on first use, so that the engine imports without Triton; under
@@ -34,6 +35,19 @@ def store_part(part, y_ptr, part_ptr, count_ptr, rows, live, pn, pk, N, N_PARTS,
             tl.atomic_xchg(count_ptr + pn, 0, sem="relaxed", scope="gpu")  # ready for the next call
     else:
         tl.store(y_ptr + pk * N + rows, part, mask=live)  # cast to y's dtype
+
+
+@triton.jit
+def word_pointers(w_ptr, pn, g0, r, col, KW, G, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, TILED: tl.constexpr):
+    """Pointers to the words of an iteration: rows pn·BLOCK_N + r of the matrix (r: 0..BLOCK_N-1, shaped to
+    broadcast), words ``col`` counted from the iteration's first group g0 (group col // 16, word col % 16 in it). TILED:
+    ``lowbit.tile``'s layout, where an iteration's BLOCK_N x GROUPS x 16 words are one contiguous block; else (N, KW)
+    row-major."""
+    if TILED:
+        wp = w_ptr + (pn * (G // GROUPS) + g0 // GROUPS) * (BLOCK_N * GROUPS * 16) + r * (GROUPS * 16) + col
+    else:
+        wp = w_ptr + (pn * BLOCK_N + r) * KW + g0 * 16 + col
+    return wp
 
 
 @triton.jit
@@ -77,12 +91,8 @@ def fp8_gemv(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, count_ptr, N, KW, G, PER, N_P
     for g0 in tl.range(pk * PER, g_end, GROUPS):
         g = g0 + gi
         gm = g < g_end
-        if TILED:  # ``lowbit.tile``'s layout: this iteration's BLOCK_N x GROUPS x 16 words are one contiguous block
-            blk = (pn * (G // GROUPS) + g0 // GROUPS) * (BLOCK_N * GROUPS * 16)
-            wp = w_ptr + blk + tl.arange(0, BLOCK_N)[:, None, None] * (GROUPS * 16) + gi[None, :, None] * 16 \
-                + jj[None, None, :]
-        else:
-            wp = w_ptr + rows[:, None, None] * KW + g[None, :, None] * 16 + jj[None, None, :]
+        wp = word_pointers(w_ptr, pn, g0, tl.arange(0, BLOCK_N)[:, None, None],
+                           gi[None, :, None] * 16 + jj[None, None, :], KW, G, BLOCK_N, GROUPS, TILED)
         xb = rows[:, None, None] * 0 + g[None, :, None] * 64 + jj[None, None, :]
         if EVEN:  # the activations in their own dtype (bfloat16 in the engine), to float32 as loaded
             w = tl.load(wp)
@@ -124,11 +134,7 @@ def fp8_gemm(x_ptr, w_ptr, s_ptr, y_ptr, M, N, KW, G, PER, BLOCK_M: tl.constexpr
     c = tl.arange(0, GROUPS * 16)  # a word of this iteration: group c // 16, word c % 16 in it
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for g0 in tl.range(pk * PER, g_end, GROUPS):
-        if TILED:
-            blk = (pn * (G // GROUPS) + g0 // GROUPS) * (BLOCK_N * GROUPS * 16)
-            wp = w_ptr + blk + tl.arange(0, BLOCK_N)[:, None] * (GROUPS * 16) + c[None, :]
-        else:
-            wp = w_ptr + rows[:, None] * KW + g0 * 16 + c[None, :]
+        wp = word_pointers(w_ptr, pn, g0, tl.arange(0, BLOCK_N)[:, None], c[None, :], KW, G, BLOCK_N, GROUPS, TILED)
         xp = x_ptr + mi[None, :] * (G * 64) + (g0 + c // 16)[:, None] * 64 + (c % 16)[:, None]  # (words, M)
         cm = (g0 + c // 16) < g_end
         xm = cm[:, None] & mm[None, :]
@@ -171,12 +177,8 @@ def int4_gemv(x_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, y_ptr, part_ptr, count_ptr, N,
         g = g0 + gi
         gm = g < g_end
         m2 = live[:, None] & gm[None, :]
-        if TILED:  # ``tile``'s layout: this iteration's BLOCK_N x GROUPS x 16 words are one contiguous block
-            blk = (pn * (G // GROUPS) + g0 // GROUPS) * (BLOCK_N * GROUPS * 16)
-            wp = w_ptr + blk + tl.arange(0, BLOCK_N)[:, None, None] * (GROUPS * 16) + gi[None, :, None] * 16 \
-                + jj[None, None, :]
-        else:
-            wp = w_ptr + rows[:, None, None] * KW + g[None, :, None] * 16 + jj[None, None, :]
+        wp = word_pointers(w_ptr, pn, g0, tl.arange(0, BLOCK_N)[:, None, None],
+                           gi[None, :, None] * 16 + jj[None, None, :], KW, G, BLOCK_N, GROUPS, TILED)
         at = rows[:, None] * G + g[None, :]
         xb = rows[:, None, None] * 0 + g[None, :, None] * 128 + jj[None, None, :]
         if EVEN:
@@ -209,6 +211,7 @@ def int4_gemv(x_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, y_ptr, part_ptr, count_ptr, N,
     store_part(tl.sum(tl.sum(acc, 2), 1) - tl.sum(off, 1), y_ptr, part_ptr, count_ptr, rows, live, pn, pk, N, N_PARTS,
                BLOCK_N, SUM_HERE)
 
+
 # int4's several rows: codes into bfloat16's mantissa, the matrix instruction, each group's zero and scale after
 @triton.jit
 def int4_gemm(x_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, KW, G, PER, BLOCK_M: tl.constexpr,
@@ -231,11 +234,8 @@ def int4_gemm(x_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, KW, G, PER, BLOCK
         for gl in tl.static_range(GROUPS):
             g = g0 + gl
             gv = g < g_end
-            if TILED:
-                blk = (pn * (G // GROUPS) + g0 // GROUPS) * (BLOCK_N * GROUPS * 16)
-                wp = w_ptr + blk + tl.arange(0, BLOCK_N)[:, None] * (GROUPS * 16) + gl * 16 + jj[None, :]
-            else:
-                wp = w_ptr + rows[:, None] * KW + g * 16 + jj[None, :]
+            wp = word_pointers(w_ptr, pn, g0, tl.arange(0, BLOCK_N)[:, None], gl * 16 + jj[None, :], KW, G, BLOCK_N,
+                               GROUPS, TILED)
             xp = x_ptr + mi[None, :] * (G * 128) + g * 128 + jj[:, None]  # (16, M): nibble 0's columns
             xm = mm[None, :] & gv
             if EVEN:
