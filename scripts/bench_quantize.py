@@ -17,7 +17,7 @@ not caption quality.
 
     python3 scripts/bench_quantize.py --tokenizer .bench/tokenizer --out bench-out/quantize
     python3 scripts/bench_quantize.py --tokenizer .bench/tokenizer --steps 0          # the table and the 8-GiB case
-    python3 scripts/bench_quantize.py --tokenizer .bench/tokenizer --modes none fp8 fp8+sum int4 int4+sum --steps 0 --cap-gib 0
+    python3 scripts/bench_quantize.py --tokenizer .bench/tokenizer --modes none fp8 int4 --contexts 16384 --steps 0 --cap-gib 0
     python3 scripts/bench_quantize.py --tokenizer .bench/tokenizer --contexts --cap-gib 0   # the logits check only
     python3 scripts/bench_quantize.py --shape tiny --device cpu --modes none int8 --seconds 6 --steps 50 \
         --tokenizer .bench/tokenizer   # a dry run anywhere (CPU: float32, no graphs, memory figures 0)
@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_gpu import random_model, summarize, synthetic_clips, wrap  # noqa: E402
-from pipeline.engine import EngineConfig, StreamingSession, fp8, int4  # noqa: E402
+from pipeline.engine import EngineConfig, StreamingSession  # noqa: E402
 from pipeline.engine.quantize import decode_agreement, to_device  # noqa: E402
 from pipeline.engine.runner import ModelRunner  # noqa: E402
 from pipeline.types import Clip  # noqa: E402
@@ -48,11 +48,7 @@ GiB = 2**30
 
 
 def build(args, mode: str, cap_gib: float | None = None):
-    """The random model in ``mode`` on the device; with ``cap_gib`` the allocator is capped before it moves there.
-    ``MODE+sum`` (int4+sum, fp8+sum): the format's one-row kernel adds its parts itself (``SUM_IN_KERNEL``, module
-    state read when the engine compiles and captures its steps: set here until the next build)."""
-    mode, _, variant = mode.partition("+")
-    fp8.SUM_IN_KERNEL = int4.SUM_IN_KERNEL = variant == "sum"
+    """The random model in ``mode`` on the device; with ``cap_gib`` the allocator is capped before it moves there."""
     dev = torch.device(args.device)
     dtype = torch.bfloat16 if CUDA else torch.float32
     hf = random_model(args.shape, dev, dtype).cpu()  # same seed: the same weights in every mode
@@ -144,7 +140,7 @@ def main() -> int:
     ap.add_argument("--shape", choices=["7b", "tiny"], default="7b")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--modes", nargs="+", default=["none", "int8", "int4", "fp8"],
-                    help="engine.quantize modes; int4+sum, fp8+sum: with the parts added inside the one-row kernel")
+                    help="engine.quantize modes")
     ap.add_argument("--contexts", type=int, nargs="*", default=[16384, 32768], help="none: no engine runs")
     ap.add_argument("--seconds", type=int, default=40, help="seconds of video per run")
     ap.add_argument("--steps", type=int, default=1000, help="decode steps of the logits check")

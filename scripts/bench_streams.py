@@ -127,7 +127,7 @@ def run(model, n: int, warmup: float, seconds: float, slots: int | None, pool: l
         steps_per_prefill: int = 0, prefill_compiled: str = "on", max_context: int = 32768,
         overlap: str = "on", prefill_graphs: str = "on", decode_attention: str = "split-kv",
         busy: float = 0.0, sample: bool = False, stagger: float = 0.0, past_split: int = runner_mod.PAST_SPLIT,
-        batch_kernel: str = "off") -> dict:
+        batch_kernel: str = "on") -> dict:
     cfg = EngineConfig(greedy=not sample, max_context=max_context)
     t_start = time.perf_counter()
     runner_mod.SPLIT_KV_DECODE = decode_attention == "split-kv"  # read when the core's runner is built
@@ -295,10 +295,10 @@ def main(argv=None) -> int:
     ap.add_argument("--past-split", type=int, nargs="+", default=[runner_mod.PAST_SPLIT],
                     help="the prefill's cuDNN attention over a row's past in this many parts (runner.PAST_SPLIT; 1: "
                          "one part in 2048-key blocks, the default; 3: in 3072-key blocks); each value is a run")
-    ap.add_argument("--batch-kernel", nargs="+", default=["off"], choices=["on", "off"],
+    ap.add_argument("--batch-kernel", nargs="+", default=["on"], choices=["on", "off"],
                     help="with --quantize int4/fp8: 2..64 streams' decode step through the format's several-rows "
-                         "kernel (on) or its one-row kernel a row at a time up to 4 rows, the dequantized weight "
-                         "beyond (off, the engine's default: int4/fp8.BATCH_KERNEL); each value is a run")
+                         "kernel (on, the engine's default: int4/fp8.BATCH_KERNEL) or its one-row kernel a row at "
+                         "a time up to 4 rows, the dequantized weight beyond (off); each value is a run")
     ap.add_argument("--sample", action="store_true",
                     help="sample as a stream does by default (the checkpoint's generation_config: temperature, top-k, "
                          "top-p; unseeded) instead of greedy (tokens_per_s shows any turn that ended before 16 tokens)")

@@ -325,12 +325,9 @@ def int4_ways(configs=None):
     ways = {"int4 a row at a time": (engine, lambda x, p: torch.cat([p[0].gemv(x[r:r + 1]) for r in range(len(x))]),
                                      0.5),
             "int4 dequantized + cuBLAS": (engine, lambda x, p: F.linear(x, p[0].dequantize()), 4.5),
-            # one row in the engine's config, the parts added after the kernel or inside it (int4.SUM_IN_KERNEL)
+            # the engine's config (several rows: the several-rows kernel)
             "int4 engine config": (engine, lambda x, p: int4.gemv(x, p[0].packed, p[0].scale, p[0].zero, p[0].config,
-                                                                  p[0].tiled), 0.5),
-            "int4 engine config, parts added in the kernel": (
-                engine, lambda x, p: int4.gemv(x, p[0].packed, p[0].scale, p[0].zero, p[0].config, p[0].tiled,
-                                               p[0].counters), 0.5)}
+                                                                  p[0].tiled), 0.5)}
     for c in configs or int4.CONFIGS:
         name = f"{c[0]}x{c[1]}/{c[2]},{c[3]}w{',' + str(c[4]) + 's' if c[4] > 1 else ''}"
         ways[f"int4 {name} all"] = (prepare, lambda x, p, c=c: int4.gemv(x, *p, c), 0.5)
@@ -361,11 +358,9 @@ def fp8_ways(configs=None):
     engine = lambda w: (fp8.Fp8Weight.from_float(w),)  # noqa: E731 - the engine's config and tiling
     ways["fp8 a row at a time"] = (engine, lambda x, p: torch.cat([p[0].gemv(x[r:r + 1]) for r in range(len(x))]), 1.0)
     ways["fp8 dequantized + cuBLAS"] = (engine, lambda x, p: F.linear(x, p[0].dequantize()), 5.0)
-    # one row in the engine's configs, the parts added after the kernel or inside it (fp8.SUM_IN_KERNEL)
+    # the engine's configs (several rows: the several-rows kernel)
     ways["fp8 engine configs"] = (engine, lambda x, p: fp8.gemv(x, p[0].packed, p[0].scale, p[0].config,
                                                                 p[0].tiled), 1.0)
-    ways["fp8 engine configs, parts added in the kernel"] = (
-        engine, lambda x, p: fp8.gemv(x, p[0].packed, p[0].scale, p[0].config, p[0].tiled, p[0].counters), 1.0)
     for c in configs or fp8.CONFIGS:  # a config whose rows a program do not divide a matrix's rows shows "failed" there
         name = f"{c[0]}x{c[1]}/{c[2] or 'all'},{c[3]}w"
         ways[f"fp8 {name} all"] = (lambda w, c=c: prepare(w, c[:2]), lambda x, p, c=c: fp8.gemv(x, *p, c, True), 1.0)

@@ -80,13 +80,11 @@ def kernels():
     for config in (fp8.LARGE_CONFIG, fp8.SMALL_CONFIG):
         block_n, groups, _, warps, _ = config
         per_thread = block_n * groups * fp8.GROUP / (warps * 32)
-        sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp32", "y_ptr": "*bf16", "part_ptr": "*fp32",
-               "count_ptr": "*i32", "N": "i32", "KW": "i32", "G": "i32", "PER": "i32", "N_PARTS": "i32"}
-        for here in (False, True):
-            k = compiled(K.fp8_gemv, sig, {"BLOCK_N": block_n, "GROUPS": groups, "ASM": True, "EVEN": True,
-                                            "TILED": True, "SUM_HERE": here}, warps, (7,))
-            name = f"fp8_gemv {config}{', parts added in the kernel' if here else ''}"
-            out.append((name, sass(k.asm["cubin"]), per_thread, k.metadata.shared))
+        sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp32", "y_ptr": "*fp32", "N": "i32", "KW": "i32",
+               "G": "i32", "PER": "i32"}
+        k = compiled(K.fp8_gemv, sig, {"BLOCK_N": block_n, "GROUPS": groups, "ASM": True, "EVEN": True,
+                                        "TILED": True}, warps, (5,))
+        out.append((f"fp8_gemv {config}", sass(k.asm["cubin"]), per_thread, k.metadata.shared))
         sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp32", "y_ptr": "*fp32", "M": "i32", "N": "i32",
                "KW": "i32", "G": "i32", "PER": "i32"}
         for block_m in (16, 64):
@@ -96,14 +94,11 @@ def kernels():
                         k.metadata.shared))
     block_n, groups, _, warps, stages = int4.TILED_CONFIG
     per_thread = block_n * groups * int4.GROUP / (warps * 32)
-    sig = {"x_ptr": "*fp32", "xs_ptr": "*fp32", "w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*bf16", "y_ptr": "*bf16",
-           "part_ptr": "*fp32", "count_ptr": "*i32", "N": "i32", "KW": "i32", "G": "i32", "PER": "i32",
-           "N_PARTS": "i32"}
-    for here in (False, True):
-        k = compiled(K.int4_gemv, sig, {"BLOCK_N": block_n, "GROUPS": groups, "STAGES": stages, "ASM": True,
-                                         "EVEN": True, "TILED": True, "SUM_HERE": here}, warps, (9,))
-        name = f"int4_gemv {int4.TILED_CONFIG}{', parts added in the kernel' if here else ''}"
-        out.append((name, sass(k.asm["cubin"]), per_thread, k.metadata.shared))
+    sig = {"x_ptr": "*fp32", "xs_ptr": "*fp32", "w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*bf16", "y_ptr": "*fp32",
+           "N": "i32", "KW": "i32", "G": "i32", "PER": "i32"}
+    k = compiled(K.int4_gemv, sig, {"BLOCK_N": block_n, "GROUPS": groups, "STAGES": stages, "ASM": True,
+                                     "EVEN": True, "TILED": True}, warps, (7,))
+    out.append((f"int4_gemv {int4.TILED_CONFIG}", sass(k.asm["cubin"]), per_thread, k.metadata.shared))
     sig = {"x_ptr": "*bf16", "xs_ptr": "*fp32", "w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*bf16", "y_ptr": "*fp32",
            "M": "i32", "N": "i32", "KW": "i32", "G": "i32", "PER": "i32"}
     for block_m in (16, 64):

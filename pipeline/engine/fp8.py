@@ -18,17 +18,16 @@ of a row belongs to group g = j // 16 and holds in its byte i (bits 8i..8i+7) th
 16, so the activations that meet byte i of a group's 16 words are 16 consecutive columns; ``lowbit.tile`` reorders
 the words so that what a program reads in one iteration is contiguous. ``scale`` (N,) float32.
 
-Several rows (2..``BATCH_ROWS``: a batched decode step of that many streams) take ``gemm`` when ``BATCH_KERNEL``
-is on: each program converts its tile of weights once (the same paired conversion, then to the activations'
-bfloat16, which holds every E4M3 value exactly) and multiplies it into every row with the matrix instruction
+Several rows (2..``BATCH_ROWS``: a batched decode step of that many streams) take the several-rows kernel
+(``BATCH_KERNEL``, on): each program converts its tile of weights once (the same paired conversion, then to the
+activations' bfloat16, which holds every E4M3 value exactly) and multiplies it into every row with the matrix instruction
 (``tl.dot``; on Hopper ``wgmma`` m64n16k16 with the weights as the register operand, checked in the SASS compiled
 here), the weights' rows on the instruction's 64-wide side and the streams on its 16-wide one, so the weights are
-read once a step whatever the number of streams. Without it, up to ``lowbit.GEMV_ROWS`` rows take the one-row
-kernel a row at a time (a read of the weights each) and more the dequantized weight and cuBLAS (≈ 5 bytes a
-weight). ``BATCH_KERNEL`` stays off until the kernel is timed on a GPU (docs/performance.md, sixteenth session).
-The one-row kernel splits the input in parts for enough programs; the parts are added after it (a small kernel,
-or part of a neighbour's in the compiled step) or, with ``SUM_IN_KERNEL`` (off until timed, likewise), by the last
-program of each block of rows (``lowbit_kernels.store_part``).
+read once a step whatever the number of streams (on an H200 a step's products of 8 rows 2.8 ms, against 20.0 a
+row at a time; docs/performance.md, seventeenth session). More rows (a prefill) take the dequantized weight and
+cuBLAS (≈ 5 bytes a weight). The one-row kernel splits the input in parts for enough programs; the parts are added
+after it (a small kernel, or part of a neighbour's in the compiled step: adding them inside the kernel, the last
+program of a block of rows, was slower, seventeenth session).
 
 The kernels (``lowbit_kernels.py``) are imported on first use; under ``TRITON_INTERPRET=1`` they run on the CPU with a
 plain-Triton conversion instead of the inline PTX (tests/test_fp8.py).
@@ -106,14 +105,9 @@ PLAIN_CONFIG = (16, 1, 4, 4, 1)
 BATCH_ROWS = 64
 # whether the engine sends 2..BATCH_ROWS rows through the several-rows kernel (one read of the weights) instead of a
 # row at a time through the one-row kernel up to ``lowbit.GEMV_ROWS`` rows (a read a row) and the dequantized weight
-# beyond. Off until timed on a GPU: written and checked under Triton's interpreter and compiled for Hopper here
-# (sixteenth session, no GPU time); ``scripts/bench_streams.py --batch-kernel`` and ``profile_gemv.py --fp8``
-# measure it.
-BATCH_KERNEL = False
-# whether one row's product adds its parts inside the one-row kernel (the last program of a block of rows adds them:
-# no kernel after it) instead of after it (a small kernel, or part of a neighbour's, a product: 4–6 µs as its own
-# kernel on an H200, fifteenth session). Off until timed on a GPU, as ``BATCH_KERNEL``.
-SUM_IN_KERNEL = False
+# beyond: on an H200, 8 streams p50 304 ms instead of 952 (``scripts/bench_streams.py --batch-kernel``, seventeenth
+# session); off: for comparison
+BATCH_KERNEL = True
 
 
 def choose(n: int, groups: int) -> tuple[tuple[int, int, int, int, int], bool]:
@@ -131,15 +125,13 @@ def parts(config: tuple[int, int, int, int, int], k: int) -> int:
     return 1 if per == 0 else -(-G // per)
 
 
-def launch(x, packed, scale, y, config, tiled: bool = False, counters=None, scratch=None) -> None:
+def launch(x, packed, scale, y, config, tiled: bool = False) -> None:
     """The kernel alone: x (M, K) activations, 1 <= M <= ``BATCH_ROWS`` (float32, bfloat16 or float16), packed (N,
     K/4) int32 (or ``lowbit.tile``'s layout with ``tiled``), scale (N,) float32, y (parts, M, N) out (or (parts, N)
     for one row): each part's scaled sums, float32 (``parts(config, K)``; with one part, any float dtype: the
     product itself). One row takes the one-row kernel (activations to float32 as loaded), more rows the several-rows
-    kernel (weights to x's dtype, the matrix instruction). With ``counters`` (one row only): the one-row kernel adds
-    the parts itself, y (1, N) in any float dtype is the product, ``scratch`` (parts, N) float32 holds the parts,
-    ``counters`` (ceil(N / rows a program),) int32 must be all 0 and is left so (``SUM_IN_KERNEL``). ValueError
-    for shapes, dtypes or a config that do not fit together."""
+    kernel (weights to x's dtype, the matrix instruction). ValueError for shapes, dtypes or a config that do not
+    fit together."""
     triton, kernels = _kernels()
     block_n, groups, per, warps, _ = config
     (m, k), n = x.shape, scale.shape[0]
@@ -152,21 +144,16 @@ def launch(x, packed, scale, y, config, tiled: bool = False, counters=None, scra
     if (tuple(packed.shape) != words or packed.dtype != torch.int32 or not packed.is_contiguous()
             or tuple(scale.shape) != (n,) or scale.dtype != torch.float32 or k != G * GROUP
             or not 1 <= m <= BATCH_ROWS or not x.dtype.is_floating_point or not x.is_contiguous()
-            or (counters is None and tuple(y.shape) not in ((n_parts, m, n), (n_parts, n) if m == 1 else ()))
-            or not y.is_contiguous() or (counters is None and n_parts > 1 and y.dtype != torch.float32)
-            or (counters is not None and (m != 1 or tuple(y.shape) != (1, n) or counters.dtype != torch.int32
-                                          or tuple(counters.shape) != (-(-n // block_n),) or scratch is None
-                                          or tuple(scratch.shape) != (n_parts, n) or scratch.dtype != torch.float32))):
+            or tuple(y.shape) not in ((n_parts, m, n), (n_parts, n) if m == 1 else ())
+            or not y.is_contiguous() or (n_parts > 1 and y.dtype != torch.float32)):
         raise ValueError(f"fp8 kernel: packed {tuple(packed.shape)} {packed.dtype}, scale {tuple(scale.shape)} "
                          f"{scale.dtype}, x {tuple(x.shape)} {x.dtype}, y {tuple(y.shape)} {y.dtype} do not fit "
                          f"config {config} (tiled={tiled}, at most {BATCH_ROWS} rows)")
     even = n % block_n == 0 and G % per == 0 and per % groups == 0
     grid = (triton.cdiv(n, block_n), n_parts)
     if m == 1:
-        here = counters is not None
-        kernels.fp8_gemv[grid](x, packed, scale, y, scratch if here else y, counters if here else y, n, G * 16, G, per,
-                           n_parts, BLOCK_N=block_n, GROUPS=groups, ASM=x.is_cuda, EVEN=even, TILED=tiled,
-                           SUM_HERE=here, num_warps=warps)
+        kernels.fp8_gemv[grid](x, packed, scale, y, n, G * 16, G, per, BLOCK_N=block_n, GROUPS=groups, ASM=x.is_cuda,
+                               EVEN=even, TILED=tiled, num_warps=warps)
     else:
         kernels.fp8_gemm[grid](x, packed, scale, y, m, n, G * 16, G, per, BLOCK_M=block_m(m), BLOCK_N=block_n,
                            GROUPS=groups, ASM=x.is_cuda, EVEN=even, TILED=tiled, num_warps=warps)
@@ -190,37 +177,13 @@ def _(x, packed, scale, block_n, groups, per, warps, stages, tiled):
     return x.new_empty(n_parts, x.shape[0], scale.shape[0], dtype=x.dtype if n_parts == 1 else torch.float32)
 
 
-@torch.library.custom_op("livecc::fp8_gemv_summed", mutates_args=("counters",))
-def _gemv_summed(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, counters: torch.Tensor, block_n: int,
-                 groups: int, per: int, warps: int, stages: int, tiled: bool) -> torch.Tensor:
-    """``launch`` with ``counters``, as an operator: one row's product (1, N) in x's dtype, the parts added by the
-    kernel. ``counters`` is counted up and set back to all 0 within the kernel (declared mutated: inductor calls the
-    operator on the buffer itself, no copy, torch 2.14). Two launches on one weight must not overlap: the engine
-    issues one product at a time (one thread and one CUDA stream a device)."""
-    n = scale.shape[0]
-    y = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    scratch = torch.empty(parts((block_n, groups, per, warps, stages), x.shape[-1]), n, dtype=torch.float32,
-                          device=x.device)
-    launch(x, packed, scale, y, (block_n, groups, per, warps, stages), tiled, counters, scratch)
-    return y
-
-
-@_gemv_summed.register_fake
-def _(x, packed, scale, counters, block_n, groups, per, warps, stages, tiled):
-    return x.new_empty(1, scale.shape[0])
-
-
 def gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
-         config: tuple[int, int, int, int, int] = PLAIN_CONFIG, tiled: bool = False,
-         counters: torch.Tensor | None = None) -> torch.Tensor:
+         config: tuple[int, int, int, int, int] = PLAIN_CONFIG, tiled: bool = False) -> torch.Tensor:
     """A few rows times an FP8 matrix: x (M, K), 1 <= M <= ``BATCH_ROWS``, bfloat16/float16/float32, packed (N, K/4)
     int32 (``lowbit.tile``'s layout with ``tiled``), scale (N,) float32 -> y (M, N) in x's dtype, summed in float32
-    (the parts' sums added in float32 when the config splits the input: by the kernel for one row given
-    ``counters``, (ceil(N / rows a program),) int32 zeros, else after it; several rows split it less,
-    ``lowbit.rows_config``). ValueError as ``launch``."""
+    (the parts' sums added in float32 after the kernel when the config splits the input; several rows split it
+    less, ``lowbit.rows_config``). ValueError as ``launch``."""
     x = x.reshape(-1, x.shape[-1]).contiguous()
-    if counters is not None and x.shape[0] == 1 and parts(config, x.shape[-1]) > 1:
-        return _gemv_summed(x, packed, scale, counters, *config, tiled)
     if x.shape[0] > 1:  # fewer parts: each writes and reads back (M, N) float32 sums
         config = rows_config(config, scale.shape[0], x.shape[-1] // GROUP)
     y = _product_parts(x, packed, scale, *config, tiled)
@@ -230,8 +193,7 @@ def gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
 class Fp8Weight(LowBitWeight):
     """A linear layer's (N, K) weight in FP8 E4M3 with a float32 scale per row (this module's layout), standing where
     the weight tensor stood (``model.linear`` calls ``linear``: ``lowbit.LowBitWeight``). Buffers: ``packed`` int32,
-    (N, K/4) or, ``tiled``, ``lowbit.tile``'s (N/block, G/groups, block, groups·16); ``scale`` (N,) float32;
-    ``counters`` (``lowbit.LowBitWeight``, not saved).
+    (N, K/4) or, ``tiled``, ``lowbit.tile``'s (N/block, G/groups, block, groups·16); ``scale`` (N,) float32.
 
     ``from_float(w)`` quantizes a float weight (K a multiple of 64, else ValueError) a block of rows at a time into
     the final buffers; several rows dequantize a block of rows at a time (``lowbit.DEQUANT_WEIGHTS``)."""
@@ -266,7 +228,7 @@ class Fp8Weight(LowBitWeight):
 
     def gemv(self, x: torch.Tensor) -> torch.Tensor:
         """x (M, K), M <= ``rows_a_call()`` -> (M, N) through ``gemv`` (CUDA, compute capability 8.9 or newer)."""
-        return gemv(x, self.packed, self.scale, self.config, self.tiled, self.counters if SUM_IN_KERNEL else None)
+        return gemv(x, self.packed, self.scale, self.config, self.tiled)
 
     def extra_repr(self) -> str:
         return f"{self.shape[0]}, {self.shape[1]}, fp8 e4m3 a scale a row, config={self.config}, tiled={self.tiled}"

@@ -23,14 +23,14 @@ activations that meet nibble i of a group's 16 words are 16 consecutive columns;
 that what a program reads in one iteration is contiguous (+10–40 % bandwidth). ``scale`` and ``zero`` (N, K/128)
 bfloat16.
 
-Up to ``lowbit.GEMV_ROWS`` rows (a few streams' decode step) take the kernel a row at a time; more (a prefill, a
-large batch) take ``Int4Weight.dequantize`` and cuBLAS (``lowbit.LowBitWeight.linear``): int4 is the mode for a
-small GPU and a stream or two; on a big GPU bfloat16 serves many streams faster (docs/performance.md). With
-``BATCH_KERNEL`` on, 2..``BATCH_ROWS`` rows take ``gemm`` instead, one read of the weights for every row: a code q
+One row (one stream's decode step) takes the one-row kernel; 2..``BATCH_ROWS`` rows (a batched decode step) take
+the several-rows kernel (``BATCH_KERNEL``, on), one read of the weights for every row: a code q
 becomes the bfloat16 128 + q by OR-ing it into 0x4300 (two codes 16 bits apart in one ``lop3``, Marlin's trick for
 bfloat16), the matrix instruction multiplies a group of 128 columns into every row, and the group's zero point
-and scale come after: sum x·(q - z)·s = s·(sum x·(128 + q) - (128 + z)·sum x). ``BATCH_KERNEL`` stays off until the
-kernel is timed on a GPU (docs/performance.md, sixteenth session). ``SUM_IN_KERNEL``: as ``fp8.SUM_IN_KERNEL``.
+and scale come after: sum x·(q - z)·s = s·(sum x·(128 + q) - (128 + z)·sum x). More rows (a prefill) take
+``Int4Weight.dequantize`` and cuBLAS (``lowbit.LowBitWeight.linear``). int4 is the mode for a small GPU and a few
+streams; on a big GPU bfloat16 serves many streams faster (its prefill needs no dequantized copy;
+docs/performance.md, seventeenth session).
 
 The kernels (``lowbit_kernels.py``) are imported on first use; under ``TRITON_INTERPRET=1`` they run on the CPU
 (tests/test_int4.py).
@@ -113,12 +113,10 @@ def _kernels():
 TILED_CONFIG = (64, 2, 4, 4, 1)
 PLAIN_CONFIG = (16, 1, 4, 4, 1)
 # rows the several-rows kernel takes in one call, and whether the engine uses it (as ``fp8.BATCH_ROWS`` and
-# ``fp8.BATCH_KERNEL``: off until timed on a GPU; written and checked under Triton's interpreter and compiled for
-# Hopper here, sixteenth session)
+# ``fp8.BATCH_KERNEL``; on an H200 a step's products of 2 rows 3.6 ms instead of 5.9 a row at a time, of 32 rows
+# 6.5 ms instead of 89 (the weight dequantized), docs/performance.md, seventeenth session)
 BATCH_ROWS = 64
-BATCH_KERNEL = False
-# whether one row's product adds its parts inside the one-row kernel (as ``fp8.SUM_IN_KERNEL``; off until timed)
-SUM_IN_KERNEL = False
+BATCH_KERNEL = True
 
 
 def choose(n: int, groups: int) -> tuple[tuple[int, int, int, int, int], bool]:
@@ -130,16 +128,13 @@ def choose(n: int, groups: int) -> tuple[tuple[int, int, int, int, int], bool]:
     return PLAIN_CONFIG, False
 
 
-def launch(xf, xs, packed, scale, zero, y, config, tiled: bool = False, counters=None, scratch=None) -> None:
+def launch(xf, xs, packed, scale, zero, y, config, tiled: bool = False) -> None:
     """The kernel alone: xf (M, K) activations, 1 <= M <= ``BATCH_ROWS`` (one row: float32, the one-row kernel;
     more: any float dtype, the several-rows kernel), xs (M, K/128) float32 (or (K/128,) for one row) their
     groups' sums, packed (N, K/8) int32 (or ``tile``'s layout with ``tiled``), scale and zero (N, K/128) bfloat16,
     y (parts, M, N) float32 out (or (parts, N) for one row): each part's sums (parts = ceil(G / groups a
-    program)). With ``counters`` (one row only): the one-row kernel adds the parts itself, y (1, N) in any float
-    dtype is the product, ``scratch`` (parts, N) float32 holds the parts, ``counters`` (ceil(N / rows a program),)
-    int32 must be all 0 and is left so (``SUM_IN_KERNEL``). ValueError for shapes, dtypes or a config that do not
-    fit together (a tiled layout needs whole tiles: N % rows a program == 0, G % groups an iteration == 0, groups
-    a program % groups an iteration == 0)."""
+    program)). ValueError for shapes, dtypes or a config that do not fit together (a tiled layout needs whole
+    tiles: N % rows a program == 0, G % groups an iteration == 0, groups a program % groups an iteration == 0)."""
     triton, kernels = _kernels()
     block_n, groups, per, warps, stages = config
     n, G = scale.shape
@@ -148,26 +143,20 @@ def launch(xf, xs, packed, scale, zero, y, config, tiled: bool = False, counters
     if tiled and (n % block_n or G % groups or per % groups):
         raise ValueError(f"a tiled ({n}, {G * GROUP}) matrix needs whole tiles; config {config} does not fit it")
     parts = -(-G // per)
-    here = counters is not None
     if (tuple(packed.shape) != words or packed.dtype != torch.int32 or not packed.is_contiguous()
             or tuple(zero.shape) != (n, G) or xf.dim() != 2 or tuple(xf.shape) != (m, G * GROUP)
             or not 1 <= m <= BATCH_ROWS or not xf.is_contiguous()
             or not (xf.dtype == torch.float32 if m == 1 else xf.dtype.is_floating_point)
             or tuple(xs.shape) not in (((G,), (1, G)) if m == 1 else ((m, G),)) or xs.dtype != torch.float32
-            or (not here and (tuple(y.shape) not in ((parts, m, n), (parts, n) if m == 1 else ())
-                              or y.dtype != torch.float32))
-            or (here and (m != 1 or tuple(y.shape) != (1, n) or counters.dtype != torch.int32
-                          or tuple(counters.shape) != (-(-n // block_n),) or scratch is None
-                          or tuple(scratch.shape) != (parts, n) or scratch.dtype != torch.float32))):
+            or tuple(y.shape) not in ((parts, m, n), (parts, n) if m == 1 else ()) or y.dtype != torch.float32):
         raise ValueError(f"int4 kernel: packed {tuple(packed.shape)} {packed.dtype}, scale {tuple(scale.shape)}, "
                          f"zero {tuple(zero.shape)}, x {tuple(xf.shape)} {xf.dtype}, y {tuple(y.shape)} do not fit "
                          f"config {config} (tiled={tiled}, at most {BATCH_ROWS} rows)")
     even = n % block_n == 0 and G % per == 0 and per % groups == 0
     grid = (triton.cdiv(n, block_n), parts)
     if m == 1:
-        kernels.int4_gemv[grid](xf, xs, packed, scale, zero, y, scratch if here else y, counters if here else y, n,
-                                G * 16, G, per, parts, BLOCK_N=block_n, GROUPS=groups, STAGES=stages,
-                                ASM=xf.is_cuda, EVEN=even, TILED=tiled, SUM_HERE=here, num_warps=warps)
+        kernels.int4_gemv[grid](xf, xs, packed, scale, zero, y, n, G * 16, G, per, BLOCK_N=block_n, GROUPS=groups,
+                                STAGES=stages, ASM=xf.is_cuda, EVEN=even, TILED=tiled, num_warps=warps)
     else:
         kernels.int4_gemm[grid](xf, xs, packed, scale, zero, y, m, n, G * 16, G, per, BLOCK_M=block_m(m),
                                 BLOCK_N=block_n, GROUPS=groups, ASM=xf.is_cuda, EVEN=even, TILED=tiled,
@@ -191,31 +180,12 @@ def _(xf, xs, packed, scale, zero, block_n, groups, per, warps, stages, tiled):
     return xf.new_empty(-(-G // per), xf.shape[0], n, dtype=torch.float32)
 
 
-@torch.library.custom_op("livecc::int4_gemv_summed", mutates_args=("counters",))
-def _gemv_summed(xf: torch.Tensor, xs: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                 counters: torch.Tensor, block_n: int, groups: int, per: int, warps: int, stages: int, tiled: bool,
-                 dtype: torch.dtype) -> torch.Tensor:
-    """``launch`` with ``counters``, as an operator: one row's product (1, N) in ``dtype``, the parts added by the
-    kernel (``counters`` as ``fp8._gemv_summed``'s)."""
-    n, G = scale.shape
-    y = torch.empty(1, n, dtype=dtype, device=xf.device)
-    scratch = torch.empty(-(-G // per), n, dtype=torch.float32, device=xf.device)
-    launch(xf, xs, packed, scale, zero, y, (block_n, groups, per, warps, stages), tiled, counters, scratch)
-    return y
-
-
-@_gemv_summed.register_fake
-def _(xf, xs, packed, scale, zero, counters, block_n, groups, per, warps, stages, tiled, dtype):
-    return xf.new_empty(1, scale.shape[0], dtype=dtype)
-
-
 def gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-         config: tuple[int, int, int, int, int] = PLAIN_CONFIG, tiled: bool = False,
-         counters: torch.Tensor | None = None) -> torch.Tensor:
+         config: tuple[int, int, int, int, int] = PLAIN_CONFIG, tiled: bool = False) -> torch.Tensor:
     """A few rows times a 4-bit matrix: x (M, K), 1 <= M <= ``BATCH_ROWS``, bfloat16/float16/float32, packed (N,
     K/8) int32 (``tile``'s layout with ``tiled``), scale and zero (N, K/128) bfloat16 -> y (M, N) in x's dtype,
-    x · dequantize(...)ᵀ summed in float32 (the parts added by the kernel for one row given ``counters``,
-    (ceil(N / rows a program),) int32 zeros, else after it; several rows split it less, ``lowbit.rows_config``).
+    x · dequantize(...)ᵀ summed in float32 (the parts' sums added after the kernel; several rows split the input
+    less, ``lowbit.rows_config``).
     One row: activations in float32 (no conversion in the kernel's loop); more: in x's dtype (the matrix
     instruction's). ``config``: (rows a program, groups an iteration, groups a program, warps, pipeline stages).
     ValueError as ``launch``."""
@@ -223,8 +193,6 @@ def gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch
     x2 = x.reshape(-1, G * GROUP)
     xf = x2.float() if x2.shape[0] == 1 else x2.contiguous()
     xs = xf.float().view(-1, G, GROUP).sum(-1)  # each row's groups' sums of activations (M, G)
-    if counters is not None and x2.shape[0] == 1 and -(-G // config[2]) > 1:
-        return _gemv_summed(xf, xs, packed, scale, zero, counters, *config, tiled, x.dtype)
     if x2.shape[0] > 1:  # fewer parts: each writes and reads back (M, N) float32 sums
         config = rows_config(config, scale.shape[0], G)
     return _product_parts(xf, xs, packed, scale, zero, *config, tiled).sum(0).to(x.dtype)
@@ -233,8 +201,7 @@ def gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch
 class Int4Weight(LowBitWeight):
     """A linear layer's (N, K) weight in 4 bits (this module's layout), standing where the weight tensor stood
     (``model.linear`` calls ``linear``: ``lowbit.LowBitWeight``). Buffers: ``packed`` int32, (N, K/8) or,
-    ``tiled``, ``tile``'s (N/64, G/2, 64, 32); ``scale`` and ``zero`` (N, K/128) bfloat16; ``counters``
-    (``lowbit.LowBitWeight``, not saved). ``shape`` is (N, K).
+    ``tiled``, ``tile``'s (N/64, G/2, 64, 32); ``scale`` and ``zero`` (N, K/128) bfloat16. ``shape`` is (N, K).
 
     ``from_float(w)`` quantizes a float weight (K a multiple of 128, else ValueError) a block of rows at a time into
     the final buffers, so the scratch stays at a block's (≈ 10 bytes a weight of 4,096 rows) next to an 8-GB card's
@@ -274,8 +241,7 @@ class Int4Weight(LowBitWeight):
 
     def gemv(self, x: torch.Tensor) -> torch.Tensor:
         """x (M, K), M <= ``rows_a_call()`` -> (M, N) through ``gemv`` (CUDA)."""
-        return gemv(x, self.packed, self.scale, self.zero, self.config, self.tiled,
-                    self.counters if SUM_IN_KERNEL else None)
+        return gemv(x, self.packed, self.scale, self.zero, self.config, self.tiled)
 
     def extra_repr(self) -> str:
         return f"{self.shape[0]}, {self.shape[1]}, int4 groups of {GROUP}, config={self.config}, tiled={self.tiled}"

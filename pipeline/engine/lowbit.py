@@ -1,9 +1,9 @@
 """A linear layer's weight in one of the engine's own low-bit formats (``int4.py``, ``fp8.py``), and how a product
-over it runs: up to ``GEMV_ROWS`` rows (a few streams' decode step) through the format's one-row Triton kernel, a
-row at a time, or, where the format's several-rows kernel is on (``BATCH_KERNEL`` in ``int4.py`` and ``fp8.py``),
-up to its ``rows_a_call()`` rows in one call; more rows (a prefill, a large batch) through ``F.linear`` over the weight
-dequantized to bfloat16 a block of rows at a time (cuBLAS), so a small card never holds a whole bfloat16 matrix
-besides its low-bit one.
+over it runs: one row through the format's one-row Triton kernel, up to ``rows_a_call()`` rows (a batched decode
+step) in one call of its several-rows kernel (``BATCH_KERNEL`` in ``int4.py`` and ``fp8.py``, on; off, up to
+``GEMV_ROWS`` rows take the one-row kernel a row at a time); more rows (a prefill, a large batch) through
+``F.linear`` over the weight dequantized to bfloat16 a block of rows at a time (cuBLAS), so a small card never
+holds a whole bfloat16 matrix besides its low-bit one.
 
 Both formats pack a row into int32 words in groups of 16 (one group: 128 int4 or 64 fp8 weights), which ``tile``
 reorders so that what a kernel program reads in one iteration is contiguous; ``LowBitWeight.from_float`` builds
@@ -118,17 +118,12 @@ class LowBitWeight(nn.Module):
     def __init__(self, packed: torch.Tensor, shape: tuple[int, int], config: tuple[int, int, int, int, int],
                  tiled: bool):
         """``packed``: (N, W) int32 words, or ``tile``'s layout when ``tiled``; ``shape`` (N, K); ``config``: the
-        format's kernel configuration (rows a program, groups an iteration, groups a program, warps, stages).
-        ``counters`` (ceil(N / rows a program),) int32 zeros: see ``lowbit_kernels.store_part``."""
+        format's kernel configuration (rows a program, groups an iteration, groups a program, warps, stages)."""
         super().__init__()
         self.register_buffer("packed", packed)
         self.shape = torch.Size(shape)
         self.config, self.tiled = config, tiled
         self.block_n = config[0]
-        # the one-row kernel's counts of finished parts a block of rows, when it adds its parts itself (the formats'
-        # ``SUM_IN_KERNEL``): all 0 between calls; scratch, not part of a saved weight
-        self.register_buffer("counters", torch.zeros(-(-shape[0] // self.block_n), dtype=torch.int32,
-                                                     device=packed.device), persistent=False)
 
     def packed_rows(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """The words of rows ``start``..``stop`` (whole tiles when tiled), (rows, W) int32, untiled."""

@@ -3,7 +3,6 @@ calls; the formats' docs say how each kernel works and what it measured).
 
     fp8_gemv, int4_gemv   one row (one stream's decode step): multiply-adds in float32, the input split in parts
     fp8_gemm, int4_gemm   several rows (a batched decode step): the weights converted once, the matrix instruction
-    store_part            a program's part of one row's product: stored, or added by the last program of its rows
     word_pointers         an iteration's words in the tiled or the plain layout
     e4m3_codes            a word's four E4M3 codes as float16 (the hardware's paired conversion on CUDA)
 
@@ -14,27 +13,6 @@ instead of the inline PTX (tests/test_int4.py, tests/test_fp8.py).
 
 import triton
 import triton.language as tl
-
-
-@triton.jit
-def store_part(part, y_ptr, part_ptr, count_ptr, rows, live, pn, pk, N, N_PARTS, BLOCK_N: tl.constexpr,
-               SUM_HERE: tl.constexpr):
-    """A program's part (BLOCK_N,) float32 of one row's product, rows ``rows`` of part ``pk`` of N_PARTS: stored
-    at y_ptr[pk, rows] (y (N_PARTS, N), added after the kernel); or, SUM_HERE, stored at part_ptr[pk, rows] and
-    counted in count_ptr[pn] with one acq_rel atomic, the last program of the block adding the parts in order into
-    y_ptr[rows] (y (N,) in any float dtype) and setting the count back to 0 (CUDA's threadFenceReduction pattern;
-    in the SASS: a barrier, a GPU-scope fence and atomic, an L1 invalidation, loads that bypass L1)."""
-    if SUM_HERE:
-        tl.store(part_ptr + pk * N + rows, part, mask=live)
-        tl.debug_barrier()  # every thread's stores before the count
-        if tl.atomic_add(count_ptr + pn, 1, sem="acq_rel", scope="gpu") == N_PARTS - 1:
-            total = tl.zeros([BLOCK_N], dtype=tl.float32)
-            for q in range(0, N_PARTS):  # in order: part 0 + part 1 + ...
-                total += tl.load(part_ptr + q * N + rows, mask=live, other=0, cache_modifier=".cg")  # from L2
-            tl.store(y_ptr + rows, total, mask=live)  # cast to y's dtype
-            tl.atomic_xchg(count_ptr + pn, 0, sem="relaxed", scope="gpu")  # ready for the next call
-    else:
-        tl.store(y_ptr + pk * N + rows, part, mask=live)  # cast to y's dtype
 
 
 @triton.jit
@@ -76,11 +54,10 @@ def e4m3_codes(w, ASM: tl.constexpr):
 
 # fp8's one row (one stream's decode step): multiply-adds in float32, the input split in parts for enough programs
 @triton.jit
-def fp8_gemv(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, count_ptr, N, KW, G, PER, N_PARTS, BLOCK_N: tl.constexpr,
-             GROUPS: tl.constexpr, ASM: tl.constexpr, EVEN: tl.constexpr, TILED: tl.constexpr,
-             SUM_HERE: tl.constexpr):
-    # KW = K / 4 words a row, G = K / 64 groups, PER groups a program (part pk of K of N_PARTS); EVEN: whole tiles
-    # only; SUM_HERE: see ``store_part``
+def fp8_gemv(x_ptr, w_ptr, s_ptr, y_ptr, N, KW, G, PER, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
+             ASM: tl.constexpr, EVEN: tl.constexpr, TILED: tl.constexpr):
+    # KW = K / 4 words a row, G = K / 64 groups, PER groups a program (part pk of K); EVEN: whole tiles only; each
+    # program stores its part's sums at y[pk, rows], the parts added after the kernel
     pn, pk = tl.program_id(0), tl.program_id(1)
     g_end = tl.minimum(pk * PER + PER, G)
     rows = pn * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -113,8 +90,7 @@ def fp8_gemv(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, count_ptr, N, KW, G, PER, N_P
         acc += x2 * f2.to(tl.float32)
         acc += x3 * f3.to(tl.float32)
     s = tl.load(s_ptr + rows, mask=live, other=0)
-    store_part(tl.sum(tl.sum(acc, 2), 1) * s, y_ptr, part_ptr, count_ptr, rows, live, pn, pk, N, N_PARTS, BLOCK_N,
-               SUM_HERE)
+    tl.store(y_ptr + pk * N + rows, tl.sum(tl.sum(acc, 2), 1) * s, mask=live)  # cast to y's dtype
 
 
 # fp8's several rows (a batched decode step): the weights converted once, then the matrix instruction (tl.dot)
@@ -160,9 +136,8 @@ def fp8_gemm(x_ptr, w_ptr, s_ptr, y_ptr, M, N, KW, G, PER, BLOCK_M: tl.constexpr
 
 # int4's one row: codes into float32's mantissa, the zero points through the groups' sums of x (``int4.py``)
 @triton.jit
-def int4_gemv(x_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, y_ptr, part_ptr, count_ptr, N, KW, G, PER, N_PARTS,
-              BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr,
-              EVEN: tl.constexpr, TILED: tl.constexpr, SUM_HERE: tl.constexpr):
+def int4_gemv(x_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, KW, G, PER, BLOCK_N: tl.constexpr,
+              GROUPS: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr, EVEN: tl.constexpr, TILED: tl.constexpr):
     # KW = K / 8 words a row (a multiple of 16), G = K / 128 groups, PER groups a program (part pk of K);
     # EVEN: every tile is whole (N % BLOCK_N == 0, G % PER == 0, PER % GROUPS == 0), so no load is masked
     pn, pk = tl.program_id(0), tl.program_id(1)
@@ -208,8 +183,7 @@ def int4_gemv(x_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, y_ptr, part_ptr, count_ptr, N,
             t += xi * f  # x * (1 + q / 16)
         acc += t * (16.0 * s)[:, :, None]
         off += s * (16.0 + z) * xs[None, :]
-    store_part(tl.sum(tl.sum(acc, 2), 1) - tl.sum(off, 1), y_ptr, part_ptr, count_ptr, rows, live, pn, pk, N, N_PARTS,
-               BLOCK_N, SUM_HERE)
+    tl.store(y_ptr + pk * N + rows, tl.sum(tl.sum(acc, 2), 1) - tl.sum(off, 1), mask=live)  # cast to y's dtype
 
 
 # int4's several rows: codes into bfloat16's mantissa, the matrix instruction, each group's zero and scale after
