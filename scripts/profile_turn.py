@@ -8,6 +8,10 @@ every row in place in the cache with ``seqused_k``, and the same over contiguous
 prefill's four matrices in bfloat16 and FP8 (``torch._scaled_mm``).
 
     python3 scripts/profile_turn.py --tokenizer .bench/tokenizer --rows 1 8 --context 16000
+    python3 scripts/profile_turn.py --tokenizer .bench/tokenizer --rows 1 4 --quantize fp8   # the weights in fp8
+
+With ``--quantize`` (``engine.quantize``) the prefill's products run as the engine runs them for many rows: each
+weight dequantized to bfloat16 a block of rows at a time, then cuBLAS (the conversions show under "other").
 """
 
 from __future__ import annotations
@@ -68,9 +72,11 @@ def main() -> int:
     ap.add_argument("--tokenizer", required=True)
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--context", type=int, default=16000)
+    ap.add_argument("--quantize", choices=["none", "int8", "int4", "fp8"], default="none",
+                    help="the language model's weights (engine.quantize)")
     args = ap.parse_args()
     dev = torch.device("cuda")
-    model = loaded("7b", args.tokenizer, dev, torch.bfloat16)
+    model = loaded("7b", args.tokenizer, dev, torch.bfloat16, args.quantize)
     core = make_core(model, EngineConfig(greedy=True, max_context=32768), slots=max(args.rows))
     r, m = core.runner, core.runner.model
     frames = next(iter(synthetic_clips(2))).frames[:2]  # 2 frames of the opener, resized
@@ -78,7 +84,7 @@ def main() -> int:
     nv = vis.shape[0]
     ids = [151644] * 11 + [model.video_token_id] * nv + [151645] * 11
     T = len(ids)
-    print(f"# 7B shape, bf16, frames {frames.shape}, {nv} visual tokens, {T}-token turns, context {args.context}\n")
+    print(f"# 7B shape, bf16, weights {args.quantize}, frames {frames.shape}, {nv} visual tokens, {T}-token turns, context {args.context}\n")
     out = []
     for B in args.rows:
         pos = torch.arange(args.context, args.context + T).expand(3, T)
