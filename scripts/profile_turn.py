@@ -141,12 +141,13 @@ def main() -> int:
         diff = (in_cache().float() - packed().float()).abs().max().item()
         print(f"| | {B} | {timed(in_cache)[0]:.2f} | {timed(packed)[0]:.2f} | {diff:.3g} |")
 
-    # GEMMs of one layer's prefill, bf16 vs fp8
+    # GEMMs of one layer's prefill, bf16 vs fp8 (of the bfloat16 weights; with --quantize, of them dequantized)
     print("\n| GEMM (M tokens × K → N) | bf16 ms | bf16 TFLOP/s | fp8 ms | fp8 TFLOP/s |")
     print("|---|---|---|---|---|")
     w = m.layers[0]
     for M in (T, T * 8):
         for name, W in (("qkv", w.qkv_w), ("o", w.o_w), ("gate_up", w.gate_up_w), ("down", w.down_w)):
+            W = W.dequantize() if hasattr(W, "dequantize") else W  # a low-bit weight (lowbit.LowBitWeight)
             N, K = W.shape
             x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
             tb = timed(lambda: x @ W.t(), reps=20)[0]

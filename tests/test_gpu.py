@@ -184,7 +184,7 @@ def test_graph_decode_agrees_with_plain_decode(compile):
 
 
 @pytest.mark.parametrize("mode", ["int4", "fp8"])
-def test_lowbit_kernel_on_the_7b_shapes_eager_compiled_and_in_a_graph(mode):
+def test_lowbit_kernel_on_the_7b_shapes_eager_compiled_and_in_a_graph(mode, monkeypatch):
     """engine.quantize int4's and fp8's one-row kernels (pipeline/engine/int4.py, fp8.py) on LiveCC-7B's matrix
     shapes (tiled) and one that does not tile, in bfloat16: against the dequantized weight in float32, called
     eagerly, compiled (the custom operator inside inductor's graph) and replayed from a CUDA graph; their
@@ -219,11 +219,9 @@ def test_lowbit_kernel_on_the_7b_shapes_eager_compiled_and_in_a_graph(mode):
         xs = torch.randn(3, k, device="cuda", dtype=torch.bfloat16)  # a few rows: the engine's way, then row-wise
         wants = xs.float() @ q.dequantize(torch.float32).T
         assert ((q.linear(xs).float() - wants).norm() / wants.norm()).item() < 5e-3
-        fmt.BATCH_KERNEL = False
-        try:
+        with monkeypatch.context() as rowwise:
+            rowwise.setattr(fmt, "BATCH_KERNEL", False)
             assert ((q.linear(xs).float() - wants).norm() / wants.norm()).item() < 5e-3
-        finally:
-            fmt.BATCH_KERNEL = True
         # the several-rows kernel (BATCH_KERNEL), eager, compiled and from a graph
         tensors = (q.packed, q.scale) if mode == "fp8" else (q.packed, q.scale, q.zero)
         product = lambda x: fmt.gemv(x, *tensors, q.config, q.tiled)  # noqa: E731
@@ -256,10 +254,16 @@ def test_quantized_decode_agrees_with_bfloat16(mode, monkeypatch):
     default path (CUDA graphs + compiled decode step) against the bfloat16 one over 1,000 teacher-forced decode
     steps, then whole turns through the engine: two batched rows, one evicting (window), one rolling over. Prints
     what it saw. int4 and fp8 take the format's several-rows kernel (``BATCH_KERNEL``) for the two batched rows;
-    int4-rowwise, fp8-rowwise: without it (the one-row kernel a row at a time)."""
-    if mode.endswith("-rowwise"):
-        mode = mode.split("-")[0]
-        monkeypatch.setattr(importlib.import_module(f"pipeline.engine.{mode}"), "BATCH_KERNEL", False)
+    int4-rowwise, fp8-rowwise: without it (the one-row kernel a row at a time); the rows each kernel launch was
+    given are recorded (at compile warm-up and graph capture, where the operator's Python runs) and checked."""
+    rowwise = mode.endswith("-rowwise")
+    mode = mode.split("-")[0]
+    launched: set[int] = set()  # the row counts the format's kernels were launched with
+    if mode != "int8":
+        fmt = importlib.import_module(f"pipeline.engine.{mode}")
+        monkeypatch.setattr(fmt, "BATCH_KERNEL", not rowwise)
+        launch = fmt.launch
+        monkeypatch.setattr(fmt, "launch", lambda x, *a, **k: launched.add(x.shape[0]) or launch(x, *a, **k))
     import random
 
     import numpy as np
@@ -317,6 +321,8 @@ def test_quantized_decode_agrees_with_bfloat16(mode, monkeypatch):
         for s, req, res in zip(sessions, reqs, core.run(reqs)):
             s.finish(req, res)
     assert core.steps > 0 and sessions[0].evicted_turns > 0 and sessions[1].rollovers > 0
+    if mode != "int8":  # two streams' decode step: one launch of the several-rows kernel, or one a row
+        assert 1 in launched and (max(launched) == 1 if rowwise else 2 in launched), launched
 
 
 def test_make_core_compiles_every_decode_batch_size_before_the_first_stream():

@@ -23,9 +23,9 @@ Several rows (2..``BATCH_ROWS``: a batched decode step of that many streams) tak
 activations' bfloat16, which holds every E4M3 value exactly) and multiplies it into every row with the matrix instruction
 (``tl.dot``; on Hopper ``wgmma`` m64n16k16 with the weights as the register operand, checked in the SASS compiled
 here), the weights' rows on the instruction's 64-wide side and the streams on its 16-wide one, so the weights are
-read once a step whatever the number of streams (on an H200 a step's products of 8 rows 2.8 ms, against 20.0 a
-row at a time; docs/performance.md, seventeenth session). More rows (a prefill) take the dequantized weight and
-cuBLAS (≈ 5 bytes a weight). The one-row kernel splits the input in parts for enough programs; the parts are added
+read once a step whatever the number of streams (on an H200 a step's products of 8 rows 2.8 ms, against 78 through
+the dequantized weight, the path before; docs/performance.md, seventeenth session). More rows (a prefill of more
+than ``BATCH_ROWS`` tokens) take the dequantized weight and cuBLAS (≈ 5 bytes a weight). The one-row kernel splits the input in parts for enough programs; the parts are added
 after it (a small kernel, or part of a neighbour's in the compiled step: adding them inside the kernel, the last
 program of a block of rows, was slower, seventeenth session).
 
@@ -196,7 +196,8 @@ class Fp8Weight(LowBitWeight):
     (N, K/4) or, ``tiled``, ``lowbit.tile``'s (N/block, G/groups, block, groups·16); ``scale`` (N,) float32.
 
     ``from_float(w)`` quantizes a float weight (K a multiple of 64, else ValueError) a block of rows at a time into
-    the final buffers; several rows dequantize a block of rows at a time (``lowbit.DEQUANT_WEIGHTS``)."""
+    the final buffers; more rows than ``rows_a_call()`` (or any on the CPU) dequantize a block of rows at a time
+    (``lowbit.DEQUANT_WEIGHTS``)."""
 
     FORMAT, GROUP = "fp8", GROUP
 

@@ -114,7 +114,7 @@ TILED_CONFIG = (64, 2, 4, 4, 1)
 PLAIN_CONFIG = (16, 1, 4, 4, 1)
 # rows the several-rows kernel takes in one call, and whether the engine uses it (as ``fp8.BATCH_ROWS`` and
 # ``fp8.BATCH_KERNEL``; on an H200 a step's products of 2 rows 3.6 ms instead of 5.9 a row at a time, of 32 rows
-# 6.5 ms instead of 89 (the weight dequantized), docs/performance.md, seventeenth session)
+# 6.5 ms instead of 122 through the weight dequantized, docs/performance.md, seventeenth session)
 BATCH_ROWS = 64
 BATCH_KERNEL = True
 
@@ -205,7 +205,8 @@ class Int4Weight(LowBitWeight):
 
     ``from_float(w)`` quantizes a float weight (K a multiple of 128, else ValueError) a block of rows at a time into
     the final buffers, so the scratch stays at a block's (≈ 10 bytes a weight of 4,096 rows) next to an 8-GB card's
-    weights; several rows dequantize a block of rows at a time too (``lowbit.DEQUANT_WEIGHTS``)."""
+    weights; more rows than ``rows_a_call()`` (or any on the CPU) dequantize a block of rows at a time too
+    (``lowbit.DEQUANT_WEIGHTS``)."""
 
     FORMAT, GROUP = "int4", GROUP
 

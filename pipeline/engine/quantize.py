@@ -12,8 +12,9 @@ own formats (``int4.py``, ``fp8.py``).
           torchao's ``_scaled_mm`` read ≈ 2.2 and inductor's reduction over its weights ≈ 2.8); CUDA compute
           capability >= 8.9 (Ada, Hopper and later: the kernel's paired E4M3 conversion), bfloat16 activations
 
-int4 and fp8 take several rows (a prefill, many streams' decode step) through their weight dequantized to bfloat16
-a block of rows at a time and cuBLAS (``lowbit.LowBitWeight.linear``). One row's int8 product in the compiled
+int4 and fp8 take 2..64 rows (a batched decode step) through their several-rows kernels, one read of the
+weights, and more rows (a prefill) through their weight dequantized to bfloat16 a block of rows at a time and
+cuBLAS (``lowbit.LowBitWeight.linear``). One row's int8 product in the compiled
 decode step does not use torchao's kernel either: ``model.linear`` reads the 1-byte codes in one reduction and
 scales the sum.
 
